@@ -1,0 +1,383 @@
+"""Typed run configuration: one dataclass per section, YAML plus `section.key=value` overrides.
+
+Why typed: a misspelt key in a long training run should fail at start-up, not silently fall back to a default.
+Every key that is not a field is an error that names the key (and the nearest real key); every value is coerced
+to the field's type or rejected with the field's name. The in-process trainer and the distributed runner read the
+same `Config`, so a YAML file moves between them unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """The target model that drafts are verified against."""
+
+    target: str = "smollm2-135m"  # alias | local HF directory | hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N
+
+
+@dataclass
+class DrafterConfig:
+    """The draft model being trained."""
+
+    kind: Literal["eagle3", "dflash"] = "eagle3"
+    init: str | None = None  # path of a saved drafter to start from; None = fresh weights
+    num_layers: int = 1
+    feature_layers: list[int] | None = None  # indices into the target's hidden_states; None = the kind's default
+    draft_vocab_size: int | None = None  # None = the full target vocabulary (frozen target head)
+    train_lm_head: bool = False  # with a reduced vocabulary the head is the drafter's own and always trained
+    intermediate_size: int | None = None  # None = the target's
+    mask_token_id: int | None = None  # DFlash only; None = an unused/special token of the tokenizer
+
+
+@dataclass
+class DataConfig:
+    """Prompt sets and the train / held-out split."""
+
+    prompts: str = "champ"  # humaneval | champ | champ-problems | path.jsonl
+    eval_prompts: str | None = None  # None = a held-out split of `prompts`
+    num_eval: int = 16  # held-out prompts (split off `prompts`, never trained on)
+    num_train: int | None = None  # cap on training prompts; None = all the rest
+    seed: int = 0  # the split's seed (recorded next to every checkpoint)
+    max_prompt_tokens: int = 384
+
+
+@dataclass
+class RolloutConfig:
+    """Target-assisted speculative rollout (also the eval engine's defaults)."""
+
+    block_size: int = 4  # K draft tokens per verification step
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 8  # sequences decoded together
+    prompts_per_round: int = 16  # prompts rolled out between learner phases
+    topk: int = 16  # target top-k kept per draft position in records
+
+
+@dataclass
+class ReplayConfig:
+    """Error-position replay: the drafter drafts again from where verification rejected it."""
+
+    anchors: Literal["error", "random", "all", "none"] = "error"
+    num_blocks: int = 1  # R blocks per anchor
+    temperature: float = 0.0  # 0 = greedy replay drafts
+    max_anchors_per_seq: int = 64
+
+
+@dataclass
+class LossConfig:
+    """Acceptance-aware distillation (Draft-OPD) and the SFT objectives."""
+
+    acc_divergence: Literal["fkl", "tv", "jsd", "bernoulli"] = "fkl"
+    rej_divergence: Literal["k3", "bernoulli", "fkl", "tv", "jsd"] = "k3"
+    lambda_acc: float = 1.0
+    lambda_rej: float = 1.0
+    gamma: float = 0.8
+    # offset 1 = the first rejected position (the issue's definition); "block" = 1 at the block's first draft
+    # position, as the official Draft-OPD code counts it.
+    gamma_offset: Literal["rejection", "block"] = "rejection"
+    sft_objective: Literal["kl", "ce", "both"] = "kl"
+    ttt_depth: int | None = None  # EAGLE-3 training-time-test unroll depth; None = block_size
+    ttt_step_weight: float = 0.8  # weight of unroll step j is ttt_step_weight**(j-1)
+    dflash_decay: float | None = 7.0  # DFlash SFT position weight exp(-(k-1)/decay); None = flat
+    dflash_anchors_per_seq: int = 64
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm-up / baseline on target-regenerated answers."""
+
+    warmup_steps: int = 150
+    num_prompts: int | None = 256  # training prompts the target answers once (cached on disk)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+
+
+@dataclass
+class LearnerConfig:
+    """Optimizer, schedule and the learner loop."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    micro_batch_size: int = 4  # sequence records per optimizer step
+    steps: int = 60  # optimizer steps after warm-up (opd mode) or in total (sft mode)
+    refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
+    eval_every: int = 20
+    checkpoint_every: int = 20
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    flops_budget: float | None = None  # stop when counted learner FLOPs reach this (used by experiments)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out acceptance length."""
+
+    num_prompts: int = 16
+    max_new_tokens: int = 96
+    block_size: int | None = None  # None = rollout.block_size
+    temperature: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    """Placement of the distributed job (ignored by the in-process runner)."""
+
+    address: str | None = None  # None = an embedded local Ray, unless `dopd cluster up` wrote one
+    actors: int = 2
+    learners: int = 2
+    shards: int | None = None  # None = one per learner rank
+    actor_num_cpus: float = 1.0
+    actor_num_gpus: float = 0.0
+    learner_num_cpus: float = 0.0
+    learner_num_gpus: float = 0.0
+    queue_max_bytes: int = 256 * 2**20
+    queue_policy: Literal["block", "drop_oldest", "drop_newest"] = "block"
+    max_staleness: int = 4  # records older than this many policy versions are dropped
+    max_record_bytes: int = 64 * 2**20
+    publish: Literal["object_store", "nccl"] = "object_store"
+    max_actor_restarts: int = 3
+    object_store_memory: int = 512 * 2**20
+    master_port: int | None = None  # torch.distributed rendezvous port for the learner group; None = free port
+
+
+@dataclass
+class MetricsConfig:
+    """The job's Prometheus endpoint."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9400  # 0 = any free port (written to run_summary.json)
+    job: str = "dopd"
+
+
+@dataclass
+class Config:
+    """A whole run. `mode` picks the trainer's loop; everything else is shared."""
+
+    mode: Literal["sft", "opd"] = "opd"
+    seed: int = 0
+    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Cross-field checks that a single field's type cannot express."""
+        r = self.rollout
+        if r.block_size < 1:
+            raise ConfigError(f"rollout.block_size must be >= 1 (got {r.block_size}): K is the number of draft tokens")
+        if self.eval.block_size is not None and self.eval.block_size < 1:
+            raise ConfigError(f"eval.block_size must be >= 1 (got {self.eval.block_size})")
+        if r.temperature < 0 or self.replay.temperature < 0 or self.eval.temperature < 0:
+            raise ConfigError("temperatures must be >= 0 (0 = greedy)")
+        if not 0 < r.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1] (got {r.top_p})")
+        if r.topk < 1:
+            raise ConfigError(f"rollout.topk must be >= 1 (got {r.topk})")
+        if r.batch_size < 1 or r.max_new_tokens < 1:
+            raise ConfigError("rollout.batch_size and rollout.max_new_tokens must be >= 1")
+        if not 0 < self.loss.gamma <= 1:
+            raise ConfigError(f"loss.gamma must be in (0, 1] (got {self.loss.gamma})")
+        if self.replay.num_blocks < 1:
+            raise ConfigError(f"replay.num_blocks must be >= 1 (got {self.replay.num_blocks})")
+        if self.learner.micro_batch_size < 1:
+            raise ConfigError("learner.micro_batch_size must be >= 1")
+        if self.learner.refresh_every < 1:
+            raise ConfigError("learner.refresh_every must be >= 1")
+        if self.cluster.actors < 0 or self.cluster.learners < 1:
+            raise ConfigError("cluster.actors must be >= 0 and cluster.learners >= 1")
+        if self.cluster.shards is not None and self.cluster.shards < 1:
+            raise ConfigError("cluster.shards must be >= 1")
+        if self.drafter.num_layers < 1:
+            raise ConfigError("drafter.num_layers must be >= 1")
+        return self
+
+    @property
+    def eval_block_size(self) -> int:
+        return self.eval.block_size or self.rollout.block_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML or command-line value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}': cannot use {value!r}")
+    if origin is Literal:
+        for a in args:
+            if value == a or (isinstance(value, str) and str(a) == value):
+                return a
+        raise ConfigError(f"config key '{key}' must be one of {list(args)} (got {value!r})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"config key '{key}' must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer (got {value!r})")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be an integer (got {value!r})") from None
+        if f != int(f):
+            raise ConfigError(f"config key '{key}' must be an integer (got {value!r})")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number (got {value!r})")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' must be a number (got {value!r})") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' must be a string (got {value!r})")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list (got {value!r})")
+        (inner,) = args or (Any,)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping (got {value!r})")
+        return dict(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'top level'}' must be a mapping (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{k}'{_suggest(str(k), list(fields))}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v if v is not None else {}, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    cls: type = Config
+    node = tree
+    for i, p in enumerate(parts):
+        fields = _fields(cls)
+        if p not in fields:
+            where = ".".join(parts[:i])
+            raise ConfigError(
+                f"unknown config key '{dotted}'{_suggest(p, list(fields))}"
+                + (f" (section '{where}' has: {', '.join(fields)})" if where else "")
+            )
+        tp = typing.get_type_hints(cls)[p]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.{next(iter(_fields(tp)))}=...")
+            node[p] = raw if tp is str or typing.get_origin(tp) is Literal else yaml.safe_load(raw) if raw else raw
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is not a section, so '{dotted}' does not exist")
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config section '{'.'.join(parts[: i + 1])}' must be a mapping")
+        cls = tp
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (optional) and apply `section.key=value` overrides; unknown keys are errors."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like section.key=value")
+        key, raw = ov.split("=", 1)
+        _set_path(tree, key.strip(), raw.strip())
+    return _build(Config, tree, "").validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `to_dict` (checkpoints, run directories)."""
+    return _build(Config, data, "").validate()
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,259 @@
+"""What every drafter is: its saved spec, the frozen pieces it shares with the target, and the two forwards.
+
+A drafter exposes
+- `propose(state, ...)`: the inference forward the speculative engine calls once per verification step;
+- `block_hidden(...)`: the training forward over many blocks of a sequence at once;
+- `draft_blocks(...)`: drafting K tokens from many anchors at once (error-position replay).
+All three run the same computation (tests check inference and training agree), so the learner trains exactly the
+function that drafts. The token embedding and, by default, the LM head are the target's own frozen matrices,
+held as non-persistent buffers: they are never saved, published to actors or handed to the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ModelError
+from ..models import TargetInfo
+from ..sampling import processed_probs, sample
+
+SPEC_VERSION = 1
+
+
+@dataclass
+class DrafterSpec:
+    """Everything needed to rebuild a drafter's modules (saved as config.json)."""
+
+    kind: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    feature_layers: list[int]  # indices into the target's HF hidden_states tuple (0 = embeddings)
+    target_hidden_size: int
+    vocab_size: int
+    draft_vocab_size: int | None = None
+    train_lm_head: bool = False
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    mask_token_id: int | None = None
+    target: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def own_head(self) -> bool:
+        return self.draft_vocab_size is not None or self.train_lm_head
+
+
+def default_feature_layers(kind: str, num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """Indices into HF `hidden_states` (index i = output of layer i-1).
+
+    EAGLE-3: low/mid/high = hidden_states[2], [L//2], [L-3] (SpecForge's layer outputs 1, L/2-1, L-4).
+    DFlash: one draft layer -> the output of layer L//2; n layers -> n outputs evenly spread over layers 1..L-3.
+    """
+    L = num_target_layers
+    if kind == "eagle3":
+        return [2, L // 2, L - 3]
+    if num_draft_layers == 1:
+        return [L // 2 + 1]
+    return [round(1 + i * (L - 4) / (num_draft_layers - 1)) + 1 for i in range(num_draft_layers)]
+
+
+@dataclass
+class DraftState:
+    """Per-slot inference cache of a drafter: context K/V per layer and how much context each slot holds."""
+
+    k: list[torch.Tensor]  # [B, Hkv, S, d] per layer
+    v: list[torch.Tensor]
+    ctx_end: torch.Tensor  # [B] context entries occupy slots < ctx_end
+
+    def reset(self, rows: torch.Tensor, start: int) -> None:
+        self.ctx_end[rows] = start
+
+
+@dataclass
+class Proposal:
+    """K drafted tokens per row (target ids) with what verification and records need."""
+
+    tokens: torch.Tensor  # [b, K]
+    q: torch.Tensor | None  # [b, K, V] processed draft distributions over the target vocabulary (None if greedy)
+    q_token: torch.Tensor  # [b, K] processed probability of each drafted token (1.0 when greedy)
+    logprob: torch.Tensor  # [b, K] raw (T=1) log-probability of each drafted token
+
+
+class Drafter(nn.Module):
+    kind: str = "base"
+
+    def __init__(self, spec: DrafterSpec, embed_weight: torch.Tensor, head_weight: torch.Tensor, draft_ids=None):
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
+        V = spec.vocab_size
+        if spec.draft_vocab_size is not None:
+            if draft_ids is None:
+                draft_ids = torch.arange(spec.draft_vocab_size)
+            draft_ids = torch.as_tensor(draft_ids, dtype=torch.long)
+            if draft_ids.numel() != spec.draft_vocab_size:
+                raise ModelError(f"draft vocabulary map has {draft_ids.numel()} ids, spec says {spec.draft_vocab_size}")
+        else:
+            draft_ids = torch.arange(V)
+        self.register_buffer("draft_ids", draft_ids)  # draft index -> target id (saved: the d2t map)
+        self.register_buffer("t2d", self._t2d(draft_ids, V), persistent=False)  # target id -> draft index or -1
+        if spec.own_head:
+            self.lm_head = nn.Linear(spec.hidden_size, draft_ids.numel(), bias=False)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(head_weight.detach()[draft_ids].to(self.lm_head.weight.dtype))
+            self.register_buffer("head_weight", None, persistent=False)
+        else:
+            self.lm_head = None
+            self.register_buffer("head_weight", head_weight.detach(), persistent=False)
+
+    @staticmethod
+    def _t2d(draft_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+        t2d = torch.full((vocab,), -1, dtype=torch.long, device=draft_ids.device)
+        t2d[draft_ids] = torch.arange(draft_ids.numel(), device=draft_ids.device)
+        return t2d
+
+    # --- identity -------------------------------------------------------------------------------------------
+    @property
+    def needs_target_features(self) -> bool:
+        return True
+
+    @property
+    def feature_layers(self) -> list[int]:
+        return list(self.spec.feature_layers)
+
+    @property
+    def target_info(self) -> TargetInfo:
+        return TargetInfo.from_dict(self.spec.target)
+
+    @property
+    def draft_vocab(self) -> int:
+        return int(self.draft_ids.numel())
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # --- shared io ------------------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_weight
+        return F.embedding(ids, w).to(self._dtype())
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits from normed hidden states."""
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        return F.linear(h, self.head_weight.to(h.dtype))
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, ...]:
+        """Draw draft tokens from draft-vocab logits [b, Vd]: (target ids, q over target vocab, q(token), logp)."""
+        logits = logits.float()
+        logp_raw = torch.log_softmax(logits, -1)
+        qd = processed_probs(logits, temperature, top_p)
+        idx = logits.argmax(-1) if temperature <= 0 else sample(qd, gen)
+        q_tok = qd.gather(-1, idx[:, None]).squeeze(-1)
+        q_full = None
+        if temperature > 0:
+            q_full = torch.zeros(qd.shape[0], self.spec.vocab_size, device=qd.device).index_copy_(1, self.draft_ids, qd)
+        return self.draft_ids[idx], q_full, q_tok, logp_raw.gather(-1, idx[:, None]).squeeze(-1), idx
+
+    # --- the three forwards -----------------------------------------------------------------------------------
+    @abstractmethod
+    def new_state(self, batch: int, max_len: int, device, dtype) -> DraftState: ...
+
+    @abstractmethod
+    def context_start(self) -> int:
+        """The first slot a fresh sequence's context occupies (reset value of `DraftState.ctx_end`)."""
+
+    @abstractmethod
+    def propose(
+        self,
+        state: DraftState,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        features: torch.Tensor,
+        lengths: torch.Tensor,
+        K: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Proposal:
+        """Draft K tokens for slots `rows`, whose committed prefixes are tokens[rows, :lengths] with target
+        features known for positions < lengths - 1. Extends the cached context with what is new since last call."""
+
+    @abstractmethod
+    def block_hidden(
+        self,
+        tokens: torch.Tensor,
+        features: torch.Tensor,
+        lengths: torch.Tensor,
+        anchors: torch.Tensor,
+        block_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Training forward. tokens [B,S], features [B,S,F], lengths [B]; anchors [B,M] prefix lengths (blocks
+        predict positions anchor..anchor+K-1; padding blocks have anchor 0); block_tokens [B,M,K] the block's
+        draft tokens (inputs of later steps where the drafter is autoregressive). Returns normed hidden states
+        [B,M,K,H] whose `logits` are the drafter's distributions at the K block positions, exactly as drafted."""
+
+    @abstractmethod
+    def draft_blocks(
+        self,
+        tokens: torch.Tensor,
+        features: torch.Tensor,
+        lengths: torch.Tensor,
+        anchors: torch.Tensor,
+        K: int,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft K tokens from every anchor at once: (target ids [B,M,K], raw log-probs [B,M,K])."""
+
+    # --- persistence ----------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"dopd_spec_version": SPEC_VERSION, **asdict(self.spec)}
+        (path / "config.json").write_text(json.dumps(meta, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+
+    @staticmethod
+    def read_spec(path: str | Path) -> DrafterSpec:
+        path = Path(path)
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise ModelError(f"no drafter at {path}: config.json is missing")
+        try:
+            meta = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"drafter config {cfg} is not valid JSON: {e}") from None
+        if meta.pop("dopd_spec_version", None) != SPEC_VERSION:
+            raise ModelError(f"{cfg} is not a dopd drafter (spec version {SPEC_VERSION} expected)")
+        try:
+            return DrafterSpec(**meta)
+        except TypeError as e:
+            raise ModelError(f"drafter config {cfg} does not fit this dopd version: {e}") from None
+
+    def load_weights(self, path: str | Path) -> None:
+        state = load_file(str(Path(path) / "model.safetensors"))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelError(f"drafter weights at {path} do not match its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.t2d = self._t2d(self.draft_ids, self.spec.vocab_size)
+        return out

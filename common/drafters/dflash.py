@@ -1,0 +1,134 @@
+"""DFlash style drafter: one parallel forward drafts a whole block, conditioned on the target's context features.
+
+The block for a prefix of length a is [x_{a-1}, MASK x K] at positions a-1 .. a-1+K; slot i (1..K) predicts the
+token at its own position a-1+i (no shift), so one forward gives K draft tokens. Inside the block attention is
+bidirectional; every layer also attends to the context: the fused target features of positions < a-1 (the last
+committed token's own feature is not known yet at inference), projected by that layer's own k/v projections
+(KV injection). Context K/V are cached across verification steps; the block's K/V are recomputed each step.
+Deviation from the public DFlash code: the MASK input is a learned vector (initialised from a token embedding)
+rather than a reserved vocabulary row, so no unused token id is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Drafter, DraftState, DrafterSpec, Proposal
+from .layers import Attention, RMSNorm, Rotary, SwiGLU, grouped_attention
+
+
+class DFlashLayer(nn.Module):
+    def __init__(self, spec: DrafterSpec):
+        super().__init__()
+        H = spec.hidden_size
+        self.input_layernorm = RMSNorm(H, spec.rms_eps)
+        self.self_attn = Attention(H, H, spec.num_heads, spec.num_kv_heads, spec.head_dim, True, spec.rms_eps)
+        self.post_attention_layernorm = RMSNorm(H, spec.rms_eps)
+        self.mlp = SwiGLU(H, spec.intermediate_size)
+
+
+class DFlashDrafter(Drafter):
+    kind = "dflash"
+
+    def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
+        super().__init__(spec, embed_weight, head_weight, draft_ids)
+        H = spec.hidden_size
+        self.fc = nn.Linear(len(spec.feature_layers) * spec.target_hidden_size, H, bias=False)
+        self.hidden_norm = RMSNorm(H, spec.rms_eps)
+        self.layers = nn.ModuleList([DFlashLayer(spec) for _ in range(spec.num_layers)])
+        self.norm = RMSNorm(H, spec.rms_eps)
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+        with torch.no_grad():
+            if spec.mask_token_id is not None:
+                init = embed_weight[spec.mask_token_id].float()
+            else:
+                init = embed_weight.float().mean(0)
+        self.mask_embedding = nn.Parameter(init.clone())
+
+    def context_start(self) -> int:
+        return 0
+
+    def _ctx_kv(self, features: torch.Tensor, pos: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer context K/V [B,Hkv,T,d] for features [B,T,F] at positions pos [B,T]."""
+        c = self.hidden_norm(self.fc(features.to(self._dtype())))
+        ks, vs = [], []
+        for layer in self.layers:
+            k, v = layer.self_attn.kv(c)
+            ks.append(self.rotary(k, pos[:, None]))
+            vs.append(v)
+        return ks, vs
+
+    def _blocks(self, last_tok: torch.Tensor, anchors: torch.Tensor, K: int, ks, vs, ctx_mask) -> torch.Tensor:
+        """Block forward for M blocks per row: last_tok [B,M] at anchors-1. Returns normed hidden [B,M,K,H]."""
+        B, M = last_tok.shape
+        first = self.embed(last_tok)[:, :, None]
+        x = torch.cat([first, self.mask_embedding.to(first.dtype).expand(B, M, K, -1)], dim=2)  # [B,M,K+1,H]
+        pos = (anchors - 1).clamp_min(0)[..., None] + torch.arange(K + 1, device=x.device)  # [B,M,K+1]
+        for li, layer in enumerate(self.layers):
+            xn = layer.input_layernorm(x)
+            q = layer.self_attn.q(xn).transpose(1, 2)  # [B,h,M,T,d]
+            k, v = layer.self_attn.kv(xn)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            q, k = self.rotary(q, pos[:, None]), self.rotary(k, pos[:, None])
+            o = grouped_attention(q, ks[li].to(q.dtype), vs[li].to(q.dtype), ctx_mask, k, v)
+            x = x + layer.self_attn.out(o.transpose(1, 2))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x[:, :, 1:])
+
+    # --- training -------------------------------------------------------------------------------------------
+    def _train_blocks(self, tokens, features, lengths, anchors, K):
+        B, S = tokens.shape
+        pos = torch.arange(S, device=tokens.device).expand(B, S)
+        ks, vs = self._ctx_kv(features, pos)
+        s = torch.arange(S, device=tokens.device)
+        ctx_mask = s[None, None, :] < (anchors - 1)[..., None]  # features of positions < a-1
+        last = tokens.gather(1, (anchors - 1).clamp_min(0))
+        return self._blocks(last, anchors, K, ks, vs, ctx_mask)
+
+    def block_hidden(self, tokens, features, lengths, anchors, block_tokens):
+        return self._train_blocks(tokens, features, lengths, anchors, block_tokens.shape[-1])
+
+    @torch.no_grad()
+    def draft_blocks(self, tokens, features, lengths, anchors, K, temperature=0.0, generator=None):
+        h = self._train_blocks(tokens, features, lengths, anchors, K)
+        B, M = anchors.shape
+        ids, _, _, lp, _ = self._sample(self.logits(h).reshape(B * M * K, -1), temperature, 1.0, generator)
+        return ids.view(B, M, K), lp.view(B, M, K)
+
+    # --- inference ------------------------------------------------------------------------------------------
+    def new_state(self, batch, max_len, device, dtype) -> DraftState:
+        shape = (batch, self.spec.num_kv_heads, max_len, self.spec.head_dim)
+        ks = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        return DraftState(ks, vs, torch.zeros(batch, dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+        dev = tokens.device
+        sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+        tok, feat, n = sel(tokens), sel(features), sel(lengths)
+        c = sel(state.ctx_end).clone()
+        rr = torch.arange(tok.shape[0], device=dev) if rows is None else rows
+        T = int((n - 1 - c).max())
+        if T > 0:  # new context features t in [c, n-2]
+            pos = c[:, None] + torch.arange(T, device=dev)[None]
+            valid = pos < (n - 1)[:, None]
+            wpos = torch.where(valid, pos, state.k[0].shape[2] - 1)
+            f = feat.gather(1, pos.clamp(max=feat.shape[1] - 1)[..., None].expand(-1, -1, feat.shape[-1]))
+            ks, vs = self._ctx_kv(f, pos)
+            for li in range(len(self.layers)):
+                state.k[li][rr[:, None], :, wpos] = ks[li].transpose(1, 2).to(state.k[li].dtype)
+                state.v[li][rr[:, None], :, wpos] = vs[li].transpose(1, 2).to(state.v[li].dtype)
+        state.ctx_end[rr] = n - 1
+        kv_len = max(int((n - 1).max()), 1)
+        ks = [sel(k)[:, :, :kv_len] for k in state.k]
+        vs = [sel(v)[:, :, :kv_len] for v in state.v]
+        s = torch.arange(kv_len, device=dev)
+        a = n[:, None]
+        ctx_mask = s[None, None, :] < (a - 1)[..., None]
+        h = self._blocks(tok.gather(1, a - 1), a, K, ks, vs, ctx_mask)[:, 0]  # [b,K,H]
+        b = h.shape[0]
+        ids, qf, qt, lp, _ = self._sample(self.logits(h).reshape(b * K, -1), temperature, top_p, generator)
+        q = qf.view(b, K, -1) if qf is not None else None
+        return Proposal(ids.view(b, K), q, qt.view(b, K), lp.view(b, K))

@@ -1,0 +1,206 @@
+"""EAGLE-3 style drafter: fused low/mid/high target features, autoregressive over its own hidden states.
+
+Alignment (as in EAGLE-3): the drafter's context entry at position p pairs the token x_p with the fused target
+feature f_{p-1} and predicts x_{p+1}. For a block whose prefix has length a (last committed token x_{a-1}, target
+features known up to a-2):
+  step 1 = the context entry at p = a-1 -> predicts position a;
+  step j = (embed(d_{j-1}), h_{j-1}) at position a+j-2, where h_{j-1} is step j-1's pre-norm output -> predicts
+           position a+j-1; it attends to the context entries p <= a-1 and its own block's earlier steps.
+The first layer sees concat(input_norm(embedding), hidden_norm(hidden)) (2H wide, residual = hidden); further
+layers are ordinary decoder layers. The token embedding (and by default the LM head) is the target's, frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .base import Drafter, DraftState, DrafterSpec, Proposal
+from .layers import Attention, RMSNorm, Rotary, SwiGLU, causal_attention, grouped_attention
+
+
+class Eagle3Layer(nn.Module):
+    def __init__(self, spec: DrafterSpec, first: bool):
+        super().__init__()
+        H = spec.hidden_size
+        self.first = first
+        self.input_layernorm = RMSNorm(H, spec.rms_eps)
+        self.hidden_norm = RMSNorm(H, spec.rms_eps) if first else None
+        in_dim = 2 * H if first else H
+        self.self_attn = Attention(in_dim, H, spec.num_heads, spec.num_kv_heads, spec.head_dim, False, spec.rms_eps)
+        self.post_attention_layernorm = RMSNorm(H, spec.rms_eps)
+        self.mlp = SwiGLU(H, spec.intermediate_size)
+
+    def attn_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            return torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], dim=-1)
+        return self.input_layernorm(h)
+
+    def finish(self, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        x = residual + self.self_attn.out(o)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Eagle3Drafter(Drafter):
+    kind = "eagle3"
+
+    def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
+        super().__init__(spec, embed_weight, head_weight, draft_ids)
+        H = spec.hidden_size
+        self.fc = nn.Linear(len(spec.feature_layers) * spec.target_hidden_size, H, bias=False)
+        self.layers = nn.ModuleList([Eagle3Layer(spec, i == 0) for i in range(spec.num_layers)])
+        self.norm = RMSNorm(H, spec.rms_eps)
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+
+    def context_start(self) -> int:
+        return 1  # position 0 has no previous target feature, so its entry does not exist
+
+    # --- shared pieces --------------------------------------------------------------------------------------
+    def _ctx_inputs(self, tokens: torch.Tensor, features: torch.Tensor, pos: torch.Tensor):
+        """Entry inputs at positions pos [B,T]: (embed(x_p), fc(f_{p-1}))."""
+        emb = self.embed(tokens.gather(1, pos))
+        f = features.gather(1, (pos - 1).clamp_min(0)[..., None].expand(-1, -1, features.shape[-1]))
+        return emb, self.fc(f.to(emb.dtype))
+
+    def _step(
+        self,
+        emb: torch.Tensor,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        ctx_k: list[torch.Tensor],
+        ctx_v: list[torch.Tensor],
+        ctx_mask: torch.Tensor,
+        own_k: list[list[torch.Tensor]],
+        own_v: list[list[torch.Tensor]],
+    ) -> torch.Tensor:
+        """One unroll step for M blocks per row: emb,h [B,M,H] at positions pos [B,M]. Appends to own_k/v."""
+        for li, layer in enumerate(self.layers):
+            x = layer.attn_input(emb, h)[:, :, None]  # [B,M,1,*]
+            q = layer.self_attn.q(x).transpose(1, 2)  # [B,h,M,1,d]
+            k, v = layer.self_attn.kv(x)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            p = pos[:, None, :, None]
+            q, k = self.rotary(q, p), self.rotary(k, p)
+            own_k[li].append(k)
+            own_v[li].append(v)
+            o = grouped_attention(q, ctx_k[li], ctx_v[li], ctx_mask, torch.cat(own_k[li], 3), torch.cat(own_v[li], 3))
+            h = layer.finish(o.transpose(1, 2), h[:, :, None])[:, :, 0]
+        return h
+
+    # --- training -------------------------------------------------------------------------------------------
+    def _context(self, tokens, features, lengths):
+        """All context entries of each row at once (causal). Returns pre-norm outputs [B,S,H] and per-layer K/V."""
+        B, S = tokens.shape
+        dev = tokens.device
+        pos = torch.arange(S, device=dev).expand(B, S)
+        emb, h = self._ctx_inputs(tokens, features, pos)
+        s = torch.arange(S, device=dev)
+        key_ok = (s[None, :] >= 1) & (s[None, :] < lengths[:, None])  # [B,S]
+        mask = (s[None, :, None] >= s[None, None, :]) & key_ok[:, None, :]
+        mask = mask | torch.eye(S, dtype=torch.bool, device=dev)[None]  # every query sees at least itself
+        mask = mask[:, None]
+        ks, vs = [], []
+        for layer in self.layers:
+            x = layer.attn_input(emb, h)
+            q = layer.self_attn.q(x)
+            k, v = layer.self_attn.kv(x)
+            q, k = self.rotary(q, pos[:, None]), self.rotary(k, pos[:, None])
+            ks.append(k)
+            vs.append(v)
+            h = layer.finish(causal_attention(q, k, v, mask), h)
+        return h, ks, vs
+
+    def _unroll(self, tokens, features, lengths, anchors, K, next_input: Callable[[int, torch.Tensor], torch.Tensor]):
+        """Steps 1..K for every block; next_input(j, normed_h_j) gives the token fed to step j+1."""
+        h_ctx, ks, vs = self._context(tokens, features, lengths)
+        B, S = tokens.shape
+        a = anchors.clamp(min=1)
+        h = h_ctx.gather(1, (a - 1)[..., None].expand(-1, -1, h_ctx.shape[-1]))  # step 1: entry at a-1
+        s = torch.arange(S, device=tokens.device)
+        ctx_mask = (s[None, None, :] >= 1) & (s[None, None, :] <= (a - 1)[..., None])
+        ctx_mask = ctx_mask | (s[None, None, :] == 0) & (anchors[..., None] < 2)  # padding blocks: see something
+        outs = [self.norm(h)]
+        own_k = [[] for _ in self.layers]
+        own_v = [[] for _ in self.layers]
+        for j in range(2, K + 1):
+            emb = self.embed(next_input(j - 1, outs[-1]))
+            h = self._step(emb, h, a + j - 2, ks, vs, ctx_mask, own_k, own_v)
+            outs.append(self.norm(h))
+        if K >= 1:
+            next_input(K, outs[-1])
+        return torch.stack(outs, dim=2)  # [B,M,K,H]
+
+    def block_hidden(self, tokens, features, lengths, anchors, block_tokens):
+        K = block_tokens.shape[-1]
+        return self._unroll(tokens, features, lengths, anchors, K, lambda j, h: block_tokens[:, :, j - 1])
+
+    @torch.no_grad()
+    def draft_blocks(self, tokens, features, lengths, anchors, K, temperature=0.0, generator=None):
+        drafted, logps = [], []
+
+        def pick(j, h):
+            B, M, H = h.shape
+            ids, _, _, lp, _ = self._sample(self.logits(h).reshape(B * M, -1), temperature, 1.0, generator)
+            drafted.append(ids.view(B, M))
+            logps.append(lp.view(B, M))
+            return drafted[-1]
+
+        self._unroll(tokens, features, lengths, anchors, K, pick)
+        return torch.stack(drafted, -1), torch.stack(logps, -1)
+
+    # --- inference ------------------------------------------------------------------------------------------
+    def new_state(self, batch, max_len, device, dtype) -> DraftState:
+        shape = (batch, self.spec.num_kv_heads, max_len, self.spec.head_dim)
+        ks = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        return DraftState(ks, vs, torch.full((batch,), self.context_start(), dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+        dev = tokens.device
+        sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+        tok, feat, n = sel(tokens), sel(features), sel(lengths)
+        c = sel(state.ctx_end).clone()
+        T = int((n - c).max())
+        pos = c[:, None] + torch.arange(T, device=dev)[None]  # new entries p in [c, n-1], padded to T
+        valid = pos < n[:, None]
+        wpos = torch.where(valid, pos, state.k[0].shape[2] - 1)  # padding writes go to the spare last slot
+        emb, h = self._ctx_inputs(tok, feat, pos.clamp(max=tok.shape[1] - 1))
+        kv_len = int((n - 1).max()) + 1
+        s = torch.arange(kv_len, device=dev)
+        mask = ((s[None, None, :] <= pos[..., None]) & (s[None, None, :] >= 1))[:, None]
+        rr = torch.arange(tok.shape[0], device=dev) if rows is None else rows
+        ks, vs = [], []
+        for li, layer in enumerate(self.layers):
+            x = layer.attn_input(emb, h)
+            q = layer.self_attn.q(x)
+            k, v = layer.self_attn.kv(x)
+            q, k = self.rotary(q, pos[:, None]), self.rotary(k, pos[:, None])
+            state.k[li][rr[:, None], :, wpos] = k.transpose(1, 2).to(state.k[li].dtype)
+            state.v[li][rr[:, None], :, wpos] = v.transpose(1, 2).to(state.v[li].dtype)
+            kc, vc = sel(state.k[li])[:, :, :kv_len], sel(state.v[li])[:, :, :kv_len]
+            ks.append(kc)
+            vs.append(vc)
+            h = layer.finish(causal_attention(q, kc.to(q.dtype), vc.to(q.dtype), mask), h)
+        state.ctx_end[rr] = n
+        last = (n - 1 - c)[:, None, None].expand(-1, 1, h.shape[-1])
+        h = h.gather(1, last)  # [b,1,H] step 1 (entry at n-1)
+        a = n[:, None]
+        ctx_mask = ((s[None, None, :] >= 1) & (s[None, None, :] <= (a - 1)[..., None]))
+        own_k = [[] for _ in self.layers]
+        own_v = [[] for _ in self.layers]
+        ks = [k.to(h.dtype) for k in ks]
+        vs = [v.to(h.dtype) for v in vs]
+        toks, qs, qtok, lps = [], [], [], []
+        for j in range(1, K + 1):
+            if j > 1:
+                h = self._step(self.embed(toks[-1][:, None]), h, a + j - 2, ks, vs, ctx_mask, own_k, own_v)
+            ids, qf, qt, lp, _ = self._sample(self.logits(self.norm(h[:, 0])), temperature, top_p, generator)
+            toks.append(ids)
+            qs.append(qf)
+            qtok.append(qt)
+            lps.append(lp)
+        q = torch.stack(qs, 1) if temperature > 0 else None
+        return Proposal(torch.stack(toks, 1), q, torch.stack(qtok, 1), torch.stack(lps, 1))

