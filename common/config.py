@@ -65,7 +65,6 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     batch_size: int = 8  # sequences decoded together
-    prompts_per_round: int = 16  # prompts rolled out between learner phases
     topk: int = 16  # target top-k kept per draft position in records
 
 
@@ -106,6 +105,7 @@ class SFTConfig:
     num_prompts: int | None = 256  # training prompts the target answers once (cached on disk)
     max_new_tokens: int = 128
     temperature: float = 0.0
+    sequences: str | None = None  # JSONL of target-written sequences to train on instead (e.g. an OPD run's rollouts)
 
 
 @dataclass
@@ -210,6 +210,8 @@ class Config:
             raise ConfigError(f"loss.gamma must be in (0, 1] (got {self.loss.gamma})")
         if self.replay.num_blocks < 1:
             raise ConfigError(f"replay.num_blocks must be >= 1 (got {self.replay.num_blocks})")
+        if self.replay.num_blocks > 1 and self.replay.temperature <= 0:
+            raise ConfigError("replay.num_blocks > 1 needs replay.temperature > 0 (greedy replay blocks would be identical)")
         if self.learner.micro_batch_size < 1:
             raise ConfigError("learner.micro_batch_size must be >= 1")
         if self.learner.refresh_every < 1:

@@ -170,6 +170,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, map(chr, chars)))
 
 
+TINY_VERSION = 4
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<mask>"]
 
 
@@ -219,18 +220,27 @@ def tiny_config():
 
 def _tiny_dir() -> Path:
     out = cache_dir() / "models" / "tiny-random-llama"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    version = out / f"dopd_tiny_v{TINY_VERSION}"
+    if version.is_file() and (out / "model.safetensors").is_file():
         return out
     from transformers import LlamaForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_config())
+    with torch.no_grad():
+        # Random weights make a chaotic next-token function no small drafter can learn. Damped attention outputs
+        # make the next token depend mostly on the current one (a noisy bigram model) and a sharper head makes it
+        # confident: drafting becomes learnable, so tests can see training raise acceptance.
+        model.lm_head.weight.mul_(4.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.02)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp) / "hf"
         model.save_pretrained(stage)
         build_tiny_tokenizer().save_pretrained(stage)
+        (stage / f"dopd_tiny_v{TINY_VERSION}").write_text("")
         if out.exists():
             shutil.rmtree(out)
         shutil.move(str(stage), str(out))
@@ -250,6 +260,7 @@ class Target:
     model: torch.nn.Module
     tokenizer: object
     info: TargetInfo
+    fingerprint: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -304,7 +315,21 @@ def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: b
         raise ModelError(f"could not load target '{name}' from {path}: {type(e).__name__}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(dev).eval().requires_grad_(False)
-    return Target(name=name, path=path, model=model, tokenizer=tokenizer, info=info_from_config(name, model.config))
+    return Target(name=name, path=path, model=model, tokenizer=tokenizer, info=info_from_config(name, model.config), fingerprint=fingerprint(path))
+
+
+def fingerprint(path: Path) -> str:
+    """A cheap identity of a model directory's weights (sizes + first and last MiB of each weight file), so
+    caches derived from a target (SFT data) are invalidated when its weights change."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(size - (1 << 20), 0))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
 
 
 def load_target_info(name: str) -> TargetInfo:

@@ -168,12 +168,6 @@ def encode_record(rec: ExperienceRecord, max_bytes: int = DEFAULT_MAX_BYTES) -> 
     return data
 
 
-def peek_header(data: bytes) -> dict[str, Any]:
-    """Decode only what routing and staleness checks need (actor, seq, version); raises RecordError."""
-    rec = decode_record(data)
-    return {"actor_id": rec.actor_id, "incarnation": rec.incarnation, "seq_no": rec.seq_no, "policy_version": rec.policy_version}
-
-
 def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ExperienceRecord:
     """Bytes -> record, or RecordError saying what is wrong with the bytes."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -263,3 +257,57 @@ def validate_record(rec: ExperienceRecord) -> None:
     for f in ("draft_logprobs", "target_topk_probs", "target_tail", "target_draft_prob"):
         if not np.isfinite(getattr(b, f)).all():
             raise RecordError(f"malformed record: blocks.{f} holds NaN or inf")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# teacher-forced sequences (SFT data)
+
+TEACHER_KIND = "dopd.teacher"
+
+
+@dataclass
+class TeacherRecord:
+    """A target-written sequence scored by the target itself (teacher forcing): the SFT baselines' data.
+
+    Position t (0..n-2) holds the target's features and its top-k distribution for token t+1 given x_0..x_t.
+    """
+
+    prompt_id: str
+    token_ids: np.ndarray  # [n] int32
+    prompt_len: int
+    features: torch.Tensor  # [n-1, F]
+    topk_ids: np.ndarray  # [n-1, k] int32
+    topk_probs: np.ndarray  # [n-1, k] float32
+    tail: np.ndarray  # [n-1] float32
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def encode_teacher(rec: TeacherRecord) -> bytes:
+    n = rec.token_ids.shape[0]
+    if rec.features.shape[0] != n - 1 or rec.topk_ids.shape[0] != n - 1:
+        raise RecordError("teacher record: features and top-k must have one row per position but the last")
+    msg = {
+        "kind": TEACHER_KIND,
+        "schema": SCHEMA_VERSION,
+        "prompt_id": rec.prompt_id,
+        "prompt_len": int(rec.prompt_len),
+        **{f: _pack_array(getattr(rec, f)) for f in ("token_ids", "features", "topk_ids", "topk_probs", "tail")},
+    }
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode_teacher(data: bytes, max_bytes: int = 1 << 30) -> TeacherRecord:
+    try:
+        msg = msgpack.unpackb(bytes(data), raw=False, max_bin_len=max_bytes)
+    except (ValueError, msgpack.UnpackException, TypeError) as e:
+        raise RecordError(f"malformed teacher record ({type(e).__name__}: {e})") from None
+    if not isinstance(msg, dict) or msg.get("kind") != TEACHER_KIND or msg.get("schema") != SCHEMA_VERSION:
+        raise RecordError("not a dopd teacher record of this schema version")
+    try:
+        arrays = {f: _unpack_array(msg[f], f, max_bytes) for f in ("token_ids", "features", "topk_ids", "topk_probs", "tail")}
+        return TeacherRecord(prompt_id=str(msg["prompt_id"]), prompt_len=int(msg["prompt_len"]), **arrays)
+    except KeyError as e:
+        raise RecordError(f"malformed teacher record: missing field {e}") from None

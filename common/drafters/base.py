@@ -109,14 +109,13 @@ class Drafter(nn.Module):
             draft_ids = torch.arange(V)
         self.register_buffer("draft_ids", draft_ids)  # draft index -> target id (saved: the d2t map)
         self.register_buffer("t2d", self._t2d(draft_ids, V), persistent=False)  # target id -> draft index or -1
+        # the target's head stays referenced (not copied, not saved) even when the drafter has its own head
+        self.register_buffer("head_weight", head_weight.detach(), persistent=False)
+        self.lm_head = None
         if spec.own_head:
             self.lm_head = nn.Linear(spec.hidden_size, draft_ids.numel(), bias=False)
             with torch.no_grad():
                 self.lm_head.weight.copy_(head_weight.detach()[draft_ids].to(self.lm_head.weight.dtype))
-            self.register_buffer("head_weight", None, persistent=False)
-        else:
-            self.lm_head = None
-            self.register_buffer("head_weight", head_weight.detach(), persistent=False)
 
     @staticmethod
     def _t2d(draft_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -159,16 +158,21 @@ class Drafter(nn.Module):
         return next(self.parameters()).dtype
 
     def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, ...]:
-        """Draw draft tokens from draft-vocab logits [b, Vd]: (target ids, q over target vocab, q(token), logp)."""
+        """Draw from draft-vocab logits [b, Vd]: (target ids, q over the target vocab or None when greedy,
+        processed q(token), raw log q(token), draft indices)."""
         logits = logits.float()
-        logp_raw = torch.log_softmax(logits, -1)
-        qd = processed_probs(logits, temperature, top_p)
-        idx = logits.argmax(-1) if temperature <= 0 else sample(qd, gen)
-        q_tok = qd.gather(-1, idx[:, None]).squeeze(-1)
-        q_full = None
-        if temperature > 0:
+        lse = torch.logsumexp(logits, -1)
+        if temperature <= 0:
+            idx = logits.argmax(-1)
+            q_tok = torch.ones_like(lse)
+            q_full = None
+        else:
+            qd = processed_probs(logits, temperature, top_p)
+            idx = sample(qd, gen)
+            q_tok = qd.gather(-1, idx[:, None]).squeeze(-1)
             q_full = torch.zeros(qd.shape[0], self.spec.vocab_size, device=qd.device).index_copy_(1, self.draft_ids, qd)
-        return self.draft_ids[idx], q_full, q_tok, logp_raw.gather(-1, idx[:, None]).squeeze(-1), idx
+        logp = logits.gather(-1, idx[:, None]).squeeze(-1) - lse
+        return self.draft_ids[idx], q_full, q_tok, logp, idx
 
     # --- the three forwards -----------------------------------------------------------------------------------
     @abstractmethod
@@ -218,8 +222,8 @@ class Drafter(nn.Module):
         K: int,
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft K tokens from every anchor at once: (target ids [B,M,K], raw log-probs [B,M,K])."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draft K tokens from every anchor at once: (target ids, raw log-probs, processed q(d)), each [B,M,K]."""
 
     # --- persistence ----------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:

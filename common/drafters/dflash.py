@@ -93,8 +93,8 @@ class DFlashDrafter(Drafter):
     def draft_blocks(self, tokens, features, lengths, anchors, K, temperature=0.0, generator=None):
         h = self._train_blocks(tokens, features, lengths, anchors, K)
         B, M = anchors.shape
-        ids, _, _, lp, _ = self._sample(self.logits(h).reshape(B * M * K, -1), temperature, 1.0, generator)
-        return ids.view(B, M, K), lp.view(B, M, K)
+        ids, _, qt, lp, _ = self._sample(self.logits(h).reshape(B * M * K, -1), temperature, 1.0, generator)
+        return ids.view(B, M, K), lp.view(B, M, K), qt.view(B, M, K)
 
     # --- inference ------------------------------------------------------------------------------------------
     def new_state(self, batch, max_len, device, dtype) -> DraftState:

@@ -138,17 +138,18 @@ class Eagle3Drafter(Drafter):
 
     @torch.no_grad()
     def draft_blocks(self, tokens, features, lengths, anchors, K, temperature=0.0, generator=None):
-        drafted, logps = [], []
+        drafted, logps, qs = [], [], []
 
         def pick(j, h):
             B, M, H = h.shape
-            ids, _, _, lp, _ = self._sample(self.logits(h).reshape(B * M, -1), temperature, 1.0, generator)
+            ids, _, qt, lp, _ = self._sample(self.logits(h).reshape(B * M, -1), temperature, 1.0, generator)
             drafted.append(ids.view(B, M))
             logps.append(lp.view(B, M))
+            qs.append(qt.view(B, M))
             return drafted[-1]
 
         self._unroll(tokens, features, lengths, anchors, K, pick)
-        return torch.stack(drafted, -1), torch.stack(logps, -1)
+        return torch.stack(drafted, -1), torch.stack(logps, -1), torch.stack(qs, -1)
 
     # --- inference ------------------------------------------------------------------------------------------
     def new_state(self, batch, max_len, device, dtype) -> DraftState:

@@ -1,0 +1,118 @@
+"""Records -> padded tensors for one learner step.
+
+Both record kinds become the same `TrainBatch` (sequence tokens + target features + blocks + block targets), so
+one drafter forward and one loss module serve Draft-OPD and the SFT baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dopd.common.record import SOURCES, ExperienceRecord, TeacherRecord
+
+from .losses import BlockTargets
+
+
+@dataclass
+class TrainBatch:
+    tokens: torch.Tensor  # [B,S]
+    features: torch.Tensor  # [B,S,F] (position t holds f_t; rows beyond n-2 are zero)
+    lengths: torch.Tensor  # [B]
+    anchors: torch.Tensor  # [B,M] (0 = padding block)
+    block_tokens: torch.Tensor  # [B,M,K]
+    targets: BlockTargets
+    step_weight: torch.Tensor | None = None  # [K] (SFT)
+    num_records: int = 0
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.targets.valid.sum())
+
+
+def _seq_tensors(token_ids: list[np.ndarray], feats: list[torch.Tensor], device, dtype):
+    B = len(token_ids)
+    S = max(t.shape[0] for t in token_ids)
+    F = feats[0].shape[1]
+    tokens = torch.zeros(B, S, dtype=torch.long)
+    features = torch.zeros(B, S, F, dtype=dtype)
+    for i, (t, f) in enumerate(zip(token_ids, feats)):
+        tokens[i, : t.shape[0]] = torch.from_numpy(t.astype(np.int64))
+        features[i, : f.shape[0]] = f.to(dtype)
+    lengths = torch.tensor([t.shape[0] for t in token_ids])
+    return tokens.to(device), features.to(device), lengths.to(device)
+
+
+def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32, sources=("rollout", "replay")) -> TrainBatch:
+    """Experience records (rollout + replay blocks) -> a batch for the Draft-OPD loss."""
+    if any(r.features is None for r in records):
+        raise ValueError("experience records need target features for training")
+    keep_src = [SOURCES[s] for s in sources]
+    blocks = [r.blocks.select(np.isin(r.blocks.source, keep_src)) for r in records]
+    tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
+    B = len(records)
+    M = max(1, max(len(b) for b in blocks))
+    K = records[0].blocks.block_size
+    k = records[0].blocks.target_topk_ids.shape[2]
+    anchors = torch.zeros(B, M, dtype=torch.long)
+    draft = torch.zeros(B, M, K, dtype=torch.long)
+    ids = torch.zeros(B, M, K, k, dtype=torch.long)
+    probs = torch.zeros(B, M, K, k)
+    tail = torch.zeros(B, M, K)
+    pd = torch.zeros(B, M, K)
+    acc = torch.zeros(B, M, K, dtype=torch.bool)
+    valid = torch.zeros(B, M, K, dtype=torch.bool)
+    for i, b in enumerate(blocks):
+        m = len(b)
+        if not m:
+            continue
+        anchors[i, :m] = torch.from_numpy(b.anchor.astype(np.int64))
+        draft[i, :m] = torch.from_numpy(b.draft_tokens.astype(np.int64))
+        ids[i, :m] = torch.from_numpy(b.target_topk_ids.astype(np.int64))
+        probs[i, :m] = torch.from_numpy(b.target_topk_probs)
+        tail[i, :m] = torch.from_numpy(b.target_tail)
+        pd[i, :m] = torch.from_numpy(b.target_draft_prob)
+        acc[i, :m] = torch.from_numpy(b.accept_mask)
+        valid[i, :m] = True
+    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid).to(device)
+    return TrainBatch(tokens, features, lengths, anchors.to(device), draft.to(device), T, None, B)
+
+
+def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: int, step_weight: torch.Tensor, device, dtype=torch.float32) -> TrainBatch:
+    """Teacher-forced sequences with chosen anchors -> K-position blocks whose inputs are the true tokens.
+
+    Block position j of anchor a predicts token a+j-1; its target is the teacher distribution at position a+j-2.
+    """
+    tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
+    B = len(records)
+    M = max(1, max(a.size for a in anchors))
+    k = records[0].topk_ids.shape[1]
+    anc = torch.zeros(B, M, dtype=torch.long)
+    draft = torch.zeros(B, M, K, dtype=torch.long)
+    ids = torch.zeros(B, M, K, k, dtype=torch.long)
+    probs = torch.zeros(B, M, K, k)
+    tail = torch.zeros(B, M, K)
+    pd = torch.zeros(B, M, K)
+    valid = torch.zeros(B, M, K, dtype=torch.bool)
+    for i, (r, a) in enumerate(zip(records, anchors)):
+        m = a.size
+        if not m:
+            continue
+        n = r.token_ids.shape[0]
+        tgt_pos = a[:, None] + np.arange(K)[None, :]  # token positions a+j-1 for j = 1..K
+        ok = tgt_pos <= n - 1
+        tp = np.minimum(tgt_pos, n - 1)
+        dist = tp - 1  # teacher row predicting that token
+        anc[i, :m] = torch.from_numpy(a.astype(np.int64))
+        draft[i, :m] = torch.from_numpy(r.token_ids[tp].astype(np.int64))
+        ids[i, :m] = torch.from_numpy(r.topk_ids[dist].astype(np.int64))
+        probs[i, :m] = torch.from_numpy(r.topk_probs[dist])
+        tail[i, :m] = torch.from_numpy(r.tail[dist])
+        hit = r.topk_ids[dist] == r.token_ids[tp][..., None]
+        pd[i, :m] = torch.from_numpy((r.topk_probs[dist] * hit).sum(-1).astype(np.float32))
+        valid[i, :m] = torch.from_numpy(ok)
+    acc = valid.clone()
+    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid).to(device)
+    return TrainBatch(tokens, features, lengths, anc.to(device), draft.to(device), T, step_weight, B)
