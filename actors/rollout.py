@@ -10,11 +10,12 @@ error positions that replay starts from.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from dopd.common.config import RolloutConfig
 from dopd.common.drafters import Drafter
 from dopd.common.models import Target
-from dopd.common.record import SOURCE_ROLLOUT, Blocks
+from dopd.common.record import SOURCE_ROLLOUT, Blocks, ExperienceRecord
 from dopd.common.specdec import DecodeSettings, EngineStats, SeqResult, SpecEngine
 
 
@@ -68,3 +69,28 @@ def rollout_blocks(seq: SeqResult) -> Blocks:
         accept_mask=np.stack([s.accept_mask for s in st]).astype(np.bool_),
         source=np.full(len(st), SOURCE_ROLLOUT, dtype=np.uint8),
     )
+
+
+def make_records(
+    seqs: list[SeqResult],
+    replayed: list[Blocks],
+    prompt_ids: list[str],
+    version: int,
+    actor_id: int,
+    incarnation: int,
+    seq_no: int,
+    meta: dict,
+) -> list[ExperienceRecord]:
+    """Rollout steps + replayed blocks of each sequence -> one experience record per sequence (bf16 features)."""
+    out = []
+    for i, (s, rb, pid) in enumerate(zip(seqs, replayed, prompt_ids)):
+        tok = np.asarray(s.prompt_ids + s.output_ids, dtype=np.int32)
+        blocks = Blocks.concat([rollout_blocks(s), rb]) if s.steps else rb
+        out.append(
+            ExperienceRecord(
+                prompt_id=pid, token_ids=tok, prompt_len=len(s.prompt_ids), blocks=blocks,
+                features=s.features.to(torch.bfloat16), actor_id=actor_id, incarnation=incarnation,
+                seq_no=seq_no + i, policy_version=version, meta=meta,
+            )  # fmt: skip
+        )
+    return out

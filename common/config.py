@@ -90,6 +90,10 @@ class LossConfig:
     # offset 1 = the first rejected position (the issue's definition); "block" = 1 at the block's first draft
     # position, as the official Draft-OPD code counts it.
     gamma_offset: Literal["rejection", "block"] = "rejection"
+    # the first rejected position is also distilled toward the target (accepted-stream divergence): its target
+    # distribution is still conditioned on a correct prefix. The official code does this ("pull up the target's
+    # token, push down the drafter's"); false = the accepted stream is the accepted positions only.
+    acc_at_first_rejection: bool = True
     sft_objective: Literal["kl", "ce", "both"] = "kl"
     ttt_depth: int | None = None  # EAGLE-3 training-time-test unroll depth; None = block_size
     ttt_step_weight: float = 0.8  # weight of unroll step j is ttt_step_weight**(j-1)
@@ -157,6 +161,7 @@ class ClusterConfig:
     max_actor_restarts: int = 3
     object_store_memory: int = 512 * 2**20
     master_port: int | None = None  # torch.distributed rendezvous port for the learner group; None = free port
+    placement_timeout_s: float = 120.0  # how long to wait for the cluster to fit the actors and learners
 
 
 @dataclass
@@ -166,7 +171,7 @@ class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9400  # 0 = any free port (written to run_summary.json)
-    job: str = "dopd"
+    linger_s: float = 0.0  # keep /metrics up this long after the job ends (a last scrape)
 
 
 @dataclass

@@ -15,6 +15,10 @@ from dopd.common.errors import DopdError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train speculative-decoding drafters by on-policy distillation.")
 models_app = typer.Typer(no_args_is_help=True, help="Targets: builtin aliases, pulling and converting them.")
 app.add_typer(models_app, name="models")
+cluster_app = typer.Typer(no_args_is_help=True, help="A Ray cluster for dopd jobs (loopback unless told otherwise).")
+app.add_typer(cluster_app, name="cluster")
+experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments that write their plots and numbers.")
+app.add_typer(experiment_app, name="experiment")
 
 
 def _setup_torch(threads: int | None = None) -> None:
@@ -137,6 +141,120 @@ def eval_cmd(
         with open(dump_outputs, "w") as f:
             for p, r in zip(chosen, spec):
                 f.write(json.dumps({"id": p.id, "prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": tgt.tokenizer.decode(r.output_ids)}) + "\n")
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train_cmd(
+    ctx: typer.Context,
+    mode: Optional[str] = typer.Option(None, help="sft | opd (default: the config's, opd)"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; key=value arguments override it"),
+    actors: Optional[int] = typer.Option(None, help="rollout actors; given (>= 1) -> the distributed Ray job"),
+    learners: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO learner ranks (distributed job)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory from its last checkpoint"),
+    out: Optional[Path] = typer.Option(None, help="output directory (= out_dir=...)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (in-process runner)"),
+) -> None:
+    """Train a drafter: in one process (no --actors), or on Ray with N rollout actors and M ZeRO learner ranks."""
+    _setup_torch(threads)
+    from dopd.common.config import load_config
+
+    overrides = list(ctx.args)
+    for a in overrides:
+        if "=" not in a:
+            _fail(DopdError(f"unexpected argument '{a}': overrides look like section.key=value"))
+    if mode is not None:
+        overrides.append(f"mode={mode}")
+    if out is not None:
+        overrides.append(f"out_dir={out}")
+    distributed = actors is not None and actors > 0
+    if actors is not None and actors > 0:
+        overrides.append(f"cluster.actors={actors}")
+    if learners is not None:
+        overrides.append(f"cluster.learners={learners}")
+    try:
+        if resume is not None:
+            saved = resume / "config.yaml"
+            if not saved.is_file():
+                raise DopdError(f"nothing to resume in {resume}: no config.yaml")
+            cfg = load_config(saved, overrides + [f"out_dir={resume}"])
+        else:
+            cfg = load_config(config, overrides)
+        if distributed:
+            from dopd.driver import run_distributed
+
+            summary = run_distributed(cfg, resume=resume is not None)
+            typer.echo(json.dumps(summary, indent=1))
+        else:
+            from dopd.learner.trainer import Trainer
+
+            summary = Trainer(cfg, resume=resume is not None).run()
+            typer.echo(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))
+    except DopdError as e:
+        _fail(e)
+
+
+@cluster_app.command("up")
+def cluster_up(
+    address: Optional[str] = typer.Option(None, help="join the cluster at HOST:PORT instead of starting a head"),
+    num_cpus: Optional[int] = typer.Option(None),
+    num_gpus: Optional[int] = typer.Option(None),
+    port: int = typer.Option(6379, help="head GCS port"),
+    host: str = typer.Option("127.0.0.1", help="address this node binds and advertises"),
+    with_prometheus: bool = typer.Option(False, help="also start a local Prometheus scraping dopd jobs and Ray"),
+    prometheus_port: int = typer.Option(9090),
+    object_store_memory: Optional[int] = typer.Option(None, help="bytes"),
+) -> None:
+    """Start a Ray head on loopback (or join one) and record its address for dopd train."""
+    from dopd.cluster import up
+
+    try:
+        info = up(address, num_cpus, num_gpus, port, host, with_prometheus, prometheus_port, object_store_memory)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(f"ray: {info['role']} at {info['address']} (token auth; the token is in ~/.ray/auth_token)")
+    if "prometheus" in info:
+        typer.echo(f"prometheus: {info['prometheus']['url']}")
+    typer.echo("dopd train now runs on this cluster; stop it with: dopd cluster down")
+
+
+@cluster_app.command("down")
+def cluster_down() -> None:
+    """Stop what `dopd cluster up` started."""
+    from dopd.cluster import down
+
+    for line in down():
+        typer.echo(line)
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """Nodes, resources, running dopd jobs, Prometheus address."""
+    from dopd.cluster import status
+
+    try:
+        typer.echo(json.dumps(status(), indent=1, default=str))
+    except DopdError as e:
+        _fail(e)
+
+
+@experiment_app.command("plateau", context_settings={"allow_extra_args": True})
+def experiment_plateau(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., help="output directory (re-running resumes finished arms from their summaries)"),
+    preset: str = typer.Option("cpu", help="cpu | gpu"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """SFT vs Draft-OPD (and two ablations) from one warm-up checkpoint at matched learner FLOPs."""
+    _setup_torch(threads)
+    from dopd.experiments import PRESETS, main_plateau
+
+    if preset not in PRESETS:
+        _fail(DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})"))
+    try:
+        summary = main_plateau(out, preset, list(ctx.args))
+    except DopdError as e:
+        _fail(e)
+    typer.echo(json.dumps({k: summary[k] for k in ("tau_final", "tau_warmup", "learner_flops")}, indent=1))
 
 
 def main() -> None:

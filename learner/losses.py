@@ -4,7 +4,10 @@ Every block position carries the target's top-k distribution (ids, probs) plus i
 with the target's p(d), and whether verification accepted it. Against the drafter's log-distribution log q:
 
 - accepted positions: a divergence between the target's (top-k + tail bucket) distribution and q collapsed onto
-  the same buckets (forward KL by default; TV as in Bebop, JSD, or Bernoulli on the drafted token);
+  the same buckets (forward KL by default; TV as in Bebop, JSD, or Bernoulli on the drafted token); with
+  `acc_at_first_rejection` (default, as the official code) also the first rejected position, whose target
+  distribution is conditioned on a correct prefix: pull the target's choice up there while the rejected stream
+  pushes the drafter's wrong token down;
 - rejected positions (the first rejection to the block end): a divergence on the drafted token (k3 sampled
   reverse-KL estimator by default; Bernoulli forward KL; or the top-k divergences), weighted gamma^(offset-1);
   offset 1 is the first rejected position (`gamma_offset="rejection"`) or the block's first draft (`"block"`, as
@@ -129,9 +132,19 @@ class LossParts:
     w_rej: float
 
 
+def first_rejection(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """True at each block's first rejected position (none for fully accepted blocks)."""
+    K = accept.shape[-1]
+    j = torch.arange(K, device=accept.device).expand_as(accept)
+    n_acc = (accept & valid).long().cumprod(-1).sum(-1, keepdim=True)
+    return valid & (j == n_acc)
+
+
 def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig) -> LossParts:
     """The Draft-OPD objective over both streams (logq: draft-vocab log-softmax [B,M,K,Vd])."""
     acc_mask = T.accept & T.valid
+    if cfg.acc_at_first_rejection:
+        acc_mask = acc_mask | first_rejection(T.accept, T.valid)
     w_rej = rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
     zero = logq.sum() * 0.0
     l_acc = divergence(cfg.acc_divergence, logq, t2d, T) if bool(acc_mask.any()) else None

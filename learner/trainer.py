@@ -29,9 +29,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dopd.actors.replay import Replayer, choose_anchors
-from dopd.actors.rollout import rollout, rollout_blocks
+from dopd.actors.rollout import make_records, rollout
 from dopd.actors.teacher import regenerate, teacher_records
-from dopd.common.config import Config, config_from_dict, dump_config
+from dopd.common.config import Config, dump_config
 from dopd.common.drafters import Drafter, build_drafter, load_drafter, spec_for
 from dopd.common.errors import DopdError
 from dopd.common.evaluation import quick_tau
@@ -39,7 +39,6 @@ from dopd.common.models import Target, load_target
 from dopd.common.prompts import Prompt, encode_all, load_prompt_set, split_prompts
 from dopd.common.pypi import cache_dir
 from dopd.common.record import (
-    Blocks,
     ExperienceRecord,
     TeacherRecord,
     decode_record,
@@ -81,22 +80,6 @@ def make_optimizer(drafter: Drafter, cfg: Config) -> tuple[torch.optim.Optimizer
     warm = max(cfg.learner.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     return opt, sched
-
-
-def make_records(seqs, blocks_per_seq: list[Blocks], prompts: list[Prompt], version: int, actor_id: int, incarnation: int, seq_no: int, meta: dict) -> list[ExperienceRecord]:
-    """Rollout steps + replayed blocks of each sequence -> one experience record per sequence."""
-    out = []
-    for i, (s, rb, p) in enumerate(zip(seqs, blocks_per_seq, prompts)):
-        tok = np.asarray(s.prompt_ids + s.output_ids, dtype=np.int32)
-        blocks = Blocks.concat([rollout_blocks(s), rb]) if s.steps else rb
-        out.append(
-            ExperienceRecord(
-                prompt_id=p.id, token_ids=tok, prompt_len=len(s.prompt_ids), blocks=blocks,
-                features=s.features.to(torch.bfloat16), actor_id=actor_id, incarnation=incarnation,
-                seq_no=seq_no + i, policy_version=version, meta=meta,
-            )  # fmt: skip
-        )
-    return out
 
 
 def read_sequences(path: str) -> list[tuple[str, list[int], int]]:
@@ -263,7 +246,7 @@ class Trainer:
         blocks, rep = self.replayer.replay(self.policy, seqs, anchors, seed)
         t2 = time.perf_counter()
         meta = {"round": st.round, "block_size": cfg.rollout.block_size, "temperature": cfg.rollout.temperature}
-        recs = make_records(seqs, blocks, prompts, st.policy_version, 0, 0, st.seq_no, meta)
+        recs = make_records(seqs, blocks, [p.id for p in prompts], st.policy_version, 0, 0, st.seq_no, meta)
         st.seq_no += len(recs)
         st.round += 1
         st.rollout_s += t1 - t0
@@ -291,6 +274,8 @@ class Trainer:
             batch = sft_batch(self._next_sft(mb), cfg, self.rng, self.device)
             mode = "sft"
         else:
+            if st.step == self.warmup_steps() and not self.buffer and st.round == 0:
+                self.refresh_policy()  # the first on-policy round rolls out the warmed-up drafter
             if len(self.buffer) < mb:
                 self.collect()
             recs = [decode_record(b) for b in self.buffer[:mb]]
@@ -315,7 +300,7 @@ class Trainer:
             "positions": batch.num_positions,
         }  # fmt: skip
         self._log(row)
-        if phase == "opd" and st.step % cfg.learner.refresh_every == 0:
+        if phase == "opd" and (st.step - self.warmup_steps()) % cfg.learner.refresh_every == 0:
             self.refresh_policy()
         return row
 
@@ -349,14 +334,15 @@ class Trainer:
             self.log(f"[round {row['round']}] rollout tau {row['rollout_tau']:.3f}  {row['rollout_tokens_per_s']:.1f} tok/s  replay {row['replay_anchors']} anchors")
 
     # --- the loop -------------------------------------------------------------------------------------------
+    def warmup_steps(self) -> int:
+        return 0 if self.cfg.mode == "sft" else self.cfg.sft.warmup_steps
+
     def phase_for(self, step: int) -> str:
-        if self.cfg.mode == "sft":
-            return "sft"
-        return "sft" if step < self.cfg.sft.warmup_steps else "opd"
+        return "sft" if self.cfg.mode == "sft" or step < self.cfg.sft.warmup_steps else "opd"
 
     def total_steps(self) -> int:
         c = self.cfg
-        return c.learner.steps if c.mode == "sft" else c.sft.warmup_steps + c.learner.steps
+        return self.warmup_steps() + c.learner.steps
 
     def done(self) -> bool:
         b = self.cfg.learner.flops_budget
@@ -449,4 +435,4 @@ def resume_config(out_dir: str | Path, overrides: list[str] | None = None) -> Co
     return cfg
 
 
-__all__ = ["Trainer", "TrainState", "make_optimizer", "make_records", "resume_config", "config_from_dict"]
+__all__ = ["Trainer", "TrainState", "make_optimizer", "resume_config"]

@@ -18,6 +18,17 @@ from .base import Drafter, DraftState, DrafterSpec, Proposal
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, grouped_attention
 
 
+class MaskVector(nn.Module):
+    """The learned MASK input. A module (not a bare Parameter) so ZeRO-3 gathers it when it is used."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
 class DFlashLayer(nn.Module):
     def __init__(self, spec: DrafterSpec):
         super().__init__()
@@ -44,7 +55,7 @@ class DFlashDrafter(Drafter):
                 init = embed_weight[spec.mask_token_id].float()
             else:
                 init = embed_weight.float().mean(0)
-        self.mask_embedding = nn.Parameter(init.clone())
+        self.mask_embedding = MaskVector(init)
 
     def context_start(self) -> int:
         return 0
@@ -63,7 +74,7 @@ class DFlashDrafter(Drafter):
         """Block forward for M blocks per row: last_tok [B,M] at anchors-1. Returns normed hidden [B,M,K,H]."""
         B, M = last_tok.shape
         first = self.embed(last_tok)[:, :, None]
-        x = torch.cat([first, self.mask_embedding.to(first.dtype).expand(B, M, K, -1)], dim=2)  # [B,M,K+1,H]
+        x = torch.cat([first, self.mask_embedding().to(first.dtype).expand(B, M, K, -1)], dim=2)  # [B,M,K+1,H]
         pos = (anchors - 1).clamp_min(0)[..., None] + torch.arange(K + 1, device=x.device)  # [B,M,K+1]
         for li, layer in enumerate(self.layers):
             xn = layer.input_layernorm(x)

@@ -1,0 +1,27 @@
+# Two entry points (see README): `make run` trains a drafter on the embedded default, `make test` runs the tests.
+# Both create .venv on first use: the CPU build of torch goes in FIRST (a looser spec would pull a multi-GB CUDA
+# build), then dopd with its test and dashboard extras.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: setup run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,dashboards]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# the main job: local embedded Ray, SmolLM2-135M target, 2 rollout actors, 2 ZeRO-2 learner ranks, small budget
+run: setup
+	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

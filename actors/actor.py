@@ -1,0 +1,226 @@
+"""The rollout actor: a target and a drafter copy that turn prompts into experience records, forever.
+
+`RolloutWorker` is the algorithm with no Ray in it (rollout + replay -> encoded records, weight swaps, held-out
+evaluation, SFT data); `RolloutActor` is the Ray actor around it: a loop thread produces batches and pushes them
+into its queue shard (retrying while the shard answers "full": backpressure), while the driver calls
+`set_weights`, `evaluate` and `stats` concurrently. Weights are swapped only between batches, under a lock, and
+every record is stamped with the policy version that produced it plus (actor id, incarnation, sequence number):
+a restarted actor gets a new random incarnation, so no record id is ever reused.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+import uuid
+
+import numpy as np
+import torch
+
+from dopd.common.config import Config, config_from_dict
+from dopd.common.drafters import build_drafter
+from dopd.common.models import load_target
+from dopd.common.record import encode_record, encode_teacher
+from dopd.common.specdec import DecodeSettings
+
+from .replay import Replayer, choose_anchors
+from .rollout import make_records, rollout
+from .teacher import regenerate, teacher_records
+
+
+class RolloutWorker:
+    """Holds the target + a drafter copy; produces encoded experience records (no Ray)."""
+
+    def __init__(self, cfg: Config, actor_id: int, prompts: list[tuple[str, list[int]]], incarnation: int | None = None):
+        self.cfg = cfg
+        self.actor_id = actor_id
+        self.incarnation = incarnation if incarnation is not None else uuid.uuid4().int & 0x7FFFFFFF
+        self.target = load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True)
+        t = self.target
+        self.drafter = build_drafter(cfg.drafter, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, seed=cfg.seed).to(t.device).eval()
+        self.drafter.requires_grad_(False)
+        self.replayer = Replayer(t, cfg.replay, cfg.rollout, batch_size=cfg.rollout.batch_size)
+        self.prompts = prompts
+        self.policy_version = -1
+        self.seq_no = 0
+        self.batch_no = 0
+        self.cursor = 0
+        self.epoch = 0
+        self.rng = np.random.default_rng([cfg.seed, actor_id, self.incarnation])
+
+    def set_weights(self, state: dict, version: int) -> None:
+        self.drafter.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        self.policy_version = version
+
+    def _next_prompts(self, n: int) -> list[tuple[str, list[int]]]:
+        out = []
+        while len(out) < n:
+            order = np.random.default_rng([self.cfg.seed, self.actor_id, self.epoch]).permutation(len(self.prompts))
+            if self.cursor >= len(order):
+                self.epoch += 1
+                self.cursor = 0
+                continue
+            out.append(self.prompts[order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def produce(self) -> tuple[list[bytes], dict]:
+        """One batch: rollout + replay with the current weights -> encoded records and their stats."""
+        cfg = self.cfg
+        batch = self._next_prompts(cfg.rollout.batch_size)
+        seed = int(self.rng.integers(1 << 31))
+        t0 = time.perf_counter()
+        seqs, rst = rollout(self.target, self.drafter, [p for _, p in batch], cfg.rollout, seed)
+        t1 = time.perf_counter()
+        anchors = [choose_anchors(s, cfg.replay.anchors, self.drafter.context_start() + 1, cfg.replay.max_anchors_per_seq, self.rng) for s in seqs]
+        blocks, rep = self.replayer.replay(self.drafter, seqs, anchors, seed)
+        t2 = time.perf_counter()
+        meta = {"batch": self.batch_no, "block_size": cfg.rollout.block_size, "temperature": cfg.rollout.temperature}
+        recs = make_records(seqs, blocks, [i for i, _ in batch], self.policy_version, self.actor_id, self.incarnation, self.seq_no, meta)
+        self.seq_no += len(recs)
+        self.batch_no += 1
+        data = [encode_record(r, max_bytes=cfg.cluster.max_record_bytes) for r in recs]
+        stats = {
+            "tau": rst.tau, "alpha": rst.alpha, "tokens": rst.new_tokens, "rollout_s": t1 - t0, "anchors": rep.anchors,
+            "replay_s": t2 - t1, "records": len(data), "bytes": sum(map(len, data)), "policy_version": self.policy_version,
+        }  # fmt: skip
+        return data, stats
+
+    def evaluate(self, prompt_ids: list[list[int]]) -> dict:
+        cfg = self.cfg
+        from dopd.common.evaluation import quick_tau
+
+        settings = DecodeSettings(
+            block_size=cfg.eval_block_size, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.rollout.batch_size, seed=cfg.seed,
+        )  # fmt: skip
+        st = quick_tau(self.target, self.drafter, prompt_ids, settings)
+        return {"tau": st.tau, "alpha": st.alpha, "policy_version": self.policy_version, "tokens_per_s": st.tokens_per_s}
+
+    def teacher_data(self, items: list[tuple[str, list[int]]]) -> list[bytes]:
+        """SFT warm-up data: the target answers these prompts, then scores its answers (encoded TeacherRecords)."""
+        cfg = self.cfg
+        answers = regenerate(self.target, [p for _, p in items], cfg.sft.max_new_tokens, cfg.sft.temperature, max(cfg.rollout.batch_size, 8), cfg.seed)
+        seqs = [(pid, ids + a, len(ids)) for (pid, ids), a in zip(items, answers)]
+        recs = teacher_records(self.target, self.drafter.feature_layers, seqs, cfg.rollout.topk)
+        return [encode_teacher(r) for r in recs]
+
+
+def _ray_actor_class():
+    import ray
+
+    @ray.remote(max_concurrency=4)
+    class RolloutActor:
+        """Ray wrapper: a producing loop thread plus concurrent control calls from the driver."""
+
+        def __init__(self, cfg_dict: dict, actor_id: int, prompts, shards: list):
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            torch.set_num_threads(max(1, int(os.environ.get("DOPD_ACTOR_THREADS", "1"))))
+            self.cfg = config_from_dict(cfg_dict)
+            self.worker = RolloutWorker(self.cfg, actor_id, prompts)
+            self.shards = shards
+            self.next_shard = 0
+            self.lock = threading.Lock()
+            self.pending: tuple[dict, int] | None = None
+            self.stop_flag = threading.Event()
+            self.thread: threading.Thread | None = None
+            self.totals = {"records": 0, "tokens": 0, "anchors": 0, "batches": 0, "full_waits": 0, "dropped": 0, "rejected": 0}
+            self.last: dict = {}
+            self.error = ""
+
+        def ready(self) -> dict:
+            return {"actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation}
+
+        def set_weights(self, ref_box: list, version: int) -> float:
+            import ray
+
+            t0 = time.perf_counter()
+            state = ray.get(ref_box[0])
+            with self.lock:
+                self.pending = (state, version)
+            return time.perf_counter() - t0
+
+        def _apply_pending(self) -> None:
+            if self.pending is not None:
+                state, version = self.pending
+                self.pending = None
+                self.worker.set_weights(state, version)
+
+        def _loop(self) -> None:
+            import ray
+
+            try:
+                while not self.stop_flag.is_set():
+                    with self.lock:
+                        self._apply_pending()
+                        if self.worker.policy_version < 0:
+                            data = None
+                        else:
+                            data, stats = self.worker.produce()
+                    if data is None:
+                        time.sleep(0.05)
+                        continue
+                    for d in data:
+                        shard = self.shards[self.next_shard % len(self.shards)]
+                        self.next_shard += 1
+                        while not self.stop_flag.is_set():
+                            res = ray.get(shard.put.remote(d))
+                            if res == "full":
+                                self.totals["full_waits"] += 1
+                                time.sleep(0.05)
+                                continue
+                            self.totals["dropped" if res == "dropped" else "rejected" if res == "rejected" else "records"] += 1
+                            break
+                    self.totals["tokens"] += stats["tokens"]
+                    self.totals["anchors"] += stats["anchors"]
+                    self.totals["batches"] += 1
+                    self.last = stats
+            except Exception:
+                self.error = traceback.format_exc()[-2000:]
+
+        def start(self) -> bool:
+            if self.thread is None or not self.thread.is_alive():
+                self.stop_flag.clear()
+                self.thread = threading.Thread(target=self._loop, daemon=True)
+                self.thread.start()
+            return True
+
+        def stop(self) -> bool:
+            self.stop_flag.set()
+            if self.thread is not None:
+                self.thread.join(timeout=600)
+            return True
+
+        def stats(self) -> dict:
+            return {
+                "actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation,
+                "policy_version": self.worker.policy_version, "totals": dict(self.totals), "last": dict(self.last),
+                "error": self.error, "alive": bool(self.thread and self.thread.is_alive()),
+            }  # fmt: skip
+
+        def evaluate(self, prompt_ids: list[list[int]]) -> dict:
+            with self.lock:
+                self._apply_pending()
+                return self.worker.evaluate(prompt_ids)
+
+        def teacher_data(self, items) -> list[bytes]:
+            with self.lock:
+                return self.worker.teacher_data(items)
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    return RolloutActor
+
+
+_CLS = None
+
+
+def rollout_actor_class():
+    """The Ray actor class (built lazily so importing this module does not import Ray)."""
+    global _CLS
+    if _CLS is None:
+        _CLS = _ray_actor_class()
+    return _CLS

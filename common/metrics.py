@@ -1,0 +1,123 @@
+"""Every metric the job exports, in one place (prometheus-client), on one /metrics endpoint per job.
+
+Dashboards (`dashboards/`) import `METRICS` from here, so a panel can only reference a name that exists, and the
+end-to-end test queries every panel expression through a real Prometheus. The driver process owns the endpoint:
+actors, shards and learner ranks report their numbers back to it with their regular results, so one scrape
+target sees the whole job. Labels: `actor`, `shard`, `position` (1-based block position), `stream`, `source`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str  # exported name (counters get `_total` appended by Prometheus conventions: use `series`)
+    kind: str  # gauge | counter | histogram
+    doc: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def series(self) -> str:
+        """The series name PromQL sees (counters end in _total; histograms are queried via _bucket/_sum/_count)."""
+        return self.name + "_total" if self.kind == "counter" else self.name
+
+
+_DEFS = [
+    MetricDef("dopd_heldout_tau", "gauge", "Held-out acceptance length tau (tokens per verification step)"),
+    MetricDef("dopd_rollout_tau", "gauge", "Acceptance length of the latest rollout batch, per actor", ("actor",)),
+    MetricDef("dopd_acceptance_rate", "gauge", "Acceptance rate at a block position given the earlier ones accepted", ("source", "position")),
+    MetricDef("dopd_rollout_tokens", "counter", "Tokens committed by rollout, per actor", ("actor",)),
+    MetricDef("dopd_rollout_tokens_per_second", "gauge", "Rollout throughput of the latest batch, per actor", ("actor",)),
+    MetricDef("dopd_replay_anchors", "counter", "Error positions replayed, per actor", ("actor",)),
+    MetricDef("dopd_replay_anchors_per_second", "gauge", "Replay throughput of the latest batch, per actor", ("actor",)),
+    MetricDef("dopd_queue_depth", "gauge", "Records waiting in a queue shard", ("shard",)),
+    MetricDef("dopd_queue_bytes", "gauge", "Bytes waiting in a queue shard", ("shard",)),
+    MetricDef("dopd_record_staleness", "histogram", "Policy versions between a record's producer and the learner that trains on it"),
+    MetricDef("dopd_learner_loss", "gauge", "Learner loss per stream (total, accepted, rejected)", ("stream",)),
+    MetricDef("dopd_learner_grad_norm", "gauge", "Gradient norm before clipping"),
+    MetricDef("dopd_learner_step_seconds", "histogram", "Wall time of one learner optimizer step"),
+    MetricDef("dopd_learner_steps", "counter", "Learner optimizer steps"),
+    MetricDef("dopd_learner_flops", "counter", "Learner FLOPs (forward + backward, counted by PyTorch)"),
+    MetricDef("dopd_policy_version", "gauge", "Current published policy version"),
+    MetricDef("dopd_publish_latency_seconds", "histogram", "Time to gather and publish new drafter weights to all actors"),
+    MetricDef("dopd_records_produced", "counter", "Experience records produced, per actor", ("actor",)),
+    MetricDef("dopd_records_consumed", "counter", "Experience records trained on"),
+    MetricDef("dopd_records_dropped_stale", "counter", "Records dropped for staleness, per shard", ("shard",)),
+    MetricDef("dopd_records_dropped_full", "counter", "Records dropped by a full shard (drop policies), per shard", ("shard",)),
+    MetricDef("dopd_records_rejected", "counter", "Malformed records rejected, per shard", ("shard",)),
+    MetricDef("dopd_actor_restarts", "counter", "Rollout actor restarts, per actor", ("actor",)),
+]
+METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
+
+_BUCKETS = {
+    "dopd_record_staleness": (0, 1, 2, 3, 4, 6, 8, 16),
+    "dopd_learner_step_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+    "dopd_publish_latency_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+}
+
+
+class JobMetrics:
+    """The job's collectors on a private registry (so tests can build several) plus its HTTP endpoint."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.m: dict[str, object] = {}
+        for d in _DEFS:
+            if d.kind == "gauge":
+                c = Gauge(d.name, d.doc, d.labels, registry=self.registry)
+            elif d.kind == "counter":
+                c = Counter(d.name, d.doc, d.labels, registry=self.registry)
+            else:
+                c = Histogram(d.name, d.doc, d.labels, buckets=_BUCKETS[d.name], registry=self.registry)
+            self.m[d.name] = c
+        self.server = None
+        self.port: int | None = None
+
+    def __getitem__(self, name: str):
+        return self.m[name]
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start the /metrics endpoint; returns the bound port (port 0 = any free port)."""
+        self.server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self.server.server_port
+        return self.port
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    # --- typed updates used by the runners --------------------------------------------------------------------
+    def acceptance(self, source: str, alpha: list[float]) -> None:
+        for i, a in enumerate(alpha, 1):
+            self.m["dopd_acceptance_rate"].labels(source=source, position=str(i)).set(a)
+
+    def rollout(self, actor: str, tau: float, alpha: list[float], tokens: int, seconds: float, anchors: int, replay_seconds: float, records: int) -> None:
+        self.m["dopd_rollout_tau"].labels(actor=actor).set(tau)
+        self.acceptance("rollout", alpha)
+        self.m["dopd_rollout_tokens"].labels(actor=actor).inc(tokens)
+        self.m["dopd_rollout_tokens_per_second"].labels(actor=actor).set(tokens / max(seconds, 1e-9))
+        self.m["dopd_replay_anchors"].labels(actor=actor).inc(anchors)
+        self.m["dopd_replay_anchors_per_second"].labels(actor=actor).set(anchors / max(replay_seconds, 1e-9))
+        self.m["dopd_records_produced"].labels(actor=actor).inc(records)
+
+    def learner(self, loss: float, acc: float, rej: float, grad_norm: float, seconds: float, flops: float, records: int, staleness: list[int]) -> None:
+        self.m["dopd_learner_loss"].labels(stream="total").set(loss)
+        self.m["dopd_learner_loss"].labels(stream="accepted").set(acc)
+        self.m["dopd_learner_loss"].labels(stream="rejected").set(rej)
+        self.m["dopd_learner_grad_norm"].set(grad_norm)
+        self.m["dopd_learner_step_seconds"].observe(seconds)
+        self.m["dopd_learner_steps"].inc()
+        self.m["dopd_learner_flops"].inc(flops)
+        self.m["dopd_records_consumed"].inc(records)
+        for s in staleness:
+            self.m["dopd_record_staleness"].observe(s)
+
+    def heldout(self, tau: float, alpha: list[float]) -> None:
+        self.m["dopd_heldout_tau"].set(tau)
+        self.acceptance("heldout", alpha)

@@ -1,0 +1,315 @@
+"""The two Grafana dashboards, as code: `python -m dopd.dashboards.build [--check]`.
+
+Why code and not hand-edited JSON: every metric name comes from `dopd.common.metrics.METRICS` (through `_s`), so a
+panel cannot name a series the job does not export, and `--check` (run by the tests) fails when the committed JSON
+drifts from this file. The JSON is written by grafana-foundation-sdk, the builder Grafana publishes from its own
+schema, pinned in pyproject.toml (the `dashboards` extra) because its versions are `<epoch>!<grafana version>` and an
+unpinned install picks the Grafana 10.1 flavour:
+
+    pip install 'grafana-foundation-sdk==1769699379!11.6.0'   # builds for Grafana 11.6
+
+Every panel has an explicit id and grid position so that regenerating never moves panels a person has linked to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from grafana_foundation_sdk.builders import heatmap as hm
+from grafana_foundation_sdk.builders.bargauge import Panel as BarGauge
+from grafana_foundation_sdk.builders.common import ReduceDataOptions, VizLegendOptions
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row
+from grafana_foundation_sdk.builders.heatmap import Panel as Heatmap
+from grafana_foundation_sdk.builders.prometheus import Dataquery as PromQuery
+from grafana_foundation_sdk.builders.stat import Panel as Stat
+from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import heatmap as hm_models
+from grafana_foundation_sdk.models.common import (
+    BarGaugeDisplayMode,
+    BigValueColorMode,
+    BigValueGraphMode,
+    LegendDisplayMode,
+    LegendPlacement,
+    VizOrientation,
+)
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh, VariableSort
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from dopd.common.metrics import METRICS
+from dopd.dashboards.queries import DASHBOARD_FILES, HERE, expand_variables, load, panel_queries, walk  # noqa: F401
+
+OUTPUTS = dict(zip(DASHBOARD_FILES, ("training", "fleet")))
+
+# Every panel, query and variable reads from the datasource *variable*, so one JSON works in any Grafana.
+DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
+JOB = 'job=~"$job"'
+ACTOR = 'job=~"$job", actor=~"$actor"'
+RATE = "$__rate_interval"
+
+
+def _s(name: str, suffix: str = "") -> str:
+    """The PromQL series of metric `name` (KeyError for a metric the job does not export).
+
+    Histograms must be read through `_bucket`, `_sum` or `_count`; anything else takes no suffix.
+    """
+    d = METRICS[name]
+    allowed = ("_bucket", "_sum", "_count") if d.kind == "histogram" else ("",)
+    if suffix not in allowed:
+        raise ValueError(f"{name} is a {d.kind}: suffix must be one of {allowed}, not {suffix!r}")
+    return d.series + suffix
+
+
+def _q(expr: str, legend: str = "", ref: str = "A", fmt: PromQueryFormat | None = None) -> PromQuery:
+    b = PromQuery().expr(expr).ref_id(ref).datasource(DS)
+    if legend:
+        b = b.legend_format(legend)
+    if fmt is not None:
+        b = b.format(fmt)
+    return b
+
+
+def _pos(x: int, y: int, w: int, h: int) -> GridPos:
+    return GridPos(h=h, w=w, x=x, y=y)
+
+
+def _legend() -> VizLegendOptions:
+    return VizLegendOptions().display_mode(LegendDisplayMode.LIST).placement(LegendPlacement.BOTTOM).show_legend(True)
+
+
+def _ts(pid: int, title: str, pos: GridPos, targets: list[PromQuery], unit: str = "short", desc: str = "") -> Timeseries:
+    p = Timeseries().id(pid).title(title).datasource(DS).grid_pos(pos).unit(unit).legend(_legend())
+    p = p.line_width(1).fill_opacity(10)
+    if desc:
+        p = p.description(desc)
+    for t in targets:
+        p = p.with_target(t)
+    return p
+
+
+def _stat(pid: int, title: str, pos: GridPos, target: PromQuery, unit: str = "short", decimals: int = 2) -> Stat:
+    return (
+        Stat().id(pid).title(title).datasource(DS).grid_pos(pos).with_target(target).unit(unit).decimals(decimals)
+        .graph_mode(BigValueGraphMode.AREA).color_mode(BigValueColorMode.VALUE)
+        .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+    )
+
+
+def _bars(pid: int, title: str, pos: GridPos, target: PromQuery, unit: str = "short", lo: float | None = None, hi: float | None = None) -> BarGauge:
+    p = (
+        BarGauge().id(pid).title(title).datasource(DS).grid_pos(pos).with_target(target).unit(unit)
+        .display_mode(BarGaugeDisplayMode.GRADIENT).orientation(VizOrientation.VERTICAL)
+        .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+    )
+    if lo is not None:
+        p = p.min(lo)
+    if hi is not None:
+        p = p.max(hi)
+    return p
+
+
+def _colors(scheme: str, fill: str, scale: hm_models.HeatmapColorScale) -> hm.HeatmapColorOptions:
+    """Every colour field set: the SDK would otherwise write exponent 0 and an empty fill, which Grafana honours."""
+    return (
+        hm.HeatmapColorOptions().mode(hm_models.HeatmapColorMode.SCHEME).scheme(scheme).fill(fill).scale(scale)
+        .exponent(0.5).steps(64)
+    )
+
+
+def _row(pid: int, title: str, y: int) -> Row:
+    return Row(title).id(pid).grid_pos(_pos(0, y, 24, 1))
+
+
+def _quantiles(name: str, sel: str = JOB) -> list[PromQuery]:
+    """p50/p90/p99 and the mean of a histogram over the rate window (histograms have no labels but `le`)."""
+    bucket = f"sum by (le) (rate({_s(name, '_bucket')}{{{sel}}}[{RATE}]))"
+    out = [_q(f"histogram_quantile({q}, {bucket})", f"p{int(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]
+    mean = f"sum(rate({_s(name, '_sum')}{{{sel}}}[{RATE}])) / sum(rate({_s(name, '_count')}{{{sel}}}[{RATE}]))"
+    out.append(_q(mean, "mean", "D"))
+    return out
+
+
+def _variables(d: Dashboard) -> Dashboard:
+    """`datasource`, `job` (label_values over a metric every dopd job exports) and `actor` (multi, All = .*)."""
+    ds = DatasourceVariable("datasource").label("Data source").type("prometheus")
+    job = (
+        QueryVariable("job").label("Job").datasource(DS)
+        .query(f"label_values({_s('dopd_policy_version')}, job)")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
+        .multi(True).include_all(True).all_value(".*")
+    )
+    actor = (
+        QueryVariable("actor").label("Actor").datasource(DS)
+        .query(f'label_values({_s("dopd_rollout_tau")}{{{JOB}}}, actor)')
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.NUMERICAL_ASC)
+        .multi(True).include_all(True).all_value(".*")
+    )
+    return d.with_variable(ds).with_variable(job).with_variable(actor)
+
+
+def _dashboard(title: str, uid: str) -> Dashboard:
+    d = Dashboard(title).uid(uid).tags(["dopd"]).refresh("10s").time("now-30m", "now").timezone("browser")
+    return _variables(d)
+
+
+def training_overview() -> Dashboard:
+    """Is the drafter getting better? tau (held-out and per-actor rollout), per-position acceptance, the learner."""
+    d = _dashboard("dopd training overview", "dopd-training-overview")
+    acc = _s("dopd_acceptance_rate")
+    panels = [
+        _row(1, "Acceptance length", 0),
+        _stat(2, "Held-out tau", _pos(0, 1, 4, 4), _q(f"max({_s('dopd_heldout_tau')}{{{JOB}}})")),
+        _stat(3, "Rollout tau (mean over actors)", _pos(0, 5, 4, 4), _q(f"avg({_s('dopd_rollout_tau')}{{{ACTOR}}})")),
+        _ts(4, "Acceptance length tau", _pos(4, 1, 20, 8), [
+            _q(f"{_s('dopd_heldout_tau')}{{{JOB}}}", "held-out", "A"),
+            _q(f"{_s('dopd_rollout_tau')}{{{ACTOR}}}", "rollout actor {{actor}}", "B"),
+        ], desc="Tokens committed per verification step: held-out prompts (the number to report) and each actor's latest rollout batch."),
+        _bars(5, "Per-position acceptance (held-out)", _pos(0, 9, 12, 7),
+              _q(f'{acc}{{{JOB}, source="heldout"}}', "pos {{position}}"), "percentunit", 0, 1),
+        _bars(6, "Per-position acceptance (rollout)", _pos(12, 9, 12, 7),
+              _q(f'{acc}{{{JOB}, source="rollout"}}', "pos {{position}}"), "percentunit", 0, 1),
+        _acceptance_heatmap(7, "Acceptance by position over time (held-out)", _pos(0, 16, 12, 8), "heldout"),
+        _acceptance_heatmap(8, "Acceptance by position over time (rollout)", _pos(12, 16, 12, 8), "rollout"),
+        _row(9, "Learner", 24),
+        _ts(10, "Learner loss per stream", _pos(0, 25, 12, 8), [_q(f"{_s('dopd_learner_loss')}{{{JOB}}}", "{{stream}}")]),
+        _ts(11, "Learner step time", _pos(12, 25, 12, 8), _quantiles("dopd_learner_step_seconds"), "s"),
+        _ts(12, "Learner FLOPs rate", _pos(0, 33, 12, 8), [
+            _q(f"sum(rate({_s('dopd_learner_flops')}{{{JOB}}}[{RATE}]))", "FLOP/s"),
+        ], "flops"),
+        _ts(13, "Learner steps/s and gradient norm", _pos(12, 33, 12, 8), [
+            _q(f"sum(rate({_s('dopd_learner_steps')}{{{JOB}}}[{RATE}]))", "steps/s", "A"),
+            _q(f"{_s('dopd_learner_grad_norm')}{{{JOB}}}", "grad norm (pre-clip)", "B"),
+        ]),
+        _row(14, "Policy freshness and publishing", 41),
+        _ts(15, "Policy version", _pos(0, 42, 8, 8), [_q(f"max({_s('dopd_policy_version')}{{{JOB}}})", "policy version")]),
+        _ts(16, "Record staleness (policy versions)", _pos(8, 42, 8, 8), _quantiles("dopd_record_staleness"),
+            desc="Policy versions between the actor that produced a record and the learner that trained on it."),
+        _ts(17, "Publish latency", _pos(16, 42, 8, 8), _quantiles("dopd_publish_latency_seconds"), "s",
+            desc="Gathering the new drafter weights and delivering them to every actor."),
+        (
+            Heatmap().id(18).title("Record staleness distribution").datasource(DS).grid_pos(_pos(0, 50, 24, 8))
+            .with_target(_q(f"sum by (le) (increase({_s('dopd_record_staleness', '_bucket')}{{{JOB}}}[{RATE}]))",
+                            "{{le}}", fmt=PromQueryFormat.HEATMAP))
+            .calculate(False)
+            .color(_colors("Oranges", "dark-orange", hm_models.HeatmapColorScale.EXPONENTIAL))
+        ),
+    ]
+    return _add(d, panels)
+
+
+def _acceptance_heatmap(pid: int, title: str, pos: GridPos, source: str) -> Heatmap:
+    """One heatmap row per block position, colour = acceptance rate.
+
+    Time-series format, not Prometheus' `heatmap` format: that one sorts series by `le` and de-accumulates them,
+    which is right for histogram buckets and wrong for rates that are not cumulative.
+    """
+    expr = f'{_s("dopd_acceptance_rate")}{{{JOB}, source="{source}"}}'
+    return (
+        Heatmap().id(pid).title(title).datasource(DS).grid_pos(pos)
+        .with_target(_q(f"max by (position) ({expr})", "{{position}}"))
+        .calculate(False).unit("percentunit")
+        .color(_colors("Greens", "dark-green", hm_models.HeatmapColorScale.LINEAR).min(0).max(1))
+        .y_axis(hm.YAxisConfig().axis_label("block position"))
+    )
+
+
+def rollout_fleet() -> Dashboard:
+    """Are the actors and queues healthy? Throughput per actor, restarts, queue shards, drops and record flow."""
+    d = _dashboard("dopd rollout fleet", "dopd-rollout-fleet")
+    tok_rate = f"rate({_s('dopd_rollout_tokens')}{{{ACTOR}}}[{RATE}])"
+    panels = [
+        _row(1, "Throughput", 0),
+        _stat(2, "Rollout tokens/s (all actors)", _pos(0, 1, 6, 4), _q(f"sum({tok_rate})"), decimals=0),
+        _stat(3, "Actors reporting", _pos(6, 1, 6, 4), _q(f"count({_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}})"), decimals=0),
+        _stat(4, "Actor restarts (total)", _pos(12, 1, 6, 4), _q(f"sum({_s('dopd_actor_restarts')}{{{ACTOR}}})"), decimals=0),
+        _stat(5, "Records queued (all shards)", _pos(18, 1, 6, 4), _q(f"sum({_s('dopd_queue_depth')}{{{JOB}}})"), decimals=0),
+        _ts(6, "Rollout tokens/s per actor (latest batch)", _pos(0, 5, 12, 8), [
+            _q(f"{_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}}", "actor {{actor}}"),
+        ], desc="Each actor's own measurement of its last batch (gauge): spiky, but visible right after the first batch."),
+        _ts(7, "Rollout tokens/s per actor (counter rate)", _pos(12, 5, 12, 8), [
+            _q(f"sum by (actor) ({tok_rate})", "actor {{actor}}"),
+        ], desc="rate() of the token counter: smooth, includes time spent outside rollout (publishing, replay)."),
+        _ts(8, "Replay anchors/s per actor", _pos(0, 13, 12, 8), [
+            _q(f"sum by (actor) (rate({_s('dopd_replay_anchors')}{{{ACTOR}}}[{RATE}]))", "actor {{actor}} (counter rate)", "A"),
+            _q(f"{_s('dopd_replay_anchors_per_second')}{{{ACTOR}}}", "actor {{actor}} (latest batch)", "B"),
+        ]),
+        _ts(9, "Actor restarts", _pos(12, 13, 12, 8), [
+            _q(f"{_s('dopd_actor_restarts')}{{{ACTOR}}}", "actor {{actor}}"),
+        ], desc="Cumulative restarts per actor: a rising line is an actor that keeps dying."),
+        _row(10, "Queues", 21),
+        _ts(11, "Queue depth per shard", _pos(0, 22, 12, 8), [_q(f"{_s('dopd_queue_depth')}{{{JOB}}}", "shard {{shard}}")]),
+        _ts(12, "Queue bytes per shard", _pos(12, 22, 12, 8), [_q(f"{_s('dopd_queue_bytes')}{{{JOB}}}", "shard {{shard}}")], "bytes"),
+        _ts(13, "Dropped and rejected records/s", _pos(0, 30, 12, 8), [
+            _q(f"sum by (shard) (rate({_s('dopd_records_dropped_stale')}{{{JOB}}}[{RATE}]))", "stale, shard {{shard}}", "A"),
+            _q(f"sum by (shard) (rate({_s('dopd_records_dropped_full')}{{{JOB}}}[{RATE}]))", "full, shard {{shard}}", "B"),
+            _q(f"sum by (shard) (rate({_s('dopd_records_rejected')}{{{JOB}}}[{RATE}]))", "rejected, shard {{shard}}", "C"),
+        ], desc="Stale: older than cluster.max_staleness. Full: dropped by a full shard's drop policy. Rejected: malformed."),
+        _ts(14, "Records produced and consumed/s", _pos(12, 30, 12, 8), [
+            _q(f"sum by (actor) (rate({_s('dopd_records_produced')}{{{ACTOR}}}[{RATE}]))", "produced, actor {{actor}}", "A"),
+            _q(f"sum(rate({_s('dopd_records_produced')}{{{ACTOR}}}[{RATE}]))", "produced, total", "B"),
+            _q(f"sum(rate({_s('dopd_records_consumed')}{{{JOB}}}[{RATE}]))", "consumed (learners)", "C"),
+        ]),
+    ]
+    return _add(d, panels)
+
+
+def _add(d: Dashboard, panels: list[Any]) -> Dashboard:
+    for p in panels:
+        d = d.with_row(p) if isinstance(p, Row) else d.with_panel(p)
+    return d
+
+
+DASHBOARDS = {"training": training_overview, "fleet": rollout_fleet}
+
+
+def render(which: str) -> str:
+    """The dashboard's JSON text as committed: sorted keys, indent 2, trailing newline."""
+    model = DASHBOARDS[which]().build()
+    text = JSONEncoder(sort_keys=True, indent=2).encode(model) + "\n"
+    _check_layout(json.loads(text))
+    return text
+
+
+def _check_layout(dash: dict[str, Any]) -> None:
+    """Fail the build on duplicate ids or panels that overlap or leave the 24-column grid."""
+    seen_ids: set[int] = set()
+    cells: set[tuple[int, int]] = set()
+    for p in dash["panels"]:
+        pid, g = p.get("id"), p["gridPos"]
+        if not isinstance(pid, int) or pid <= 0 or pid in seen_ids:
+            raise ValueError(f"{dash['title']}: panel {p.get('title')!r} has a missing or duplicate id {pid}")
+        seen_ids.add(pid)
+        if g["x"] < 0 or g["x"] + g["w"] > 24:
+            raise ValueError(f"{dash['title']}: panel {p['title']!r} leaves the 24-column grid")
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                if (x, y) in cells:
+                    raise ValueError(f"{dash['title']}: panel {p['title']!r} overlaps another at ({x}, {y})")
+                cells.add((x, y))
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dopd.dashboards.build", description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the committed JSON differs from the code")
+    ap.add_argument("--out-dir", type=Path, default=HERE, help="where the JSON files go (default: beside this file)")
+    args = ap.parse_args(argv)
+    stale = []
+    for fname, which in OUTPUTS.items():
+        text, path = render(which), args.out_dir / fname
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(str(path))
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print("out of date (run `python -m dopd.dashboards.build`): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""A learner rank: the drafter under a DeepSpeed ZeRO engine, fed from its own queue shard(s).
+
+`LearnerRank` is plain Python (one rank runs in a test process); the distributed job wraps it in a Ray actor and
+starts M of them in one torch.distributed group (gloo on CPU, NCCL on GPU). Each step a rank pulls a micro-batch
+of records from its shard, runs the same forward and loss as the in-process trainer (learner/objective.py), and
+DeepSpeed averages gradients across ranks (ZeRO stage 0-3 from the config; `learner.deepspeed` is merged into the
+generated DeepSpeed config). A rank holds only the drafter plus the target's frozen embedding and head (read
+straight from the target's safetensors), never the target body.
+
+Differences from the in-process trainer, on purpose: the loss is normalised per rank and the gradients averaged
+(the official code all-reduces the token counts first); records arrive asynchronously, up to
+`cluster.max_staleness` policy versions old.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dopd.common.config import Config
+from dopd.common.drafters import build_drafter
+from dopd.common.models import load_frozen_io
+from dopd.common.record import decode_record, decode_teacher
+
+from .batch import collate_records
+from .objective import compute_loss
+from .sft import sft_batch
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.learner.micro_batch_size * world,
+        "gradient_clipping": cfg.learner.grad_clip,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for k, v in cfg.learner.deepspeed.items():
+        if isinstance(v, dict) and isinstance(ds.get(k), dict):
+            ds[k] = {**ds[k], **v}
+        else:
+            ds[k] = v
+    return ds
+
+
+@dataclass
+class RankState:
+    step: int = 0
+    sft_cursor: int = 0
+    sft_epoch: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LearnerRank:
+    def __init__(self, cfg: Config, rank: int, world: int, master_addr: str, master_port: int, device: str = "cpu"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0" if device == "cpu" else str(rank))
+        import deepspeed
+
+        try:  # the shm all-reduce op compiles for a minute on first use and leaves /dev/shm files behind
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        except Exception:
+            pass
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = torch.device("cpu" if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", auto_mpi_discovery=False)
+        info, embed, head, hf_config = load_frozen_io(cfg.model.target)
+        drafter = build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed).to(self.device)
+        self.info = info
+        params = [p for p in drafter.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.learner.lr, betas=tuple(cfg.learner.betas), weight_decay=cfg.learner.weight_decay)
+        warm = max(cfg.learner.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.engine, _, _, self.sched = deepspeed.initialize(model=drafter, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world))
+        self.state = RankState()
+        self.rng = np.random.default_rng([cfg.seed, rank])
+        self.teacher: list[bytes] = []
+
+    @property
+    def drafter(self):
+        return self.engine.module
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    def _train(self, batch, mode: str) -> dict:
+        t0 = time.perf_counter()
+        with FlopCounterMode(display=False) as fc:
+            parts = compute_loss(self.drafter, batch, self.cfg.loss, mode)
+            self.engine.backward(parts.loss)
+        self.engine.step()
+        gnorm = self.engine.get_global_grad_norm()
+        self.state.step += 1
+        return {
+            "loss": float(parts.loss.detach()), "acc": parts.acc, "rej": parts.rej, "n_acc": parts.n_acc,
+            "n_rej": parts.n_rej, "grad_norm": float(gnorm) if gnorm is not None else 0.0,
+            "flops": float(fc.get_total_flops()), "seconds": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
+        }  # fmt: skip
+
+    def opd_step(self, records: list[bytes], learner_version: int) -> dict:
+        """Train on records already pulled from this rank's shard (the Ray wrapper pulls them)."""
+        recs = [decode_record(b) for b in records]
+        batch = collate_records(recs, self.device)
+        out = self._train(batch, "opd")
+        out["uids"] = [list(r.uid) for r in recs]
+        out["staleness"] = [learner_version - r.policy_version for r in recs]
+        out["records"] = len(recs)
+        return out
+
+    def set_teacher(self, data: list[bytes]) -> int:
+        self.teacher = list(data)[self.rank :: self.world]
+        return len(self.teacher)
+
+    def sft_step(self) -> dict:
+        if not self.teacher:
+            raise RuntimeError("sft_step before set_teacher")
+        mb = self.cfg.learner.micro_batch_size
+        recs = []
+        while len(recs) < mb:
+            order = np.random.default_rng([self.cfg.seed, self.rank, self.state.sft_epoch]).permutation(len(self.teacher))
+            if self.state.sft_cursor >= len(order):
+                self.state.sft_epoch += 1
+                self.state.sft_cursor = 0
+                continue
+            recs.append(decode_teacher(self.teacher[order[self.state.sft_cursor]]))
+            self.state.sft_cursor += 1
+        out = self._train(sft_batch(recs, self.cfg, self.rng, self.device), "sft")
+        out["records"] = 0
+        return out
+
+    # --- weights and checkpoints ------------------------------------------------------------------------------
+    def gather_weights(self) -> dict | None:
+        """The full drafter state (ZeRO-3 aware: parameters are gathered on every rank); returned by rank 0 only."""
+        module = self.drafter
+        if self.cfg.learner.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        else:
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy() for k, v in state.items()} if self.rank == 0 else None
+
+    def save(self, directory: str, tag: str) -> bool:
+        client = {"rank_state": self.state.__dict__, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client)
+        return True
+
+    def load(self, directory: str, tag: str) -> int:
+        _, client = self.engine.load_checkpoint(directory, tag=tag)
+        if client:
+            self.state = RankState(**client["rank_state"])
+            self.rng.bit_generator.state = client["rng"]
+            torch.set_rng_state(client["torch_rng"])
+        return self.state.step
+
+
+def _ray_learner_class():
+    import ray
+
+    @ray.remote
+    class LearnerActor:
+        """Ray wrapper: one rank; pulls its micro-batches from its own shard(s)."""
+
+        def __init__(self, cfg_dict: dict, rank: int, world: int, shards: list, device: str):
+            from dopd.common.config import config_from_dict
+
+            torch.set_num_threads(max(1, int(os.environ.get("DOPD_LEARNER_THREADS", "1"))))
+            self.cfg = config_from_dict(cfg_dict)
+            self.shards = shards
+            self.rank, self.world, self.device = rank, world, device
+            self.rank_obj: LearnerRank | None = None
+
+        def rendezvous(self) -> tuple[str, int]:
+            """This node's address and a free port: rank 0's answer is the torch.distributed master."""
+            import socket
+
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+            with socket.socket() as s:
+                s.bind((ip, 0))
+                return ip, s.getsockname()[1]
+
+        def init(self, master_addr: str, master_port: int) -> int:
+            self.rank_obj = LearnerRank(self.cfg, self.rank, self.world, master_addr, master_port, self.device)
+            return self.rank
+
+        def opd_step(self, learner_version: int, timeout_s: float = 600.0) -> dict:
+            import ray
+
+            need = self.cfg.learner.micro_batch_size
+            got: list[bytes] = []
+            t0 = time.perf_counter()
+            i = 0
+            while len(got) < need:
+                shard = self.shards[i % len(self.shards)]
+                i += 1
+                got += ray.get(shard.get.remote(need - len(got), learner_version))
+                if len(got) < need:
+                    if time.perf_counter() - t0 > timeout_s:
+                        raise TimeoutError(f"learner waited {timeout_s:.0f}s for {need} records from its shard(s)")
+                    time.sleep(0.02)
+            wait = time.perf_counter() - t0
+            out = self.rank_obj.opd_step(got, learner_version)
+            out["wait_s"] = wait
+            return out
+
+        def set_teacher(self, box: list) -> int:
+            import ray
+
+            return self.rank_obj.set_teacher(ray.get(box[0]))
+
+        def sft_step(self) -> dict:
+            return self.rank_obj.sft_step()
+
+        def gather_weights(self):
+            return self.rank_obj.gather_weights()
+
+        def save(self, directory: str, tag: str) -> bool:
+            return self.rank_obj.save(directory, tag)
+
+        def load(self, directory: str, tag: str) -> int:
+            return self.rank_obj.load(directory, tag)
+
+        def num_parameters(self) -> int:
+            return self.rank_obj.drafter.num_parameters()
+
+    return LearnerActor
+
+
+_CLS = None
+
+
+def learner_actor_class():
+    global _CLS
+    if _CLS is None:
+        _CLS = _ray_learner_class()
+    return _CLS

@@ -1,0 +1,49 @@
+"""`dopd eval` end to end on the tiny target, and its clear errors."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dopd.cli import app
+
+runner = CliRunner()
+
+
+def test_eval_writes_report_and_outputs(tmp_path):
+    out, dump = tmp_path / "e.json", tmp_path / "o.jsonl"
+    r = runner.invoke(app, ["eval", "--target", "tiny-random-llama", "--drafter", "init-dflash", "--prompts", "champ-problems", "--num-prompts", "3",
+                            "--max-new-tokens", "12", "--block-size", "3", "--json", str(out), "--dump-outputs", str(dump), "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(out.read_text())
+    for key in ("tau", "alpha", "tokens_per_s", "baseline_tokens_per_s", "speedup", "identical_to_target", "num_prompts", "num_steps", "target", "drafter", "block_size", "temperature", "device"):
+        assert key in rep, key
+    assert rep["identical_to_target"] is True and rep["num_prompts"] == 3 and len(rep["alpha"]) == 3 and rep["tau"] >= 1
+    lines = [json.loads(x) for x in dump.read_text().splitlines()]
+    assert len(lines) == 3 and all({"prompt_ids", "output_ids", "text"} <= set(x) for x in lines)
+    assert "tau (tokens/step)" in r.output
+
+
+def test_eval_errors_are_clear(tmp_path):
+    cases = [
+        (["--target", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--target", "tiny-random-llama", "--block-size", "0"], "--block-size must be >= 1"),
+        (["--target", "tiny-random-llama", "--prompts", str(tmp_path / "x.jsonl")], "prompt file not found"),
+        (["--target", "tiny-random-llama", "--drafter", "init-medusa"], "unknown drafter 'init-medusa'"),
+        (["--target", "tiny-random-llama", "--max-prompt-tokens", "10"], "more than the limit of 10"),
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    cases.append((["--target", "tiny-random-llama", "--prompts", str(bad)], "needs a non-empty 'prompt'"))
+    for args, msg in cases:
+        r = runner.invoke(app, ["eval", "--num-prompts", "2", "--max-new-tokens", "4", *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert msg in r.output, (msg, r.output)
+
+
+def test_train_rejects_unknown_config_key():
+    r = runner.invoke(app, ["train", "learner.lrr=1"])
+    assert r.exit_code == 2 and "unknown config key 'learner.lrr'" in r.output
+    r = runner.invoke(app, ["train", "--actors", "2", "cluster.bogus=1"])
+    assert r.exit_code == 2 and "unknown config key 'cluster.bogus'" in r.output

@@ -1,0 +1,101 @@
+"""The distributed job on a real local Ray with tiny models: 2 actors, 2 shards, 2 ZeRO-2 learner ranks (gloo)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from dopd.common.config import load_config
+from dopd.common.errors import DopdError
+from dopd.common.metrics import METRICS
+from dopd.driver import DistributedJob
+
+pytestmark = pytest.mark.ray
+
+BASE = [
+    "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
+    "sft.num_prompts=16", "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=2",
+    "eval.max_new_tokens=12", "eval.num_prompts=4", "learner.micro_batch_size=2", "learner.refresh_every=2",
+    "learner.lr=3e-3", "learner.zero_stage=2", "cluster.actors=2", "cluster.learners=2", "cluster.actor_num_cpus=1",
+    "metrics.port=0", "learner.eval_every=100",
+]  # fmt: skip
+
+
+def cfg_for(out, *extra):
+    return load_config(None, BASE + [f"out_dir={out}"] + list(extra))
+
+
+def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
+    ray = ray_session
+    seen: dict = {}
+
+    def on_step(job, step):
+        if step == 3:  # garbage into a shard: rejected and counted, training goes on
+            assert ray.get(job.shards[0].put.remote(b"definitely not a record")) == "rejected"
+            seen["metrics"] = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
+        if step == 4:  # kill a rollout actor mid-run: Ray restarts it, the driver re-sends weights
+            seen["incarnation"] = job.known[1]
+            ray.kill(job.actors[1], no_restart=False)
+
+    job = DistributedJob(cfg_for(tmp_path, "sft.warmup_steps=2", "learner.steps=8", "learner.checkpoint_every=4"), hooks={"on_step": on_step}, log=lambda *a: None)
+    summary = job.run()
+    assert summary["steps"] == 10
+    assert summary["policy_version"] == 1 + 8 // 2  # warm-up publish + one per refresh
+    assert summary["records_trained_twice"] == 0
+    assert summary["records_rejected"] >= 1
+    assert summary["actor_restarts"] == 1 and job.known[1] != seen["incarnation"]
+    assert summary["records_consumed"] == 8 * 2 * 2  # steps x ranks x micro-batch
+    assert summary["records_produced"] >= summary["records_consumed"]
+    for key in ("records_dropped_stale", "final_tau", "wall_s"):
+        assert key in summary
+    steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"step"' in x and json.loads(x)["event"] == "step"]
+    opd = [r for r in steps if r["phase"] == "opd"]
+    # records were produced by the versions the learners published: staleness small and non-negative
+    stale = [s for r in opd for s in r["staleness"]]
+    assert stale and min(stale) >= 0 and max(stale) <= 4
+    assert max(r["policy_version"] for r in opd) == summary["policy_version"] - 1 or max(r["policy_version"] for r in opd) == summary["policy_version"]
+    text = seen["metrics"]
+    for name, d in METRICS.items():
+        assert d.name in text, f"/metrics does not serve {name}"
+    assert 'dopd_records_rejected_total{shard="0"}' in text
+    assert (tmp_path / "drafter" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run_summary.json").read_text())["steps"] == 10
+
+
+def test_learner_crash_resumes_at_the_same_step_and_version(ray_session, tmp_path):
+    def crash(job, step):
+        if step == 5:
+            raise RuntimeError("simulated learner crash")
+
+    cfg = cfg_for(tmp_path, "sft.warmup_steps=2", "learner.steps=6", "learner.checkpoint_every=4", "cluster.actors=1", "cluster.learners=2")
+    with pytest.raises(RuntimeError, match="simulated"):
+        DistributedJob(cfg, hooks={"on_step": crash}, log=lambda *a: None).run()
+    saved = json.loads((tmp_path / "checkpoints" / "step_0000004" / "job_state.json").read_text())
+    assert saved["step"] == 4 and saved["policy_version"] == 2
+    resumed = DistributedJob(cfg, resume=True, log=lambda *a: None)
+    summary = resumed.run()
+    steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if json.loads(x)["event"] == "step"]
+    after = [r for r in steps if r["time"] > 0][-4:]
+    assert [r["step"] for r in after] == [5, 6, 7, 8]
+    assert after[0]["policy_version"] == 2
+    assert summary["steps"] == 8 and summary["records_trained_twice"] == 0
+
+
+def test_zero3_gathers_full_weights(ray_session, tmp_path):
+    cfg = cfg_for(tmp_path, "sft.warmup_steps=1", "learner.steps=2", "learner.checkpoint_every=100", "learner.zero_stage=3", "cluster.actors=1", "drafter.kind=dflash")
+    summary = DistributedJob(cfg, log=lambda *a: None).run()
+    assert summary["steps"] == 3 and summary["zero_stage"] == 3
+    from dopd.common.drafters import load_drafter
+    from dopd.common.models import load_frozen_io
+
+    info, embed, head, _ = load_frozen_io("tiny-random-llama")
+    d = load_drafter(tmp_path / "drafter", info, embed, head)  # complete (not partitioned) weights
+    assert d.num_parameters() > 0
+
+
+def test_placement_that_cannot_fit_is_a_clear_error(ray_session, tmp_path):
+    cfg = cfg_for(tmp_path, "cluster.actors=1", "cluster.actor_num_gpus=1", "learner.steps=1", "cluster.placement_timeout_s=2")
+    with pytest.raises(DopdError, match="cannot place 1 actors"):
+        DistributedJob(cfg, log=lambda *a: None).run()

@@ -1,0 +1,145 @@
+"""Losses on hand-built blocks equal hand-computed values (both streams, decay, tail bucket, normalisation)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dopd.common.config import LossConfig
+from dopd.learner.losses import BlockTargets, bucket_divergence, opd_loss, rejection_weights, sft_loss, token_divergence
+
+V = 6
+
+
+def targets(accept, topk_ids, topk_probs, tail, draft, p_draft):
+    acc = torch.tensor(accept)[None, None]
+    K = acc.shape[-1]
+    return BlockTargets(
+        topk_ids=torch.tensor(topk_ids)[None, None], topk_probs=torch.tensor(topk_probs)[None, None],
+        tail=torch.tensor(tail)[None, None], draft_tokens=torch.tensor(draft)[None, None],
+        p_draft=torch.tensor(p_draft)[None, None], accept=acc, valid=torch.ones(1, 1, K, dtype=torch.bool),
+    )  # fmt: skip
+
+
+def logq_of(q_rows):
+    return torch.log(torch.tensor(q_rows, dtype=torch.float32))[None, None]
+
+
+T2D = torch.arange(V)
+Q = [[0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.1, 0.6, 0.1, 0.1, 0.05, 0.05], [0.25, 0.25, 0.2, 0.1, 0.1, 0.1]]
+TOPK_IDS = [[0, 2], [1, 0], [3, 4]]
+TOPK_P = [[0.6, 0.3], [0.7, 0.2], [0.5, 0.1]]
+TAIL = [0.1, 0.1, 0.4]
+DRAFT = [0, 1, 2]
+PD = [0.6, 0.7, 0.05]
+
+
+def fkl_hand(j):
+    q = Q[j]
+    ids, ps = TOPK_IDS[j], TOPK_P[j]
+    total = sum(p * math.log(p / q[i]) for i, p in zip(ids, ps))
+    q_tail = 1 - sum(q[i] for i in ids)
+    return total + TAIL[j] * math.log(TAIL[j] / q_tail)
+
+
+def test_forward_kl_with_tail_bucket():
+    T = targets([True, True, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    got = bucket_divergence("fkl", logq_of(Q), T2D, T)[0, 0]
+    for j in range(3):
+        assert got[j].item() == pytest.approx(fkl_hand(j), rel=1e-5)
+
+
+def test_tv_and_jsd():
+    T = targets([True, True, True], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    tv = bucket_divergence("tv", logq_of(Q), T2D, T)[0, 0]
+    jsd = bucket_divergence("jsd", logq_of(Q), T2D, T)[0, 0]
+    for j in range(3):
+        q = Q[j]
+        P = TOPK_P[j] + [TAIL[j]]
+        Qb = [q[i] for i in TOPK_IDS[j]] + [1 - sum(q[i] for i in TOPK_IDS[j])]
+        assert tv[j].item() == pytest.approx(0.5 * sum(abs(a - b) for a, b in zip(P, Qb)), rel=1e-5)
+        M = [(a + b) / 2 for a, b in zip(P, Qb)]
+        kl = lambda X: sum(x * math.log(x / m) for x, m in zip(X, M) if x > 0)  # noqa: E731
+        assert jsd[j].item() == pytest.approx(0.5 * kl(P) + 0.5 * kl(Qb), rel=1e-5)
+
+
+def test_k3_and_bernoulli_on_drafted_token():
+    T = targets([False, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    k3 = token_divergence("k3", logq_of(Q), T2D, T)[0, 0]
+    be = token_divergence("bernoulli", logq_of(Q), T2D, T)[0, 0]
+    for j in range(3):
+        q, p = Q[j][DRAFT[j]], PD[j]
+        r = math.log(p / q)
+        assert k3[j].item() == pytest.approx(math.exp(r) - 1 - r, rel=1e-5)
+        assert be[j].item() == pytest.approx(p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q)), rel=1e-5)
+
+
+def test_rejection_weights_decay_from_first_rejection_and_from_block_start():
+    acc = torch.tensor([[[True, False, False, False]], [[True, True, True, True]], [[False, False, False, False]]])
+    valid = torch.ones_like(acc)
+    w = rejection_weights(acc, valid, 0.8, "rejection")
+    assert w[0, 0].tolist() == pytest.approx([0, 1, 0.8, 0.64])
+    assert w[1, 0].tolist() == [0, 0, 0, 0]
+    assert w[2, 0].tolist() == pytest.approx([1, 0.8, 0.64, 0.512])
+    wb = rejection_weights(acc, valid, 0.8, "block")
+    assert wb[0, 0].tolist() == pytest.approx([0, 0.8, 0.64, 0.512])
+
+
+def test_opd_loss_joint_normalisation():
+    T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    cfg = LossConfig(lambda_acc=1.0, lambda_rej=2.0, gamma=0.5, rej_divergence="k3", acc_at_first_rejection=False)
+    parts = opd_loss(logq_of(Q), T2D, T, cfg)
+    acc = fkl_hand(0)
+    k3 = lambda j: (lambda r: math.exp(r) - 1 - r)(math.log(PD[j] / Q[j][DRAFT[j]]))  # noqa: E731
+    w = [1.0, 0.5]
+    expect = (1.0 * acc + 2.0 * (w[0] * k3(1) + w[1] * k3(2))) / (1.0 * 1 + 2.0 * sum(w))
+    assert parts.loss.item() == pytest.approx(expect, rel=1e-5)
+    assert (parts.n_acc, parts.n_rej) == (1, 2)
+    parts.loss.backward() if parts.loss.requires_grad else None
+
+
+def test_gamma_one_weights_all_rejected_equally():
+    T = targets([False, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    parts = opd_loss(logq_of(Q), T2D, T, LossConfig(gamma=1.0, rej_divergence="bernoulli", acc_at_first_rejection=False))
+    be = token_divergence("bernoulli", logq_of(Q), T2D, T)[0, 0]
+    assert parts.loss.item() == pytest.approx(be.mean().item(), rel=1e-5)
+
+
+def test_reduced_vocab_moves_unreachable_mass_to_tail():
+    # draft vocab = {0, 1, 2}; target id 3 and 4 are unreachable -> their p joins the tail
+    t2d = torch.tensor([0, 1, 2, -1, -1, -1])
+    q = [[0.5, 0.3, 0.2]]
+    T = targets([True], [[0, 3]], [[0.6, 0.3]], [0.1], [0], [0.6])
+    got = bucket_divergence("fkl", torch.log(torch.tensor(q))[None, None], t2d, T)[0, 0, 0].item()
+    p_tail, q_tail = 0.1 + 0.3, 1 - 0.5
+    assert got == pytest.approx(0.6 * math.log(0.6 / 0.5) + p_tail * math.log(p_tail / q_tail), rel=1e-5)
+
+
+def test_sft_loss_weights_steps():
+    T = targets([True, True, True], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    w = torch.tensor([1.0, 0.8, 0.64])
+    parts = sft_loss(logq_of(Q), T2D, T, w, "kl")
+    expect = sum(wj * fkl_hand(j) for j, wj in enumerate(w.tolist())) / w.sum().item()
+    assert parts.loss.item() == pytest.approx(expect, rel=1e-5)
+    ce = sft_loss(logq_of(Q), T2D, T, w, "ce").loss.item()
+    assert ce == pytest.approx(sum(-wj * math.log(Q[j][DRAFT[j]]) for j, wj in enumerate(w.tolist())) / w.sum().item(), rel=1e-5)
+
+
+def test_gradients_flow_and_point_the_right_way():
+    logits = torch.zeros(1, 1, 3, V, requires_grad=True)
+    T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, [0.6, 0.01, 0.01])
+    opd_loss(torch.log_softmax(logits, -1), T2D, T, LossConfig()).loss.backward()
+    g = logits.grad[0, 0]
+    assert g[0, 0] < 0  # accepted: raise the target's top token
+    assert g[1, DRAFT[1]] > 0 and g[2, DRAFT[2]] > 0  # rejected with p(d) ~ 0: lower the drafted token
+
+
+def test_first_rejected_position_is_in_both_streams_by_default():
+    T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    parts = opd_loss(logq_of(Q), T2D, T, LossConfig(gamma=0.5, rej_divergence="k3"))
+    k3 = lambda j: (lambda r: math.exp(r) - 1 - r)(math.log(PD[j] / Q[j][DRAFT[j]]))  # noqa: E731
+    expect = (fkl_hand(0) + fkl_hand(1) + (1.0 * k3(1) + 0.5 * k3(2))) / (2 + 1.5)
+    assert parts.loss.item() == pytest.approx(expect, rel=1e-5)
+    assert parts.n_acc == 2
