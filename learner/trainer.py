@@ -127,7 +127,7 @@ class Trainer:
         else:
             for stale in ("metrics.jsonl", "opd_sequences.jsonl", "summary.json"):
                 (self.out / stale).unlink(missing_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
+        dump_config(cfg, self.out / "config.yaml")  # the config this run uses (a resume may add overrides)
 
     # --- setup ----------------------------------------------------------------------------------------------
     def _prepare_prompts(self) -> None:
