@@ -36,7 +36,7 @@ PRESETS: dict[str, dict] = {
             "learner.refresh_every=4", "learner.lr=1e-3", "learner.warmup_steps=10", "eval.num_prompts=16",
             "eval.max_new_tokens=64", "learner.checkpoint_every=1000000",
         ],
-        "warmup_steps": 120,
+        "warmup_steps": 200,  # about two epochs of the 384 target-written answers: SFT is near its plateau
         "budget_steps": 60,  # the FLOP budget = this many warm-up-sized SFT steps
         "evals": 4,
     },
