@@ -1,5 +1,8 @@
 """Typed run configuration: one dataclass per section, YAML plus `section.key=value` overrides.
 
+The defaults are the small CPU budget `make run` uses (SmolLM2-135M, minutes on a 2-core machine); experiments and
+real runs override them (see dopd/experiments.py presets and deploy/kuberay/rayjob.yaml).
+
 Why typed: a misspelt key in a long training run should fail at start-up, not silently fall back to a default.
 Every key that is not a field is an error that names the key (and the nearest real key); every value is coerced
 to the field's type or rejected with the field's name. The in-process trainer and the distributed runner read the
@@ -63,8 +66,8 @@ class RolloutConfig:
     block_size: int = 4  # K draft tokens per verification step
     temperature: float = 0.0
     top_p: float = 1.0
-    max_new_tokens: int = 128
-    batch_size: int = 8  # sequences decoded together
+    max_new_tokens: int = 64
+    batch_size: int = 4  # sequences decoded together (per actor)
     topk: int = 16  # target top-k kept per draft position in records
 
 
@@ -105,9 +108,9 @@ class LossConfig:
 class SFTConfig:
     """Supervised warm-up / baseline on target-regenerated answers."""
 
-    warmup_steps: int = 150
-    num_prompts: int | None = 256  # training prompts the target answers once (cached on disk)
-    max_new_tokens: int = 128
+    warmup_steps: int = 20
+    num_prompts: int | None = 32  # training prompts the target answers once (cached on disk)
+    max_new_tokens: int = 64
     temperature: float = 0.0
     sequences: str | None = None  # JSONL of target-written sequences to train on instead (e.g. an OPD run's rollouts)
 
@@ -121,11 +124,11 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     warmup_steps: int = 10
-    micro_batch_size: int = 4  # sequence records per optimizer step
-    steps: int = 60  # optimizer steps after warm-up (opd mode) or in total (sft mode)
+    micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
+    steps: int = 16  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
-    eval_every: int = 20
-    checkpoint_every: int = 20
+    eval_every: int = 8
+    checkpoint_every: int = 8
     zero_stage: Literal[0, 1, 2, 3] = 2
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
     flops_budget: float | None = None  # stop when counted learner FLOPs reach this (used by experiments)
@@ -135,8 +138,8 @@ class LearnerConfig:
 class EvalConfig:
     """Held-out acceptance length."""
 
-    num_prompts: int = 16
-    max_new_tokens: int = 96
+    num_prompts: int = 8
+    max_new_tokens: int = 48
     block_size: int | None = None  # None = rollout.block_size
     temperature: float = 0.0
 
@@ -157,7 +160,7 @@ class ClusterConfig:
     queue_policy: Literal["block", "drop_oldest", "drop_newest"] = "block"
     max_staleness: int = 4  # records older than this many policy versions are dropped
     max_record_bytes: int = 64 * 2**20
-    publish: Literal["object_store", "nccl"] = "object_store"
+    publish: Literal["object_store"] = "object_store"  # an NCCL broadcast group is not implemented yet
     max_actor_restarts: int = 3
     object_store_memory: int = 512 * 2**20
     master_port: int | None = None  # torch.distributed rendezvous port for the learner group; None = free port

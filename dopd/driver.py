@@ -203,6 +203,15 @@ class DistributedJob:
         m = self.cfg.metrics
         if not m.enabled:
             return
+        # every labelled series exists from the start (at 0), so rates and "no restarts yet" are data, not gaps
+        for i in range(len(self.actors)):
+            for name in ("dopd_actor_restarts", "dopd_records_produced", "dopd_rollout_tokens", "dopd_replay_anchors"):
+                self.metrics[name].labels(actor=str(i))
+        for sh in range(len(self.shards)):
+            for name in ("dopd_records_rejected", "dopd_records_dropped_stale", "dopd_records_dropped_full"):
+                self.metrics[name].labels(shard=str(sh))
+            self.metrics["dopd_queue_depth"].labels(shard=str(sh)).set(0)
+            self.metrics["dopd_queue_bytes"].labels(shard=str(sh)).set(0)
         port = self.metrics.serve(m.host, m.port)
         self.metrics_port = port
         try:
@@ -241,9 +250,7 @@ class DistributedJob:
                 info = ray.get(self.actors[i].ready.remote(), timeout=60)
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:
-                if isinstance(e, ray.exceptions.ActorDiedError) and "restarts" in str(e).lower() and time.time() > deadline:
-                    raise
-                if time.time() > deadline:
+                if time.time() > deadline:  # out of restarts (cluster.max_actor_restarts) or the node is gone
                     raise DopdError(f"rollout actor {i} did not come back after a failure: {e}") from None
                 time.sleep(1)
         if info["incarnation"] != self.known.get(i):

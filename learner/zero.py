@@ -62,7 +62,7 @@ class RankState:
 class LearnerRank:
     def __init__(self, cfg: Config, rank: int, world: int, master_addr: str, master_port: int, device: str = "cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0" if device == "cpu" else str(rank))
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")  # Ray gives each rank its own visible GPU(s)
         import deepspeed
 
         try:  # the shm all-reduce op compiles for a minute on first use and leaves /dev/shm files behind
