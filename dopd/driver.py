@@ -112,7 +112,9 @@ class DistributedJob:
         self.known: dict[int, int] = {}  # actor index -> incarnation
         self.actor_totals: dict[tuple[int, int], dict] = {}
         self.trained: set[tuple[int, int, int]] = set()
+        self.shard_seen: dict[tuple[str, str], int] = {}
         self.prom_target: str | None = None
+        self.ray_mode = ""
 
     # --- setup ----------------------------------------------------------------------------------------------
     def _prompts(self):
@@ -297,14 +299,14 @@ class DistributedJob:
             self.metrics["dopd_queue_depth"].labels(shard=sid).set(st["depth"])
             self.metrics["dopd_queue_bytes"].labels(shard=sid).set(st["bytes"])
             for key, name in (("dropped_stale", "dopd_records_dropped_stale"), ("dropped_full", "dopd_records_dropped_full"), ("rejected", "dopd_records_rejected")):
-                c = self.metrics[name].labels(shard=sid)
-                delta = st[key] - c._value.get()
+                delta = st[key] - self.shard_seen.get((sid, key), 0)
                 if delta > 0:
-                    c.inc(delta)
+                    self.metrics[name].labels(shard=sid).inc(delta)
+                self.shard_seen[(sid, key)] = st[key]
         self._last_shards = stats
         return stats
 
-    def _eval(self, block: bool = True):
+    def _eval(self) -> dict:
         import ray
 
         for i, a in enumerate(self.actors):
@@ -410,7 +412,7 @@ class DistributedJob:
             for stale in ("metrics.jsonl", "run_summary.json"):
                 (self.out / stale).unlink(missing_ok=True)
         dump_config(c, self.out / "config.yaml")
-        mode = connect(c)
+        mode = self.ray_mode = connect(c)
         self.log(f"dopd: Ray {'(embedded, local)' if mode == 'embedded' else mode}; {c.cluster.actors} actors, {c.cluster.learners} learner ranks (ZeRO-{c.learner.zero_stage})")
         self._prompts()
         try:
@@ -529,6 +531,8 @@ class DistributedJob:
                 remove_placement_group(self.pg)
             except Exception:
                 pass
+        if self.ray_mode == "embedded":
+            ray.shutdown()
 
 
 def run_distributed(cfg: Config, resume: bool = False, hooks=None, log=print) -> dict:

@@ -34,7 +34,10 @@ PRESETS: dict[str, dict] = {
             "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8", "rollout.block_size=4",
             "drafter.kind=eagle3", "drafter.draft_vocab_size=8192", "learner.micro_batch_size=4",
             "learner.refresh_every=4", "learner.lr=1e-3", "learner.warmup_steps=10", "eval.num_prompts=16",
-            "eval.max_new_tokens=64", "learner.checkpoint_every=1000000",
+            "eval.max_new_tokens=128", "learner.checkpoint_every=1000000",
+            # the rejected stream as top-k forward KL: with k3 (the paper's choice) tau FELL at this scale
+            # (1.711 -> 1.58 in 10 steps), see docs/plateau/README.md
+            "loss.rej_divergence=fkl",
         ],
         "warmup_steps": 200,  # about two epochs of the 384 target-written answers: SFT is near its plateau
         "budget_steps": 60,  # the FLOP budget = this many warm-up-sized SFT steps
@@ -102,7 +105,7 @@ def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     warm_rows = _rows(out / "warmup" / "metrics.jsonl", "step")
     warm_flops = warm_rows[-1]["flops"]
     budget = P["budget_steps"] * warm_flops / len(warm_rows)
-    tau_warm = _rows(out / "warmup" / "metrics.jsonl", "eval")[-1]["tau"]
+    tau_warm = _warmup_tau(out, wcfg, target)
     eval_every = max(1, P["budget_steps"] // P["evals"])
     log(f"== warm-up tau {tau_warm:.3f}; learner FLOP budget per arm {budget:.3g}")
 
@@ -178,6 +181,27 @@ def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(_markdown(summary))
     return summary
+
+
+def _warmup_tau(out: Path, cfg, target) -> float:
+    """Held-out tau of the warm-up checkpoint with the preset's eval settings (the arms' starting point)."""
+    from dopd.common.drafters import load_drafter
+    from dopd.common.evaluation import quick_tau
+    from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
+    from dopd.common.specdec import DecodeSettings
+
+    settings = {"block_size": cfg.eval_block_size, "temperature": cfg.eval.temperature, "max_new_tokens": cfg.eval.max_new_tokens, "num_prompts": cfg.eval.num_prompts}
+    f = out / "warmup" / "eval.json"
+    if f.is_file():
+        saved = json.loads(f.read_text())
+        if saved["settings"] == settings:
+            return saved["tau"]
+    d = load_drafter(out / "warmup" / "drafter", target.info, target.embed_tokens.weight, target.lm_head.weight).to(target.device)
+    sp = split_prompts(load_prompt_set(cfg.data.prompts), cfg.data.num_eval, cfg.data.seed, cfg.data.prompts)
+    ids, _ = encode_all(target.tokenizer, sp.eval, cfg.data.max_prompt_tokens, drop_long=False)
+    st = quick_tau(target, d, ids[: cfg.eval.num_prompts], DecodeSettings(block_size=cfg.eval_block_size, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.rollout.batch_size, seed=cfg.seed))
+    f.write_text(json.dumps({"settings": settings, "tau": st.tau, "alpha": st.alpha}))
+    return st.tau
 
 
 def _params(drafter_dir: Path) -> int:

@@ -45,6 +45,15 @@ def _seq_tensors(token_ids: list[np.ndarray], feats: list[torch.Tensor], device,
     return tokens.to(device), features.to(device), lengths.to(device)
 
 
+def _block_buffers(B: int, M: int, K: int, k: int) -> tuple[torch.Tensor, ...]:
+    """Zeroed (anchors, draft tokens, top-k ids, top-k probs, tail, p(d), accept, valid) for B x M blocks of K."""
+    z = torch.zeros
+    return (
+        z(B, M, dtype=torch.long), z(B, M, K, dtype=torch.long), z(B, M, K, k, dtype=torch.long), z(B, M, K, k),
+        z(B, M, K), z(B, M, K), z(B, M, K, dtype=torch.bool), z(B, M, K, dtype=torch.bool),
+    )  # fmt: skip
+
+
 def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32, sources=("rollout", "replay")) -> TrainBatch:
     """Experience records (rollout + replay blocks) -> a batch for the Draft-OPD loss."""
     if any(r.features is None for r in records):
@@ -52,18 +61,8 @@ def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32
     keep_src = [SOURCES[s] for s in sources]
     blocks = [r.blocks.select(np.isin(r.blocks.source, keep_src)) for r in records]
     tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
-    B = len(records)
     M = max(1, max(len(b) for b in blocks))
-    K = records[0].blocks.block_size
-    k = records[0].blocks.target_topk_ids.shape[2]
-    anchors = torch.zeros(B, M, dtype=torch.long)
-    draft = torch.zeros(B, M, K, dtype=torch.long)
-    ids = torch.zeros(B, M, K, k, dtype=torch.long)
-    probs = torch.zeros(B, M, K, k)
-    tail = torch.zeros(B, M, K)
-    pd = torch.zeros(B, M, K)
-    acc = torch.zeros(B, M, K, dtype=torch.bool)
-    valid = torch.zeros(B, M, K, dtype=torch.bool)
+    anchors, draft, ids, probs, tail, pd, acc, valid = _block_buffers(len(records), M, records[0].blocks.block_size, records[0].blocks.target_topk_ids.shape[2])
     for i, b in enumerate(blocks):
         m = len(b)
         if not m:
@@ -77,7 +76,7 @@ def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32
         acc[i, :m] = torch.from_numpy(b.accept_mask)
         valid[i, :m] = True
     T = BlockTargets(ids, probs, tail, draft, pd, acc, valid).to(device)
-    return TrainBatch(tokens, features, lengths, anchors.to(device), draft.to(device), T, None, B)
+    return TrainBatch(tokens, features, lengths, anchors.to(device), draft.to(device), T, None, len(records))
 
 
 def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: int, step_weight: torch.Tensor, device, dtype=torch.float32) -> TrainBatch:
@@ -86,16 +85,8 @@ def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: 
     Block position j of anchor a predicts token a+j-1; its target is the teacher distribution at position a+j-2.
     """
     tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
-    B = len(records)
     M = max(1, max(a.size for a in anchors))
-    k = records[0].topk_ids.shape[1]
-    anc = torch.zeros(B, M, dtype=torch.long)
-    draft = torch.zeros(B, M, K, dtype=torch.long)
-    ids = torch.zeros(B, M, K, k, dtype=torch.long)
-    probs = torch.zeros(B, M, K, k)
-    tail = torch.zeros(B, M, K)
-    pd = torch.zeros(B, M, K)
-    valid = torch.zeros(B, M, K, dtype=torch.bool)
+    anc, draft, ids, probs, tail, pd, _, valid = _block_buffers(len(records), M, K, records[0].topk_ids.shape[1])
     for i, (r, a) in enumerate(zip(records, anchors)):
         m = a.size
         if not m:
@@ -113,6 +104,5 @@ def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: 
         hit = r.topk_ids[dist] == r.token_ids[tp][..., None]
         pd[i, :m] = torch.from_numpy((r.topk_probs[dist] * hit).sum(-1).astype(np.float32))
         valid[i, :m] = torch.from_numpy(ok)
-    acc = valid.clone()
-    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid).to(device)
-    return TrainBatch(tokens, features, lengths, anc.to(device), draft.to(device), T, step_weight, B)
+    T = BlockTargets(ids, probs, tail, draft, pd, valid.clone(), valid).to(device)
+    return TrainBatch(tokens, features, lengths, anc.to(device), draft.to(device), T, step_weight, len(records))
