@@ -215,7 +215,6 @@ class SpecEngine:
             rows = None if len(act) == B else act
             sel = (lambda t: t) if rows is None else (lambda t: t[rows])
             nb = sel(n).clone()
-            b = nb.shape[0]
             t0 = time.perf_counter()
             prop = None
             if K > 0:

@@ -241,17 +241,22 @@ def cluster_status() -> None:
 def experiment_plateau(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="output directory (re-running resumes finished arms from their summaries)"),
-    preset: str = typer.Option("cpu", help="cpu | gpu"),
+    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
+    arms: str = typer.Option(",".join(("sft", "sft_on_opd_data", "opd", "opd_random_anchors", "opd_gamma1")), help="comma-separated subset of the arms"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """SFT vs Draft-OPD (and two ablations) from one warm-up checkpoint at matched learner FLOPs."""
     _setup_torch(threads)
-    from dopd.experiments import PRESETS, main_plateau
+    from dopd.experiments import ARMS, PRESETS, main_plateau
 
-    if preset not in PRESETS:
-        _fail(DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})"))
+    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    bad = [a for a in chosen if a not in ARMS]
+    if preset not in PRESETS or bad or not chosen:
+        _fail(DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})" if preset not in PRESETS else f"unknown arms {bad} (known: {', '.join(ARMS)})"))
+    if "sft_on_opd_data" in chosen and "opd" not in chosen:
+        _fail(DopdError("arm sft_on_opd_data trains on the opd arm's sequences: include opd"))
     try:
-        summary = main_plateau(out, preset, list(ctx.args))
+        summary = main_plateau(out, preset, list(ctx.args), chosen)
     except DopdError as e:
         _fail(e)
     typer.echo(json.dumps({k: summary[k] for k in ("tau_final", "tau_warmup", "learner_flops")}, indent=1))

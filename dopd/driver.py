@@ -125,6 +125,9 @@ class DistributedJob:
 
         c = self.cfg
         tok = AutoTokenizer.from_pretrained(resolve_target(c.model.target, quiet=True))
+        from dopd.common.models import load_target_info
+
+        self.target_info = load_target_info(c.model.target).to_dict()
         prompts = load_prompt_set(c.data.prompts)
         if c.data.eval_prompts:
             train, evals = prompts, load_prompt_set(c.data.eval_prompts)[: c.data.num_eval]
@@ -477,6 +480,7 @@ class DistributedJob:
                 "learners": c.cluster.learners,
                 "shards": c.cluster.shards or c.cluster.learners,
                 "zero_stage": c.learner.zero_stage,
+                "target": self.target_info,
                 "metrics_port": getattr(self, "metrics_port", None),
             }
             (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))

@@ -90,7 +90,7 @@ def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     P = PRESETS[preset]
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["dopd", "experiment", "plateau", "--out", str(out), "--preset", preset, *extra])
+    command = " ".join(["dopd", "experiment", "plateau", "--out", str(out), "--preset", preset] + ([] if set(arms) == set(ARMS) else ["--arms", ",".join(arms)]) + list(extra))
     base = P["overrides"] + list(extra)
     t_start = time.time()
 
@@ -255,5 +255,5 @@ def _markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main_plateau(out: Path, preset: str, extra: list[str]) -> dict:
-    return plateau(out, preset, extra, log=lambda m: print(m, file=sys.stderr))
+def main_plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = ARMS) -> dict:
+    return plateau(out, preset, extra, arms, log=lambda m: print(m, file=sys.stderr))

@@ -364,7 +364,10 @@ class Trainer:
             last_eval = self.evaluate()
         self.save_checkpoint()
         self.drafter.save_pretrained(self.out / "drafter")
-        summary = {"steps": self.state.step, "flops": self.state.flops, "tau": last_eval["tau"], "alpha": last_eval["alpha"], "state": asdict(self.state)}
+        summary = {
+            "steps": self.state.step, "flops": self.state.flops, "tau": last_eval["tau"], "alpha": last_eval["alpha"],
+            "target": self.target.info.to_dict(), "drafter_params": self.drafter.num_parameters(), "state": asdict(self.state),
+        }  # fmt: skip
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -385,6 +388,7 @@ class Trainer:
                 "buffer": list(self.buffer),
                 "rng": {"torch": torch.get_rng_state(), "numpy": self.rng.bit_generator.state, "python": random.getstate()},
                 "config": self.cfg.to_dict(),
+                "target": self.target.info.to_dict(),
             },
             tmp / "trainer_state.pt",
         )

@@ -47,3 +47,12 @@ def test_train_rejects_unknown_config_key():
     assert r.exit_code == 2 and "unknown config key 'learner.lrr'" in r.output
     r = runner.invoke(app, ["train", "--actors", "2", "cluster.bogus=1"])
     assert r.exit_code == 2 and "unknown config key 'cluster.bogus'" in r.output
+
+
+def test_experiment_rejects_bad_arms_and_presets(tmp_path):
+    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--preset", "laptop"])
+    assert r.exit_code == 2 and "unknown preset 'laptop'" in r.output
+    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--arms", "opd,magic"])
+    assert r.exit_code == 2 and "unknown arms ['magic']" in r.output
+    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--arms", "sft_on_opd_data"])
+    assert r.exit_code == 2 and "include opd" in r.output
