@@ -301,6 +301,32 @@ def resolve_device(device: str) -> torch.device:
     return d
 
 
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA with grouped-query attention done by the kernel (`enable_gqa`), never by copying K/V per head.
+
+    transformers repeats K/V for every multi-token query that carries a mask (verification, replay, prefill);
+    on CPU that copy costs ~10x the attention itself (bench/engine_throughput.py). Same numbers, no copy.
+    """
+    causal = attention_mask is None and query.shape[2] > 1 if is_causal is None else is_causal and attention_mask is None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=key.shape[1] != query.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attention_implementation(device: torch.device) -> str:
+    """`dopd_sdpa` on CPU (registered with transformers once); plain `sdpa` on GPUs, whose fused kernels want
+    no mask for GQA and are chosen by transformers itself."""
+    if device.type != "cpu":
+        return "sdpa"
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("dopd_sdpa", _sdpa_gqa)
+    AttentionMaskInterface.register("dopd_sdpa", sdpa_mask)
+    return "dopd_sdpa"
+
+
 def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: bool = False) -> Target:
     """Resolve and load a target for inference (eval mode, no grads, SDPA attention)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -310,7 +336,7 @@ def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: b
     path = resolve_target(name, quiet=quiet)
     dev = resolve_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attention_implementation(dev))
     except Exception as e:
         raise ModelError(f"could not load target '{name}' from {path}: {type(e).__name__}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
