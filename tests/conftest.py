@@ -49,7 +49,7 @@ def trained_tiny_drafter(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_sft")
     cfg = load_config(None, [
         "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=sft",
-        "sft.num_prompts=96", "sft.max_new_tokens=48", "learner.steps=80", "learner.lr=3e-3", "learner.eval_every=1000",
+        "sft.num_prompts=96", "sft.max_new_tokens=48", "learner.steps=120", "learner.lr=3e-3", "learner.eval_every=1000",
         "learner.checkpoint_every=1000", "eval.num_prompts=4", "eval.max_new_tokens=24", f"out_dir={out}",
     ])  # fmt: skip
     tr = Trainer(cfg, target=tiny, log=lambda *a: None)
