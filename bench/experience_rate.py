@@ -36,11 +36,7 @@ def main() -> None:
 
     ov = [f"model.target={a.target}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.batch_size=4"]
     if a.drafter:
-        from dopd.common.drafters import Drafter
-
-        spec = Drafter.read_spec(a.drafter)
-        if spec.draft_vocab_size:
-            ov.append(f"drafter.draft_vocab_size={spec.draft_vocab_size}")
+        ov.append(f"drafter.init={os.path.abspath(a.drafter)}")  # actors build it (reduced vocab included) from the directory
     cfg = load_config(None, ov)
     tok = AutoTokenizer.from_pretrained(resolve_target(a.target))
     sp = split_prompts(load_prompt_set("champ"), 16, 0)
