@@ -94,13 +94,21 @@ def down() -> list[str]:
 
 def status() -> dict:
     """Nodes, resources, dopd jobs (their named actors) and the Prometheus address."""
-    import ray
-
     info = _read()
     if not info.get("address"):
         raise DopdError("no cluster recorded: start one with `dopd cluster up` (dopd train alone uses an embedded Ray)")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address=info["address"], namespace="dopd", log_to_driver=False)
+    from dopd.driver import is_loopback, keep_ray_on_loopback
+
+    if info.get("auth") == "token":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    local = {}
+    if is_loopback(info["address"]):
+        keep_ray_on_loopback()
+        local = {"_node_ip_address": "127.0.0.1"}
+    import ray  # after the environment above: Ray's core reads it when loaded
+
+    ray.init(address=info["address"], namespace="dopd", log_to_driver=False, **local)
     try:
         nodes = [
             {"node": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n.get("Resources", {})}

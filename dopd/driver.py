@@ -61,24 +61,52 @@ def cluster_address(cfg: Config) -> str | None:
     f = state_dir() / CLUSTER_FILE
     if f.is_file():
         try:
-            return json.loads(f.read_text()).get("address")
+            info = json.loads(f.read_text())
         except json.JSONDecodeError:
             return None
+        if info.get("auth") == "token":  # the head `dopd cluster up` started wants the token in ~/.ray/auth_token
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        return info.get("address")
     return None
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a Ray address (host:port, ray://host:port) names this machine's loopback interface."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def keep_ray_on_loopback() -> None:
+    """Make this process's Ray resolve "127.0.0.1" to itself when it joins a loopback-only head.
+
+    Ray rewrites a loopback bootstrap address to the machine's primary IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    which it reads once, when `ray` is first imported; a loopback head does not listen there. Only for loopback
+    addresses: a driver joining a remote head must keep its routable IP.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
 
 
 def connect(cfg: Config) -> str:
     """Join the recorded/configured cluster or start an embedded local Ray (loopback only)."""
-    import ray
-
     for k, v in _env().items():
         os.environ.setdefault(k, v)
+    address = cluster_address(cfg)  # before `import ray`: Ray's core reads RAY_AUTH_MODE when it is loaded
+    import ray
+
     if ray.is_initialized():
         return "existing"
-    address = cluster_address(cfg)
     runtime_env = {"env_vars": {k: v for k, v in {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", "")}.items() if v}}
     if address:
-        ray.init(address=address, namespace="dopd", runtime_env=runtime_env, log_to_driver=False)
+        # Ray rewrites a loopback bootstrap address to this node's primary IP, where a loopback-only head does not
+        # listen; pinning the driver's node address keeps it on 127.0.0.1
+        local = {}
+        if is_loopback(address):
+            keep_ray_on_loopback()
+            local = {"_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, namespace="dopd", runtime_env=runtime_env, log_to_driver=False, **local)
         return address
     need = cfg.cluster.actors * cfg.cluster.actor_num_cpus + cfg.cluster.learners * cfg.cluster.learner_num_cpus
     ray.init(
@@ -540,4 +568,5 @@ class DistributedJob:
 
 
 def run_distributed(cfg: Config, resume: bool = False, hooks=None, log=print) -> dict:
+    cluster_address(cfg)  # sets Ray's auth mode for a recorded cluster before anything imports ray
     return DistributedJob(cfg, resume=resume, hooks=hooks, log=log).run()

@@ -56,3 +56,11 @@ def test_experiment_rejects_bad_arms_and_presets(tmp_path):
     assert r.exit_code == 2 and "unknown arms ['magic']" in r.output
     r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--arms", "sft_on_opd_data"])
     assert r.exit_code == 2 and "include opd" in r.output
+
+
+def test_loopback_addresses_are_recognised():
+    """A driver joining a loopback head must pin itself to 127.0.0.1 (Ray would rewrite it to the eth0 address)."""
+    from dopd.driver import is_loopback
+
+    assert is_loopback("127.0.0.1:6379") and is_loopback("localhost:6379") and is_loopback("ray://127.0.0.1:10001")
+    assert not is_loopback("10.0.0.5:6379") and not is_loopback("ray://head.svc:10001")
