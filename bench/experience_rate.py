@@ -50,7 +50,7 @@ def main() -> None:
 
         info, embed, head, hf = load_frozen_io(a.target)
         state = {k: v.numpy() for k, v in build_drafter(cfg.drafter, info, hf, embed, head, seed=cfg.seed).state_dict().items()}
-    ray.init(num_cpus=max(a.actors) + 1, object_store_memory=1 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=max(a.actors) + 1, object_store_memory=1 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     Actor = rollout_actor_class()
     Shard = ray.remote(num_cpus=0)(QueueShard)

@@ -40,7 +40,7 @@ def main() -> None:
         f"SmolLM2 EAGLE-3 drafter ({sum(v.size for v in eagle_state.values()) / 1e6:.1f}M params)": eagle_state,
         "100M-parameter drafter": {f"w{i}": np.random.default_rng(i).standard_normal(10_000_000, dtype=np.float32) for i in range(10)},
     }
-    ray.init(num_cpus=a.actors + 1, object_store_memory=2 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=a.actors + 1, object_store_memory=2 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 
     @ray.remote(num_cpus=0)
     class Learner:

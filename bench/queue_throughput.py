@@ -52,7 +52,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    ray.init(num_cpus=3, object_store_memory=1 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=3, object_store_memory=1 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     Shard = ray.remote(num_cpus=0)(QueueShard)
     shard = Shard.remote(0, 2**34)
 

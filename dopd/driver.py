@@ -110,6 +110,7 @@ def connect(cfg: Config) -> str:
         return address
     need = cfg.cluster.actors * cfg.cluster.actor_num_cpus + cfg.cluster.learners * cfg.cluster.learner_num_cpus
     ray.init(
+        address="local",  # never join a cluster found in /tmp/ray or RAY_ADDRESS by accident: that one is configured
         num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
         object_store_memory=cfg.cluster.object_store_memory,
         include_dashboard=False,
@@ -537,7 +538,7 @@ class DistributedJob:
             return
         info, embed, head, hf = load_frozen_io(self.cfg.model.target)
         d = build_drafter(self.cfg.drafter, info, hf, embed, head, seed=self.cfg.seed)
-        d.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        d.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
         d.save_pretrained(self.out / "drafter")
 
     def shutdown(self) -> None:

@@ -63,7 +63,7 @@ def ray_session():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=300 * 2**20, include_dashboard=False, namespace="dopd", _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, object_store_memory=300 * 2**20, include_dashboard=False, namespace="dopd", _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
