@@ -35,10 +35,7 @@ PRESETS: dict[str, dict] = {
             "drafter.kind=eagle3", "drafter.draft_vocab_size=8192", "learner.micro_batch_size=4",
             "learner.refresh_every=4", "learner.lr=1e-3", "learner.warmup_steps=10", "eval.num_prompts=16",
             "eval.max_new_tokens=128", "learner.checkpoint_every=1000000",
-            # the rejected stream as top-k forward KL: with k3 (the paper's choice) tau FELL at this scale
-            # (1.711 -> 1.58 in 10 steps), see docs/plateau/README.md
-            "loss.rej_divergence=fkl",
-        ],
+        ],  # the rejected stream is top-k forward KL (the default; see LossConfig.rej_divergence)
         "warmup_steps": 200,  # about two epochs of the 384 target-written answers: SFT is near its plateau
         "budget_steps": 60,  # the FLOP budget = this many warm-up-sized SFT steps
         "evals": 4,
@@ -145,8 +142,15 @@ def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     with open(out / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     _plot(out / "plot.png", results, warm_flops, tau_warm, target.info.name)
-    opd_state = results.get("opd", {}).get("summary", {}).get("state", {})
-    phase_s = {k: opd_state.get(k, 0.0) for k in ("rollout_s", "replay_s", "learner_s", "eval_s")}
+    # an arm's state counters continue the warm-up's: subtract them so the phases are the arm's own
+    warm_state = json.loads((out / "warmup" / "summary.json").read_text()).get("state", {})
+    phases = ("rollout_s", "replay_s", "learner_s", "eval_s")
+
+    def own(arm: str, key: str) -> float:
+        return results[arm]["summary"].get("state", {}).get(key, 0.0) - warm_state.get(key, 0.0)
+
+    opd_state = {k: own("opd", k) for k in (*phases, "rollout_tokens", "replay_anchors", "replay_tokens")} if "opd" in results else {}
+    phase_s = {k: opd_state.get(k, 0.0) for k in phases}
     total_s = sum(phase_s.values()) or 1.0
     drafter_dir = out / "warmup" / "drafter"
     from dopd.common.drafters import Drafter
@@ -169,7 +173,10 @@ def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
         "warmup_steps": W,
         "command": command,
         "preset": preset,
-        "wall_s": time.time() - t_start,
+        "wall_s_this_call": time.time() - t_start,  # arms finished by an earlier call are not re-run
+        "arm_time_s": {arm: sum(own(arm, k) for k in phases) for arm in results},
+        # every OPD arm's own rollout speed: an arm run while the CPU was shared shows it here
+        "arm_rollout_tokens_per_s": {arm: own(arm, "rollout_tokens") / own(arm, "rollout_s") for arm in results if own(arm, "rollout_s") > 0},
         "opd_rollout_tokens_per_s": opd_state.get("rollout_tokens", 0) / max(phase_s["rollout_s"], 1e-9),
         "opd_replay_anchors_per_s": opd_state.get("replay_anchors", 0) / max(phase_s["replay_s"], 1e-9),
         "opd_replay_tokens_per_s": opd_state.get("replay_tokens", 0) / max(phase_s["replay_s"], 1e-9),
@@ -250,7 +257,8 @@ def _markdown(s: dict) -> str:
     lines += [
         "", f"Draft-OPD rollout: {s['opd_rollout_tokens_per_s']:.1f} tokens/s; replay: {s['opd_replay_anchors_per_s']:.1f} anchors/s "
         f"({s['opd_replay_tokens_per_s']:.0f} target tokens/s scored).",
-        "Time share of the Draft-OPD arm: " + ", ".join(f"{k} {v:.0%}" for k, v in s["opd_time_share"].items()) + ".", "",
+        "Time share of the Draft-OPD arm: " + ", ".join(f"{k} {v:.0%}" for k, v in s["opd_time_share"].items()) + ".",
+        "Rollout tokens/s of every arm that rolls out: " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("arm_rollout_tokens_per_s", {}).items()) + ".", "",
     ]  # fmt: skip
     return "\n".join(lines)
 

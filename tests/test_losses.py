@@ -127,13 +127,20 @@ def test_sft_loss_weights_steps():
     assert ce == pytest.approx(sum(-wj * math.log(Q[j][DRAFT[j]]) for j, wj in enumerate(w.tolist())) / w.sum().item(), rel=1e-5)
 
 
-def test_gradients_flow_and_point_the_right_way():
+@pytest.mark.parametrize("div", ["k3", "bernoulli", "fkl", "tv", "jsd"])
+def test_gradients_flow_and_point_the_right_way(div):
     logits = torch.zeros(1, 1, 3, V, requires_grad=True)
     T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, [0.6, 0.01, 0.01])
-    opd_loss(torch.log_softmax(logits, -1), T2D, T, LossConfig()).loss.backward()
+    opd_loss(torch.log_softmax(logits, -1), T2D, T, LossConfig(rej_divergence=div)).loss.backward()
     g = logits.grad[0, 0]
     assert g[0, 0] < 0  # accepted: raise the target's top token
-    assert g[1, DRAFT[1]] > 0 and g[2, DRAFT[2]] > 0  # rejected with p(d) ~ 0: lower the drafted token
+    if div in ("k3", "bernoulli"):  # divergences on the drafted token alone, p(d) ~ 0: lower it
+        assert g[2, DRAFT[2]] > 0
+        # position 1 is also in the accepted stream (its top-k says the drafted id is the target's favourite);
+        # k3's push down outweighs that pull up, the bounded Bernoulli KL's does not
+        assert (g[1, DRAFT[1]] > 0) == (div == "k3")
+    else:  # distribution divergences: toward the target's top-k; the drafted id 2 is in the over-weighted tail
+        assert g[2, TOPK_IDS[2][0]] < 0 and g[2, DRAFT[2]] > 0
 
 
 def test_first_rejected_position_is_in_both_streams_by_default():
