@@ -122,7 +122,10 @@ def _ray_actor_class():
             self.worker = RolloutWorker(self.cfg, actor_id, prompts)
             self.shards = shards
             self.next_shard = 0
-            self.lock = threading.Lock()
+            self.lock = threading.Lock()  # the worker: held by the loop for a whole rollout batch
+            # new weights wait here for the next batch boundary; their own lock, so that publishing never waits for
+            # a rollout batch to finish (that took ~40 s per publish in the SmolLM2 demo)
+            self.pending_lock = threading.Lock()
             self.pending: tuple[dict, int] | None = None
             self.stop_flag = threading.Event()
             self.thread: threading.Thread | None = None
@@ -138,15 +141,16 @@ def _ray_actor_class():
 
             t0 = time.perf_counter()
             state = ray.get(ref_box[0])
-            with self.lock:
+            with self.pending_lock:
                 self.pending = (state, version)
             return time.perf_counter() - t0
 
         def _apply_pending(self) -> None:
-            if self.pending is not None:
-                state, version = self.pending
-                self.pending = None
-                self.worker.set_weights(state, version)
+            """Load the newest published weights, if any; the caller holds `self.lock`."""
+            with self.pending_lock:
+                pending, self.pending = self.pending, None
+            if pending is not None:
+                self.worker.set_weights(*pending)
 
         def _loop(self) -> None:
             import ray

@@ -43,7 +43,7 @@ _DEFS = [
     MetricDef("dopd_learner_steps", "counter", "Learner optimizer steps"),
     MetricDef("dopd_learner_flops", "counter", "Learner FLOPs (forward + backward, counted by PyTorch)"),
     MetricDef("dopd_policy_version", "gauge", "Current published policy version"),
-    MetricDef("dopd_publish_latency_seconds", "histogram", "Time to gather and publish new drafter weights to all actors"),
+    MetricDef("dopd_publish_latency_seconds", "histogram", "Time to gather new drafter weights and hand them to every actor (each loads them at its next rollout batch)"),
     MetricDef("dopd_records_produced", "counter", "Experience records produced, per actor", ("actor",)),
     MetricDef("dopd_records_consumed", "counter", "Experience records trained on"),
     MetricDef("dopd_records_dropped_stale", "counter", "Records dropped for staleness, per shard", ("shard",)),
@@ -56,7 +56,7 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
 _BUCKETS = {
     "dopd_record_staleness": (0, 1, 2, 3, 4, 6, 8, 16),
     "dopd_learner_step_seconds": (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-    "dopd_publish_latency_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    "dopd_publish_latency_seconds": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 }
 
 

@@ -87,8 +87,25 @@ def register_job_target(job_name: str, host: str, port: int, labels: dict[str, s
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     group = [{"targets": [addr], "labels": {"dopd_job": job_name, **(labels or {})}}]
     path = prom_targets_dir() / f"{job_name}.json"
+    _drop_stale_targets(addr, keep=path)
     _atomic_write(path, json.dumps(group, indent=2) + "\n")
     return path
+
+
+def _drop_stale_targets(addr: str, keep: Path) -> None:
+    """Remove other jobs' target files for this same address: a job killed before it could unregister leaves one
+    behind, and since two live jobs cannot listen on one port, that file now names this job under its old
+    `dopd_job` label, so every series would be scraped twice."""
+    for other in prom_targets_dir().glob("*.json"):
+        if other == keep:
+            continue
+        try:
+            groups = json.loads(other.read_text())
+            stale = any(addr in g.get("targets", []) for g in groups)
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue  # not ours to judge
+        if stale:
+            other.unlink(missing_ok=True)
 
 
 def unregister_job_target(job_name: str) -> None:

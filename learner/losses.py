@@ -140,12 +140,31 @@ def first_rejection(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return valid & (j == n_acc)
 
 
-def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig) -> LossParts:
-    """The Draft-OPD objective over both streams (logq: draft-vocab log-softmax [B,M,K,Vd])."""
+def opd_masks(T: BlockTargets, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted-stream mask and the rejected-stream weights gamma^(offset-1) of a batch."""
     acc_mask = T.accept & T.valid
     if cfg.acc_at_first_rejection:
         acc_mask = acc_mask | first_rejection(T.accept, T.valid)
-    w_rej = rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
+    return acc_mask, rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
+
+
+def loss_denominator(T: BlockTargets, cfg: LossConfig, mode: str, step_weight: torch.Tensor | None = None) -> float:
+    """The token weight a batch's loss is divided by; needs no forward, so ranks can all-reduce it first."""
+    if mode == "opd":
+        acc_mask, w_rej = opd_masks(T, cfg)
+        return cfg.lambda_acc * float(acc_mask.sum()) + cfg.lambda_rej * float(w_rej.sum())
+    if mode == "sft":
+        return float((step_weight.to(T.valid.device).expand_as(T.valid) * T.valid).sum())
+    raise ValueError(f"unknown loss mode '{mode}'")
+
+
+def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, denom: float | None = None) -> LossParts:
+    """The Draft-OPD objective over both streams (logq: draft-vocab log-softmax [B,M,K,Vd]).
+
+    denom: divide by this instead of the batch's own token weight (a learner rank passes the all-reduced weight
+    of every rank's batch divided by the world size, so averaged gradients are those of one global token mean).
+    """
+    acc_mask, w_rej = opd_masks(T, cfg)
     zero = logq.sum() * 0.0
     l_acc = divergence(cfg.acc_divergence, logq, t2d, T) if bool(acc_mask.any()) else None
     l_rej = divergence(cfg.rej_divergence, logq, t2d, T) if bool((w_rej > 0).any()) else None
@@ -153,7 +172,8 @@ def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossCo
     s_rej = (l_rej * w_rej).sum() if l_rej is not None else zero
     n_acc = int(acc_mask.sum())
     w_sum = float(w_rej.sum())
-    denom = cfg.lambda_acc * n_acc + cfg.lambda_rej * w_sum
+    if denom is None:
+        denom = cfg.lambda_acc * n_acc + cfg.lambda_rej * w_sum
     loss = (cfg.lambda_acc * s_acc + cfg.lambda_rej * s_rej) / max(denom, EPS)
     return LossParts(
         loss=loss,
@@ -165,7 +185,9 @@ def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossCo
     )
 
 
-def sft_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str) -> LossParts:
+def sft_loss(
+    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str, denom: float | None = None
+) -> LossParts:
     """Supervised objective on teacher-forced blocks: fkl to the target top-k, CE to the true token, or both.
 
     step_weight [K] weights block position j (EAGLE-3 TTT: 0.8^(j-1); DFlash: exp(-(j-1)/decay)); the loss is the
@@ -180,6 +202,6 @@ def sft_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight
         lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1)
         parts.append(torch.where(didx >= 0, -lq.clamp_min(-LOG_CLAMP * 5), torch.full_like(lq, LOG_CLAMP)))
     per = sum(parts)
-    loss = (per * w).sum() / w.sum().clamp_min(EPS)
+    loss = (per * w).sum() / (w.sum().clamp_min(EPS) if denom is None else max(denom, EPS))
     n = int(T.valid.sum())
     return LossParts(loss=loss, acc=float(loss.detach()), rej=0.0, n_acc=n, n_rej=0, w_rej=0.0)

@@ -7,9 +7,9 @@ DeepSpeed averages gradients across ranks (ZeRO stage 0-3 from the config; `lear
 generated DeepSpeed config). A rank holds only the drafter plus the target's frozen embedding and head (read
 straight from the target's safetensors), never the target body.
 
-Differences from the in-process trainer, on purpose: the loss is normalised per rank and the gradients averaged
-(the official code all-reduces the token counts first); records arrive asynchronously, up to
-`cluster.max_staleness` policy versions old.
+Differences from the in-process trainer: the ranks all-reduce their token weights before the forward, so the
+averaged gradient is that of one token mean over every rank's micro-batch (as the official code does); records
+arrive asynchronously, up to `cluster.max_staleness` policy versions old.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dopd.common.models import load_frozen_io
 from dopd.common.record import decode_record, decode_teacher
 
 from .batch import collate_records
+from .losses import loss_denominator
 from .objective import compute_loss
 from .sft import sft_batch
 
@@ -91,8 +92,9 @@ class LearnerRank:
     # --- steps ------------------------------------------------------------------------------------------------
     def _train(self, batch, mode: str) -> dict:
         t0 = time.perf_counter()
+        denom = self._global_denominator(batch, mode)
         with FlopCounterMode(display=False) as fc:
-            parts = compute_loss(self.drafter, batch, self.cfg.loss, mode)
+            parts = compute_loss(self.drafter, batch, self.cfg.loss, mode, denom)
             self.engine.backward(parts.loss)
         self.engine.step()
         gnorm = self.engine.get_global_grad_norm()
@@ -102,6 +104,19 @@ class LearnerRank:
             "n_rej": parts.n_rej, "grad_norm": float(gnorm) if gnorm is not None else 0.0,
             "flops": float(fc.get_total_flops()), "seconds": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
         }  # fmt: skip
+
+    def _global_denominator(self, batch, mode: str) -> float | None:
+        """Every rank's token weight, summed, over the world size: DeepSpeed averages gradients across ranks, so
+        dividing each rank's loss sum by this gives the gradient of one token mean over all ranks' batches (a rank
+        with few accepted tokens would otherwise weigh as much as one with many)."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        local = loss_denominator(batch.targets, self.cfg.loss, mode, batch.step_weight)
+        t = torch.tensor([local], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
 
     def opd_step(self, records: list[bytes], learner_version: int) -> dict:
         """Train on records already pulled from this rank's shard (the Ray wrapper pulls them)."""

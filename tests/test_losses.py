@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dopd.common.config import LossConfig
-from dopd.learner.losses import BlockTargets, bucket_divergence, opd_loss, rejection_weights, sft_loss, token_divergence
+from dopd.learner.losses import BlockTargets, bucket_divergence, loss_denominator, opd_loss, rejection_weights, sft_loss, token_divergence
 
 V = 6
 
@@ -150,3 +150,27 @@ def test_first_rejected_position_is_in_both_streams_by_default():
     expect = (fkl_hand(0) + fkl_hand(1) + (1.0 * k3(1) + 0.5 * k3(2))) / (2 + 1.5)
     assert parts.loss.item() == pytest.approx(expect, rel=1e-5)
     assert parts.n_acc == 2
+
+
+def _cat(a: BlockTargets, b: BlockTargets) -> BlockTargets:
+    return BlockTargets(**{f: torch.cat([getattr(a, f), getattr(b, f)]) for f in a.__dataclass_fields__})
+
+
+@pytest.mark.parametrize("mode", ["opd", "sft"])
+def test_ranks_with_the_all_reduced_denominator_average_to_the_global_token_mean(mode):
+    """Two learner ranks, one with 2 accepted tokens and one with none: averaging their losses (what DeepSpeed's
+    gradient averaging does) equals the loss of both micro-batches as one, only with the global denominator."""
+    cfg = LossConfig(gamma=0.5)
+    T1 = targets([True, True, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    T2 = targets([False, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
+    q1, q2 = logq_of(Q), logq_of([Q[2], Q[0], Q[1]])
+    sw = torch.tensor([1.0, 0.8, 0.64])
+    if mode == "sft":
+        T2.valid[..., 2] = False  # ranks with different numbers of valid positions
+        loss = lambda q, T, d=None: sft_loss(q, T2D, T, sw, "kl", d).loss  # noqa: E731
+    else:
+        loss = lambda q, T, d=None: opd_loss(q, T2D, T, cfg, d).loss  # noqa: E731
+    whole = loss(torch.cat([q1, q2]), _cat(T1, T2))
+    d = (loss_denominator(T1, cfg, mode, sw) + loss_denominator(T2, cfg, mode, sw)) / 2
+    assert ((loss(q1, T1, d) + loss(q2, T2, d)) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+    assert ((loss(q1, T1) + loss(q2, T2)) / 2).item() != pytest.approx(whole.item(), rel=1e-3)  # per-rank means differ

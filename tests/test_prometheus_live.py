@@ -185,6 +185,14 @@ def test_write_config_and_targets(tmp_path, dopd_home):
     with pytest.raises(DopdError, match="job name"):
         prometheus.register_job_target("../escape", "127.0.0.1", 1)
 
+    # a job killed before it unregistered left its file; the next job on the same port replaces it (else every
+    # series is scraped twice, under both job names); a job on another port and a foreign file are left alone
+    prometheus.register_job_target("killed", "127.0.0.1", 9400)
+    prometheus.register_job_target("other-port", "127.0.0.1", 9401)
+    (prom_targets_dir() / "foreign.json").write_text("not json")
+    prometheus.register_job_target("run-2", "127.0.0.1", 9400)
+    assert sorted(p.name for p in prom_targets_dir().iterdir()) == ["foreign.json", "other-port.json", "run-2.json"]
+
 
 def test_find_binary_and_start_errors(tmp_path, monkeypatch, dopd_home):
     assert Path(prometheus.find_binary()).name == "prometheus"
