@@ -18,15 +18,16 @@ _LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)
 
 
 def missing_panels(prom_url: str, dashboards_dir: str | Path, job: str = "dopd", actor: str = ".*",
-                   rate_interval: str = "15s") -> list[tuple[str, str, str]]:
-    """(dashboard title, panel title, expanded expression) for every query that returns no series right now."""
+                   rate_interval: str = "15s", at: float | None = None) -> list[tuple[str, str, str]]:
+    """(dashboard title, panel title, expanded expression) for every query that returns no series at time `at`
+    (unix seconds; default now: a job that has ended and unregistered its target has no series now)."""
     missing = []
     for path in sorted(Path(dashboards_dir).glob("*.json")):
         dash = load(path)
         for title, expr in panel_queries(dash):
             concrete = expand_variables(expr, job=job, actor=actor, rate_interval=rate_interval)
             try:
-                empty = not query(prom_url, concrete)
+                empty = not query(prom_url, concrete, at)
             except DopdError:
                 empty = True
             if empty:

@@ -42,7 +42,10 @@ def test_every_panel_has_data_from_a_real_training_job(ray_session, tmp_path, mo
         ])  # fmt: skip
         summary = DistributedJob(cfg, log=lambda *a: None).run()
         assert summary["steps"] == 10
-        missing = missing_panels(url, HERE, rate_interval="1m")
+        # ask about the middle of the job's 4 s linger (it writes run_summary.json, then lingers, then unregisters
+        # its target): once Prometheus drops the target its series are marked stale, so "now" would be a race
+        at = (tmp_path / "run" / "run_summary.json").stat().st_mtime + 2.0
+        missing = missing_panels(url, HERE, rate_interval="1m", at=at)
         assert missing == [], missing
         assert missing_variables(url, HERE) == []
     finally:
