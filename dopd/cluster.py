@@ -18,7 +18,7 @@ from pathlib import Path
 from dopd.common.errors import DopdError
 from dopd.paths import state_dir
 
-from .driver import CLUSTER_FILE
+from .driver import CLUSTER_FILE, join_cluster, use_recorded_auth
 
 
 def _ray_bin() -> str:
@@ -98,17 +98,10 @@ def status() -> dict:
     if not info.get("address"):
         raise DopdError("no cluster recorded: start one with `dopd cluster up` (dopd train alone uses an embedded Ray)")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from dopd.driver import is_loopback, keep_ray_on_loopback
+    use_recorded_auth(info)
+    join_cluster(info["address"])  # imports ray after the environment above: Ray's core reads it when loaded
+    import ray
 
-    if info.get("auth") == "token":
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    local = {}
-    if is_loopback(info["address"]):
-        keep_ray_on_loopback()
-        local = {"_node_ip_address": "127.0.0.1"}
-    import ray  # after the environment above: Ray's core reads it when loaded
-
-    ray.init(address=info["address"], namespace="dopd", log_to_driver=False, **local)
     try:
         nodes = [
             {"node": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n.get("Resources", {})}

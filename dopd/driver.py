@@ -64,10 +64,15 @@ def cluster_address(cfg: Config) -> str | None:
             info = json.loads(f.read_text())
         except json.JSONDecodeError:
             return None
-        if info.get("auth") == "token":  # the head `dopd cluster up` started wants the token in ~/.ray/auth_token
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        use_recorded_auth(info)
         return info.get("address")
     return None
+
+
+def use_recorded_auth(info: dict) -> None:
+    """A head `dopd cluster up` started wants the token in ~/.ray/auth_token; call before `import ray`."""
+    if info.get("auth") == "token":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def is_loopback(address: str) -> bool:
@@ -89,6 +94,18 @@ def keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
 
 
+def join_cluster(address: str, **init_kwargs) -> None:
+    """`ray.init` at a running cluster. Ray rewrites a loopback bootstrap address to this node's primary IP, where a
+    loopback-only head does not listen; pinning the driver's node address keeps it on 127.0.0.1."""
+    local = {}
+    if is_loopback(address):
+        keep_ray_on_loopback()
+        local = {"_node_ip_address": "127.0.0.1"}
+    import ray
+
+    ray.init(address=address, namespace="dopd", log_to_driver=False, **init_kwargs, **local)
+
+
 def connect(cfg: Config) -> str:
     """Join the recorded/configured cluster or start an embedded local Ray (loopback only)."""
     for k, v in _env().items():
@@ -100,13 +117,7 @@ def connect(cfg: Config) -> str:
         return "existing"
     runtime_env = {"env_vars": {k: v for k, v in {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", "")}.items() if v}}
     if address:
-        # Ray rewrites a loopback bootstrap address to this node's primary IP, where a loopback-only head does not
-        # listen; pinning the driver's node address keeps it on 127.0.0.1
-        local = {}
-        if is_loopback(address):
-            keep_ray_on_loopback()
-            local = {"_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, namespace="dopd", runtime_env=runtime_env, log_to_driver=False, **local)
+        join_cluster(address, runtime_env=runtime_env)
         return address
     need = cfg.cluster.actors * cfg.cluster.actor_num_cpus + cfg.cluster.learners * cfg.cluster.learner_num_cpus
     ray.init(

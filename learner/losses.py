@@ -152,10 +152,15 @@ def loss_denominator(T: BlockTargets, cfg: LossConfig, mode: str, step_weight: t
     """The token weight a batch's loss is divided by; needs no forward, so ranks can all-reduce it first."""
     if mode == "opd":
         acc_mask, w_rej = opd_masks(T, cfg)
-        return cfg.lambda_acc * float(acc_mask.sum()) + cfg.lambda_rej * float(w_rej.sum())
+        return _opd_weight(cfg, int(acc_mask.sum()), float(w_rej.sum()))
     if mode == "sft":
         return float((step_weight.to(T.valid.device).expand_as(T.valid) * T.valid).sum())
     raise ValueError(f"unknown loss mode '{mode}'")
+
+
+def _opd_weight(cfg: LossConfig, n_acc: int, w_rej_sum: float) -> float:
+    """The joint token mean's denominator: lambda_acc * N_acc + lambda_rej * sum of rejection weights."""
+    return cfg.lambda_acc * n_acc + cfg.lambda_rej * w_rej_sum
 
 
 def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, denom: float | None = None) -> LossParts:
@@ -173,7 +178,7 @@ def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossCo
     n_acc = int(acc_mask.sum())
     w_sum = float(w_rej.sum())
     if denom is None:
-        denom = cfg.lambda_acc * n_acc + cfg.lambda_rej * w_sum
+        denom = _opd_weight(cfg, n_acc, w_sum)
     loss = (cfg.lambda_acc * s_acc + cfg.lambda_rej * s_rej) / max(denom, EPS)
     return LossParts(
         loss=loss,
