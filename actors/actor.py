@@ -1,7 +1,7 @@
 """The rollout actor: a target and a drafter copy that turn prompts into experience records, forever.
 
-`RolloutWorker` is the algorithm with no Ray in it (rollout + replay -> encoded records, weight swaps, held-out
-evaluation, SFT data); `RolloutActor` is the Ray actor around it: a loop thread produces batches and pushes them
+`RolloutWorker` is the algorithm with no Ray in it (the shared recipe `ExperienceMaker` -> encoded records, weight
+swaps, held-out evaluation, SFT data); `RolloutActor` is the Ray actor around it: a loop thread produces batches and pushes them
 into its queue shard (retrying while the shard answers "full": backpressure), while the driver calls
 `set_weights`, `evaluate` and `stats` concurrently. Weights are swapped only between batches, under a lock, and
 every record is stamped with the policy version that produced it plus (actor id, incarnation, sequence number):
@@ -21,27 +21,33 @@ import torch
 
 from dopd.common.config import Config, config_from_dict
 from dopd.common.drafters import build_drafter
-from dopd.common.models import load_target
+from dopd.common.models import Target, load_target
 from dopd.common.record import encode_record, encode_teacher
-from dopd.common.specdec import DecodeSettings
 
-from .replay import Replayer, choose_anchors
-from .rollout import make_records, rollout
-from .teacher import regenerate, teacher_records
+from .experience import ExperienceMaker
 
 
 class RolloutWorker:
-    """Holds the target + a drafter copy; produces encoded experience records (no Ray)."""
+    """Holds the target + a drafter copy; produces encoded experience records (no Ray).
 
-    def __init__(self, cfg: Config, actor_id: int, prompts: list[tuple[str, list[int]]], incarnation: int | None = None):
+    The in-process runner uses one directly (its policy copy); each Ray rollout actor wraps one. Everything
+    target-side goes through `ExperienceMaker`, the one recipe both runners share.
+    """
+
+    def __init__(
+        self, cfg: Config, actor_id: int, prompts: list[tuple[str, list[int]]], incarnation: int | None = None,
+        target: Target | None = None, log=None,
+    ):  # fmt: skip
         self.cfg = cfg
         self.actor_id = actor_id
         self.incarnation = incarnation if incarnation is not None else uuid.uuid4().int & 0x7FFFFFFF
-        self.target = load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True)
+        self.target = target or load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True)
         t = self.target
-        self.drafter = build_drafter(cfg.drafter, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, seed=cfg.seed).to(t.device).eval()
+        # a reduced draft vocabulary is chosen by the learner side from the SFT data; until the first weights
+        # arrive this copy holds a placeholder map (it drafts nothing before then)
+        self.drafter = build_drafter(cfg.drafter, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, seed=cfg.seed, placeholder_vocab=True).to(t.device).eval()
         self.drafter.requires_grad_(False)
-        self.replayer = Replayer(t, cfg.replay, cfg.rollout, batch_size=cfg.rollout.batch_size)
+        self.maker = ExperienceMaker(t, cfg, log=log)
         self.prompts = prompts
         self.policy_version = -1
         self.seq_no = 0
@@ -66,46 +72,32 @@ class RolloutWorker:
             self.cursor += 1
         return out
 
-    def produce(self) -> tuple[list[bytes], dict]:
-        """One batch: rollout + replay with the current weights -> encoded records and their stats."""
+    def produce(self, n: int | None = None) -> tuple[list[bytes], dict]:
+        """One batch of n prompts (default rollout.batch_size): rollout with the current weights -> encoded records."""
         cfg = self.cfg
-        batch = self._next_prompts(cfg.rollout.batch_size)
+        batch = self._next_prompts(n or cfg.rollout.batch_size)
         seed = int(self.rng.integers(1 << 31))
-        t0 = time.perf_counter()
-        seqs, rst = rollout(self.target, self.drafter, [p for _, p in batch], cfg.rollout, seed)
-        t1 = time.perf_counter()
-        anchors = [choose_anchors(s, cfg.replay.anchors, self.drafter.context_start() + 1, cfg.replay.max_anchors_per_seq, self.rng) for s in seqs]
-        blocks, rep = self.replayer.replay(self.drafter, seqs, anchors, seed)
-        t2 = time.perf_counter()
-        meta = {"batch": self.batch_no, "block_size": cfg.rollout.block_size, "temperature": cfg.rollout.temperature}
-        recs = make_records(seqs, blocks, [i for i, _ in batch], self.policy_version, self.actor_id, self.incarnation, self.seq_no, meta)
+        recs, st = self.maker.records(
+            self.drafter, batch, self.policy_version, self.actor_id, self.incarnation, self.seq_no, seed, self.rng, {"batch": self.batch_no}
+        )
         self.seq_no += len(recs)
         self.batch_no += 1
         data = [encode_record(r, max_bytes=cfg.cluster.max_record_bytes) for r in recs]
         stats = {
-            "tau": rst.tau, "alpha": rst.alpha, "tokens": rst.new_tokens, "rollout_s": t1 - t0, "anchors": rep.anchors,
-            "replay_s": t2 - t1, "records": len(data), "bytes": sum(map(len, data)), "policy_version": self.policy_version,
+            "tau": st.tau, "alpha": st.alpha, "tokens": st.tokens, "rollout_s": st.rollout_s, "anchors": st.replay_anchors,
+            "replay_s": st.replay_s, "records": len(data), "bytes": sum(map(len, data)), "policy_version": self.policy_version,
+            "path": st.path,
         }  # fmt: skip
         return data, stats
 
     def evaluate(self, prompt_ids: list[list[int]]) -> dict:
-        cfg = self.cfg
-        from dopd.common.evaluation import quick_tau
-
-        settings = DecodeSettings(
-            block_size=cfg.eval_block_size, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.rollout.batch_size, seed=cfg.seed,
-        )  # fmt: skip
-        st = quick_tau(self.target, self.drafter, prompt_ids, settings)
-        return {"tau": st.tau, "alpha": st.alpha, "policy_version": self.policy_version, "tokens_per_s": st.tokens_per_s}
+        res = self.maker.evaluate(self.drafter, prompt_ids)
+        res["policy_version"] = self.policy_version
+        return res
 
     def teacher_data(self, items: list[tuple[str, list[int]]]) -> list[bytes]:
-        """SFT warm-up data: the target answers these prompts, then scores its answers (encoded TeacherRecords)."""
-        cfg = self.cfg
-        answers = regenerate(self.target, [p for _, p in items], cfg.sft.max_new_tokens, cfg.sft.temperature, max(cfg.rollout.batch_size, 8), cfg.seed)
-        seqs = [(pid, ids + a, len(ids)) for (pid, ids), a in zip(items, answers)]
-        recs = teacher_records(self.target, self.drafter.feature_layers, seqs, cfg.rollout.topk)
-        return [encode_teacher(r) for r in recs]
+        """SFT warm-up data: the target's greedy answers to these prompts, teacher-forced (encoded TeacherRecords)."""
+        return [encode_teacher(r) for r in self.maker.teacher(self.drafter.feature_layers, items)]
 
 
 def _ray_actor_class():

@@ -1,13 +1,10 @@
-"""Error-position replay: the current drafter drafts again from where verification rejected it.
+"""Extra replay blocks (an ablation; the official recipe drafts nothing a second time).
 
-For each anchor (by default the committed prefix just before a rejected draft token) the drafter drafts R blocks
-of K tokens, conditioned on the true target features of that prefix, exactly as it would at inference. The target
-then scores every block of a sequence in ONE forward: the sequence and all its blocks are laid out side by side,
-each block token attending to its anchor's prefix and to its own block's earlier tokens (a tree mask), so the
-target's distribution at every block position costs one batched pass, not one pass per block.
-
-Anchor policies: `error` (Draft-OPD), `random` (the paper's ablation: as many anchors as errors, uniformly over
-the answer), `all` (every answer position), `none`.
+For each chosen anchor the current drafter drafts R blocks of K tokens, conditioned on the true target features of
+that prefix, exactly as it would at inference; the target scores every block of a sequence in ONE tree-masked
+forward (`actors/scoring.py`). Anchor policies (`replay.extra`): `error` (the committed prefix just before each
+rejected draft token, dopd's first-wave mechanism), `random` (as many anchors, uniformly over the answer), `all`
+(every answer position), `none`.
 """
 
 from __future__ import annotations
@@ -21,11 +18,11 @@ import torch
 from dopd.common.config import ReplayConfig, RolloutConfig
 from dopd.common.drafters import Drafter
 from dopd.common.models import Target
-from dopd.common.record import SOURCE_REPLAY, Blocks
+from dopd.common.record import SOURCE_REPLAY, STREAM_BOTH, Blocks
 from dopd.common.sampling import processed_probs
-from dopd.common.specdec import SeqResult
 
-from .rollout import error_positions
+from .rollout import Rolled, error_positions
+from .scoring import score_branches
 
 
 @dataclass
@@ -37,10 +34,10 @@ class ReplayStats:
     target_s: float = 0.0
 
 
-def choose_anchors(seq: SeqResult, policy: str, min_anchor: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+def choose_anchors(seq: Rolled, policy: str, min_anchor: int, cap: int, rng: np.random.Generator) -> np.ndarray:
     """Prefix lengths to replay from, sorted; always inside the answer and at least `min_anchor`."""
-    n = len(seq.prompt_ids) + len(seq.output_ids)
-    lo = max(len(seq.prompt_ids), min_anchor)
+    n = len(seq.tokens)
+    lo = max(seq.prompt_len, min_anchor)
     span = np.arange(lo, n, dtype=np.int64)
     if policy == "none" or span.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -59,14 +56,6 @@ def choose_anchors(seq: SeqResult, policy: str, min_anchor: int, cap: int, rng: 
     return np.sort(a)
 
 
-def _pad_features(seqs: list[SeqResult], S: int, dev, dtype) -> torch.Tensor:
-    F = seqs[0].features.shape[1]
-    out = torch.zeros(len(seqs), S, F, device=dev, dtype=dtype)
-    for i, s in enumerate(seqs):
-        out[i, : s.features.shape[0]] = s.features.to(dev, dtype)
-    return out
-
-
 class Replayer:
     """Drafts blocks from anchors with a drafter and has the target score them (one tree forward per batch)."""
 
@@ -77,9 +66,7 @@ class Replayer:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def replay(
-        self, drafter: Drafter, seqs: list[SeqResult], anchors: list[np.ndarray], seed: int
-    ) -> tuple[list[Blocks], ReplayStats]:
+    def replay(self, drafter: Drafter, seqs: list[Rolled], anchors: list[np.ndarray], seed: int) -> tuple[list[Blocks], ReplayStats]:
         K, R, topk = self.rollout_cfg.block_size, self.cfg.num_blocks, self.rollout_cfg.topk
         stats = ReplayStats()
         out: list[Blocks] = [Blocks.empty(K, topk) for _ in seqs]
@@ -106,63 +93,37 @@ class Replayer:
             drafter.train(was)
         return out, stats
 
-    def _draft(self, drafter: Drafter, seqs: list[SeqResult], anchors: list[np.ndarray], K: int, gen) -> dict:
+    def _draft(self, drafter: Drafter, seqs: list[Rolled], anchors: list[np.ndarray], K: int, gen) -> dict:
         dev = self.target.device
-        lens = [len(s.prompt_ids) + len(s.output_ids) for s in seqs]
+        lens = [len(s.tokens) for s in seqs]
         S = max(lens)
-        M = max(a.size for a in anchors)
         tokens = torch.zeros(len(seqs), S, dtype=torch.long, device=dev)
+        feats = torch.zeros(len(seqs), S, seqs[0].features.shape[1], device=dev)
         for i, s in enumerate(seqs):
-            tokens[i, : lens[i]] = torch.tensor(s.prompt_ids + s.output_ids, device=dev)
-        feats = _pad_features(seqs, S, dev, torch.float32)
+            tokens[i, : lens[i]] = torch.tensor(s.tokens, device=dev)
+            f = s.features[: lens[i] - 1]
+            feats[i, : f.shape[0]] = f.to(dev, torch.float32)
+        M = max(a.size for a in anchors)
         anc = torch.zeros(len(seqs), M, dtype=torch.long, device=dev)
         for i, a in enumerate(anchors):
             anc[i, : a.size] = torch.as_tensor(a, device=dev)
-        lengths = torch.tensor(lens, device=dev)
-        ids, lp, q_tok = drafter.draft_blocks(tokens, feats, lengths, anc, K, self.cfg.temperature, gen)
-        return dict(tokens=tokens, lengths=lens, anchors=anchors, anc=anc, ids=ids, lp=lp, q=q_tok, scored=0)
+        ids, lp, q_tok = drafter.draft_blocks(tokens, feats, torch.tensor(lens, device=dev), anc, K, self.cfg.temperature, gen)
+        return dict(seqs=seqs, anchors=anchors, ids=ids, lp=lp, q=q_tok, scored=0)
 
     def _score(self, ch: dict, K: int, topk: int, gen) -> list[Blocks]:
-        """One target forward over [sequence | block tokens] per row with a tree mask; top-k at every block position."""
-        dev = self.target.device
-        tokens, lens, anchors, ids = ch["tokens"], ch["lengths"], ch["anchors"], ch["ids"]
-        b = tokens.shape[0]
-        J = K - 1  # block tokens fed as inputs (d_1..d_{K-1}); position 1 is scored at the prefix's last token
-        L = [n + a.size * J for n, a in zip(lens, anchors)]
-        Lmax = max(L)
-        inp = torch.zeros(b, Lmax, dtype=torch.long, device=dev)
-        pos = torch.zeros(b, Lmax, dtype=torch.long, device=dev)
-        mask = torch.zeros(b, Lmax, Lmax, dtype=torch.bool, device=dev)
-        ar = torch.arange(Lmax, device=dev)
-        for i in range(b):
-            n, a = lens[i], torch.as_tensor(anchors[i], device=dev)
-            M = a.numel()
-            inp[i, :n] = tokens[i, :n]
-            pos[i, :n] = torch.arange(n, device=dev)
-            mask[i, :n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool, device=dev))
-            if J > 0 and M:
-                inp[i, n : L[i]] = ids[i, :M, :J].reshape(-1)
-                jj = torch.arange(J, device=dev)
-                pos[i, n : L[i]] = (a[:, None] + jj[None, :]).reshape(-1)
-                q_blk = torch.arange(M, device=dev).repeat_interleave(J)  # block of each query
-                q_j = jj.repeat(M)
-                rows = n + torch.arange(M * J, device=dev)
-                see_prefix = ar[None, :n] < a[q_blk][:, None]  # [MJ, n]
-                mask[i, rows[:, None], ar[None, :n]] = see_prefix
-                k_blk, k_j = q_blk, q_j
-                own = (q_blk[:, None] == k_blk[None, :]) & (k_j[None, :] <= q_j[:, None])
-                mask[i, rows[:, None], rows[None, :]] = own
-            mask[i, L[i] :, L[i] :] = torch.eye(Lmax - L[i], dtype=torch.bool, device=dev)
-        hidden = self.target.model.model(input_ids=inp, attention_mask=mask[:, None], position_ids=pos, use_cache=False).last_hidden_state
-        ch["scored"] = sum(L)
+        """Branch (a, d_1..d_{K-1}) per block; position 1 is read at the prefix's last row, j+1 after d_j."""
+        seqs, anchors, ids = ch["seqs"], ch["anchors"], ch["ids"]
+        branches = [[(int(a), ids[i, m, : K - 1].tolist()) for m, a in enumerate(anchors[i])] for i in range(len(seqs))]
+        seq_h, br_h = score_branches(self.target, [s.tokens for s in seqs], branches)
+        ch["scored"] = sum(len(s.tokens) + anchors[i].size * (K - 1) for i, s in enumerate(seqs))
         head = self.target.lm_head
         greedy = self.rollout_cfg.temperature <= 0
+        dev = self.target.device
         out = []
-        for i in range(b):
-            n, a = lens[i], torch.as_tensor(anchors[i], device=dev)
+        for i in range(len(seqs)):
+            a = torch.as_tensor(anchors[i], device=dev)
             M = a.numel()
-            rows = [a - 1] + [n + torch.arange(M, device=dev) * J + j for j in range(J)]
-            h = hidden[i, torch.stack(rows, 1)]  # [M, K, H]
+            h = torch.stack([torch.cat([seq_h[i][int(x) - 1 : int(x)], br_h[i][m]], 0) for m, x in enumerate(anchors[i])])  # [M,K,H]
             logits = head(h).float()
             lsm = torch.log_softmax(logits, -1)
             d = ids[i, :M]
@@ -187,6 +148,7 @@ class Replayer:
                     target_draft_prob=p_d.cpu().numpy(),
                     accept_mask=accept.cpu().numpy(),
                     source=np.full(M, SOURCE_REPLAY, dtype=np.uint8),
+                    streams=np.full(M, STREAM_BOTH, dtype=np.uint8),
                 )
             )
         return out

@@ -2,12 +2,16 @@
 
 Because the target verifies every token, the committed text is the target's own (greedy at T=0, exactly the
 target's sampling distribution at T>0) while every verification step exposes where *this* drafter fails on
-prefixes its own proposals produced. Per sequence we keep the committed tokens, the target features of every
-committed position, and one verification record per step; the steps where a draft token was rejected are the
-error positions that replay starts from.
+prefixes its own proposals produced. Two paths give the same `Rolled` sequences:
+
+- `engine_rollout`: the speculative engine decodes step by step (any temperature; the reference path);
+- `actors/resegmented.py`: at T = 0, the cached greedy text re-segmented by the current drafter (drafter forwards
+  only; the target scores only drafted tokens after a first rejection, when the loss needs them).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,8 +19,25 @@ import torch
 from dopd.common.config import RolloutConfig
 from dopd.common.drafters import Drafter
 from dopd.common.models import Target
-from dopd.common.record import SOURCE_ROLLOUT, Blocks, ExperienceRecord
+from dopd.common.record import SOURCE_ROLLOUT, STREAM_ACC, STREAM_BOTH, Blocks, TeacherRecord
 from dopd.common.specdec import DecodeSettings, EngineStats, SeqResult, SpecEngine
+
+
+@dataclass
+class Rolled:
+    """One rolled-out sequence, whichever path produced it."""
+
+    prompt_id: str
+    tokens: list[int]  # prompt + committed answer
+    prompt_len: int
+    features: torch.Tensor  # [>= n-1, F] target features (position t at row t)
+    blocks: Blocks  # the rollout's verification steps, one block each (source rollout)
+    scored: bool  # the blocks hold the target's distribution after the first rejection (the rejected stream)
+    teacher: TeacherRecord | None = None  # the target's top-k at every position (rows >= n-1), when known
+
+    @property
+    def accepted(self) -> np.ndarray:
+        return self.blocks.accept_mask.astype(np.int64).cumprod(-1).sum(-1)
 
 
 def rollout_settings(cfg: RolloutConfig, seed: int) -> DecodeSettings:
@@ -36,25 +57,8 @@ def rollout(target: Target, drafter: Drafter, prompt_ids: list[list[int]], cfg: 
         drafter.train(was)
 
 
-def error_positions(seq: SeqResult) -> np.ndarray:
-    """Prefix lengths just before each rejected draft token (a + number accepted), inside the final sequence.
-
-    A step with prefix a that accepted n < K drafts rejected the token at position a+n: replay drafts again from
-    the committed prefix x_0..x_{a+n-1}. Steps where everything was accepted expose no error.
-    """
-    total = len(seq.prompt_ids) + len(seq.output_ids)
-    out = []
-    for st in seq.steps:
-        K = len(st.draft_tokens)
-        n_acc = int(st.accept_mask.sum())
-        pos = st.prefix_len + n_acc
-        if n_acc < K and pos < total:
-            out.append(pos)
-    return np.asarray(out, dtype=np.int64)
-
-
 def rollout_blocks(seq: SeqResult) -> Blocks:
-    """The rollout's own verification steps as training blocks (source = rollout)."""
+    """The rollout's own verification steps as training blocks (source = rollout, both streams)."""
     if not seq.steps:
         raise ValueError("rollout_blocks needs a sequence decoded with record=True")
     st = seq.steps
@@ -68,29 +72,36 @@ def rollout_blocks(seq: SeqResult) -> Blocks:
         target_draft_prob=np.stack([s.target_draft_prob for s in st]).astype(np.float32),
         accept_mask=np.stack([s.accept_mask for s in st]).astype(np.bool_),
         source=np.full(len(st), SOURCE_ROLLOUT, dtype=np.uint8),
+        streams=np.full(len(st), STREAM_BOTH, dtype=np.uint8),
     )
 
 
-def make_records(
-    seqs: list[SeqResult],
-    replayed: list[Blocks],
-    prompt_ids: list[str],
-    version: int,
-    actor_id: int,
-    incarnation: int,
-    seq_no: int,
-    meta: dict,
-) -> list[ExperienceRecord]:
-    """Rollout steps + replayed blocks of each sequence -> one experience record per sequence (bf16 features)."""
-    out = []
-    for i, (s, rb, pid) in enumerate(zip(seqs, replayed, prompt_ids)):
-        tok = np.asarray(s.prompt_ids + s.output_ids, dtype=np.int32)
-        blocks = Blocks.concat([rollout_blocks(s), rb]) if s.steps else rb
-        out.append(
-            ExperienceRecord(
-                prompt_id=pid, token_ids=tok, prompt_len=len(s.prompt_ids), blocks=blocks,
-                features=s.features.to(torch.bfloat16), actor_id=actor_id, incarnation=incarnation,
-                seq_no=seq_no + i, policy_version=version, meta=meta,
-            )  # fmt: skip
-        )
-    return out
+def engine_rollout(
+    target: Target, drafter: Drafter, prompts: list[tuple[str, list[int]]], cfg: RolloutConfig, seed: int
+) -> tuple[list[Rolled], EngineStats]:
+    """The engine path: every verification step's target distribution comes from the verification itself."""
+    seqs, st = rollout(target, drafter, [p for _, p in prompts], cfg, seed)
+    out = [
+        Rolled(pid, s.prompt_ids + s.output_ids, len(s.prompt_ids), s.features, rollout_blocks(s), scored=True)
+        for (pid, _), s in zip(prompts, seqs)
+    ]
+    return out, st
+
+
+def error_positions(seq: Rolled) -> np.ndarray:
+    """Prefix lengths just before each rejected draft token (a + number accepted), inside the final sequence.
+
+    A step with prefix a that accepted n < K drafts rejected the token at position a+n: error replay drafts again
+    from the committed prefix x_0..x_{a+n-1}. Steps where everything was accepted expose no error.
+    """
+    b = seq.blocks
+    K = b.block_size
+    acc = seq.accepted
+    pos = b.anchor.astype(np.int64) + acc
+    keep = (acc < K) & (pos < len(seq.tokens))
+    return pos[keep]
+
+
+def acc_only(b: Blocks) -> Blocks:
+    """The same blocks feeding only the accepted stream (their post-rejection targets were not scored)."""
+    return Blocks(**{**{f: getattr(b, f) for f in Blocks.FIELDS}, "streams": np.full(len(b), STREAM_ACC, dtype=np.uint8)})

@@ -27,6 +27,7 @@ def smollm2_like_record(seed: int, n: int = 250, F: int = 3 * 576, M: int = 100,
         draft_logprobs=g.normal(size=(M, K)).astype(np.float32), target_topk_ids=g.integers(0, 49152, (M, K, k)).astype(np.int32),
         target_topk_probs=g.random((M, K, k)).astype(np.float32), target_tail=g.random((M, K)).astype(np.float32),
         target_draft_prob=g.random((M, K)).astype(np.float32), accept_mask=g.random((M, K)) < 0.5, source=g.integers(0, 2, M).astype(np.uint8),
+        streams=np.full(M, 3, dtype=np.uint8),
     )  # fmt: skip
     feats = torch.randn(n - 1, F).to(torch.bfloat16)
     return encode_record(ExperienceRecord(f"p{seed}", g.integers(0, 49152, n).astype(np.int32), 100, b, feats, seq_no=seed))

@@ -69,36 +69,52 @@ class RolloutConfig:
     max_new_tokens: int = 64
     batch_size: int = 4  # sequences decoded together (per actor)
     topk: int = 16  # target top-k kept per draft position in records
+    # "auto": at T = 0 the target's greedy text is decoded once (cached) and the current drafter re-segments it
+    # (common/resegment.py), at T > 0 the engine decodes; "engine": always the engine (the slow reference path)
+    path: Literal["auto", "engine"] = "auto"
 
 
 @dataclass
 class ReplayConfig:
-    """Error-position replay: the drafter drafts again from where verification rejected it."""
+    """Where the trained blocks start. The official Draft-OPD code trains the rollout's own verification blocks,
+    re-run with the current weights, and drafts nothing a second time; everything else here is an ablation."""
 
-    anchors: Literal["error", "random", "all", "none"] = "error"
-    num_blocks: int = 1  # R blocks per anchor
-    temperature: float = 0.0  # 0 = greedy replay drafts
+    # "rollout": the rollout's block starts (official); "shuffled": the paper's random-anchor ablation (the same
+    # multiset of segment lengths shuffled over the response, for the accepted stream; the rejected stream stays at
+    # the true block starts)
+    anchors: Literal["rollout", "shuffled"] = "rollout"
+    # extra blocks drafted again from chosen positions and scored by the target (dopd's first-wave mechanism, kept
+    # as an option): "error" (the committed prefix before each rejected token), "random" (as many, uniformly over
+    # the answer), "all" (every answer position), "none" (official)
+    extra: Literal["none", "error", "random", "all"] = "none"
+    num_blocks: int = 1  # R extra blocks per extra anchor
+    temperature: float = 0.0  # 0 = greedy extra drafts
     max_anchors_per_seq: int = 64
 
 
 @dataclass
 class LossConfig:
-    """Acceptance-aware distillation (Draft-OPD) and the SFT objectives."""
+    """Acceptance-aware distillation (Draft-OPD) and the SFT objectives.
 
-    acc_divergence: Literal["fkl", "tv", "jsd", "bernoulli"] = "fkl"
-    # top-k forward KL, not the paper's k3 estimator: with k3 held-out tau FELL on SmolLM2 (1.711 -> 1.58 in 10
-    # steps, docs/plateau/README.md) and the official EAGLE-3 recipe turns the rejected stream off; "k3" restores it
-    rej_divergence: Literal["k3", "bernoulli", "fkl", "tv", "jsd"] = "fkl"
+    A None field takes the official Draft-OPD recipe's value for the drafter kind (`Config.effective_loss`):
+    DFlash: blocks at the rollout's block starts, accepted stream = Bernoulli forward KL on the target's token,
+    rejected stream = k3 on the drafted tokens (lambda 1); EAGLE-3: full training-time test over every response
+    position (soft cross-entropy to the target, 0.8^step), rejected stream off (lambda 0).
+    """
+
+    response: Literal["blocks", "ttt"] | None = None  # accepted stream: verification blocks | TTT at every position
+    acc_divergence: Literal["fkl", "tv", "jsd", "bernoulli"] | None = None  # bernoulli: on the target's top-1 token
+    rej_divergence: Literal["k3", "bernoulli", "fkl", "tv", "jsd"] = "k3"  # k3 / bernoulli: on the drafted token
     lambda_acc: float = 1.0
-    lambda_rej: float = 1.0
+    lambda_rej: float | None = None
     gamma: float = 0.8
-    # offset 1 = the first rejected position (the issue's definition); "block" = 1 at the block's first draft
-    # position, as the official Draft-OPD code counts it.
-    gamma_offset: Literal["rejection", "block"] = "rejection"
-    # the first rejected position is also distilled toward the target (accepted-stream divergence): its target
-    # distribution is still conditioned on a correct prefix. The official code does this ("pull up the target's
-    # token, push down the drafter's"); false = the accepted stream is the accepted positions only.
+    # offset 1 = the block's first draft position (official: the first rejected token already weighs
+    # gamma^accepted); "rejection" = offset 1 at the first rejected position (dopd's first-wave choice)
+    gamma_offset: Literal["block", "rejection"] = "block"
+    # the first rejected position is also distilled toward the target (accepted-stream divergence), as the official
+    # code does: pull the target's token up where the rejected stream pushes the drafter's down
     acc_at_first_rejection: bool = True
+    clamp: float | None = 10.0  # per-position loss clamp of the block objective (official: 10); None = off
     sft_objective: Literal["kl", "ce", "both"] = "kl"
     ttt_depth: int | None = None  # EAGLE-3 training-time-test unroll depth; None = block_size
     ttt_step_weight: float = 0.8  # weight of unroll step j is ttt_step_weight**(j-1)
@@ -140,10 +156,13 @@ class LearnerConfig:
 class EvalConfig:
     """Held-out acceptance length."""
 
-    num_prompts: int = 8
-    max_new_tokens: int = 48
+    num_prompts: int = 16
+    max_new_tokens: int = 128
     block_size: int | None = None  # None = rollout.block_size
     temperature: float = 0.0
+    # at T = 0: exact tau from the cached greedy text with drafter forwards only (common/resegment.py); false =
+    # decode with the engine (also the path at T > 0)
+    simulate: bool = True
 
 
 @dataclass
@@ -232,7 +251,24 @@ class Config:
             raise ConfigError("cluster.shards must be >= 1")
         if self.drafter.num_layers < 1:
             raise ConfigError("drafter.num_layers must be >= 1")
+        lc = self.effective_loss()
+        if lc.response == "ttt" and self.replay.anchors == "shuffled":
+            raise ConfigError("replay.anchors=shuffled moves the accepted stream's blocks, but loss.response=ttt trains every position (no blocks): use loss.response=blocks")
+        if lc.clamp is not None and lc.clamp <= 0:
+            raise ConfigError(f"loss.clamp must be > 0 or null (got {lc.clamp})")
         return self
+
+    def effective_loss(self) -> LossConfig:
+        """The loss settings with every None replaced by the official recipe's value for this drafter kind."""
+        lc = dataclasses.replace(self.loss)
+        eagle = self.drafter.kind == "eagle3"
+        if lc.response is None:
+            lc.response = "ttt" if eagle else "blocks"
+        if lc.acc_divergence is None:
+            lc.acc_divergence = "fkl" if eagle else "bernoulli"
+        if lc.lambda_rej is None:
+            lc.lambda_rej = 0.0 if eagle else 1.0
+        return lc
 
     @property
     def eval_block_size(self) -> int:

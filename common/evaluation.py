@@ -6,11 +6,13 @@ Used by `dopd eval` and by the trainers' periodic held-out tau, so a number in a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .drafters import Drafter
+from .errors import PromptError
 from .models import Target
 from .specdec import DecodeSettings, EngineStats, SeqResult, SpecEngine
 
@@ -22,9 +24,10 @@ class EvalReport:
     num_steps: int
     num_prompts: int
     new_tokens: int
-    tokens_per_s: float
+    tokens_per_s: float | None
     wall_s: float
     baseline_tokens_per_s: float | None = None
+    simulated: bool = False  # tau from the cached greedy text and drafter forwards (exact at T = 0; no speeds)
     speedup: float | None = None
     identical_to_target: bool | None = None
     first_mismatch: dict | None = None
@@ -82,3 +85,44 @@ def quick_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]], set
     finally:
         drafter.train(was_training)
     return st
+
+
+def evaluate_simulated(target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings) -> tuple[EvalReport, list]:
+    """`dopd eval --simulate`: the report's tau and alpha without decoding (speeds are not measured: None)."""
+    from .greedy import greedy_texts
+
+    t0 = time.perf_counter()
+    st = simulated_tau(target, drafter, prompt_ids, settings)
+    texts = greedy_texts(target, prompt_ids, settings.max_new_tokens, settings.batch_size)
+    rep = EvalReport(
+        tau=st.tau, alpha=st.alpha, num_steps=st.num_steps, num_prompts=len(prompt_ids), new_tokens=st.new_tokens,
+        tokens_per_s=None, wall_s=time.perf_counter() - t0, simulated=True,
+    )  # fmt: skip
+    return rep, texts
+
+
+def simulated_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, cache: dict | None = None) -> EngineStats:
+    """Exact greedy tau / alpha from the cached greedy text with drafter forwards only (`common/resegment.py`).
+
+    `cache` (optional, per process) keeps each prompt's text and prefill features between calls: a trainer's
+    periodic held-out evaluation then costs drafter forwards only.
+    """
+    from .greedy import greedy_texts, prefill
+    from .resegment import segment, stats_of
+
+    if settings.temperature > 0:
+        raise PromptError(f"simulated tau is exact for greedy decoding only (temperature {settings.temperature} > 0): evaluate without --simulate")
+    SpecEngine(target, drafter).check_prompts(prompt_ids, settings)
+    K = settings.block_size
+    cache = {} if cache is None else cache
+    key = lambda p: (tuple(p), settings.max_new_tokens, tuple(drafter.feature_layers))  # noqa: E731
+    todo = [p for p in prompt_ids if key(p) not in cache]
+    if todo:
+        texts = greedy_texts(target, todo, settings.max_new_tokens, settings.batch_size)
+        pre = prefill(target, drafter.feature_layers, [("", t.tokens, t.prompt_len) for t in texts], 1, batch_size=max(1, settings.batch_size // 2))
+        for p, t, r in zip(todo, texts, pre):
+            cache[key(p)] = (t, r.features)
+    t0 = time.perf_counter()
+    texts, feats = zip(*[cache[key(p)] for p in prompt_ids])
+    segs = segment(drafter, list(texts), list(feats), K, batch_size=settings.batch_size)
+    return stats_of(segs, K, sum(len(t.answer) for t in texts), time.perf_counter() - t0)

@@ -22,12 +22,17 @@ import torch
 
 from .errors import RecordError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: blocks carry the loss streams they feed; records may carry the per-position teacher
 KIND = "dopd.experience"
-SOURCE_ROLLOUT, SOURCE_REPLAY = 0, 1
-SOURCES = {"rollout": SOURCE_ROLLOUT, "replay": SOURCE_REPLAY}
+SOURCE_ROLLOUT, SOURCE_REPLAY, SOURCE_SHUFFLED = 0, 1, 2
+SOURCES = {"rollout": SOURCE_ROLLOUT, "replay": SOURCE_REPLAY, "shuffled": SOURCE_SHUFFLED}
+# which loss streams a block feeds (bit flags): the accepted stream (accepted positions + the first rejection,
+# labelled by the target) and the rejected stream (drafted tokens from the first rejection on, scored by the target)
+STREAM_ACC, STREAM_REJ = 1, 2
+STREAM_BOTH = STREAM_ACC | STREAM_REJ
 DEFAULT_MAX_BYTES = 64 * 2**20
 
+_TEACHER = ("topk_ids", "topk_probs", "tail")
 _NP_DTYPES = {"int32": np.int32, "int64": np.int64, "float32": np.float32, "float16": np.float16, "bool": np.bool_, "uint8": np.uint8}
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -44,11 +49,12 @@ class Blocks:
     target_tail: np.ndarray  # [M, K] float32 mass outside the top-k
     target_draft_prob: np.ndarray  # [M, K] float32 p(d)
     accept_mask: np.ndarray  # [M, K] bool
-    source: np.ndarray  # [M] uint8: 0 rollout, 1 replay
+    source: np.ndarray  # [M] uint8: 0 rollout, 1 replay, 2 shuffled anchors (the random-anchor ablation)
+    streams: np.ndarray  # [M] uint8 bit flags STREAM_ACC | STREAM_REJ: the loss streams this block feeds
 
     FIELDS = (
         "anchor", "draft_tokens", "draft_logprobs", "target_topk_ids", "target_topk_probs",
-        "target_tail", "target_draft_prob", "accept_mask", "source",
+        "target_tail", "target_draft_prob", "accept_mask", "source", "streams",
     )  # fmt: skip
 
     def __len__(self) -> int:
@@ -67,7 +73,7 @@ class Blocks:
         z = lambda *s, dt=np.float32: np.zeros(s, dtype=dt)  # noqa: E731
         return cls(
             z(0, dt=np.int32), z(0, K, dt=np.int32), z(0, K), z(0, K, k, dt=np.int32), z(0, K, k), z(0, K), z(0, K),
-            z(0, K, dt=np.bool_), z(0, dt=np.uint8),
+            z(0, K, dt=np.bool_), z(0, dt=np.uint8), z(0, dt=np.uint8),
         )
 
     def select(self, idx: np.ndarray) -> Blocks:
@@ -86,6 +92,11 @@ class ExperienceRecord:
     seq_no: int = 0
     policy_version: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    # the target's top-k (+ tail) for token t+1 at every position t (0..n-2), when the recipe trains on every
+    # response position (EAGLE-3's training-time test); None otherwise
+    teacher_topk_ids: np.ndarray | None = None  # [n-1, k] int32
+    teacher_topk_probs: np.ndarray | None = None  # [n-1, k] float32
+    teacher_tail: np.ndarray | None = None  # [n-1] float32
 
     @property
     def uid(self) -> tuple[int, int, int]:
@@ -94,6 +105,15 @@ class ExperienceRecord:
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def as_teacher(self) -> TeacherRecord:
+        """The sequence as teacher-forced SFT data (needs the per-position teacher arrays)."""
+        if self.teacher_topk_ids is None or self.features is None:
+            raise RecordError(f"record {self.uid} carries no per-position teacher top-k (the recipe needs loss.response=ttt data)")
+        return TeacherRecord(
+            self.prompt_id, self.token_ids, self.prompt_len, self.features, self.teacher_topk_ids,
+            self.teacher_topk_probs, self.teacher_tail,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,6 +181,7 @@ def encode_record(rec: ExperienceRecord, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         "token_ids": _pack_array(np.asarray(rec.token_ids, dtype=np.int32)),
         "features": None if rec.features is None else _pack_array(rec.features),
         "blocks": {f: _pack_array(getattr(rec.blocks, f)) for f in Blocks.FIELDS},
+        "teacher": None if rec.teacher_topk_ids is None else {f: _pack_array(getattr(rec, f"teacher_{f}")) for f in _TEACHER},
     }
     data = msgpack.packb(msg, use_bin_type=True)
     if len(data) > max_bytes:
@@ -196,6 +217,10 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Experience
             raise RecordError("malformed record: blocks must hold exactly " + ", ".join(Blocks.FIELDS))
         blocks = Blocks(**{f: _unpack_array(blocks_raw[f], f"blocks.{f}", limit) for f in Blocks.FIELDS})
         feats = msg["features"]
+        teacher = msg.get("teacher")
+        if teacher is not None and (not isinstance(teacher, dict) or set(teacher) != set(_TEACHER)):
+            raise RecordError("malformed record: teacher must hold exactly " + ", ".join(_TEACHER))
+        tch = {f"teacher_{f}": _unpack_array(teacher[f], f"teacher.{f}", limit) for f in _TEACHER} if teacher else {}
         rec = ExperienceRecord(
             prompt_id=str(msg["prompt_id"]),
             token_ids=_unpack_array(msg["token_ids"], "token_ids", limit),
@@ -207,6 +232,7 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Experience
             seq_no=int(msg["seq_no"]),
             policy_version=int(msg["policy_version"]),
             meta=dict(msg.get("meta") or {}),
+            **tch,
         )
     except KeyError as e:
         raise RecordError(f"malformed record: missing field {e}") from None
@@ -237,7 +263,7 @@ def validate_record(rec: ExperienceRecord) -> None:
     want = {
         "anchor": ((M,), "i"), "draft_tokens": ((M, K), "i"), "draft_logprobs": ((M, K), "f"),
         "target_topk_ids": ((M, K, k), "i"), "target_topk_probs": ((M, K, k), "f"), "target_tail": ((M, K), "f"),
-        "target_draft_prob": ((M, K), "f"), "accept_mask": ((M, K), "b"), "source": ((M,), "u"),
+        "target_draft_prob": ((M, K), "f"), "accept_mask": ((M, K), "b"), "source": ((M,), "u"), "streams": ((M,), "u"),
     }  # fmt: skip
     for f, (shape, kind) in want.items():
         a = getattr(b, f)
@@ -248,6 +274,16 @@ def validate_record(rec: ExperienceRecord) -> None:
         raise RecordError(f"malformed record: block anchors must be within 1..{n}")
     if M and not np.isin(b.source, list(SOURCES.values())).all():
         raise RecordError("malformed record: unknown block source")
+    if M and ((b.streams == 0) | (b.streams > STREAM_BOTH)).any():
+        raise RecordError("malformed record: blocks.streams must be 1 (accepted), 2 (rejected) or 3 (both)")
+    if rec.teacher_topk_ids is not None:
+        ti, tp, tt = rec.teacher_topk_ids, rec.teacher_topk_probs, rec.teacher_tail
+        if not (isinstance(ti, np.ndarray) and isinstance(tp, np.ndarray) and isinstance(tt, np.ndarray)):
+            raise RecordError("malformed record: teacher arrays must all be present")
+        if ti.ndim != 2 or ti.shape[0] != n - 1 or tp.shape != ti.shape or tt.shape != (n - 1,) or ti.dtype.kind != "i":
+            raise RecordError(f"malformed record: teacher top-k must be [{n - 1}, k] ids and probs and a [{n - 1}] tail")
+        if not (np.isfinite(tp).all() and np.isfinite(tt).all()):
+            raise RecordError("malformed record: teacher probabilities hold NaN or inf")
     if rec.features is not None:
         f = rec.features
         if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] != n - 1:

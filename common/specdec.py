@@ -41,6 +41,7 @@ class DecodeSettings:
     topk: int = 16  # target top-k kept in records
     keep_features: bool = False  # return the target features of every committed position
     seed: int = 0
+    stop_at_eos: bool = True  # False: decode past EOS to max_new_tokens (the greedy-text cache's lookahead)
 
 
 @dataclass
@@ -255,7 +256,7 @@ class SpecEngine:
             count = verdict.num_accepted + 1
             room = settings.max_new_tokens - (nb - torch.tensor([plen[i] for i in act.tolist()], device=dev))
             idx = torch.arange(K + 1, device=dev)[None]
-            is_eos = torch.isin(cand, self.eos) & (idx < count[:, None])
+            is_eos = torch.isin(cand, self.eos) & (idx < count[:, None]) & settings.stop_at_eos
             first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, count)
             keep = torch.minimum(torch.minimum(count, first_eos), room)
             eos_hit = is_eos.any(1) & (first_eos <= keep)

@@ -79,13 +79,14 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
     dump_outputs: Optional[Path] = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
     no_baseline: bool = typer.Option(False, help="skip plain target decoding (no speedup / identity check)"),
+    simulate: bool = typer.Option(False, help="T = 0 only: exact tau/alpha from the target's cached greedy text with drafter forwards only (no decoding, no speeds)"),
 ) -> None:
     """Speculative decoding on held-out prompts: tau, per-position acceptance, tokens/s vs plain decoding."""
     _setup_torch(threads)
     from tqdm import tqdm
 
     from dopd.common.drafters import drafter_for_target
-    from dopd.common.evaluation import evaluate
+    from dopd.common.evaluation import evaluate, evaluate_simulated
     from dopd.common.models import load_target
     from dopd.common.prompts import BUILTIN_SETS, encode_all, load_prompt_set, split_prompts
     from dopd.common.specdec import DecodeSettings
@@ -104,8 +105,13 @@ def eval_cmd(
             block_size=block_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             batch_size=batch_size, seed=seed,
         )  # fmt: skip
-        with tqdm(total=len(ids), desc="eval", unit="prompt", disable=not sys.stderr.isatty()) as bar:
-            rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=not no_baseline, progress=bar.update)
+        if simulate:
+            rep, texts = evaluate_simulated(tgt, d, ids, settings)
+            outputs = [(t.prompt_ids, t.answer) for t in texts]
+        else:
+            with tqdm(total=len(ids), desc="eval", unit="prompt", disable=not sys.stderr.isatty()) as bar:
+                rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=not no_baseline, progress=bar.update)
+            outputs = [(r.prompt_ids, r.output_ids) for r in spec]
     except DopdError as e:
         _fail(e)
     out = {
@@ -128,7 +134,10 @@ def eval_cmd(
     typer.echo(f"{'prompts':22s} {len(ids)} from {prompts}, {rep.new_tokens} new tokens, K={block_size}, T={temperature}")
     typer.echo(f"{'tau (tokens/step)':22s} {rep.tau:.3f}   over {rep.num_steps} verification steps")
     typer.echo(f"{'alpha per position':22s} " + " ".join(f"{a:.2f}" for a in rep.alpha))
-    typer.echo(f"{'speculative tok/s':22s} {rep.tokens_per_s:.1f}")
+    if rep.tokens_per_s is not None:
+        typer.echo(f"{'speculative tok/s':22s} {rep.tokens_per_s:.1f}")
+    else:
+        typer.echo(f"{'simulated':22s} exact greedy tau from the cached target text ({rep.wall_s:.1f}s, drafter forwards only)")
     if rep.baseline_tokens_per_s is not None:
         typer.echo(f"{'plain target tok/s':22s} {rep.baseline_tokens_per_s:.1f}   speedup {rep.speedup:.2f}x")
     if rep.identical_to_target is not None:
@@ -139,8 +148,8 @@ def eval_cmd(
     if dump_outputs:
         dump_outputs.parent.mkdir(parents=True, exist_ok=True)
         with open(dump_outputs, "w") as f:
-            for p, r in zip(chosen, spec):
-                f.write(json.dumps({"id": p.id, "prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": tgt.tokenizer.decode(r.output_ids)}) + "\n")
+            for p, (pids, oids) in zip(chosen, outputs):
+                f.write(json.dumps({"id": p.id, "prompt_ids": pids, "output_ids": oids, "text": tgt.tokenizer.decode(oids)}) + "\n")
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -185,7 +194,7 @@ def train_cmd(
             summary = run_distributed(cfg, resume=resume is not None)
             typer.echo(json.dumps(summary, indent=1))
         else:
-            from dopd.learner.trainer import Trainer
+            from dopd.local import Trainer
 
             summary = Trainer(cfg, resume=resume is not None).run()
             typer.echo(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))

@@ -71,7 +71,7 @@ ARM_OVERRIDES = {
     "sft": ["mode=sft"],
     "sft_on_opd_data": ["mode=sft"],  # + sft.sequences=<opd arm's sequences>
     "opd": ["mode=opd"],
-    "opd_random_anchors": ["mode=opd", "replay.anchors=random"],
+    "opd_random_anchors": ["mode=opd", "loss.response=blocks", "replay.anchors=shuffled"],
     "opd_gamma1": ["mode=opd", "loss.gamma=1.0"],
 }
 
@@ -81,7 +81,7 @@ def _rows(path: Path, event: str) -> list[dict]:
 
 
 def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = ARMS, log=print) -> dict:
-    from dopd.learner.trainer import Trainer
+    from dopd.local import Trainer
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
@@ -149,7 +149,7 @@ def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     def own(arm: str, key: str) -> float:
         return results[arm]["summary"].get("state", {}).get(key, 0.0) - warm_state.get(key, 0.0)
 
-    opd_state = {k: own("opd", k) for k in (*phases, "rollout_tokens", "replay_anchors", "replay_tokens")} if "opd" in results else {}
+    opd_state = {k: own("opd", k) for k in (*phases, "rollout_tokens", "replay_anchors")} if "opd" in results else {}
     phase_s = {k: opd_state.get(k, 0.0) for k in phases}
     total_s = sum(phase_s.values()) or 1.0
     drafter_dir = out / "warmup" / "drafter"
@@ -179,7 +179,6 @@ def plateau(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
         "arm_rollout_tokens_per_s": {arm: own(arm, "rollout_tokens") / own(arm, "rollout_s") for arm in results if own(arm, "rollout_s") > 0},
         "opd_rollout_tokens_per_s": opd_state.get("rollout_tokens", 0) / max(phase_s["rollout_s"], 1e-9),
         "opd_replay_anchors_per_s": opd_state.get("replay_anchors", 0) / max(phase_s["replay_s"], 1e-9),
-        "opd_replay_tokens_per_s": opd_state.get("replay_tokens", 0) / max(phase_s["replay_s"], 1e-9),
         "opd_time_share": {k.replace("_s", ""): v / total_s for k, v in phase_s.items()},
         "opd_time_s": phase_s,
     }
@@ -255,8 +254,7 @@ def _markdown(s: dict) -> str:
         rel = f"{t / base:.3f}x" if base else "-"
         lines.append(f"| {arm} | {t:.3f} | {rel} |")
     lines += [
-        "", f"Draft-OPD rollout: {s['opd_rollout_tokens_per_s']:.1f} tokens/s; replay: {s['opd_replay_anchors_per_s']:.1f} anchors/s "
-        f"({s['opd_replay_tokens_per_s']:.0f} target tokens/s scored).",
+        "", f"Draft-OPD rollout: {s['opd_rollout_tokens_per_s']:.1f} tokens/s; replay: {s['opd_replay_anchors_per_s']:.1f} anchors/s.",
         "Time share of the Draft-OPD arm: " + ", ".join(f"{k} {v:.0%}" for k, v in s["opd_time_share"].items()) + ".",
         "Rollout tokens/s of every arm that rolls out: " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("arm_rollout_tokens_per_s", {}).items()) + ".", "",
     ]  # fmt: skip

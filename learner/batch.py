@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dopd.common.record import SOURCES, ExperienceRecord, TeacherRecord
+from dopd.common.record import STREAM_ACC, STREAM_REJ, ExperienceRecord, TeacherRecord
 
 from .losses import BlockTargets
 
@@ -26,6 +26,7 @@ class TrainBatch:
     targets: BlockTargets
     step_weight: torch.Tensor | None = None  # [K] (SFT)
     num_records: int = 0
+    ttt: TrainBatch | None = None  # teacher-forced blocks at every response position (EAGLE-3's recipe)
 
     @property
     def num_positions(self) -> int:
@@ -54,15 +55,15 @@ def _block_buffers(B: int, M: int, K: int, k: int) -> tuple[torch.Tensor, ...]:
     )  # fmt: skip
 
 
-def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32, sources=("rollout", "replay")) -> TrainBatch:
-    """Experience records (rollout + replay blocks) -> a batch for the Draft-OPD loss."""
+def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32) -> TrainBatch:
+    """Experience records' blocks -> a batch for the block objective (each block keeps its stream flags)."""
     if any(r.features is None for r in records):
         raise ValueError("experience records need target features for training")
-    keep_src = [SOURCES[s] for s in sources]
-    blocks = [r.blocks.select(np.isin(r.blocks.source, keep_src)) for r in records]
+    blocks = [r.blocks for r in records]
     tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
     M = max(1, max(len(b) for b in blocks))
     anchors, draft, ids, probs, tail, pd, acc, valid = _block_buffers(len(records), M, records[0].blocks.block_size, records[0].blocks.target_topk_ids.shape[2])
+    streams = torch.zeros(len(records), M, dtype=torch.long)
     for i, b in enumerate(blocks):
         m = len(b)
         if not m:
@@ -75,7 +76,8 @@ def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32
         pd[i, :m] = torch.from_numpy(b.target_draft_prob)
         acc[i, :m] = torch.from_numpy(b.accept_mask)
         valid[i, :m] = True
-    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid).to(device)
+        streams[i, :m] = torch.from_numpy(b.streams.astype(np.int64))
+    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid, (streams & STREAM_ACC) > 0, (streams & STREAM_REJ) > 0).to(device)
     return TrainBatch(tokens, features, lengths, anchors.to(device), draft.to(device), T, None, len(records))
 
 

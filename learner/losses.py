@@ -1,19 +1,22 @@
 """Acceptance-aware distillation (Draft-OPD) and the SFT objectives, as pure functions of tensors.
 
 Every block position carries the target's top-k distribution (ids, probs) plus its tail mass, the drafted token d
-with the target's p(d), and whether verification accepted it. Against the drafter's log-distribution log q:
+with the target's p(d), and whether verification accepted it; each block says which loss streams it feeds
+(`record.STREAM_ACC`, `STREAM_REJ`). Against the drafter's log-distribution log q:
 
-- accepted positions: a divergence between the target's (top-k + tail bucket) distribution and q collapsed onto
-  the same buckets (forward KL by default; TV as in Bebop, JSD, or Bernoulli on the drafted token); with
-  `acc_at_first_rejection` (default, as the official code) also the first rejected position, whose target
-  distribution is conditioned on a correct prefix: pull the target's choice up there while the rejected stream
-  pushes the drafter's wrong token down;
-- rejected positions (the first rejection to the block end): a divergence on the drafted token (k3 sampled
-  reverse-KL estimator by default; Bernoulli forward KL; or the top-k divergences), weighted gamma^(offset-1);
-  offset 1 is the first rejected position (`gamma_offset="rejection"`) or the block's first draft (`"block"`, as
-  the official Draft-OPD code counts).
-- L = (lambda_acc * sum L_acc + lambda_rej * sum w * L_rej) / (lambda_acc * N_acc + lambda_rej * sum w), the joint
-  token mean of the official implementation, so a batch with few rejections is not up-weighted.
+- accepted stream (blocks flagged STREAM_ACC): the accepted positions and, with `acc_at_first_rejection` (official),
+  the first rejected position, labelled by the target: a divergence between the target's (top-k + tail bucket)
+  distribution and q on the same buckets (forward KL, TV as in Bebop, JSD), or `bernoulli` = Bernoulli forward KL
+  on the target's top-1 token (the official DFlash recipe);
+- rejected stream (blocks flagged STREAM_REJ): the drafted tokens from the first rejection to the block end, a
+  divergence on the drafted token (k3 = the sampled reverse-KL estimator exp(r) - 1 - r, r = log p(d) - log q(d),
+  both log-probs floored at -10, as the official code; or Bernoulli forward KL), weighted gamma^(offset-1), offset
+  counted from the block's first draft (`gamma_offset="block"`, official) or from the first rejection;
+- each position's loss is clamped at `clamp` (official: 10), then
+  L = (lambda_acc * sum L_acc + lambda_rej * sum w * L_rej) / (lambda_acc * N_acc + lambda_rej * sum w),
+  the joint token mean of the official implementation, so a batch with few rejections is not up-weighted.
+- the EAGLE-3 recipe's accepted stream is the training-time test over every response position instead (`sft_sums`
+  on teacher-forced blocks, 0.8^step), joining the same joint mean.
 
 Target ids outside a reduced draft vocabulary cannot be produced by the drafter: their mass joins the tail bucket.
 """
@@ -42,9 +45,11 @@ class BlockTargets:
     p_draft: torch.Tensor  # [B,M,K] target p(d)
     accept: torch.Tensor  # [B,M,K] bool
     valid: torch.Tensor  # [B,M,K] bool (padding blocks / positions False)
+    acc_block: torch.Tensor | None = None  # [B,M] bool: the block feeds the accepted stream (None = all do)
+    rej_block: torch.Tensor | None = None  # [B,M] bool: the block feeds the rejected stream (None = all do)
 
     def to(self, device) -> BlockTargets:
-        return BlockTargets(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return BlockTargets(**{k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()})
 
 
 def _bucket_q(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets):
@@ -85,17 +90,16 @@ def bucket_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: Block
     raise ValueError(f"unknown bucket divergence '{kind}'")
 
 
-def token_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets) -> torch.Tensor:
-    """Per-position divergence on the drafted token d: k3 (sampled reverse KL) | bernoulli (forward KL)."""
-    didx = t2d[T.draft_tokens]
+def token_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position divergence on one token per position (its target probability p): k3 | bernoulli."""
+    didx = t2d[tokens]
     inv = didx >= 0
     lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1).masked_fill(~inv, -LOG_CLAMP)
     lq = lq.clamp(-LOG_CLAMP, 0)
-    p = T.p_draft.float().clamp(0, 1)
+    p = p_tokens.float().clamp(0, 1)
     lp = torch.log(p.clamp_min(EPS)).clamp_min(-LOG_CLAMP)
     if kind == "k3":
-        # log(p/q) at d ~ q, with both log-probs floored at -10 as in the official code; the estimator itself is
-        # not clamped, so the most wrong tokens (p(d) ~ 0) keep a gradient pushing q(d) down
+        # log(p/q) at d ~ q, with both log-probs floored at -10 as in the official code
         r = lp.clamp_min(-K3_LOG_FLOOR) - lq.clamp_min(-K3_LOG_FLOOR)
         return torch.exp(r) - 1 - r
     if kind == "bernoulli":
@@ -105,10 +109,26 @@ def token_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockT
     raise ValueError(f"unknown token divergence '{kind}'")
 
 
-def divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets) -> torch.Tensor:
-    if kind in ("k3", "bernoulli"):
-        return token_divergence(kind, logq, t2d, T)
+def acc_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets) -> torch.Tensor:
+    """The accepted stream's divergence: on the buckets, or Bernoulli on the target's top-1 token."""
+    if kind == "bernoulli":
+        return token_divergence("bernoulli", logq, t2d, T.topk_ids[..., 0], T.topk_probs[..., 0])
     return bucket_divergence(kind, logq, t2d, T)
+
+
+def rej_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets) -> torch.Tensor:
+    """The rejected stream's divergence: on the drafted token (k3, bernoulli), or on the buckets."""
+    if kind in ("k3", "bernoulli"):
+        return token_divergence(kind, logq, t2d, T.draft_tokens, T.p_draft)
+    return bucket_divergence(kind, logq, t2d, T)
+
+
+def first_rejection(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """True at each block's first rejected position (none for fully accepted blocks)."""
+    K = accept.shape[-1]
+    j = torch.arange(K, device=accept.device).expand_as(accept)
+    n_acc = (accept & valid).long().cumprod(-1).sum(-1, keepdim=True)
+    return valid & (j == n_acc)
 
 
 def rejection_weights(accept: torch.Tensor, valid: torch.Tensor, gamma: float, offset_from: str) -> torch.Tensor:
@@ -122,6 +142,83 @@ def rejection_weights(accept: torch.Tensor, valid: torch.Tensor, gamma: float, o
     return w * rejected
 
 
+def opd_masks(T: BlockTargets, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accepted-stream mask and the rejected-stream weights gamma^(offset-1) of a batch (lambda_rej = 0: none)."""
+    acc_mask = T.accept & T.valid
+    if cfg.acc_at_first_rejection:
+        acc_mask = acc_mask | first_rejection(T.accept, T.valid)
+    if T.acc_block is not None:
+        acc_mask = acc_mask & T.acc_block[..., None]
+    w = rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
+    if T.rej_block is not None:
+        w = w * T.rej_block[..., None]
+    if not cfg.lambda_rej:
+        w = torch.zeros_like(w)
+    return acc_mask, w
+
+
+@dataclass
+class StreamSums:
+    """Unnormalised stream sums; the joint mean divides them by `weight(cfg)`."""
+
+    acc: torch.Tensor  # sum of accepted-stream (or TTT) losses
+    n_acc: float  # its token weight
+    rej: torch.Tensor  # sum of gamma-weighted rejected-stream losses
+    w_rej: float  # sum of the weights
+    n_rej: int = 0  # rejected positions with weight > 0
+
+    def __add__(self, o: StreamSums) -> StreamSums:
+        return StreamSums(self.acc + o.acc, self.n_acc + o.n_acc, self.rej + o.rej, self.w_rej + o.w_rej, self.n_rej + o.n_rej)
+
+    def weight(self, cfg: LossConfig) -> float:
+        return cfg.lambda_acc * self.n_acc + (cfg.lambda_rej or 0.0) * self.w_rej
+
+
+def _clamped(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    return x.clamp(max=cfg.clamp) if cfg.clamp is not None else x
+
+
+def block_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig) -> StreamSums:
+    """Both streams over verification blocks (logq: draft-vocab log-softmax [B,M,K,Vd]); cfg is effective."""
+    acc_mask, w_rej = opd_masks(T, cfg)
+    zero = logq.sum() * 0.0
+    s_acc = (_clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T), cfg) * acc_mask).sum() if bool(acc_mask.any()) else zero
+    s_rej = (_clamped(rej_divergence(cfg.rej_divergence, logq, t2d, T), cfg) * w_rej).sum() if bool((w_rej > 0).any()) else zero
+    return StreamSums(s_acc, float(acc_mask.sum()), s_rej, float(w_rej.sum()), int((w_rej > 0).sum()))
+
+
+def block_weight(T: BlockTargets, cfg: LossConfig) -> StreamSums:
+    """The token weights of `block_sums` without a forward (ranks all-reduce them first)."""
+    acc_mask, w_rej = opd_masks(T, cfg)
+    z = torch.zeros(())
+    return StreamSums(z, float(acc_mask.sum()), z, float(w_rej.sum()), int((w_rej > 0).sum()))
+
+
+def sft_valid(T: BlockTargets, t2d: torch.Tensor, step_weight: torch.Tensor) -> torch.Tensor:
+    """Position weights of a teacher-forced batch: the step weight on valid positions whose target argmax the
+    drafter can produce (EAGLE-3 masks positions whose target argmax is outside a reduced draft vocabulary)."""
+    w = step_weight.to(T.valid.device).expand_as(T.valid) * T.valid
+    return w * (t2d[T.topk_ids[..., 0]] >= 0)
+
+
+def sft_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str) -> StreamSums:
+    """Supervised objective on teacher-forced blocks: fkl to the target top-k, CE to the true token, or both.
+
+    step_weight [K] weights block position j (EAGLE-3 TTT: 0.8^(j-1); DFlash: exp(-(j-1)/decay)).
+    """
+    w = sft_valid(T, t2d, step_weight)
+    parts = []
+    if objective in ("kl", "both"):
+        parts.append(bucket_divergence("fkl", logq, t2d, T))
+    if objective in ("ce", "both"):
+        didx = t2d[T.draft_tokens]
+        lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1)
+        parts.append(torch.where(didx >= 0, -lq.clamp_min(-LOG_CLAMP * 5), torch.full_like(lq, LOG_CLAMP)))
+    per = sum(parts)
+    z = logq.sum() * 0.0
+    return StreamSums((per * w).sum(), float(w.sum()), z, 0.0, 0)
+
+
 @dataclass
 class LossParts:
     loss: torch.Tensor
@@ -132,81 +229,25 @@ class LossParts:
     w_rej: float
 
 
-def first_rejection(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """True at each block's first rejected position (none for fully accepted blocks)."""
-    K = accept.shape[-1]
-    j = torch.arange(K, device=accept.device).expand_as(accept)
-    n_acc = (accept & valid).long().cumprod(-1).sum(-1, keepdim=True)
-    return valid & (j == n_acc)
-
-
-def opd_masks(T: BlockTargets, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The accepted-stream mask and the rejected-stream weights gamma^(offset-1) of a batch."""
-    acc_mask = T.accept & T.valid
-    if cfg.acc_at_first_rejection:
-        acc_mask = acc_mask | first_rejection(T.accept, T.valid)
-    return acc_mask, rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
-
-
-def loss_denominator(T: BlockTargets, cfg: LossConfig, mode: str, step_weight: torch.Tensor | None = None) -> float:
-    """The token weight a batch's loss is divided by; needs no forward, so ranks can all-reduce it first."""
-    if mode == "opd":
-        acc_mask, w_rej = opd_masks(T, cfg)
-        return _opd_weight(cfg, int(acc_mask.sum()), float(w_rej.sum()))
-    if mode == "sft":
-        return float((step_weight.to(T.valid.device).expand_as(T.valid) * T.valid).sum())
-    raise ValueError(f"unknown loss mode '{mode}'")
-
-
-def _opd_weight(cfg: LossConfig, n_acc: int, w_rej_sum: float) -> float:
-    """The joint token mean's denominator: lambda_acc * N_acc + lambda_rej * sum of rejection weights."""
-    return cfg.lambda_acc * n_acc + cfg.lambda_rej * w_rej_sum
+def finish(s: StreamSums, cfg: LossConfig, denom: float | None = None) -> LossParts:
+    """The joint token mean of the stream sums (denom: an all-reduced weight to divide by instead)."""
+    d = s.weight(cfg) if denom is None else denom
+    loss = (cfg.lambda_acc * s.acc + (cfg.lambda_rej or 0.0) * s.rej) / max(d, EPS)
+    return LossParts(
+        loss=loss, acc=float(s.acc.detach()) / max(s.n_acc, EPS), rej=float(s.rej.detach()) / max(s.w_rej, EPS),
+        n_acc=int(s.n_acc), n_rej=s.n_rej, w_rej=s.w_rej,
+    )  # fmt: skip
 
 
 def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, denom: float | None = None) -> LossParts:
-    """The Draft-OPD objective over both streams (logq: draft-vocab log-softmax [B,M,K,Vd]).
-
-    denom: divide by this instead of the batch's own token weight (a learner rank passes the all-reduced weight
-    of every rank's batch divided by the world size, so averaged gradients are those of one global token mean).
-    """
-    acc_mask, w_rej = opd_masks(T, cfg)
-    zero = logq.sum() * 0.0
-    l_acc = divergence(cfg.acc_divergence, logq, t2d, T) if bool(acc_mask.any()) else None
-    l_rej = divergence(cfg.rej_divergence, logq, t2d, T) if bool((w_rej > 0).any()) else None
-    s_acc = (l_acc * acc_mask).sum() if l_acc is not None else zero
-    s_rej = (l_rej * w_rej).sum() if l_rej is not None else zero
-    n_acc = int(acc_mask.sum())
-    w_sum = float(w_rej.sum())
-    if denom is None:
-        denom = _opd_weight(cfg, n_acc, w_sum)
-    loss = (cfg.lambda_acc * s_acc + cfg.lambda_rej * s_rej) / max(denom, EPS)
-    return LossParts(
-        loss=loss,
-        acc=float(s_acc.detach()) / max(n_acc, 1),
-        rej=float(s_rej.detach()) / max(w_sum, EPS),
-        n_acc=n_acc,
-        n_rej=int((w_rej > 0).sum()),
-        w_rej=w_sum,
-    )
+    """The Draft-OPD objective over both streams of verification blocks (cfg: `Config.effective_loss()`)."""
+    return finish(block_sums(logq, t2d, T, cfg), cfg, denom)
 
 
 def sft_loss(
     logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str, denom: float | None = None
 ) -> LossParts:
-    """Supervised objective on teacher-forced blocks: fkl to the target top-k, CE to the true token, or both.
-
-    step_weight [K] weights block position j (EAGLE-3 TTT: 0.8^(j-1); DFlash: exp(-(j-1)/decay)); the loss is the
-    weighted mean over valid positions.
-    """
-    w = step_weight.to(logq.device).expand_as(T.valid) * T.valid
-    parts = []
-    if objective in ("kl", "both"):
-        parts.append(bucket_divergence("fkl", logq, t2d, T))
-    if objective in ("ce", "both"):
-        didx = t2d[T.draft_tokens]
-        lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1)
-        parts.append(torch.where(didx >= 0, -lq.clamp_min(-LOG_CLAMP * 5), torch.full_like(lq, LOG_CLAMP)))
-    per = sum(parts)
-    loss = (per * w).sum() / (w.sum().clamp_min(EPS) if denom is None else max(denom, EPS))
-    n = int(T.valid.sum())
-    return LossParts(loss=loss, acc=float(loss.detach()), rej=0.0, n_acc=n, n_rej=0, w_rej=0.0)
+    """The weighted mean of the supervised objective over valid positions."""
+    s = sft_sums(logq, t2d, T, step_weight, objective)
+    loss = s.acc / (max(s.n_acc, EPS) if denom is None else max(denom, EPS))
+    return LossParts(loss=loss, acc=float(loss.detach()), rej=0.0, n_acc=int(T.valid.sum()), n_rej=0, w_rej=0.0)

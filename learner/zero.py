@@ -23,14 +23,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dopd.common.config import Config
-from dopd.common.drafters import build_drafter
+from dopd.common.drafters import build_drafter, draft_vocab_from_counts, token_counts
 from dopd.common.models import load_frozen_io
 from dopd.common.record import decode_record, decode_teacher
 
-from .batch import collate_records
-from .losses import loss_denominator
-from .objective import compute_loss
-from .sft import sft_batch
+from .objective import compute_loss, denominator, make_batch
+from .optim import make_optimizer
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
@@ -74,16 +72,24 @@ class LearnerRank:
         self.device = torch.device("cpu" if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", auto_mpi_discovery=False)
         info, embed, head, hf_config = load_frozen_io(cfg.model.target)
-        drafter = build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed).to(self.device)
+        # a reduced draft vocabulary is chosen from the SFT data (`set_teacher`) before the first step
+        self._drafter = build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed, placeholder_vocab=True).to(self.device)
         self.info = info
-        params = [p for p in drafter.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.learner.lr, betas=tuple(cfg.learner.betas), weight_decay=cfg.learner.weight_decay)
-        warm = max(cfg.learner.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        self.engine, _, _, self.sched = deepspeed.initialize(model=drafter, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world))
+        self._engine = None
         self.state = RankState()
         self.rng = np.random.default_rng([cfg.seed, rank])
         self.teacher: list[bytes] = []
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine, created on first use: after `set_teacher` has chosen a reduced draft vocabulary
+        (ZeRO keeps its own master copy of the parameters from then on, so they must be final by then)."""
+        if self._engine is None:
+            import deepspeed
+
+            opt, sched = make_optimizer(self._drafter, self.cfg)
+            self._engine, _, _, self.sched = deepspeed.initialize(model=self._drafter, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(self.cfg, self.world))
+        return self._engine
 
     @property
     def drafter(self):
@@ -94,7 +100,7 @@ class LearnerRank:
         t0 = time.perf_counter()
         denom = self._global_denominator(batch, mode)
         with FlopCounterMode(display=False) as fc:
-            parts = compute_loss(self.drafter, batch, self.cfg.loss, mode, denom)
+            parts = compute_loss(self.drafter, batch, self.cfg, mode, denom)
             self.engine.backward(parts.loss)
         self.engine.step()
         gnorm = self.engine.get_global_grad_norm()
@@ -113,7 +119,7 @@ class LearnerRank:
             return None
         import torch.distributed as dist
 
-        local = loss_denominator(batch.targets, self.cfg.loss, mode, batch.step_weight)
+        local = denominator(self.drafter, batch, self.cfg, mode)
         t = torch.tensor([local], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item()) / self.world
@@ -121,7 +127,7 @@ class LearnerRank:
     def opd_step(self, records: list[bytes], learner_version: int) -> dict:
         """Train on records already pulled from this rank's shard (the Ray wrapper pulls them)."""
         recs = [decode_record(b) for b in records]
-        batch = collate_records(recs, self.device)
+        batch = make_batch(recs, self.cfg, "opd", self.rng, self.device)
         out = self._train(batch, "opd")
         out["uids"] = [list(r.uid) for r in recs]
         out["staleness"] = [learner_version - r.policy_version for r in recs]
@@ -129,6 +135,16 @@ class LearnerRank:
         return out
 
     def set_teacher(self, data: list[bytes]) -> int:
+        """This rank's share of the SFT data; a fresh reduced-vocabulary drafter picks its vocabulary from ALL of it
+        (every rank sees the same data, so every rank picks the same ids)."""
+        c = self.cfg.drafter
+        if c.draft_vocab_size is not None and not c.init and self.state.step == 0 and not self.state.extra.get("vocab"):
+            recs = [decode_teacher(b) for b in data]
+            ids = draft_vocab_from_counts(token_counts([(r.token_ids, r.prompt_len) for r in recs], self.info.vocab_size), c.draft_vocab_size)
+            if self._engine is not None:
+                raise RuntimeError("the draft vocabulary must be chosen before the learner's first step")
+            self._drafter.set_draft_vocab(ids)
+            self.state.extra["vocab"] = True
         self.teacher = list(data)[self.rank :: self.world]
         return len(self.teacher)
 
@@ -145,7 +161,7 @@ class LearnerRank:
                 continue
             recs.append(decode_teacher(self.teacher[order[self.state.sft_cursor]]))
             self.state.sft_cursor += 1
-        out = self._train(sft_batch(recs, self.cfg, self.rng, self.device), "sft")
+        out = self._train(make_batch(recs, self.cfg, "sft", self.rng, self.device), "sft")
         out["records"] = 0
         return out
 

@@ -44,7 +44,7 @@ def tiny_prompts(tiny):
 def trained_tiny_drafter(tiny, tmp_path_factory):
     """A tiny EAGLE-3 drafter after a short SFT (partial acceptance: exercises accept and reject paths)."""
     from dopd.common.config import load_config
-    from dopd.learner.trainer import Trainer
+    from dopd.local import Trainer
 
     out = tmp_path_factory.mktemp("tiny_sft")
     cfg = load_config(None, [

@@ -62,3 +62,67 @@ class OracleDrafter(Drafter):
 
     def draft_blocks(self, *a, **k):
         raise NotImplementedError("test double: inference only")
+
+
+class HashOracleDrafter(Drafter):
+    """Drafts the target's greedy token, except at positions p with p % period == 0, where it drafts the next id.
+
+    Deterministic in (prefix, position), so its inference forward (`propose`) and its block forward at any anchor
+    (`draft_blocks`) agree exactly, as a real drafter's do: acceptance is partial and known, on any target.
+    """
+
+    kind = "hash-oracle"
+
+    def __init__(self, target, period: int = 3):
+        info = target.info
+        spec = DrafterSpec(kind="hash-oracle", hidden_size=info.hidden_size, intermediate_size=1, num_layers=1, num_heads=1,
+                           num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[info.num_layers],
+                           target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict())
+        super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.target = target
+        self.period = period
+
+    def context_start(self) -> int:
+        return 0
+
+    def new_state(self, batch, max_len, device, dtype) -> DraftState:
+        return DraftState([], [], torch.zeros(batch, dtype=torch.long))
+
+    @torch.no_grad()
+    def _chains(self, prefixes: list[list[int]], K: int) -> torch.Tensor:
+        seqs = [list(p) for p in prefixes]
+        out = torch.zeros(len(seqs), K, dtype=torch.long)
+        V = self.spec.vocab_size
+        for j in range(K):
+            S = max(len(s) for s in seqs)
+            tok = torch.zeros(len(seqs), S, dtype=torch.long)
+            am = torch.zeros(len(seqs), S, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                tok[i, : len(s)] = torch.tensor(s)
+                am[i, : len(s)] = 1
+            n = am.sum(1)
+            logits = self.target.model(tok.to(self.target.device), attention_mask=am.to(self.target.device)).logits
+            nxt = logits[torch.arange(len(seqs)), n - 1].float().argmax(-1).cpu()
+            pos = n  # the absolute position being predicted
+            nxt = torch.where(pos % self.period == 0, (nxt + 1) % V, nxt)
+            out[:, j] = nxt
+            for i, s in enumerate(seqs):
+                s.append(int(nxt[i]))
+        return out
+
+    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+        sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+        tok, n = sel(tokens), sel(lengths)
+        ids = self._chains([tok[i, : int(n[i])].tolist() for i in range(tok.shape[0])], K).to(tokens.device)
+        b = ids.shape[0]
+        return Proposal(ids, None, torch.ones(b, K), torch.zeros(b, K))
+
+    def draft_blocks(self, tokens, features, lengths, anchors, K, temperature=0.0, generator=None):
+        B, M = anchors.shape
+        prefixes = [tokens[b, : max(int(anchors[b, m]), 1)].tolist() for b in range(B) for m in range(M)]
+        ids = self._chains(prefixes, K).view(B, M, K).to(tokens.device)
+        return ids, torch.zeros(B, M, K), torch.ones(B, M, K)
+
+    def block_hidden(self, *a, **k):
+        raise NotImplementedError("test double: inference only")

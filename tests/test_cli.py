@@ -25,6 +25,22 @@ def test_eval_writes_report_and_outputs(tmp_path):
     assert "tau (tokens/step)" in r.output
 
 
+def test_eval_simulate_has_the_same_keys_and_tau(tmp_path):
+    args = ["eval", "--target", "tiny-random-llama", "--drafter", "init-eagle3", "--prompts", "champ-problems", "--num-prompts", "3",
+            "--max-new-tokens", "16", "--block-size", "3", "--threads", "2", "--no-baseline"]  # fmt: skip
+    plain, sim = tmp_path / "e.json", tmp_path / "s.json"
+    r = runner.invoke(app, [*args, "--json", str(plain)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*args, "--simulate", "--json", str(sim), "--dump-outputs", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 0, r.output
+    a, b = json.loads(plain.read_text()), json.loads(sim.read_text())
+    assert set(a) <= set(b) and b["simulated"] is True and a["simulated"] is False
+    assert (b["tau"], b["alpha"], b["num_steps"], b["new_tokens"]) == (a["tau"], a["alpha"], a["num_steps"], a["new_tokens"])
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
+    r = runner.invoke(app, [*args, "--simulate", "--temperature", "0.8"])
+    assert r.exit_code == 2 and "greedy decoding only" in r.output
+
+
 def test_eval_errors_are_clear(tmp_path):
     cases = [
         (["--target", "no-such-model"], "unknown model 'no-such-model'"),

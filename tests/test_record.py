@@ -30,7 +30,8 @@ def make_record(seed=0, n=50, M=7, K=4, k=5, F=12) -> ExperienceRecord:
         target_tail=g.random((M, K)).astype(np.float32),
         target_draft_prob=g.random((M, K)).astype(np.float32),
         accept_mask=g.random((M, K)) < 0.5,
-        source=g.integers(0, 2, M).astype(np.uint8),
+        source=g.integers(0, 3, M).astype(np.uint8),
+        streams=g.integers(1, 4, M).astype(np.uint8),
     )
     feats = torch.randn(n - 1, F, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
     return ExperienceRecord("p/1", g.integers(0, 1000, n).astype(np.int32), 9, blocks, feats, actor_id=3, incarnation=77, seq_no=12, policy_version=5, meta={"round": 2})
@@ -108,6 +109,33 @@ def test_inconsistent_shapes_raise():
     rec = make_record()
     rec.blocks.target_tail[0, 0] = np.nan
     with pytest.raises(RecordError, match="NaN"):
+        encode_record(rec)
+
+
+def test_teacher_arrays_round_trip_and_checks():
+    rec = make_record()
+    n, g = rec.num_tokens, np.random.default_rng(3)
+    rec.teacher_topk_ids = g.integers(0, 1000, (n - 1, 4)).astype(np.int32)
+    rec.teacher_topk_probs = g.random((n - 1, 4)).astype(np.float32)
+    rec.teacher_tail = g.random(n - 1).astype(np.float32)
+    out = decode_record(encode_record(rec))
+    assert out.teacher_topk_ids.tobytes() == rec.teacher_topk_ids.tobytes() and out.teacher_tail.tobytes() == rec.teacher_tail.tobytes()
+    t = out.as_teacher()
+    assert t.topk_probs.shape == (n - 1, 4) and t.features.shape[0] == n - 1
+    rec.teacher_tail = rec.teacher_tail[:-1]
+    with pytest.raises(RecordError, match="teacher"):
+        encode_record(rec)
+    with pytest.raises(RecordError, match="no per-position teacher"):
+        make_record().as_teacher()
+
+
+def test_stream_flags_are_validated():
+    rec = make_record()
+    rec.blocks.streams[0] = 0
+    with pytest.raises(RecordError, match="streams"):
+        encode_record(rec)
+    rec.blocks.streams[0] = 4
+    with pytest.raises(RecordError, match="streams"):
         encode_record(rec)
 
 

@@ -6,21 +6,24 @@ import numpy as np
 import torch
 
 from dopd.actors.replay import Replayer, choose_anchors
-from dopd.actors.rollout import error_positions, rollout, rollout_blocks
+from dopd.actors.rollout import Rolled, engine_rollout, error_positions
 from dopd.common.config import Config
-from dopd.common.specdec import SeqResult, StepRecord
+from dopd.common.record import Blocks
 
 
-def step(prefix, accepted, K=4, committed=None):
-    mask = np.arange(K) < accepted
-    z = np.zeros(K, dtype=np.float32)
-    return StepRecord(prefix, np.arange(K), z + 1, z, np.zeros((K, 2), np.int32), np.zeros((K, 2), np.float32), z, z, mask, committed or [0] * (accepted + 1))
+def rolled(prompt_len, answer_len, steps, K=4):
+    """A Rolled sequence whose blocks are (prefix, accepted) pairs."""
+    b = Blocks.empty(K, 2)
+    M = len(steps)
+    b = Blocks(**{f: np.zeros((M,) + getattr(b, f).shape[1:], dtype=getattr(b, f).dtype) for f in Blocks.FIELDS})
+    b.anchor[:] = [a for a, _ in steps]
+    b.accept_mask[:] = np.arange(K)[None, :] < np.asarray([n for _, n in steps])[:, None]
+    return Rolled("p", list(range(prompt_len + answer_len)), prompt_len, torch.zeros(prompt_len + answer_len, 1), b, scored=True)
 
 
 def test_error_anchors_are_the_rejection_positions():
     # prompt of 10; steps: accepted 2 (rejects position 12), all 4 (no error), 0 (rejects 16), 1 (rejects 18)
-    steps = [step(10, 2), step(13, 4), step(18 - 2, 0), step(17, 1)]
-    seq = SeqResult(0, list(range(10)), list(range(12)), steps=steps)
+    seq = rolled(10, 12, [(10, 2), (13, 4), (16, 0), (17, 1)])
     assert error_positions(seq).tolist() == [12, 16, 18]
     rng = np.random.default_rng(0)
     assert choose_anchors(seq, "error", 2, 64, rng).tolist() == [12, 16, 18]
@@ -30,22 +33,22 @@ def test_error_anchors_are_the_rejection_positions():
     assert choose_anchors(seq, "all", 2, 5, rng).size == 5
     assert choose_anchors(seq, "none", 2, 64, rng).size == 0
     # a rejection beyond the final length (the sequence was cut at EOS/length) is not an anchor
-    seq_cut = SeqResult(0, list(range(10)), list(range(5)), steps=[step(10, 2), step(13, 2)])
+    seq_cut = rolled(10, 5, [(10, 2), (13, 2)])
     assert error_positions(seq_cut).tolist() == [12]
 
 
 def test_replay_blocks_are_scored_by_the_target(tiny, tiny_prompts, trained_tiny_drafter):
     cfg = Config()
     cfg.rollout.max_new_tokens = 32
-    seqs, _ = rollout(tiny, trained_tiny_drafter, tiny_prompts[:3], cfg.rollout, seed=0)
+    seqs, _ = engine_rollout(tiny, trained_tiny_drafter, [(str(i), p) for i, p in enumerate(tiny_prompts[:3])], cfg.rollout, seed=0)
     rng = np.random.default_rng(0)
     anchors = [choose_anchors(s, "error", 2, 64, rng) for s in seqs]
     assert sum(a.size for a in anchors) > 0
     blocks, stats = Replayer(tiny, cfg.replay, cfg.rollout, batch_size=2).replay(trained_tiny_drafter, seqs, anchors, seed=0)
     assert stats.anchors == sum(a.size for a in anchors)
     for s, b, a in zip(seqs, blocks, anchors):
-        assert b.anchor.tolist() == a.tolist() and (b.source == 1).all()
-        toks = s.prompt_ids + s.output_ids
+        assert b.anchor.tolist() == a.tolist() and (b.source == 1).all() and (b.streams == 3).all()
+        toks = s.tokens
         for j in range(len(b)):
             anchor, d = int(b.anchor[j]), b.draft_tokens[j].tolist()
             # brute force: the target's distribution at every block position, one forward per block
@@ -61,5 +64,5 @@ def test_replay_blocks_are_scored_by_the_target(tiny, tiny_prompts, trained_tiny
             np.testing.assert_array_equal(ok, b.accept_mask[j])
             # replay starts where the rollout was rejected: the target's first choice is the committed token
             assert b.target_topk_ids[j, 0, 0] == toks[anchor]
-    rb = rollout_blocks(seqs[0])
-    assert (rb.source == 0).all() and len(rb) == len(seqs[0].steps)
+    rb = seqs[0].blocks
+    assert (rb.source == 0).all() and (rb.streams == 3).all() and len(rb) > 0

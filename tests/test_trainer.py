@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dopd.common.config import load_config
-from dopd.learner.trainer import Trainer, resume_config
+from dopd.local import Trainer, resume_config
 
 BASE = [
     "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=64",

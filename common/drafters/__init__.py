@@ -25,6 +25,7 @@ __all__ = [
     "load_drafter",
     "draft_vocab_from_counts",
     "spec_for",
+    "token_counts",
 ]
 
 
@@ -71,6 +72,14 @@ def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
     return order[:size].sort().values
 
 
+def token_counts(sequences, vocab_size: int) -> torch.Tensor:
+    """Answer-token frequencies of (token_ids, prompt_len) sequences: what a reduced draft vocabulary keeps."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for ids, plen in sequences:
+        counts += torch.bincount(torch.as_tensor(ids[plen:], dtype=torch.long), minlength=vocab_size)
+    return counts
+
+
 def build_drafter(
     cfg: DrafterConfig,
     info: TargetInfo,
@@ -79,16 +88,22 @@ def build_drafter(
     head_weight: torch.Tensor,
     token_counts: torch.Tensor | None = None,
     seed: int = 0,
+    placeholder_vocab: bool = False,
 ) -> Drafter:
-    """A fresh drafter (or `cfg.init` loaded) for the target described by `info` / `hf_config`."""
+    """A fresh drafter (or `cfg.init` loaded) for the target described by `info` / `hf_config`.
+
+    A reduced draft vocabulary is the `draft_vocab_size` most frequent ids of `token_counts`; with
+    `placeholder_vocab` (a copy that will receive its weights, draft map included, before it drafts) ids 0..Vd-1.
+    """
     if cfg.init:
         return load_drafter(cfg.init, info, embed_weight, head_weight)
     spec = spec_for(cfg, info, hf_config)
     draft_ids = None
     if spec.draft_vocab_size is not None:
-        if token_counts is None:
+        if token_counts is not None:
+            draft_ids = draft_vocab_from_counts(token_counts, spec.draft_vocab_size)
+        elif not placeholder_vocab:
             raise ModelError("a reduced draft vocabulary needs token frequencies (train data) to pick its tokens")
-        draft_ids = draft_vocab_from_counts(token_counts, spec.draft_vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = KINDS[spec.kind](spec, embed_weight, head_weight, draft_ids)

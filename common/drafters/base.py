@@ -257,6 +257,18 @@ class Drafter(nn.Module):
         if missing or unexpected:
             raise ModelError(f"drafter weights at {path} do not match its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
 
+    @torch.no_grad()
+    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
+        """Choose the reduced draft vocabulary of a fresh drafter (its own head re-initialised from the target's
+        rows of those ids). Only before training: the head's rows change meaning."""
+        draft_ids = torch.as_tensor(draft_ids, dtype=torch.long, device=self.draft_ids.device)
+        if draft_ids.shape != self.draft_ids.shape:
+            raise ModelError(f"draft vocabulary of {draft_ids.numel()} ids for a drafter of {self.draft_ids.numel()}")
+        self.draft_ids.copy_(draft_ids)
+        self.t2d = self._t2d(self.draft_ids, self.spec.vocab_size)
+        if self.lm_head is not None:
+            self.lm_head.weight.copy_(self.head_weight[draft_ids.to(self.head_weight.device)].to(self.lm_head.weight.dtype))
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.t2d = self._t2d(self.draft_ids, self.spec.vocab_size)

@@ -1,0 +1,203 @@
+"""The target's own text, computed once: greedy answers cached on disk, and one teacher-forced prefill over them.
+
+Why: at T = 0 the target's greedy text does not depend on the drafter, so decoding it again every training round
+and every held-out evaluation (as the engine does) repeats the most expensive work for nothing. Only WHERE
+verification blocks start depends on the drafter (`common/resegment.py`). So each prompt's greedy answer is
+generated once per (target weights, dtype, device type, prompt ids, length) and kept in `cache_dir()/greedy/`;
+one prefill-style forward over it gives everything a record or an evaluation needs from the target at positions
+whose prefix is the target's own text: features of the drafter's layers and the target's top-k.
+
+Exact acceptance at the end of an answer: the engine's last verification step drafts K tokens past the answer's
+end (past EOS or max_new_tokens) and counts those that match what the target would have said there, before it
+truncates. So the cached text continues `LOOKAHEAD` tokens past max_new_tokens with EOS ignored
+(`DecodeSettings.stop_at_eos=False`); the answer is that continuation cut at the first EOS or max_new_tokens, and
+what follows it is the lookahead that re-segmentation checks drafts against.
+
+The SFT warm-up data (teacher-forced target-written answers) is the same computation: `teacher_data` serves both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .models import Target
+from .pypi import cache_dir
+from .errors import RecordError
+from .record import TeacherRecord, decode_teacher, encode_teacher
+from .specdec import DecodeSettings, SpecEngine
+
+LOOKAHEAD = 16  # tokens cached past max_new_tokens: exact acceptance at the answer's end for any K <= 17
+
+
+@dataclass
+class GreedyText:
+    """A prompt, the target's greedy answer to it, and the target's greedy continuation past the answer's end."""
+
+    prompt_ids: list[int]
+    answer: list[int]  # up to and including the first EOS, at most max_new_tokens
+    lookahead: list[int]  # what greedy decoding says after the answer (EOS ignored), LOOKAHEAD tokens or more
+    finish: str  # "eos" | "length"
+
+    @property
+    def tokens(self) -> list[int]:
+        """prompt + answer + lookahead: the text the drafter's proposals are checked against."""
+        return self.prompt_ids + self.answer + self.lookahead
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def end(self) -> int:
+        """Length of prompt + answer (the committed sequence)."""
+        return len(self.prompt_ids) + len(self.answer)
+
+
+def _key(target: Target, prompt: list[int], total: int) -> str:
+    ident = {
+        "weights": target.fingerprint, "name": target.info.to_dict(), "dtype": str(target.dtype),
+        "device": target.device.type, "prompt": list(map(int, prompt)), "new_tokens": total,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _split(prompt: list[int], cont: list[int], max_new_tokens: int, eos: set[int]) -> GreedyText:
+    end = max_new_tokens
+    finish = "length"
+    for i, t in enumerate(cont[:max_new_tokens]):
+        if t in eos:
+            end, finish = i + 1, "eos"
+            break
+    return GreedyText(list(prompt), list(cont[:end]), list(cont[end:]), finish)
+
+
+def greedy_texts(
+    target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8, progress=None
+) -> list[GreedyText]:
+    """The target's greedy answer (+ lookahead) to every prompt, decoded only for prompts not cached yet."""
+    total = max_new_tokens + LOOKAHEAD
+    root = cache_dir() / "greedy"
+    paths = [root / f"{_key(target, p, total)}.json" for p in prompts]
+    conts: list[list[int] | None] = []
+    for path in paths:
+        try:
+            conts.append(json.loads(path.read_text())["continuation"])
+        except (OSError, ValueError, KeyError):
+            conts.append(None)
+    missing = [i for i, c in enumerate(conts) if c is None]
+    if missing:
+        settings = DecodeSettings(
+            block_size=0, temperature=0.0, max_new_tokens=total, batch_size=batch_size, stop_at_eos=False
+        )
+        results, _ = SpecEngine(target, None).generate([prompts[i] for i in missing], settings, progress=progress)
+        root.mkdir(parents=True, exist_ok=True)
+        for i, r in zip(missing, results):
+            conts[i] = r.output_ids
+            tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"continuation": r.output_ids}))
+            tmp.replace(paths[i])  # atomic: concurrent actors may write the same prompt, never a torn file
+    eos = set(target.eos_token_ids)
+    return [_split(p, c, max_new_tokens, eos) for p, c in zip(prompts, conts)]
+
+
+@torch.no_grad()
+def prefill(
+    target: Target,
+    feature_layers: list[int],
+    items: list[tuple[str, list[int], int]],
+    topk: int,
+    batch_size: int = 4,
+    feature_dtype: torch.dtype | None = None,
+) -> list[TeacherRecord]:
+    """One teacher-forced forward per batch over (id, token_ids, prompt_len) sequences: at every position t the
+    drafter's input features f_t and the target's top-k (+ tail mass) for token t+1 given x_0..x_t."""
+    dev = target.device
+    fdt = feature_dtype or target.dtype
+    order = sorted(range(len(items)), key=lambda i: len(items[i][1]))  # similar lengths together: less padding
+    done: dict[int, TeacherRecord] = {}
+    for c in range(0, len(order), batch_size):
+        idx = order[c : c + batch_size]
+        chunk = [items[i] for i in idx]
+        S = max(len(t) for _, t, _ in chunk)
+        ids = torch.zeros(len(chunk), S, dtype=torch.long, device=dev)
+        am = torch.zeros(len(chunk), S, dtype=torch.long, device=dev)
+        for i, (_, t, _) in enumerate(chunk):
+            ids[i, : len(t)] = torch.tensor(t, device=dev)
+            am[i, : len(t)] = 1
+        o = target.model.model(input_ids=ids, attention_mask=am, output_hidden_states=True, use_cache=False)
+        feats = torch.cat([o.hidden_states[i] for i in feature_layers], dim=-1)
+        for j, (i, (pid, t, plen)) in enumerate(zip(idx, chunk)):
+            n = len(t)
+            lsm = torch.log_softmax(target.lm_head(o.last_hidden_state[j, : n - 1]).float(), dim=-1)
+            tk = lsm.topk(topk, dim=-1)
+            p = tk.values.exp()
+            done[i] = TeacherRecord(
+                prompt_id=pid,
+                token_ids=np.asarray(t, dtype=np.int32),
+                prompt_len=plen,
+                features=feats[j, : n - 1].to(fdt).cpu(),
+                topk_ids=tk.indices.cpu().numpy().astype(np.int32),
+                topk_probs=p.cpu().numpy(),
+                tail=(1 - p.sum(-1)).clamp_min(0).cpu().numpy(),
+            )
+    return [done[i] for i in range(len(items))]
+
+
+def teacher_data(
+    target: Target,
+    feature_layers: list[int],
+    prompts: list[tuple[str, list[int]]],
+    max_new_tokens: int,
+    topk: int,
+    batch_size: int = 8,
+    feature_dtype: torch.dtype = torch.bfloat16,
+    with_lookahead: bool = False,
+    log=None,
+) -> tuple[list[GreedyText], list[TeacherRecord]]:
+    """Greedy texts and their prefill for (id, prompt ids) pairs, both cached on disk.
+
+    The prefill cache is keyed by the texts' own cache keys plus the feature layers, top-k and feature dtype, so a
+    prompt revisited in a later epoch, by another actor or by another run on the same target costs no target work.
+    `with_lookahead` prefills prompt + answer + lookahead (what re-segmentation drafts against); otherwise prompt +
+    answer (SFT data).
+    """
+    t0 = time.perf_counter()
+    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size)
+    t1 = time.perf_counter()
+    root = cache_dir() / "prefill"
+    recs: list[TeacherRecord | None] = []
+    paths = []
+    for (pid, p), g in zip(prompts, texts):
+        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), with_lookahead]
+        path = root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
+        paths.append(path)
+        try:
+            rec = decode_teacher(path.read_bytes())
+            rec.prompt_id = pid
+            recs.append(rec)
+        except (OSError, RecordError):  # a missing or unreadable cache entry is recomputed
+            recs.append(None)
+    missing = [i for i, r in enumerate(recs) if r is None]
+    if missing:
+        items = []
+        for i in missing:
+            g = texts[i]
+            toks = g.tokens if with_lookahead else g.prompt_ids + g.answer
+            items.append((prompts[i][0], toks, g.prompt_len))
+        fresh = prefill(target, feature_layers, items, topk, batch_size=max(1, batch_size // 2), feature_dtype=feature_dtype)
+        root.mkdir(parents=True, exist_ok=True)
+        for i, rec in zip(missing, fresh):
+            recs[i] = rec
+            tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(encode_teacher(rec))
+            tmp.replace(paths[i])
+    if log is not None and missing:
+        log(f"target text: {len(missing)} of {len(prompts)} prompts new ({t1 - t0:.0f}s decoding, {time.perf_counter() - t1:.0f}s prefill)")
+    return texts, recs  # type: ignore[return-value]
