@@ -390,6 +390,7 @@ class DistributedJob:
         self._shard_stats()
         return {
             "steps": self.state.step,
+            "steps_planned": c.sft.warmup_steps + c.learner.steps if c.mode == "opd" else c.learner.steps,
             "policy_version": self.state.policy_version,
             **self._counts(),
             "records_consumed": self.state.records_consumed,
