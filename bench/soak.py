@@ -17,7 +17,9 @@ Then it prints and writes JSON: records produced, trained, dropped (by reason), 
 crash, still queued, trained twice, actor restarts, resumes, final vs planned step, peak queue bytes vs the bound,
 peak RSS per process role, and whether each aim held: 0 trained twice; produced + rejected = trained + dropped +
 rejected + lost in flight + queued; the planned step reached; queue bytes never above the bound. Exit status 1 if
-an aim failed. The planned step count comes from `--steps-per-minute` (measured on the 2-core CI machine).
+an aim failed. The job plans `--minutes` x `--steps-per-minute` learner steps (about what the 2-core CI machine
+does per minute under these faults); the learner throttle and kill are placed by progress (fraction of the planned
+steps), the actor kills and injections by the clock, so a slower machine runs longer and still sees every fault.
 """
 
 from __future__ import annotations
@@ -39,10 +41,16 @@ from pathlib import Path
 ROLES = {"RolloutActor": "rollout_actor", "LearnerActor": "learner_rank", "QueueShard": "queue_shard"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all sockets held open until every port is chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def ray_env() -> dict:
@@ -58,7 +66,7 @@ class Soak:
         self.rng = random.Random(a.seed)
         self.tmp = Path(tempfile.mkdtemp(prefix="dsoak", dir="/tmp"))
         self.out = Path(a.out) if a.out else self.tmp / "run"
-        self.port = free_port()
+        self.port, *self.more_ports = free_ports(6)
         self.address = f"127.0.0.1:{self.port}"
         self.events: list[dict] = []
         self.rss: dict[str, int] = {}  # role -> peak RSS of one process of that role (bytes)
@@ -77,13 +85,13 @@ class Soak:
 
     # --- the cluster --------------------------------------------------------------------------------------
     def start_ray(self) -> None:
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        cmd = [ray_bin, "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.a.num_cpus}",
+        # this interpreter, not the `ray` script: a copied venv's scripts may name another venv's Python
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.a.num_cpus}",
                "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.tmp / 'ray'}",
                f"--object-store-memory={300 * 2**20}"]  # fmt: skip
         # every port of its own: another Ray on this machine (a test session, a colleague) must not collide
-        for opt in ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port"):
-            cmd.append(f"--{opt}={free_port()}")
+        opts = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+        cmd += [f"--{opt}={port}" for opt, port in zip(opts, self.more_ports)]
         self.head = subprocess.Popen(cmd, env=ray_env(), stdout=open(self.tmp / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         for k, v in ray_env().items():
             os.environ[k] = v
@@ -128,11 +136,11 @@ class Soak:
         ]  # fmt: skip
 
     def launch(self, resume: bool) -> subprocess.Popen:
-        dopd = str(Path(sys.executable).with_name("dopd"))
+        dopd = [sys.executable, "-m", "dopd.cli"]
         if resume:
-            cmd = [dopd, "train", "--actors", "4", "--learners", "2", "--resume", str(self.out)]
+            cmd = dopd + ["train", "--actors", "4", "--learners", "2", "--resume", str(self.out)]
         else:
-            cmd = [dopd, "train", "--actors", "4", "--learners", "2", "--out", str(self.out)] + self.overrides()
+            cmd = dopd + ["train", "--actors", "4", "--learners", "2", "--out", str(self.out)] + self.overrides()
         log = open(self.tmp / f"train{'_resume' if resume else ''}.log", "w")
         p = subprocess.Popen(cmd, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)
         self.job_pid = p.pid
@@ -249,7 +257,7 @@ class Soak:
 
     def _throttle_window(self) -> None:
         s0, t0 = self.steps_done(), time.time()
-        time.sleep(30)
+        time.sleep(10)
         s1, t1 = self.steps_done(), time.time()
         self.log("throttle_start", seconds=self.a.throttle_s)
         self.throttle_learners(self.a.throttle_s)
@@ -285,16 +293,15 @@ class Soak:
 
     def _run(self) -> dict:
         a = self.a
-        total_s = a.minutes * 60
         job = self.launch(resume=False)
         while not self.in_opd():
             if job.poll() is not None:
                 raise RuntimeError(f"dopd train stopped before the Draft-OPD phase (see {self.tmp / 'train.log'})")
             time.sleep(1)
-        t_opd = time.time()
         self.log("opd_started")
-        crash_at = t_opd + a.crash_at * total_s
-        throttle_at = t_opd + a.throttle_at * total_s
+        planned = 2 + self.steps
+        crash_at = int(a.crash_at * planned)  # faults are scheduled by progress, so a slow machine still sees them all
+        throttle_at = int(a.throttle_at * planned)
         next_kill = time.time() + self.rng.uniform(15, 25)
         next_inject = time.time() + self.rng.uniform(5, 15)
         throttler: threading.Thread | None = None
@@ -323,10 +330,11 @@ class Soak:
             if now >= next_inject:
                 self.inject()
                 next_inject = now + self.rng.uniform(20, 40)
-            if throttler is None and now >= throttle_at:
+            done = self.steps_done()
+            if throttler is None and done >= throttle_at:
                 throttler = threading.Thread(target=self._throttle_window, daemon=True)
                 throttler.start()
-            if not crashed and now >= crash_at and throttler is not None and not throttler.is_alive():
+            if not crashed and done >= crash_at and throttler is not None and not throttler.is_alive():
                 crashed = self.kill_learner() is not None
             time.sleep(1)
         summary_file = self.out / "run_summary.json"
@@ -380,13 +388,13 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--json", default=None, help="write the report here")
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
-    ap.add_argument("--steps-per-minute", type=float, default=12.0, help="learner steps planned per minute of soak")
+    ap.add_argument("--steps-per-minute", type=float, default=80.0, help="learner steps planned per minute of soak")
     ap.add_argument("--checkpoint-every", type=int, default=5)
     ap.add_argument("--queue-max-bytes", type=int, default=2 * 2**20)
     ap.add_argument("--max-record-bytes", type=int, default=1 * 2**20)
-    ap.add_argument("--throttle-at", type=float, default=0.15, help="fraction of the soak where learners are throttled")
+    ap.add_argument("--throttle-at", type=float, default=0.15, help="progress (fraction of the planned steps) where learners are throttled")
     ap.add_argument("--throttle-s", type=float, default=45.0)
-    ap.add_argument("--crash-at", type=float, default=0.45, help="fraction of the soak where a learner rank is killed")
+    ap.add_argument("--crash-at", type=float, default=0.45, help="progress where a learner rank is killed (after the throttle window)")
     ap.add_argument("--num-cpus", type=int, default=8, help="CPUs the soak's Ray head advertises (actors/learners take 1 each)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()

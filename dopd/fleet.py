@@ -244,8 +244,11 @@ class LearnerGroup:
             for r in ready:
                 try:
                     ray.get(r)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    raise LearnerLost(f"a learner rank died ({str(e).splitlines()[0][:200]})") from None
+                except ray.exceptions.RayError as e:
+                    # a dead rank (RayActorError), or a live one whose collective broke because a peer died
+                    # (RayTaskError from gloo/NCCL): either way the group is gone and only a resume repairs it
+                    lines = [x for x in str(e).splitlines() if x.strip()]
+                    raise LearnerLost(f"a learner rank failed ({type(e).__name__}: {(lines[-1] if lines else '')[:240]})") from None
             if pending and wait is not None:
                 wait()
         return ray.get(refs)
