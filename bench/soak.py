@@ -7,8 +7,8 @@ Starts its own loopback Ray head (`ray start --head --block`, token auth off, it
 cluster:
 - kills a random rollout actor every ~20 s (Ray restarts it; the job re-sends weights);
 - pushes garbage bytes and oversized bytes (over `cluster.max_record_bytes`) into random shards;
-- for one window, throttles both learner ranks to 10% duty (SIGSTOP/SIGCONT), so producers run at about 10x the
-  learners' rate: the queues fill to their byte bound and backpressure holds the actors;
+- for one window, throttles both learner ranks to 10% duty (SIGSTOP 9 s / SIGCONT 1 s), so producers run at
+  about 10x the learners' rate (the report gives the learners' measured steps/s before and during): the queues fill to their byte bound and backpressure holds the actors;
 - kills one learner rank's process once (SIGKILL), waits for `dopd train` to stop, and runs
   `dopd train --resume OUT`;
 - samples the RSS of every process of the job (per role) every 2 s.
@@ -238,7 +238,8 @@ class Soak:
         self.log("inject", shard=s, garbage=r1, oversized=r2)
 
     def throttle_learners(self, seconds: float) -> None:
-        """10% duty for the learner ranks: SIGSTOP 0.9 s, SIGCONT 0.1 s."""
+        """10% duty for the learner ranks: SIGSTOP 9 s, SIGCONT 1 s (a learner step takes about a second here, so
+        shorter cycles would let a whole step through every cycle)."""
         pids = self.learner_pids()
         t_end = time.time() + seconds
         while time.time() < t_end and not self.stop.is_set():
@@ -247,13 +248,13 @@ class Soak:
                     os.kill(pid, signal.SIGSTOP)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.9)
+            time.sleep(9)
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.1)
+            time.sleep(1)
 
     def _throttle_window(self) -> None:
         s0, t0 = self.steps_done(), time.time()
@@ -393,7 +394,7 @@ def main() -> None:
     ap.add_argument("--queue-max-bytes", type=int, default=2 * 2**20)
     ap.add_argument("--max-record-bytes", type=int, default=1 * 2**20)
     ap.add_argument("--throttle-at", type=float, default=0.15, help="progress (fraction of the planned steps) where learners are throttled")
-    ap.add_argument("--throttle-s", type=float, default=45.0)
+    ap.add_argument("--throttle-s", type=float, default=60.0)
     ap.add_argument("--crash-at", type=float, default=0.45, help="progress where a learner rank is killed (after the throttle window)")
     ap.add_argument("--num-cpus", type=int, default=8, help="CPUs the soak's Ray head advertises (actors/learners take 1 each)")
     ap.add_argument("--seed", type=int, default=0)
