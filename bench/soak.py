@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -143,6 +142,7 @@ class Soak:
             cmd = dopd + ["train", "--actors", "4", "--learners", "2", "--out", str(self.out)] + self.overrides()
         log = open(self.tmp / f"train{'_resume' if resume else ''}.log", "w")
         p = subprocess.Popen(cmd, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)
+        self.job_proc = p
         self.job_pid = p.pid
         self.job_name = f"{self.out.name}-{p.pid}"
         self.log("launch", resume=resume, pid=p.pid)
@@ -285,6 +285,13 @@ class Soak:
             return self._run()
         finally:
             self.stop.set()
+            job = getattr(self, "job_proc", None)
+            if job is not None and job.poll() is None:  # stopped early (an error, Ctrl-C, SIGTERM): no orphan job
+                job.terminate()
+                try:
+                    job.wait(30)
+                except subprocess.TimeoutExpired:
+                    job.kill()
             self.stop_ray()
 
     def _sample_loop(self) -> None:
@@ -349,6 +356,7 @@ class Soak:
         offered = s["records_produced"] + s["records_rejected"]
         accounted = s["records_trained"] + sum(dropped.values()) + s["records_rejected"] + s["records_lost_in_flight"] + s["records_queued"]
         out = {
+            "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
             "minutes_planned": self.a.minutes,
             "wall_s": round(wall, 1),
             "actors": 4, "learners": 2, "target": "tiny-random-llama",
@@ -399,6 +407,8 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=8, help="CPUs the soak's Ray head advertises (actors/learners take 1 each)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the job and the Ray head on SIGTERM too
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     report = Soak(a).run()
     brief = {k: v for k, v in report.items() if k != "events"}
     print(json.dumps(brief, indent=1))
