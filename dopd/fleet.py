@@ -44,9 +44,11 @@ def remote_class(kind: str):
         from dopd.learner.zero import LearnerActor
 
         return ray.remote(LearnerActor)
-    from dopd.common.queue import QueueShard
+    if kind == "shard":
+        from dopd.common.queue import QueueShard
 
-    return ray.remote(num_cpus=0)(QueueShard)
+        return ray.remote(num_cpus=0)(QueueShard)
+    raise ValueError(f"unknown Ray actor kind '{kind}' (rollout, learner or shard)")
 
 
 def make_shards(cfg: Config, name: str) -> list:
