@@ -1,7 +1,7 @@
 """Back-of-the-envelope scaling of the dopd design past this machine: every number is a computation from the inputs
 printed at the top (stated hardware figures and model shapes) plus two numbers measured on this machine.
 
-    python bench/scale_model.py --blocks-bytes-per-token 330 --codec-mib-s 526 --ray-shard-mib-s 62
+    python bench/scale_model.py --blocks-bytes-per-token 459 --codec-mib-s 209 --ray-shard-mib-s 55
 
 `--blocks-bytes-per-token` comes from `python bench/record_bytes.py` (SmolLM2 records; the blocks hold K draft
 positions x top-k target ids/probs, independent of the target's width); the two MiB/s from
