@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-deps bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,8 +20,21 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo
 
-test: setup
+test: setup test-deps
 	$(PY) -m pytest -q
+
+# The dashboard end-to-end tests run a real Prometheus. Missing: as root with apt-get, install the distribution's
+# package; otherwise stop with one line saying how (DOPD_PROMETHEUS may name an unpacked release binary instead).
+test-deps:
+	@if ! command -v prometheus >/dev/null 2>&1 && [ -z "$$DOPD_PROMETHEUS" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "make test: Prometheus is missing; installing the distribution's package (apt-get install prometheus)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "make test: the dashboard tests need Prometheus: run 'sudo make test-deps' (or 'sudo apt-get install prometheus', or set DOPD_PROMETHEUS=/path/to/prometheus), then 'make test'"; \
+	    exit 1; \
+	  fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,8 @@
 """The rollout actor: a target and a drafter copy that turn prompts into experience records, forever.
 
 `RolloutWorker` is the algorithm with no Ray in it (the shared recipe `ExperienceMaker` -> encoded records, weight
-swaps, held-out evaluation, SFT data); `RolloutActor` is the Ray actor around it: a loop thread produces batches and pushes them
+swaps, held-out evaluation, SFT data); `RolloutActor` is the Ray actor around it (dopd/fleet.py applies
+`ray.remote`): a loop thread produces batches and pushes them
 into its queue shard (retrying while the shard answers "full": backpressure), while the driver calls
 `set_weights`, `evaluate` and `stats` concurrently. Weights are swapped only between batches, under a lock, and
 every record is stamped with the policy version that produced it plus (actor id, incarnation, sequence number):
@@ -100,123 +101,113 @@ class RolloutWorker:
         return [encode_teacher(r) for r in self.maker.teacher(self.drafter.feature_layers, items)]
 
 
-def _ray_actor_class():
-    import ray
+class RolloutActor:
+    """Ray wrapper: a producing loop thread plus concurrent control calls from the driver.
 
-    @ray.remote(max_concurrency=4)
-    class RolloutActor:
-        """Ray wrapper: a producing loop thread plus concurrent control calls from the driver."""
+    A plain class at module level: the fleet (dopd/fleet.py) makes it a Ray actor where it places it, with
+    `ray.remote(**RolloutActor.RAY_OPTIONS)(RolloutActor)`, so importing this module never imports Ray and Ray's
+    workers find the class by its module path.
+    """
 
-        def __init__(self, cfg_dict: dict, actor_id: int, prompts, shards: list):
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            torch.set_num_threads(max(1, int(os.environ.get("DOPD_ACTOR_THREADS", "1"))))
-            self.cfg = config_from_dict(cfg_dict)
-            self.worker = RolloutWorker(self.cfg, actor_id, prompts)
-            self.shards = shards
-            self.next_shard = 0
-            self.lock = threading.Lock()  # the worker: held by the loop for a whole rollout batch
-            # new weights wait here for the next batch boundary; their own lock, so that publishing never waits for
-            # a rollout batch to finish (that took ~40 s per publish in the SmolLM2 demo)
-            self.pending_lock = threading.Lock()
-            self.pending: tuple[dict, int] | None = None
-            self.stop_flag = threading.Event()
-            self.thread: threading.Thread | None = None
-            self.totals = {"records": 0, "tokens": 0, "anchors": 0, "batches": 0, "full_waits": 0, "dropped": 0, "rejected": 0}
-            self.last: dict = {}
-            self.error = ""
+    RAY_OPTIONS = {"max_concurrency": 4}  # the loop thread + set_weights / stats / evaluate calls at the same time
 
-        def ready(self) -> dict:
-            return {"actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation}
+    def __init__(self, cfg_dict: dict, actor_id: int, prompts, shards: list):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(max(1, int(os.environ.get("DOPD_ACTOR_THREADS", "1"))))
+        self.cfg = config_from_dict(cfg_dict)
+        self.worker = RolloutWorker(self.cfg, actor_id, prompts)
+        self.shards = shards
+        self.next_shard = 0
+        self.lock = threading.Lock()  # the worker: held by the loop for a whole rollout batch
+        # new weights wait here for the next batch boundary; their own lock, so that publishing never waits for
+        # a rollout batch to finish (that took ~40 s per publish in the SmolLM2 demo)
+        self.pending_lock = threading.Lock()
+        self.pending: tuple[dict, int] | None = None
+        self.stop_flag = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.totals = {"records": 0, "tokens": 0, "anchors": 0, "batches": 0, "full_waits": 0, "dropped": 0, "rejected": 0}
+        self.last: dict = {}
+        self.error = ""
 
-        def set_weights(self, ref_box: list, version: int) -> float:
-            import ray
+    def ready(self) -> dict:
+        return {"actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation}
 
-            t0 = time.perf_counter()
-            state = ray.get(ref_box[0])
-            with self.pending_lock:
-                self.pending = (state, version)
-            return time.perf_counter() - t0
+    def set_weights(self, ref_box: list, version: int) -> float:
+        import ray
 
-        def _apply_pending(self) -> None:
-            """Load the newest published weights, if any; the caller holds `self.lock`."""
-            with self.pending_lock:
-                pending, self.pending = self.pending, None
-            if pending is not None:
-                self.worker.set_weights(*pending)
+        t0 = time.perf_counter()
+        state = ray.get(ref_box[0])
+        with self.pending_lock:
+            self.pending = (state, version)
+        return time.perf_counter() - t0
 
-        def _loop(self) -> None:
-            import ray
+    def _apply_pending(self) -> None:
+        """Load the newest published weights, if any; the caller holds `self.lock`."""
+        with self.pending_lock:
+            pending, self.pending = self.pending, None
+        if pending is not None:
+            self.worker.set_weights(*pending)
 
-            try:
-                while not self.stop_flag.is_set():
-                    with self.lock:
-                        self._apply_pending()
-                        if self.worker.policy_version < 0:
-                            data = None
-                        else:
-                            data, stats = self.worker.produce()
-                    if data is None:
-                        time.sleep(0.05)
-                        continue
-                    for d in data:
-                        shard = self.shards[self.next_shard % len(self.shards)]
-                        self.next_shard += 1
-                        while not self.stop_flag.is_set():
-                            res = ray.get(shard.put.remote(d))
-                            if res == "full":
-                                self.totals["full_waits"] += 1
-                                time.sleep(0.05)
-                                continue
-                            self.totals["dropped" if res == "dropped" else "rejected" if res == "rejected" else "records"] += 1
-                            break
-                    self.totals["tokens"] += stats["tokens"]
-                    self.totals["anchors"] += stats["anchors"]
-                    self.totals["batches"] += 1
-                    self.last = stats
-            except Exception:
-                self.error = traceback.format_exc()[-2000:]
+    def _loop(self) -> None:
+        import ray
 
-        def start(self) -> bool:
-            if self.thread is None or not self.thread.is_alive():
-                self.stop_flag.clear()
-                self.thread = threading.Thread(target=self._loop, daemon=True)
-                self.thread.start()
-            return True
+        try:
+            while not self.stop_flag.is_set():
+                with self.lock:
+                    self._apply_pending()
+                    if self.worker.policy_version < 0:
+                        data = None
+                    else:
+                        data, stats = self.worker.produce()
+                if data is None:
+                    time.sleep(0.05)
+                    continue
+                for d in data:
+                    shard = self.shards[self.next_shard % len(self.shards)]
+                    self.next_shard += 1
+                    while not self.stop_flag.is_set():
+                        res = ray.get(shard.put.remote(d))
+                        if res == "full":
+                            self.totals["full_waits"] += 1
+                            time.sleep(0.05)
+                            continue
+                        self.totals["dropped" if res == "dropped" else "rejected" if res == "rejected" else "records"] += 1
+                        break
+                self.totals["tokens"] += stats["tokens"]
+                self.totals["anchors"] += stats["anchors"]
+                self.totals["batches"] += 1
+                self.last = stats
+        except Exception:
+            self.error = traceback.format_exc()[-2000:]
 
-        def stop(self) -> bool:
-            self.stop_flag.set()
-            if self.thread is not None:
-                self.thread.join(timeout=600)
-            return True
+    def start(self) -> bool:
+        if self.thread is None or not self.thread.is_alive():
+            self.stop_flag.clear()
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+            self.thread.start()
+        return True
 
-        def stats(self) -> dict:
-            return {
-                "actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation,
-                "policy_version": self.worker.policy_version, "totals": dict(self.totals), "last": dict(self.last),
-                "error": self.error, "alive": bool(self.thread and self.thread.is_alive()),
-            }  # fmt: skip
+    def stop(self) -> bool:
+        self.stop_flag.set()
+        if self.thread is not None:
+            self.thread.join(timeout=600)
+        return True
 
-        def evaluate(self, prompt_ids: list[list[int]]) -> dict:
-            with self.lock:
-                self._apply_pending()
-                return self.worker.evaluate(prompt_ids)
+    def stats(self) -> dict:
+        return {
+            "actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation,
+            "policy_version": self.worker.policy_version, "totals": dict(self.totals), "last": dict(self.last),
+            "error": self.error, "alive": bool(self.thread and self.thread.is_alive()),
+        }  # fmt: skip
 
-        def teacher_data(self, items) -> list[bytes]:
-            with self.lock:
-                return self.worker.teacher_data(items)
+    def evaluate(self, prompt_ids: list[list[int]]) -> dict:
+        with self.lock:
+            self._apply_pending()
+            return self.worker.evaluate(prompt_ids)
 
-        def pid(self) -> int:
-            return os.getpid()
+    def teacher_data(self, items) -> list[bytes]:
+        with self.lock:
+            return self.worker.teacher_data(items)
 
-    return RolloutActor
-
-
-_CLS = None
-
-
-def rollout_actor_class():
-    """The Ray actor class (built lazily so importing this module does not import Ray)."""
-    global _CLS
-    if _CLS is None:
-        _CLS = _ray_actor_class()
-    return _CLS
+    def pid(self) -> int:
+        return os.getpid()

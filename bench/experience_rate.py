@@ -28,11 +28,10 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from dopd.actors.actor import rollout_actor_class
     from dopd.common.config import load_config
     from dopd.common.models import resolve_target
     from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
-    from dopd.common.queue import QueueShard
+    from dopd.fleet import remote_class
 
     ov = [f"model.target={a.target}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.batch_size=4"]
     if a.drafter:
@@ -52,8 +51,7 @@ def main() -> None:
         state = {k: v.numpy() for k, v in build_drafter(cfg.drafter, info, hf, embed, head, seed=cfg.seed).state_dict().items()}
     ray.init(address="local", num_cpus=max(a.actors) + 1, object_store_memory=1 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    Actor = rollout_actor_class()
-    Shard = ray.remote(num_cpus=0)(QueueShard)
+    Actor, Shard = remote_class("rollout"), remote_class("shard")
     print(f"target {a.target}, drafter {a.drafter or 'fresh'}, {a.max_new_tokens} new tokens per prompt, window {a.seconds:.0f}s")
     for n in a.actors:
         shard = Shard.remote(0, 2**34)

@@ -30,6 +30,7 @@ class ShardStats:
     dropped_full: int = 0
     delivered: int = 0
     refused_full: int = 0  # puts answered "full" under the block policy (backpressure events)
+    peak_bytes: int = 0  # the most bytes ever held: the bound holds if this never exceeds max_bytes
     last_error: str = ""
 
 
@@ -67,6 +68,7 @@ class QueueShard:
                 self.stats.dropped_full += 1
         self.items.append((bytes(data), rec.policy_version))
         self.stats.bytes += size
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.bytes)
         self.stats.accepted += 1
         self.stats.depth = len(self.items)
         return OK

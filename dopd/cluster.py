@@ -18,7 +18,7 @@ from pathlib import Path
 from dopd.common.errors import DopdError
 from dopd.paths import state_dir
 
-from .driver import CLUSTER_FILE, join_cluster, use_recorded_auth
+from .connection import CLUSTER_FILE, join_cluster, use_recorded_auth
 
 
 def _ray_bin() -> str:

@@ -1,16 +1,20 @@
 """The distributed job: N rollout actors -> S queue shards -> M ZeRO learner ranks -> new weights -> actors.
 
-The driver places the pieces (a placement group on the Ray cluster, or an embedded local Ray), runs the learner
-group in lockstep (each step every rank pulls a micro-batch from its own shard), publishes weights every
-`refresh_every` steps, watches the actors (a killed actor is restarted by Ray; the driver sees the new
-incarnation, re-sends the current weights and restarts its loop), serves the job's /metrics endpoint, and keeps
-the exactly-once accounting: every trained record's (actor, incarnation, seq) id goes into a set that is saved in
-every checkpoint, so `records_trained_twice` would count any record delivered twice.
+`DistributedJob.run` is the algorithm top to bottom: place the pieces (a placement group on the Ray cluster, or an
+embedded local Ray), SFT warm-up, then Draft-OPD steps with the learner group in lockstep (each step every rank
+pulls a micro-batch from its own shard), publishing weights every `refresh_every` steps, checkpoints and held-out
+evaluations. The groups (dopd/fleet.py: `RolloutFleet`, `LearnerGroup`) own placement, fan-out and recovery (a
+killed actor is restarted by Ray; the fleet sees the new incarnation, re-sends the current weights and restarts its
+loop). The driver serves the job's /metrics endpoint and keeps the accounts: every trained record's (actor,
+incarnation, seq) goes into a bounded ledger (dopd/exactly_once.py) saved in every checkpoint, so
+`records_trained_twice` counts any record delivered twice, and every record offered to the queues ends up trained,
+dropped (by reason), rejected, lost in flight at a crash, or still queued.
 
 A learner crash cannot be repaired inside the job (its torch.distributed group is gone): the job stops and
 `dopd train --resume DIR` continues from the last checkpoint (DeepSpeed ZeRO state + step + policy version +
 accounting). Records in the queues at the crash are lost, never duplicated: the resumed actors are new
-incarnations.
+incarnations. The crashing job writes checkpoints/crash.json (its counters and what was still queued) so the
+resumed job's accounts still add up.
 """
 
 from __future__ import annotations
@@ -26,111 +30,24 @@ from pathlib import Path
 from dopd.common.config import Config, dump_config
 from dopd.common.errors import DopdError
 from dopd.common.metrics import JobMetrics
-
-CLUSTER_FILE = "cluster.json"
-
+from dopd.connection import cluster_address, connect
+from dopd.exactly_once import TrainedLedger
+from dopd.fleet import LearnerGroup, LearnerLost, RolloutFleet, make_shards
 
 @dataclass
 class JobState:
     step: int = 0
     policy_version: int = 0
     flops: float = 0.0
-    records_consumed: int = 0
+    records_consumed: int = 0  # records in learner steps (SFT teacher records + queue records)
+    records_trained: int = 0  # queue records trained on (what the ledger holds)
     records_trained_twice: int = 0
     actor_restarts: int = 0
-    base: dict = field(default_factory=dict)  # counts carried over from before a resume (shard totals)
-    trained: list = field(default_factory=list)  # uids [actor, incarnation, seq] of every trained record (on disk)
+    resumes: int = 0
+    lost_queued: int = 0  # records still in the queues when a job crashed (the shards die with it)
+    base: dict = field(default_factory=dict)  # shard counts carried over from before a resume
+    ledger: list = field(default_factory=list)  # the exactly-once ledger (dopd/exactly_once.py), in checkpoints only
     history: list = field(default_factory=list)  # held-out evaluations
-
-
-def _env() -> dict:
-    return {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-    }
-
-
-def cluster_address(cfg: Config) -> str | None:
-    """The configured address, else the one `dopd cluster up` recorded, else None (embedded Ray)."""
-    if cfg.cluster.address:
-        return cfg.cluster.address
-    from dopd.paths import state_dir
-
-    f = state_dir() / CLUSTER_FILE
-    if f.is_file():
-        try:
-            info = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            return None
-        use_recorded_auth(info)
-        return info.get("address")
-    return None
-
-
-def use_recorded_auth(info: dict) -> None:
-    """A head `dopd cluster up` started wants the token in ~/.ray/auth_token; call before `import ray`."""
-    if info.get("auth") == "token":
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a Ray address (host:port, ray://host:port) names this machine's loopback interface."""
-    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
-def keep_ray_on_loopback() -> None:
-    """Make this process's Ray resolve "127.0.0.1" to itself when it joins a loopback-only head.
-
-    Ray rewrites a loopback bootstrap address to the machine's primary IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
-    which it reads once, when `ray` is first imported; a loopback head does not listen there. Only for loopback
-    addresses: a driver joining a remote head must keep its routable IP.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
-
-
-def join_cluster(address: str, **init_kwargs) -> None:
-    """`ray.init` at a running cluster. Ray rewrites a loopback bootstrap address to this node's primary IP, where a
-    loopback-only head does not listen; pinning the driver's node address keeps it on 127.0.0.1."""
-    local = {}
-    if is_loopback(address):
-        keep_ray_on_loopback()
-        local = {"_node_ip_address": "127.0.0.1"}
-    import ray
-
-    ray.init(address=address, namespace="dopd", log_to_driver=False, **init_kwargs, **local)
-
-
-def connect(cfg: Config) -> str:
-    """Join the recorded/configured cluster or start an embedded local Ray (loopback only)."""
-    for k, v in _env().items():
-        os.environ.setdefault(k, v)
-    address = cluster_address(cfg)  # before `import ray`: Ray's core reads RAY_AUTH_MODE when it is loaded
-    import ray
-
-    if ray.is_initialized():
-        return "existing"
-    runtime_env = {"env_vars": {k: v for k, v in {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", "")}.items() if v}}
-    if address:
-        join_cluster(address, runtime_env=runtime_env)
-        return address
-    need = cfg.cluster.actors * cfg.cluster.actor_num_cpus + cfg.cluster.learners * cfg.cluster.learner_num_cpus
-    ray.init(
-        address="local",  # never join a cluster found in /tmp/ray or RAY_ADDRESS by accident: that one is configured
-        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-        object_store_memory=cfg.cluster.object_store_memory,
-        include_dashboard=False,
-        namespace="dopd",
-        _node_ip_address="127.0.0.1",
-        runtime_env=runtime_env,
-        log_to_driver=False,
-    )
-    return "embedded"
 
 
 class DistributedJob:
@@ -145,16 +62,81 @@ class DistributedJob:
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = JobState()
         self.metrics = JobMetrics()
-        self.actors: list = []
+        self.fleet: RolloutFleet | None = None
+        self.learners: LearnerGroup | None = None
         self.shards: list = []
-        self.learners: list = []
-        self.weights_ref = None
-        self.known: dict[int, int] = {}  # actor index -> incarnation
+        self.ledger = TrainedLedger()
         self.actor_totals: dict[tuple[int, int], dict] = {}
-        self.trained: set[tuple[int, int, int]] = set()
         self.shard_seen: dict[tuple[str, str], int] = {}
         self.prom_target: str | None = None
         self.ray_mode = ""
+        self.pg = None
+
+    # --- the job --------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        t_start = time.time()
+        c = self.cfg
+        if not self.resume:
+            for stale in ("metrics.jsonl", "run_summary.json"):
+                (self.out / stale).unlink(missing_ok=True)
+        dump_config(c, self.out / "config.yaml")
+        mode = self.ray_mode = connect(c)
+        self.log(f"dopd: Ray {'(embedded, local)' if mode == 'embedded' else mode}; {c.cluster.actors} actors, {c.cluster.learners} learner ranks (ZeRO-{c.learner.zero_stage})")
+        self._prompts()
+        try:
+            self._place()
+            self._serve_metrics()
+            if self.resume:
+                self._restore()
+            warm = c.sft.warmup_steps if c.mode == "opd" else c.learner.steps
+            total = warm + c.learner.steps if c.mode == "opd" else c.learner.steps
+            pbar = tqdm(total=total, initial=self.state.step, desc="learner steps", disable=not sys.stderr.isatty())
+            if self.state.step < warm:
+                self._sft_warmup(warm, pbar)
+                self.state.policy_version += 1
+            if c.mode == "opd":
+                self._publish()
+                self.fleet.start()
+                if not self.state.history:
+                    self._eval()
+                while self.state.step < total:
+                    res = self.learners.opd_step(self.state.policy_version, wait=self._watch_actors)
+                    self._after_step(res, "opd", pbar)
+                    if (self.state.step - warm) % c.learner.refresh_every == 0:
+                        self.state.policy_version += 1
+                        self._publish()
+                    self._watch_actors()
+                    self._shard_stats()
+                    if self.state.step % c.learner.eval_every == 0:
+                        self._eval()
+                    if self.state.step % c.learner.checkpoint_every == 0:
+                        self._checkpoint()
+                    if "on_step" in self.hooks:
+                        self.hooks["on_step"](self, self.state.step)
+                self.fleet.stop()
+            if not self.state.history or self.state.history[-1]["step"] != self.state.step:
+                if c.mode == "sft":
+                    self._publish()
+                self._eval()
+            self._checkpoint()
+            self._save_drafter()
+            pbar.close()
+            summary = self._summary(time.time() - t_start)
+            (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))
+            if c.metrics.enabled and c.metrics.linger_s > 0:
+                self._check_actors_safe()
+                time.sleep(c.metrics.linger_s)
+            return summary
+        except LearnerLost as e:
+            self._record_crash()
+            raise DopdError(f"{e}; continue with: dopd train --resume {self.out}") from None
+        except BaseException:
+            self._record_crash()
+            raise
+        finally:
+            self.shutdown()
 
     # --- setup ----------------------------------------------------------------------------------------------
     def _prompts(self):
@@ -183,18 +165,13 @@ class DistributedJob:
         self.eval_ids = eval_ids[: c.eval.num_prompts]
 
     def _place(self):
-        import ray
+        """One placement group (actor bundles first, then learner bundles if learners ask for resources), the
+        queue shards, the learner group, then the rollout fleet."""
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from dopd.actors.actor import rollout_actor_class
-        from dopd.common.queue import QueueShard
-        from dopd.learner.zero import learner_actor_class
 
         c = self.cfg.cluster
         N, M = c.actors, c.learners
-        S = c.shards or M
-        name = f"{self.out.name}-{os.getpid()}"
+        name = self.name = f"{self.out.name}-{os.getpid()}"
         bundles = [{"CPU": c.actor_num_cpus, "GPU": c.actor_num_gpus} for _ in range(N)]
         lb = {"CPU": c.learner_num_cpus, "GPU": c.learner_num_gpus}
         has_learner_bundle = any(v > 0 for v in lb.values())
@@ -204,52 +181,16 @@ class DistributedJob:
         self.pg = placement_group(bundles, strategy="PACK", name=f"dopd-{name}")
         if not self.pg.wait(timeout_seconds=c.placement_timeout_s):
             raise DopdError(f"the cluster cannot place {N} actors and {M} learners with these resources: {bundles} (see `dopd cluster status`)")
-        Shard = ray.remote(num_cpus=0)(QueueShard)
-        self.shards = [
-            Shard.options(name=f"{name}.shard.{s}").remote(s, c.queue_max_bytes, c.queue_policy, c.max_staleness, c.max_record_bytes)
-            for s in range(S)
-        ]
-        device = "cuda" if c.learner_num_gpus > 0 else "cpu"
-        Learner = learner_actor_class()
-        self.learners = []
-        for r in range(M):
-            my_shards = [self.shards[s] for s in range(S) if s % M == r] or [self.shards[r % S]]
-            opts = {"name": f"{name}.learner.{r}", "num_cpus": c.learner_num_cpus, "num_gpus": c.learner_num_gpus}
-            if has_learner_bundle:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=N + r)
-            self.learners.append(Learner.options(**opts).remote(self.cfg.to_dict(), r, M, my_shards, device))
-        addr, port = ray.get(self.learners[0].rendezvous.remote())
-        if self.cfg.cluster.master_port:
-            port = self.cfg.cluster.master_port
-        ray.get([learner.init.remote(addr, port) for learner in self.learners])
-        Actor = rollout_actor_class()
-        per_actor = [self.train[i::N] for i in range(N)]
-        self.actors = [
-            Actor.options(
-                name=f"{name}.actor.{i}",
-                num_cpus=c.actor_num_cpus,
-                num_gpus=c.actor_num_gpus,
-                max_restarts=c.max_actor_restarts,
-                max_task_retries=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(self.cfg.to_dict(), i, per_actor[i] or self.train, self.actor_shards(i, N, S))
-            for i in range(N)
-        ]
-        for i, info in enumerate(ray.get([a.ready.remote() for a in self.actors])):
-            self.known[i] = info["incarnation"]
-        self.name = name
-
-    def actor_shards(self, i: int, N: int, S: int) -> list:
-        """Routing by actor: actor i feeds shard i % S; with fewer actors than shards, actor i feeds every shard
-        s with s % N == i (round-robin), so every learner rank's shard has a producer."""
-        return [self.shards[s] for s in range(S) if s % N == i] if N < S else [self.shards[i % S]]
+        self.shards = make_shards(self.cfg, name)
+        self.learners = LearnerGroup(self.cfg, name, self.pg, self.shards, N if has_learner_bundle else None)
+        self.fleet = RolloutFleet(self.cfg, name, self.pg, self.shards, self.train, log=self.log, on_restart=self._on_actor_restart)
 
     def _serve_metrics(self):
         m = self.cfg.metrics
         if not m.enabled:
             return
         # every labelled series exists from the start (at 0), so rates and "no restarts yet" are data, not gaps
-        for i in range(len(self.actors)):
+        for i in range(len(self.fleet)):
             for name in ("dopd_actor_restarts", "dopd_records_produced", "dopd_rollout_tokens", "dopd_replay_anchors"):
                 self.metrics[name].labels(actor=str(i))
         for sh in range(len(self.shards)):
@@ -269,63 +210,69 @@ class DistributedJob:
         self.log(f"dopd: metrics on http://{m.host}:{port}/metrics")
 
     # --- phases ---------------------------------------------------------------------------------------------
-    def _publish(self) -> None:
-        from dopd.learner.publish import publish
+    def _sft_warmup(self, total_warm: int, pbar) -> None:
+        c = self.cfg
+        n = min(c.sft.num_prompts or len(self.train), len(self.train))
+        self.log(f"dopd: SFT warm-up data: the target answers {n} prompts, split over {len(self.fleet)} rollout actors")
+        self.learners.set_teacher(self.fleet.teacher_data(self.train[:n]))
+        while self.state.step < total_warm:
+            self._after_step(self.learners.sft_step(), "sft", pbar)
 
+    def _publish(self) -> None:
         t0 = time.perf_counter()
-        latency, ref, failed = publish(self.learners, self.actors, self.state.policy_version)
-        self.weights_ref = ref
+        latency = self.learners.publish(self.fleet, self.state.policy_version)
         self.metrics["dopd_publish_latency_seconds"].observe(latency)
         self.metrics["dopd_policy_version"].set(self.state.policy_version)
-        for i in failed:
-            self._recover_actor(i)
         self.log_debug(f"published policy version {self.state.policy_version} in {time.perf_counter() - t0:.2f}s")
 
+    def _eval(self) -> dict:
+        res = self.fleet.evaluate(self.eval_ids)
+        res["step"] = self.state.step
+        self.state.history.append(res)
+        self.metrics.heldout(res["tau"], res["alpha"])
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"event": "eval", "time": time.time(), **res}) + "\n")
+        return res
+
+    def _after_step(self, res: list[dict], phase: str, pbar) -> None:
+        st = self.state
+        st.step += 1
+        flops = sum(r["flops"] for r in res)
+        st.flops += flops
+        records = sum(r["records"] for r in res)
+        st.records_consumed += records
+        staleness = []
+        for r in res:
+            for uid in r.get("uids", []):
+                st.records_trained += 1
+                if not self.ledger.add(uid):
+                    st.records_trained_twice += 1
+            staleness += r.get("staleness", [])
+        n = len(res)
+        loss = sum(r["loss"] for r in res) / n
+        self.metrics.learner(loss, sum(r["acc"] for r in res) / n, sum(r["rej"] for r in res) / n, max(r["grad_norm"] for r in res), max(r["seconds"] for r in res), flops, records, staleness)
+        row = {"event": "step", "time": time.time(), "step": st.step, "phase": phase, "loss": loss, "flops": st.flops, "policy_version": st.policy_version, "records": records, "staleness": staleness}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if pbar is not None:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{loss:.3f}", v=st.policy_version, tau=f"{st.history[-1]['tau']:.2f}" if st.history else "-")
+
+    # --- watching -------------------------------------------------------------------------------------------
     def log_debug(self, msg: str) -> None:
         if os.environ.get("DOPD_DEBUG"):
             self.log(msg)
 
-    def _recover_actor(self, i: int) -> None:
-        """Wait for Ray to bring actor i back, then give it the current weights and restart its loop."""
-        import ray
+    def _on_actor_restart(self, i: int) -> None:
+        self.state.actor_restarts += 1
+        self.metrics["dopd_actor_restarts"].labels(actor=str(i)).inc()
 
-        deadline = time.time() + 600
-        while True:
-            try:
-                info = ray.get(self.actors[i].ready.remote(), timeout=60)
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:
-                if time.time() > deadline:  # out of restarts (cluster.max_actor_restarts) or the node is gone
-                    raise DopdError(f"rollout actor {i} did not come back after a failure: {e}") from None
-                time.sleep(1)
-        if info["incarnation"] != self.known.get(i):
-            self.known[i] = info["incarnation"]
-            self.state.actor_restarts += 1
-            self.metrics["dopd_actor_restarts"].labels(actor=str(i)).inc()
-            self.log(f"dopd: rollout actor {i} restarted (incarnation {info['incarnation']}); re-sending weights")
-        if self.weights_ref is not None:
-            ray.get(self.actors[i].set_weights.remote([self.weights_ref], self.state.policy_version))
-        ray.get(self.actors[i].start.remote())
-
-    def _check_actors(self) -> None:
-        import ray
-
-        refs = [a.stats.remote() for a in self.actors]
-        for i, ref in enumerate(refs):
-            try:
-                st = ray.get(ref, timeout=60)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-                self._recover_actor(i)
-                continue
-            if st["incarnation"] != self.known.get(i):
-                self._recover_actor(i)
-                continue
-            if st["error"]:
-                raise DopdError(f"rollout actor {i} failed:\n{st['error']}")
+    def _watch_actors(self) -> None:
+        """Recover dead actors (the fleet) and turn their counters into rollout metrics."""
+        for i, st in self.fleet.check():
             key = (i, st["incarnation"])
             prev = self.actor_totals.get(key, {"tokens": 0, "anchors": 0, "records": 0, "batches": 0})
-            tot = st["totals"]
-            last = st["last"]
+            tot, last = st["totals"], st["last"]
             if tot["batches"] > prev["batches"] and last:
                 self.metrics.rollout(
                     str(i), last["tau"], last["alpha"], tot["tokens"] - prev["tokens"], last["rollout_s"],
@@ -349,193 +296,119 @@ class DistributedJob:
         self._last_shards = stats
         return stats
 
-    def _eval(self) -> dict:
-        import ray
-
-        for i, a in enumerate(self.actors):
-            try:
-                res = ray.get(a.evaluate.remote(self.eval_ids))
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                self._recover_actor(i)
-        else:
-            raise DopdError("no rollout actor could run the held-out evaluation")
-        res["step"] = self.state.step
-        self.state.history.append(res)
-        self.metrics.heldout(res["tau"], res["alpha"])
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"event": "eval", "time": time.time(), **res}) + "\n")
-        return res
-
-    def _sft_warmup(self, total_warm: int, pbar) -> None:
-        import ray
-
-        c = self.cfg
-        n = min(c.sft.num_prompts or len(self.train), len(self.train))
-        self.log(f"dopd: SFT warm-up data: the target (on actor 0) answers {n} prompts")
-        data = ray.get(self.actors[0].teacher_data.remote(self.train[:n]))
-        box = [ray.put(data)]
-        ray.get([learner.set_teacher.remote(box) for learner in self.learners])
-        while self.state.step < total_warm:
-            res = ray.get([learner.sft_step.remote() for learner in self.learners])
-            self._after_step(res, "sft", pbar)
-
-    def _after_step(self, res: list[dict], phase: str, pbar) -> None:
-        st = self.state
-        st.step += 1
-        flops = sum(r["flops"] for r in res)
-        st.flops += flops
-        records = sum(r["records"] for r in res)
-        st.records_consumed += records
-        staleness = []
-        for r in res:
-            for uid in r.get("uids", []):
-                u = tuple(uid)
-                if u in self.trained:
-                    st.records_trained_twice += 1
-                self.trained.add(u)
-            staleness += r.get("staleness", [])
-        n = len(res)
-        loss = sum(r["loss"] for r in res) / n
-        self.metrics.learner(loss, sum(r["acc"] for r in res) / n, sum(r["rej"] for r in res) / n, max(r["grad_norm"] for r in res), max(r["seconds"] for r in res), flops, records, staleness)
-        row = {"event": "step", "time": time.time(), "step": st.step, "phase": phase, "loss": loss, "flops": st.flops, "policy_version": st.policy_version, "records": records, "staleness": staleness}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if pbar is not None:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{loss:.3f}", v=st.policy_version, tau=f"{st.history[-1]['tau']:.2f}" if st.history else "-")
-
-    # --- checkpoints ----------------------------------------------------------------------------------------
-    _COUNT_KEYS = ("accepted", "rejected", "dropped_stale", "dropped_full")
-
-    def _checkpoint(self) -> None:
-        """DeepSpeed ZeRO state on every rank + the driver's step, version and exactly-once accounting."""
-        import ray
-
-        root = self.out / "checkpoints"
-        tag = f"step_{self.state.step:07d}"
-        ray.get([learner.save.remote(str(root), tag) for learner in self.learners])
-        shards = self._shard_stats()
-        blob = asdict(self.state)
-        blob["trained"] = [list(u) for u in sorted(self.trained)]
-        blob["base"] = {k: self.state.base.get(k, 0) + sum(s[k] for s in shards) for k in self._COUNT_KEYS}
-        (root / tag).mkdir(parents=True, exist_ok=True)
-        (root / tag / "job_state.json").write_text(json.dumps(blob))
-        (root / "latest").write_text(tag)
-
-    def _restore(self) -> None:
-        import ray
-
-        root = self.out / "checkpoints"
-        latest = root / "latest"
-        if not latest.is_file():
-            raise DopdError(f"nothing to resume in {self.out}: no checkpoints/latest")
-        tag = latest.read_text().strip()
-        self.state = JobState(**json.loads((root / tag / "job_state.json").read_text()))
-        self.trained = {tuple(u) for u in self.state.trained}
-        self.state.trained = []
-        steps = ray.get([learner.load.remote(str(root), tag) for learner in self.learners])
-        self.log(f"dopd: resumed {self.out} at step {self.state.step}, policy version {self.state.policy_version} (ranks at {steps})")
-
-    def _counts(self) -> dict:
-        shards = getattr(self, "_last_shards", None) or self._shard_stats()
-        base = self.state.base
-        tot = {k: base.get(k, 0) + sum(s[k] for s in shards) for k in self._COUNT_KEYS}
-        produced = tot["accepted"] + (tot["dropped_full"] if self.cfg.cluster.queue_policy == "drop_newest" else 0)
-        return {"records_produced": produced, "records_dropped_stale": tot["dropped_stale"], "records_dropped_full": tot["dropped_full"], "records_rejected": tot["rejected"]}
-
-    # --- the job --------------------------------------------------------------------------------------------
-    def run(self) -> dict:
-        import ray
-        from tqdm import tqdm
-
-        t_start = time.time()
-        c = self.cfg
-        if not self.resume:
-            for stale in ("metrics.jsonl", "run_summary.json"):
-                (self.out / stale).unlink(missing_ok=True)
-        dump_config(c, self.out / "config.yaml")
-        mode = self.ray_mode = connect(c)
-        self.log(f"dopd: Ray {'(embedded, local)' if mode == 'embedded' else mode}; {c.cluster.actors} actors, {c.cluster.learners} learner ranks (ZeRO-{c.learner.zero_stage})")
-        self._prompts()
-        try:
-            self._place()
-            self._serve_metrics()
-            if self.resume:
-                self._restore()
-            warm = c.sft.warmup_steps if c.mode == "opd" else c.learner.steps
-            total = warm + c.learner.steps if c.mode == "opd" else c.learner.steps
-            pbar = tqdm(total=total, initial=self.state.step, desc="learner steps", disable=not sys.stderr.isatty())
-            if self.state.step < warm:
-                self._sft_warmup(warm, pbar)
-                self.state.policy_version += 1
-            if c.mode == "opd":
-                self._publish()
-                ray.get([a.start.remote() for a in self.actors])
-                if not self.state.history:
-                    self._eval()
-                while self.state.step < total:
-                    refs = [learner.opd_step.remote(self.state.policy_version) for learner in self.learners]
-                    while True:
-                        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
-                        if len(ready) == len(refs):
-                            break
-                        self._check_actors()
-                    try:
-                        res = ray.get(refs)
-                    except ray.exceptions.RayActorError as e:
-                        raise DopdError(f"a learner rank died ({e}); continue with: dopd train --resume {self.out}") from None
-                    self._after_step(res, "opd", pbar)
-                    if (self.state.step - warm) % c.learner.refresh_every == 0:
-                        self.state.policy_version += 1
-                        self._publish()
-                    self._check_actors()
-                    self._shard_stats()
-                    if self.state.step % c.learner.eval_every == 0:
-                        self._eval()
-                    if self.state.step % c.learner.checkpoint_every == 0:
-                        self._checkpoint()
-                    if "on_step" in self.hooks:
-                        self.hooks["on_step"](self, self.state.step)
-                ray.get([a.stop.remote() for a in self.actors])
-            if not self.state.history or self.state.history[-1]["step"] != self.state.step:
-                if c.mode == "sft":
-                    self._publish()
-                self._eval()
-            self._checkpoint()
-            self._save_drafter()
-            pbar.close()
-            summary = {
-                "steps": self.state.step,
-                "policy_version": self.state.policy_version,
-                **self._counts(),
-                "records_consumed": self.state.records_consumed,
-                "records_trained_twice": self.state.records_trained_twice,
-                "actor_restarts": self.state.actor_restarts,
-                "final_tau": self.state.history[-1]["tau"],
-                "final_alpha": self.state.history[-1]["alpha"],
-                "learner_flops": self.state.flops,
-                "wall_s": time.time() - t_start,
-                "actors": c.cluster.actors,
-                "learners": c.cluster.learners,
-                "shards": c.cluster.shards or c.cluster.learners,
-                "zero_stage": c.learner.zero_stage,
-                "target": self.target_info,
-                "metrics_port": getattr(self, "metrics_port", None),
-            }
-            (self.out / "run_summary.json").write_text(json.dumps(summary, indent=1))
-            if c.metrics.enabled and c.metrics.linger_s > 0:
-                self._check_actors_safe()
-                time.sleep(c.metrics.linger_s)
-            return summary
-        finally:
-            self.shutdown()
-
     def _check_actors_safe(self):
         try:
             self._shard_stats()
         except Exception:
             pass
+
+    # --- checkpoints and accounting -------------------------------------------------------------------------
+    _COUNT_KEYS = ("accepted", "rejected", "dropped_stale", "dropped_full", "delivered")
+
+    def _totals(self, shards: list[dict]) -> dict:
+        """Shard counters since the first job of this run (this job's shards + what earlier jobs carried over)."""
+        return {k: self.state.base.get(k, 0) + sum(s[k] for s in shards) for k in self._COUNT_KEYS}
+
+    def _checkpoint(self) -> None:
+        """DeepSpeed ZeRO state on every rank + the driver's step, version and exactly-once ledger (bounded)."""
+        root = self.out / "checkpoints"
+        tag = f"step_{self.state.step:07d}"
+        self.learners.save(str(root), tag)
+        blob = asdict(self.state)
+        blob["ledger"] = self.ledger.to_json()
+        blob["base"] = self._totals(self._shard_stats())
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        (root / tag / "job_state.json").write_text(json.dumps(blob))
+        (root / "latest").write_text(tag)
+
+    def _record_crash(self) -> None:
+        """What a crash loses: the shards die with the job, so the records still queued are lost in flight (and so
+        are records delivered after the last checkpoint: the resumed learners restart from it). Written next to
+        the checkpoints; the next `--resume` folds it into the accounting."""
+        if not self.shards or self.learners is None:
+            return
+        try:
+            import ray
+
+            shards = ray.get([s.get_stats.remote() for s in self.shards], timeout=30)
+        except Exception:
+            return
+        crash = {
+            "step": self.state.step,
+            "totals": self._totals(shards),
+            "lost_queued": self.state.lost_queued + sum(s["depth"] for s in shards),
+            "peak_bytes": max(s["peak_bytes"] for s in shards),
+        }
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "crash.json").write_text(json.dumps(crash))
+
+    def _restore(self) -> None:
+        root = self.out / "checkpoints"
+        latest = root / "latest"
+        if not latest.is_file():
+            raise DopdError(f"nothing to resume in {self.out}: no checkpoints/latest")
+        tag = latest.read_text().strip()
+        blob = json.loads((root / tag / "job_state.json").read_text())
+        self.state = JobState(**{k: v for k, v in blob.items() if k in JobState.__dataclass_fields__})
+        self.ledger = TrainedLedger.from_json(self.state.ledger)
+        for uid in blob.get("trained", []):  # checkpoints written before the ledger listed every uid
+            self.ledger.add(uid)
+        self.state.ledger = []
+        crash_file = root / "crash.json"
+        if crash_file.is_file():
+            crash = json.loads(crash_file.read_text())
+            if crash["step"] >= self.state.step:
+                self.state.base = crash["totals"]
+                self.state.lost_queued = crash["lost_queued"]
+                self.peak_before = crash.get("peak_bytes", 0)
+            crash_file.rename(root / f"crash_resumed_{self.state.resumes + 1}.json")
+        self.state.resumes += 1
+        steps = self.learners.load(str(root), tag)
+        self.log(f"dopd: resumed {self.out} at step {self.state.step}, policy version {self.state.policy_version} (ranks at {steps})")
+
+    def _counts(self) -> dict:
+        """Where every record went. Offered to the queues = produced + rejected; produced = trained + dropped +
+        lost in flight + still queued (lost: queued at a crash, or delivered but not in the resumed checkpoint)."""
+        shards = getattr(self, "_last_shards", None) or self._shard_stats()
+        tot = self._totals(shards)
+        produced = tot["accepted"] + (tot["dropped_full"] if self.cfg.cluster.queue_policy == "drop_newest" else 0)
+        return {
+            "records_produced": produced,
+            "records_trained": self.state.records_trained,
+            "records_dropped_stale": tot["dropped_stale"],
+            "records_dropped_full": tot["dropped_full"],
+            "records_rejected": tot["rejected"],
+            "records_lost_in_flight": self.state.lost_queued + tot["delivered"] - self.state.records_trained,
+            "records_queued": sum(s["depth"] for s in shards),
+            "queue_peak_bytes": max([s["peak_bytes"] for s in shards] + [getattr(self, "peak_before", 0)]),
+            "queue_max_bytes": self.cfg.cluster.queue_max_bytes,
+        }
+
+    def _summary(self, wall_s: float) -> dict:
+        c = self.cfg
+        self._shard_stats()
+        return {
+            "steps": self.state.step,
+            "steps_planned": c.sft.warmup_steps + c.learner.steps if c.mode == "opd" else c.learner.steps,
+            "policy_version": self.state.policy_version,
+            **self._counts(),
+            "records_consumed": self.state.records_consumed,
+            "records_trained_twice": self.state.records_trained_twice,
+            "exactly_once_state_bytes": len(json.dumps(self.ledger.to_json())),
+            "actor_restarts": self.state.actor_restarts,
+            "resumes": self.state.resumes,
+            "final_tau": self.state.history[-1]["tau"],
+            "final_alpha": self.state.history[-1]["alpha"],
+            "learner_flops": self.state.flops,
+            "wall_s": wall_s,
+            "actors": c.cluster.actors,
+            "learners": c.cluster.learners,
+            "shards": c.cluster.shards or c.cluster.learners,
+            "zero_stage": c.learner.zero_stage,
+            "target": self.target_info,
+            "metrics_port": getattr(self, "metrics_port", None),
+        }
 
     def _save_drafter(self) -> None:
         import ray
@@ -544,11 +417,11 @@ class DistributedJob:
         from dopd.common.drafters import build_drafter
         from dopd.common.models import load_frozen_io
 
-        state = ray.get(self.weights_ref) if self.weights_ref is not None else None
+        state = ray.get(self.fleet.weights[0]) if self.fleet.weights is not None else None
         if state is None:
             return
         info, embed, head, hf = load_frozen_io(self.cfg.model.target)
-        d = build_drafter(self.cfg.drafter, info, hf, embed, head, seed=self.cfg.seed)
+        d = build_drafter(self.cfg.drafter, info, hf, embed, head, seed=self.cfg.seed, placeholder_vocab=True)  # the map comes with the state
         d.load_state_dict({k: torch.tensor(v) for k, v in state.items()})
         d.save_pretrained(self.out / "drafter")
 
@@ -563,12 +436,13 @@ class DistributedJob:
             except ImportError:
                 pass
         self.metrics.close()
-        for h in self.actors + self.learners + self.shards:
+        handles = (self.fleet.handles if self.fleet else []) + (self.learners.handles if self.learners else []) + self.shards
+        for h in handles:
             try:
                 ray.kill(h, no_restart=True)
             except Exception:
                 pass
-        if getattr(self, "pg", None) is not None:
+        if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
 
             try:

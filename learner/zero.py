@@ -192,85 +192,76 @@ class LearnerRank:
         return self.state.step
 
 
-def _ray_learner_class():
-    import ray
+class LearnerActor:
+    """Ray wrapper: one rank; pulls its micro-batches from its own shard(s).
 
-    @ray.remote
-    class LearnerActor:
-        """Ray wrapper: one rank; pulls its micro-batches from its own shard(s)."""
+    A plain class at module level; dopd/fleet.py (LearnerGroup) applies `ray.remote` where it places the ranks, so
+    importing this module never imports Ray.
+    """
 
-        def __init__(self, cfg_dict: dict, rank: int, world: int, shards: list, device: str):
-            from dopd.common.config import config_from_dict
+    def __init__(self, cfg_dict: dict, rank: int, world: int, shards: list, device: str):
+        from dopd.common.config import config_from_dict
 
-            torch.set_num_threads(max(1, int(os.environ.get("DOPD_LEARNER_THREADS", "1"))))
-            self.cfg = config_from_dict(cfg_dict)
-            self.shards = shards
-            self.rank, self.world, self.device = rank, world, device
-            self.rank_obj: LearnerRank | None = None
+        torch.set_num_threads(max(1, int(os.environ.get("DOPD_LEARNER_THREADS", "1"))))
+        self.cfg = config_from_dict(cfg_dict)
+        self.shards = shards
+        self.rank, self.world, self.device = rank, world, device
+        self.rank_obj: LearnerRank | None = None
 
-        def rendezvous(self) -> tuple[str, int]:
-            """This node's address and a free port: rank 0's answer is the torch.distributed master."""
-            import socket
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port: rank 0's answer is the torch.distributed master."""
+        import socket
 
-            import ray
+        import ray
 
-            ip = ray.util.get_node_ip_address()
-            with socket.socket() as s:
-                s.bind((ip, 0))
-                return ip, s.getsockname()[1]
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
 
-        def init(self, master_addr: str, master_port: int) -> int:
-            self.rank_obj = LearnerRank(self.cfg, self.rank, self.world, master_addr, master_port, self.device)
-            return self.rank
+    def init(self, master_addr: str, master_port: int) -> int:
+        self.rank_obj = LearnerRank(self.cfg, self.rank, self.world, master_addr, master_port, self.device)
+        return self.rank
 
-        def opd_step(self, learner_version: int, timeout_s: float = 600.0) -> dict:
-            import ray
+    def opd_step(self, learner_version: int, timeout_s: float = 600.0) -> dict:
+        import ray
 
-            need = self.cfg.learner.micro_batch_size
-            got: list[bytes] = []
-            t0 = time.perf_counter()
-            i = 0
-            while len(got) < need:
-                shard = self.shards[i % len(self.shards)]
-                i += 1
-                got += ray.get(shard.get.remote(need - len(got), learner_version))
-                if len(got) < need:
-                    if time.perf_counter() - t0 > timeout_s:
-                        raise TimeoutError(f"learner waited {timeout_s:.0f}s for {need} records from its shard(s)")
-                    time.sleep(0.02)
-            wait = time.perf_counter() - t0
-            out = self.rank_obj.opd_step(got, learner_version)
-            out["wait_s"] = wait
-            return out
+        need = self.cfg.learner.micro_batch_size
+        got: list[bytes] = []
+        t0 = time.perf_counter()
+        i = 0
+        while len(got) < need:
+            shard = self.shards[i % len(self.shards)]
+            i += 1
+            got += ray.get(shard.get.remote(need - len(got), learner_version))
+            if len(got) < need:
+                if time.perf_counter() - t0 > timeout_s:
+                    raise TimeoutError(f"learner waited {timeout_s:.0f}s for {need} records from its shard(s)")
+                time.sleep(0.02)
+        wait = time.perf_counter() - t0
+        out = self.rank_obj.opd_step(got, learner_version)
+        out["wait_s"] = wait
+        return out
 
-        def set_teacher(self, box: list) -> int:
-            import ray
+    def set_teacher(self, box: list) -> int:
+        import ray
 
-            return self.rank_obj.set_teacher(ray.get(box[0]))
+        return self.rank_obj.set_teacher(ray.get(box[0]))
 
-        def sft_step(self) -> dict:
-            return self.rank_obj.sft_step()
+    def sft_step(self) -> dict:
+        return self.rank_obj.sft_step()
 
-        def gather_weights(self):
-            return self.rank_obj.gather_weights()
+    def gather_weights(self):
+        return self.rank_obj.gather_weights()
 
-        def save(self, directory: str, tag: str) -> bool:
-            return self.rank_obj.save(directory, tag)
+    def save(self, directory: str, tag: str) -> bool:
+        return self.rank_obj.save(directory, tag)
 
-        def load(self, directory: str, tag: str) -> int:
-            return self.rank_obj.load(directory, tag)
+    def load(self, directory: str, tag: str) -> int:
+        return self.rank_obj.load(directory, tag)
 
-        def num_parameters(self) -> int:
-            return self.rank_obj.drafter.num_parameters()
+    def num_parameters(self) -> int:
+        return self.rank_obj.drafter.num_parameters()
 
-    return LearnerActor
-
-
-_CLS = None
-
-
-def learner_actor_class():
-    global _CLS
-    if _CLS is None:
-        _CLS = _ray_learner_class()
-    return _CLS
+    def pid(self) -> int:
+        return os.getpid()

@@ -76,7 +76,7 @@ def test_experiment_rejects_bad_arms_and_presets(tmp_path):
 
 def test_loopback_addresses_are_recognised():
     """A driver joining a loopback head must pin itself to 127.0.0.1 (Ray would rewrite it to the eth0 address)."""
-    from dopd.driver import is_loopback
+    from dopd.connection import is_loopback
 
     assert is_loopback("127.0.0.1:6379") and is_loopback("localhost:6379") and is_loopback("ray://127.0.0.1:10001")
     assert not is_loopback("10.0.0.5:6379") and not is_loopback("ray://head.svc:10001")

@@ -36,8 +36,8 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
             assert ray.get(job.shards[0].put.remote(b"definitely not a record")) == "rejected"
             seen["metrics"] = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
         if step == 4:  # kill a rollout actor mid-run: Ray restarts it, the driver re-sends weights
-            seen["incarnation"] = job.known[1]
-            ray.kill(job.actors[1], no_restart=False)
+            seen["incarnation"] = job.fleet.known[1]
+            ray.kill(job.fleet.handles[1], no_restart=False)
 
     job = DistributedJob(cfg_for(tmp_path, "sft.warmup_steps=2", "learner.steps=8", "learner.checkpoint_every=4"), hooks={"on_step": on_step}, log=lambda *a: None)
     summary = job.run()
@@ -45,9 +45,14 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
     assert summary["policy_version"] == 1 + 8 // 2  # warm-up publish + one per refresh
     assert summary["records_trained_twice"] == 0
     assert summary["records_rejected"] >= 1
-    assert summary["actor_restarts"] == 1 and job.known[1] != seen["incarnation"]
+    assert summary["actor_restarts"] == 1 and job.fleet.known[1] != seen["incarnation"]
     assert summary["records_consumed"] == 8 * 2 * 2  # steps x ranks x micro-batch
     assert summary["records_produced"] >= summary["records_consumed"]
+    # every record accounted for: trained, dropped, lost in flight (none: no crash) or still queued
+    assert summary["records_trained"] == summary["records_consumed"]
+    assert summary["records_lost_in_flight"] == 0
+    assert summary["records_produced"] == summary["records_trained"] + summary["records_dropped_stale"] + summary["records_dropped_full"] + summary["records_queued"]
+    assert 0 < summary["queue_peak_bytes"] <= summary["queue_max_bytes"]
     for key in ("records_dropped_stale", "final_tau", "wall_s"):
         assert key in summary
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"step"' in x and json.loads(x)["event"] == "step"]
@@ -80,7 +85,34 @@ def test_learner_crash_resumes_at_the_same_step_and_version(ray_session, tmp_pat
     after = [r for r in steps if r["time"] > 0][-4:]
     assert [r["step"] for r in after] == [5, 6, 7, 8]
     assert after[0]["policy_version"] == 2
-    assert summary["steps"] == 8 and summary["records_trained_twice"] == 0
+    assert summary["steps"] == 8 and summary["records_trained_twice"] == 0 and summary["resumes"] == 1
+    # the crash was recorded and folded in: what the crashed job had queued or trained after its checkpoint is
+    # "lost in flight", so the accounts still add up across the two jobs
+    assert (tmp_path / "checkpoints" / "crash_resumed_1.json").is_file()
+    assert summary["records_produced"] == summary["records_trained"] + summary["records_dropped_stale"] + summary["records_dropped_full"] + summary["records_lost_in_flight"] + summary["records_queued"]
+    assert summary["records_lost_in_flight"] >= 2 * 2  # step 5's micro-batches were trained after the step-4 checkpoint
+
+
+def test_sft_data_fans_out_over_every_actor_in_order(ray_session):
+    """The warm-up data is split over all actors (contiguous chunks) and comes back in the prompts' order."""
+    ray = ray_session
+    from dopd.fleet import RolloutFleet, split_even
+
+    assert split_even(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]] and split_even([1], 3) == [[1], [], []]
+
+    @ray.remote
+    class Answer:
+        def __init__(self, i):
+            self.i = i
+
+        def teacher_data(self, items):
+            return [f"{self.i}:{x}".encode() for x in items]
+
+    fleet = RolloutFleet.__new__(RolloutFleet)
+    fleet.handles = [Answer.remote(i) for i in range(3)]
+    out = fleet.teacher_data(list(range(8)))
+    assert [int(b.split(b":")[1]) for b in out] == list(range(8))
+    assert {b.split(b":")[0] for b in out} == {b"0", b"1", b"2"}  # every actor answered its share
 
 
 def test_zero3_gathers_full_weights(ray_session, tmp_path):

@@ -1,0 +1,105 @@
+"""Joining Ray: the recorded/configured cluster, or an embedded local Ray on loopback.
+
+One module, imported by both the job (`dopd.driver`) and `dopd cluster` (status joins the head it recorded), so the
+loopback and authentication rules are written once. Everything here must run BEFORE `import ray` where noted: Ray's
+core reads RAY_AUTH_MODE and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dopd.common.config import Config
+
+CLUSTER_FILE = "cluster.json"
+
+
+def _env() -> dict:
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+
+
+def cluster_address(cfg: Config) -> str | None:
+    """The configured address, else the one `dopd cluster up` recorded, else None (embedded Ray)."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    from dopd.paths import state_dir
+
+    f = state_dir() / CLUSTER_FILE
+    if f.is_file():
+        try:
+            info = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return None
+        use_recorded_auth(info)
+        return info.get("address")
+    return None
+
+
+def use_recorded_auth(info: dict) -> None:
+    """A head `dopd cluster up` started wants the token in ~/.ray/auth_token; call before `import ray`."""
+    if info.get("auth") == "token":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a Ray address (host:port, ray://host:port) names this machine's loopback interface."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def keep_ray_on_loopback() -> None:
+    """Make this process's Ray resolve "127.0.0.1" to itself when it joins a loopback-only head.
+
+    Ray rewrites a loopback bootstrap address to the machine's primary IP unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    which it reads once, when `ray` is first imported; a loopback head does not listen there. Only for loopback
+    addresses: a driver joining a remote head must keep its routable IP.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
+
+
+def join_cluster(address: str, **init_kwargs) -> None:
+    """`ray.init` at a running cluster. Ray rewrites a loopback bootstrap address to this node's primary IP, where a
+    loopback-only head does not listen; pinning the driver's node address keeps it on 127.0.0.1."""
+    local = {}
+    if is_loopback(address):
+        keep_ray_on_loopback()
+        local = {"_node_ip_address": "127.0.0.1"}
+    import ray
+
+    ray.init(address=address, namespace="dopd", log_to_driver=False, **init_kwargs, **local)
+
+
+def connect(cfg: Config) -> str:
+    """Join the recorded/configured cluster or start an embedded local Ray (loopback only)."""
+    for k, v in _env().items():
+        os.environ.setdefault(k, v)
+    address = cluster_address(cfg)  # before `import ray`: Ray's core reads RAY_AUTH_MODE when it is loaded
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    runtime_env = {"env_vars": {k: v for k, v in {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", "")}.items() if v}}
+    if address:
+        join_cluster(address, runtime_env=runtime_env)
+        return address
+    need = cfg.cluster.actors * cfg.cluster.actor_num_cpus + cfg.cluster.learners * cfg.cluster.learner_num_cpus
+    ray.init(
+        address="local",  # never join a cluster found in /tmp/ray or RAY_ADDRESS by accident: that one is configured
+        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        object_store_memory=cfg.cluster.object_store_memory,
+        include_dashboard=False,
+        namespace="dopd",
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        log_to_driver=False,
+    )
+    return "embedded"
