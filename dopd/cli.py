@@ -198,8 +198,18 @@ def train_cmd(
 
             summary = Trainer(cfg, resume=resume is not None).run()
             typer.echo(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))
+        _next_steps(cfg)
     except DopdError as e:
         _fail(e)
+
+
+def _next_steps(cfg) -> None:
+    """Where the trained drafter is and what to do with it."""
+    d = Path(cfg.out_dir) / "drafter"
+    k = cfg.eval_block_size
+    typer.echo(f"\ndrafter: {d}")
+    typer.echo(f"  evaluate: dopd eval --target {cfg.model.target} --drafter {d} --block-size {k} --num-prompts 64 --max-new-tokens 256 --simulate")
+    typer.echo(f"  export:   dopd export {d} --format speculators --out {Path(cfg.out_dir) / 'export-vllm'}   (or --format sglang)")
 
 
 @cluster_app.command("up")

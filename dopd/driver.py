@@ -228,6 +228,7 @@ class DistributedJob:
     def _eval(self) -> dict:
         res = self.fleet.evaluate(self.eval_ids)
         res["step"] = self.state.step
+        self.log(f"dopd: step {self.state.step}: held-out tau {res['tau']:.3f} over {res.get('steps', '?')} verification steps" + (" (simulated from the cached greedy text)" if res.get("simulated") else ""))
         self.state.history.append(res)
         self.metrics.heldout(res["tau"], res["alpha"])
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -257,6 +258,8 @@ class DistributedJob:
         if pbar is not None:
             pbar.update(1)
             pbar.set_postfix(loss=f"{loss:.3f}", v=st.policy_version, tau=f"{st.history[-1]['tau']:.2f}" if st.history else "-")
+            if pbar.disable and (st.step % 10 == 0 or st.step == pbar.total):  # not a terminal: a line now and then
+                self.log(f"dopd: step {st.step}/{pbar.total} {phase} loss {loss:.3f} policy v{st.policy_version}" + (f" held-out tau {st.history[-1]['tau']:.3f}" if st.history else ""))
 
     # --- watching -------------------------------------------------------------------------------------------
     def log_debug(self, msg: str) -> None:
