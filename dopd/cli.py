@@ -150,8 +150,8 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="directory to write the server checkpoint to"),
     verifier: Optional[str] = typer.Option(None, help="target written into the config as the verifier (a local directory "
                                            "or hub id; default: the drafter's own target, as a local directory)"),
-    target: Optional[str] = typer.Option(None, help="target whose embedding/head the drafter uses (default: --verifier, "
-                                         "else the drafter's own target); needed for a drafter not saved by dopd"),
+    target: Optional[str] = typer.Option(None, help="target whose embedding/head the drafter uses (default: the drafter's "
+                                         "own target; for a drafter not saved by dopd: --verifier)"),
     speculative_tokens: int = typer.Option(3, "--speculative-tokens", "-k", help="draft tokens per step written into the config"),
 ) -> None:
     """Write a drafter in a server's format: speculators / vLLM (EAGLE-3, DFlash) or SGLang (EAGLE-3)."""
@@ -165,11 +165,14 @@ def export_cmd(
         if speculative_tokens < 1:
             raise DopdError(f"--speculative-tokens must be >= 1 (got {speculative_tokens})")
         fmt = detect_format(drafter_dir)
-        name = target or verifier
-        if name is None:
-            if fmt != "dopd":
-                raise DopdError(f"{drafter_dir} is a {fmt} drafter: pass --target (or --verifier) to name its target")
+        if target:
+            name = target
+        elif fmt == "dopd":
             name = Drafter.read_spec(drafter_dir).target["name"]
+        elif verifier:
+            name = verifier
+        else:
+            raise DopdError(f"{drafter_dir} is a {fmt} drafter: pass --target (or --verifier) to name its target")
         info, embed, head, _ = load_frozen_io(name)
         d = load_drafter(drafter_dir, info, embed, head)
         path = export_drafter(d, format, out, verifier=verifier, speculative_tokens=speculative_tokens)

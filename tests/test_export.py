@@ -303,6 +303,10 @@ def test_cli_export_and_eval_same_tau_after_reimport(trained_tiny_drafter, tmp_p
     assert taus[0] == taus[1] and taus[0][0] > 1.2
     r = runner.invoke(app, ["export", str(tmp_path / "dopd"), "--format", "sglang", "--out", str(tmp_path / "sg"), "--verifier", str(tmp_path)])
     assert r.exit_code == 2 and "no config.json" in r.output
+    r = runner.invoke(app, ["export", str(tmp_path / "dopd"), "-f", "speculators", "-o", str(tmp_path / "hub"), "--verifier", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert r.exit_code == 0, r.output  # a hub id is written as given (no hub here): the server resolves it
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["speculators_config"]["verifier"] == {
+        "name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "architectures": ["LlamaForCausalLM"]}
     r = runner.invoke(app, ["export", str(tmp_path / "spec"), "--format", "sglang", "--out", str(tmp_path / "sg")])
     assert r.exit_code == 2 and "pass --target" in r.output
     r = runner.invoke(app, ["export", str(tmp_path / "spec"), "--format", "sglang", "--out", str(tmp_path / "sg"), "--target", "tiny-random-llama"])
