@@ -13,6 +13,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # speculators reads the verifier named in the config: a local directory only
 
+try:
+    import speculators  # noqa: F401
+except ImportError as e:  # a failure, not a skip: the interop checks are the point of this file
+    raise ImportError("tests/test_export.py needs speculators 0.9.0: run `make setup` (it installs it with --no-deps)") from e
+
 from dopd.common.config import DrafterConfig  # noqa: E402
 from dopd.common.drafters import export_drafter, load_drafter, spec_for  # noqa: E402
 from dopd.common.drafters.dflash import DFlashDrafter  # noqa: E402
@@ -201,6 +206,24 @@ def test_export_import_round_trip_identical_logits(tiny, batch, tmp_path, kind, 
     assert torch.equal(full_logits(again, *batch), full_logits(d, *batch))
 
 
+def test_dflash_sglang_export_when_the_mask_is_an_embedding_row(tiny, batch, tmp_path):
+    """SGLang's DFlash can hold a drafter whose MASK is still the embedding row of mask_token_id and whose head is
+    the target's: no lm_head, no mask_embedding.pt; re-imported, the mask comes from that row, logits identical."""
+    d = random_drafter(tiny, kind="dflash", mask_token_id=3)
+    export_drafter(d, "sglang", tmp_path)
+    assert not (tmp_path / "mask_embedding.pt").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "layers.0.self_attn.q_norm.weight" in f.keys()
+    back = load_drafter(tmp_path, tiny.info, tiny.embed_tokens.weight, tiny.lm_head.weight)
+    assert torch.equal(full_logits(back, *batch), full_logits(d, *batch))
+    with torch.no_grad():
+        d.mask_embedding.weight.add_(0.01)  # trained MASK vector: no longer representable
+    with pytest.raises(ModelError, match="learned vector"):
+        export_drafter(d, "sglang", tmp_path / "x")
+
+
 # --- refusals -------------------------------------------------------------------------------------------------
 
 
@@ -212,6 +235,7 @@ def test_export_import_round_trip_identical_logits(tiny, batch, tmp_path, kind, 
         ("eagle3", "speculators", {"feature_layers": [1, 2, 4, 5]}, 1, "4 feature layers"),
         ("eagle3", "sglang", {}, 2, "2-layer EAGLE-3"),
         ("dflash", "sglang", {}, 1, "learned vector"),
+        ("dflash", "sglang", {"mask_token_id": 3, "train_lm_head": True}, 1, "own LM head"),
         ("eagle3", "gguf", {}, 1, "unknown export format 'gguf'"),
     ],
 )  # fmt: skip

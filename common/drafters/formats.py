@@ -30,11 +30,12 @@ Formats (keys are the safetensors names; H = hidden, L = target layers, V / Vd =
   keys `midlayer.*` (ONE layer: SGLang's multi-layer support differs by version), `fc`, `norm`, `lm_head`,
   `embed_tokens`, `d2t`, `t2d` (always written, identity offsets for a full vocabulary). `rope_scaling: null`.
 - DFlash, `speculators` / `vllm` (vLLM `DFlashDraftModel`, the z-lab layout): Qwen3-style config with
-  `block_size` (= K + 1: the anchor token and K masks), `dflash_config` {mask_token_id, target_layer_ids = feature
-  layer - 1}; keys `layers.N.*` with `self_attn.q_norm` / `k_norm`, `fc`, `hidden_norm`, `norm`, `lm_head`
+  `block_size` (= K + 1: the anchor token and K masks), `dflash_config` {mask_token_id (the spec's, else 0: a
+  placeholder, the learned vector in mask_embedding.pt is the mask), target_layer_ids = feature layer - 1}; keys `layers.N.*` with `self_attn.q_norm` / `k_norm`, `fc`, `hidden_norm`, `norm`, `lm_head`
   (always written), `d2t` (reduced vocabulary) and dopd's learned MASK vector as `mask_embedding.pt`.
-  SGLang's `models/dflash.py` takes the mask from the embedding row of `mask_token_id`: a learned vector cannot be
-  represented there, so the SGLang DFlash export is refused.
+- DFlash, `sglang` (SGLang `models/dflash.py`): the same layout without `lm_head` and `mask_embedding.pt`: SGLang
+  always uses the target's embedding and head and takes the MASK from the embedding row of `mask_token_id`. A
+  learned MASK vector (dopd's default once trained) or an own head cannot be represented there and is refused.
 
 Not representable anywhere, hence refused with the reason: feature layer 0 (the embeddings) or L (HF applies the
 final norm to hidden_states[L]; servers capture pre-norm layer outputs); EAGLE-3 with other than 3 feature layers
@@ -186,12 +187,8 @@ def export_drafter(d: Drafter, fmt: str, out: str | Path, verifier: str | None =
             _export_eagle3_speculators(d, out, vname, varchs, speculative_tokens)
     elif spec.kind == "dflash":
         if fmt == "sglang":
-            raise ModelError(
-                "SGLang cannot represent dopd's DFlash drafter: its MASK input is a learned vector "
-                "(mask_embedding), and SGLang's DFlash takes the mask from the target embedding row of mask_token_id; "
-                "export with --format vllm"
-            )
-        _export_dflash_vllm(d, out, speculative_tokens)
+            _check_dflash_sglang(d)
+        _export_dflash_vllm(d, out, speculative_tokens, with_mask_file=fmt != "sglang")
     else:
         raise ModelError(f"drafter kind '{spec.kind}' has no export")
     return out
@@ -262,13 +259,32 @@ def _export_eagle3_sglang(d: Drafter, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"))
 
 
-def _export_dflash_vllm(d: Drafter, out: Path, k: int) -> None:
+def _check_dflash_sglang(d: Drafter) -> None:
+    """SGLang's DFlash uses the target's embedding and head and the embedding row of mask_token_id as the MASK:
+    only a drafter whose MASK vector is still exactly that row, with the target's full head, fits."""
+    spec = d.spec
+    mask = d.mask_embedding.weight.detach().cpu().float()
+    row = d.embed_weight[spec.mask_token_id].detach().cpu().float() if spec.mask_token_id is not None else None
+    if row is None or not torch.equal(mask, row):
+        raise ModelError(
+            "SGLang cannot represent this DFlash drafter: its MASK input is a learned vector (mask_embedding) and "
+            "SGLang's DFlash takes the mask from the target embedding row of mask_token_id; export with --format vllm"
+        )
+    if d.lm_head is not None:
+        raise ModelError(
+            "SGLang cannot represent this DFlash drafter: it has its own LM head (reduced vocabulary or "
+            "train_lm_head) and SGLang's DFlash always uses the target's head; export with --format vllm"
+        )
+
+
+def _export_dflash_vllm(d: Drafter, out: Path, k: int, with_mask_file: bool = True) -> None:
     spec = d.spec
     ids, head, _ = _vocab_tensors(d)
     V, Vd = spec.vocab_size, ids.numel()
     state = {k2: v.detach().cpu().float().contiguous() for k2, v in d.state_dict().items()
              if k2 not in ("draft_ids", "lm_head.weight", "mask_embedding.weight")}  # fmt: skip
-    state["lm_head.weight"] = head.contiguous()
+    if with_mask_file or d.lm_head is not None:
+        state["lm_head.weight"] = head.contiguous()
     if Vd != V:
         state["d2t"] = (ids - torch.arange(Vd)).to(torch.int64)
     cfg = {
@@ -286,7 +302,8 @@ def _export_dflash_vllm(d: Drafter, out: Path, k: int) -> None:
     cfg.pop("rope_scaling")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file(state, str(out / "model.safetensors"))
-    torch.save(d.mask_embedding.weight.detach().cpu().float().clone(), out / "mask_embedding.pt")
+    if with_mask_file:
+        torch.save(d.mask_embedding.weight.detach().cpu().float().clone(), out / "mask_embedding.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,6 +337,9 @@ def _check_target(c: dict, info: TargetInfo, where: str, vocab_key: str = "vocab
 
 def _spec(kind: str, c: dict, info: TargetInfo, feature_layers: list[int], draft_vocab: int, own_head: bool, where: str,
           mask_token_id: int | None = None) -> DrafterSpec:  # fmt: skip
+    missing = [k for k in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers") if k not in c]
+    if missing:
+        raise ModelError(f"{where}: its layer config lacks {', '.join(missing)}")
     heads = int(c["num_attention_heads"])
     bad = [i for i in feature_layers if not 0 <= i <= info.num_layers]
     if bad:
