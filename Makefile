@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,dashboards]"
+	# speculators (the independent EAGLE-3/DFlash implementation tests/test_export.py checks exports against):
+	# --no-deps because its declared deps pull torchvision/torchaudio, which have no CPU build here; its plain
+	# deps are in the `test` extra
+	$(PY) -m pip install -q --no-deps "speculators==0.9.0" "hs-connectors==0.9.0"
 	touch $@
 
 setup: $(VENV)/.installed

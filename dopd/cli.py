@@ -62,7 +62,7 @@ def models_pull(name: str = typer.Argument(..., help="builtin alias, local direc
 @app.command("eval")
 def eval_cmd(
     target: str = typer.Option("smollm2-135m", help="builtin alias, local HF directory or hub id"),
-    drafter: str = typer.Option("init-eagle3", help="saved drafter directory, init-eagle3 or init-dflash"),
+    drafter: str = typer.Option("init-eagle3", help="init-eagle3, init-dflash or a drafter directory (dopd, speculators, SGLang/SpecForge EAGLE-3, vLLM DFlash)"),
     prompts: str = typer.Option("champ-problems", help="humaneval | champ | champ-problems | path.jsonl"),
     num_prompts: int = typer.Option(8, help="builtin sets: the held-out split of this size; files: the first N"),
     max_new_tokens: int = typer.Option(64),
@@ -150,6 +150,45 @@ def eval_cmd(
         with open(dump_outputs, "w") as f:
             for p, (pids, oids) in zip(chosen, outputs):
                 f.write(json.dumps({"id": p.id, "prompt_ids": pids, "output_ids": oids, "text": tgt.tokenizer.decode(oids)}) + "\n")
+
+
+@app.command("export")
+def export_cmd(
+    drafter_dir: Path = typer.Argument(..., help="a drafter directory (dopd's, or a speculators / SGLang / vLLM one)"),
+    format: str = typer.Option(..., "--format", "-f", help="speculators (vLLM) | vllm (DFlash alias) | sglang"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write the server checkpoint to"),
+    verifier: Optional[str] = typer.Option(None, help="target written into the config as the verifier (a local directory "
+                                           "or hub id; default: the drafter's own target, as a local directory)"),
+    target: Optional[str] = typer.Option(None, help="target whose embedding/head the drafter uses (default: the drafter's "
+                                         "own target; for a drafter not saved by dopd: --verifier)"),
+    speculative_tokens: int = typer.Option(3, "--speculative-tokens", "-k", help="draft tokens per step written into the config"),
+) -> None:
+    """Write a drafter in a server's format: speculators / vLLM (EAGLE-3, DFlash) or SGLang (EAGLE-3)."""
+    _setup_torch()
+    from dopd.common.drafters import export_drafter, load_drafter
+    from dopd.common.drafters.base import Drafter
+    from dopd.common.drafters.formats import detect_format
+    from dopd.common.models import load_frozen_io
+
+    try:
+        if speculative_tokens < 1:
+            raise DopdError(f"--speculative-tokens must be >= 1 (got {speculative_tokens})")
+        fmt = detect_format(drafter_dir)
+        if target:
+            name = target
+        elif fmt == "dopd":
+            name = Drafter.read_spec(drafter_dir).target["name"]
+        elif verifier:
+            name = verifier
+        else:
+            raise DopdError(f"{drafter_dir} is a {fmt} drafter: pass --target (or --verifier) to name its target")
+        info, embed, head, _ = load_frozen_io(name)
+        d = load_drafter(drafter_dir, info, embed, head)
+        path = export_drafter(d, format, out, verifier=verifier, speculative_tokens=speculative_tokens)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(f"exported {d.kind} drafter ({d.spec.num_layers} layer(s), draft vocabulary {d.draft_vocab}, "
+               f"feature layers {d.feature_layers}) as {format} to {path}")
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})

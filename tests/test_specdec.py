@@ -176,3 +176,34 @@ def test_bad_inputs_have_clear_errors(tiny, tiny_prompts):
         eng.generate([[5] * 2040], DecodeSettings(max_new_tokens=32))
     with pytest.raises(PromptError, match="at least 2"):
         eng.generate([[5]], DecodeSettings())
+
+
+@pytest.mark.parametrize("arch", ["tiny-random-qwen2", "tiny-random-qwen3", "tiny-random-mistral"])
+def test_greedy_spec_equals_target_other_architectures(arch):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral targets: plain decoding equals HF generate and greedy
+    speculative decoding equals plain decoding with both drafter kinds (feature capture at their layers)."""
+    from dopd.common.models import load_target
+
+    tgt = load_target(arch)
+    prompts = [tgt.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False) for t in ["hi", "2+2=?", "tell me a story"]]
+    base = plain(tgt, prompts, 24)
+    for p, o in zip(prompts, base):
+        ref = tgt.model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=tgt.eos_token_ids, pad_token_id=0)
+        assert ref[0, len(p) :].tolist() == o
+    res, st = SpecEngine(tgt, OracleDrafter(tgt, noise=0.25)).generate(prompts, DecodeSettings(block_size=4, max_new_tokens=24, batch_size=2))
+    assert [r.output_ids for r in res] == base and st.tau > 1.5
+    for kind in ("eagle3", "dflash"):
+        d = build_drafter(DrafterConfig(kind=kind), tgt.info, tgt.model.config, tgt.embed_tokens.weight, tgt.lm_head.weight)
+        res, _ = SpecEngine(tgt, d).generate(prompts, DecodeSettings(block_size=4, max_new_tokens=24, batch_size=2))
+        assert [r.output_ids for r in res] == base
+
+
+def test_unsupported_architecture_is_refused_at_load(tmp_path):
+    from transformers import GPT2Config
+
+    from dopd.common.errors import ModelError
+    from dopd.common.models import load_target
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="'gpt2'.*llama, qwen2, qwen3, mistral"):
+        load_target(str(tmp_path))

@@ -12,6 +12,7 @@ from ..models import TargetInfo
 from .base import Drafter, DrafterSpec, DraftState, Proposal, default_feature_layers
 from .dflash import DFlashDrafter
 from .eagle3 import Eagle3Drafter
+from .formats import EXPORT_FORMATS, detect_format, export_drafter, import_drafter
 
 KINDS: dict[str, type[Drafter]] = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter}
 
@@ -26,6 +27,10 @@ __all__ = [
     "draft_vocab_from_counts",
     "spec_for",
     "token_counts",
+    "EXPORT_FORMATS",
+    "detect_format",
+    "export_drafter",
+    "import_drafter",
 ]
 
 
@@ -111,7 +116,11 @@ def build_drafter(
 
 
 def load_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> Drafter:
-    """Load a saved drafter, refusing one saved for a target of other shapes."""
+    """Load a saved drafter, refusing one saved for a target of other shapes. A speculators / SGLang (SpecForge)
+    EAGLE-3 or a vLLM (z-lab) DFlash directory is converted on load (formats.py), checked against the target."""
+    fmt = detect_format(path)
+    if fmt != "dopd":
+        return import_drafter(path, info, embed_weight, head_weight, fmt)
     spec = Drafter.read_spec(path)
     saved = TargetInfo.from_dict(spec.target)
     info.check_compatible(saved, f"drafter {path}")
@@ -139,6 +148,9 @@ def drafter_for_target(name: str, target, cfg: DrafterConfig | None = None, seed
         d = build_drafter(cfg, target.info, target.model.config, target.embed_tokens.weight, target.lm_head.weight, seed=seed)
     else:
         if not Path(name).is_dir():
-            raise ModelError(f"drafter '{name}' is neither init-eagle3 / init-dflash nor a saved drafter directory")
+            raise ModelError(
+                f"drafter '{name}' is neither init-eagle3 / init-dflash nor a drafter directory (dopd, speculators, "
+                "SGLang/SpecForge EAGLE-3, vLLM DFlash)"
+            )
         d = load_drafter(name, target.info, target.embed_tokens.weight, target.lm_head.weight)
     return d.to(target.device)
