@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # the main job: local embedded Ray, SmolLM2-135M target, 2 rollout actors, 2 ZeRO-2 learner ranks, small budget
+# (the config defaults, plus an 8192-token draft vocabulary with its own trained head)
 run: setup
-	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo
+	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo drafter.draft_vocab_size=8192
 
 test: setup test-deps
 	$(PY) -m pytest -q

@@ -126,8 +126,8 @@ class LossConfig:
 class SFTConfig:
     """Supervised warm-up / baseline on target-regenerated answers."""
 
-    warmup_steps: int = 20
-    num_prompts: int | None = 32  # training prompts the target answers once (cached on disk)
+    warmup_steps: int = 160
+    num_prompts: int | None = 128  # training prompts the target answers once (cached on disk)
     max_new_tokens: int = 64
     temperature: float = 0.0
     sequences: str | None = None  # JSONL of target-written sequences to train on instead (e.g. an OPD run's rollouts)
@@ -143,10 +143,10 @@ class LearnerConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 10
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
-    steps: int = 16  # optimizer steps after warm-up (opd mode) or in total (sft mode)
+    steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
-    eval_every: int = 8
-    checkpoint_every: int = 8
+    eval_every: int = 40
+    checkpoint_every: int = 40
     zero_stage: Literal[0, 1, 2, 3] = 2
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
     flops_budget: float | None = None  # stop when counted learner FLOPs reach this (used by experiments)
