@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dopd.actors.actor import RolloutWorker
 from dopd.common.config import Config, dump_config
-from dopd.common.drafters import Drafter, build_drafter, draft_vocab_from_counts, load_drafter, spec_for, token_counts
+from dopd.common.drafters import Drafter, build_drafter, load_drafter, spec_for, token_counts
 from dopd.common.errors import DopdError
 from dopd.common.models import Target, load_target
 from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
@@ -368,4 +368,4 @@ def resume_config(out_dir: str | Path, overrides: list[str] | None = None) -> Co
     return cfg
 
 
-__all__ = ["Trainer", "TrainState", "read_sequences", "resume_config", "draft_vocab_from_counts"]
+__all__ = ["Trainer", "TrainState", "read_sequences", "resume_config"]

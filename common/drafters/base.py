@@ -69,6 +69,17 @@ def default_feature_layers(kind: str, num_target_layers: int, num_draft_layers: 
     return [round(1 + i * (L - 4) / (num_draft_layers - 1)) + 1 for i in range(num_draft_layers)]
 
 
+def read_drafter_config(path: str | Path) -> dict:
+    """The config.json of a drafter directory (any format), or a ModelError naming what is wrong with it."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"no drafter at {path}: config.json is missing")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"drafter config {cfg} is not valid JSON: {e}") from None
+
+
 @dataclass
 class DraftState:
     """Per-slot inference cache of a drafter: context K/V per layer and how much context each slot holds."""
@@ -236,14 +247,8 @@ class Drafter(nn.Module):
 
     @staticmethod
     def read_spec(path: str | Path) -> DrafterSpec:
-        path = Path(path)
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise ModelError(f"no drafter at {path}: config.json is missing")
-        try:
-            meta = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"drafter config {cfg} is not valid JSON: {e}") from None
+        cfg = Path(path) / "config.json"
+        meta = read_drafter_config(path)
         if meta.pop("dopd_spec_version", None) != SPEC_VERSION:
             raise ModelError(f"{cfg} is not a dopd drafter (spec version {SPEC_VERSION} expected)")
         try:

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
 from ..models import TargetInfo
-from .base import Drafter, DrafterSpec, default_feature_layers
+from .base import Drafter, DrafterSpec, default_feature_layers, read_drafter_config
 
 EXPORT_FORMATS = ("speculators", "vllm", "sglang")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -66,13 +66,7 @@ EAGLE3_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_outpu
 
 def detect_format(path: str | Path) -> str:
     """`dopd`, `speculators-eagle3`, `sglang-eagle3` or `vllm-dflash` for a drafter directory (config.json)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise ModelError(f"no drafter at {path}: config.json is missing")
-    try:
-        meta = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"drafter config {cfg} is not valid JSON: {e}") from None
+    meta = read_drafter_config(path)
     if "dopd_spec_version" in meta:
         return "dopd"
     smt = meta.get("speculators_model_type")
@@ -86,7 +80,7 @@ def detect_format(path: str | Path) -> str:
     if "DFlashDraftModel" in archs or "dflash_config" in meta:
         return "vllm-dflash"
     raise ModelError(
-        f"{cfg} is not a drafter dopd knows: no dopd_spec_version, no speculators_model_type, and architectures "
+        f"{Path(path) / 'config.json'} is not a drafter dopd knows: no dopd_spec_version, no speculators_model_type, and architectures "
         f"{archs} is none of LlamaForCausalLMEagle3 (SGLang/SpecForge) or DFlashDraftModel (vLLM/z-lab)"
     )
 
