@@ -66,7 +66,7 @@ def main() -> None:
     report: dict = {"target": a.target, "device": str(target.device), "dtype": a.dtype, "prompts": len(prompts), "max_new_tokens": a.max_new, "rounds": {}}
 
     print(f"Part 1: one OPD round of {len(prompts)} prompts x {a.max_new} new tokens (records/s, median of {a.repeats})")
-    print(f"{'recipe':34s} {'engine':>10s} {'resegment':>10s} {'ratio':>7s} {'tau':>6s}")
+    print(f"{'recipe':46s} {'engine':>10s} {'resegment':>10s} {'ratio':>7s} {'tau':>6s}")
     for kind, K in (("eagle3", 4), ("dflash", 8)):
         init = a.drafter if (kind == "eagle3" and a.drafter) else f"init-{kind}"
         rows = {}
@@ -84,7 +84,7 @@ def main() -> None:
             rows[path] = {"seconds": sec, "records_per_s": len(recs) / sec, "tau": st.tau, "path": st.path}
         ratio = rows["auto"]["records_per_s"] / rows["engine"]["records_per_s"]
         name = f"{kind} K={K} ({'TTT, rejected stream off' if kind == 'eagle3' else 'blocks, rejected stream scored'})"
-        print(f"{name:34s} {rows['engine']['records_per_s']:10.2f} {rows['auto']['records_per_s']:10.2f} {ratio:6.1f}x {rows['auto']['tau']:6.2f}")
+        print(f"{name:46s} {rows['engine']['records_per_s']:10.2f} {rows['auto']['records_per_s']:10.2f} {ratio:6.1f}x {rows['auto']['tau']:6.2f}")
         report["rounds"][kind] = {**rows, "ratio": ratio, "block_size": K, "drafter": init}
 
     if not a.skip_eval:
