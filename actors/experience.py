@@ -117,7 +117,7 @@ class ExperienceMaker:
         cfg = self.cfg
         t0 = time.perf_counter()
         if self.resegment:
-            seqs, rs = resegmented_rollout(self.target, drafter, prompts, cfg, score=self.needs_rejected or cfg.replay.extra != "none", log=self.log)
+            seqs, rs = resegmented_rollout(self.target, drafter, prompts, cfg, score=self.needs_rejected, log=self.log)
             accepted, tokens, path = rs.accepted, rs.new_tokens, "resegment"
         else:
             seqs, st = engine_rollout(self.target, drafter, prompts, cfg.rollout, seed)
