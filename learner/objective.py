@@ -19,7 +19,7 @@ from dopd.common.drafters import Drafter
 from dopd.common.record import ExperienceRecord, TeacherRecord
 
 from .batch import TrainBatch, collate_records
-from .losses import LossParts, StreamSums, block_sums, block_weight, finish, sft_sums, sft_valid
+from .losses import LossParts, StreamSums, block_sums, block_weight, finish, sft_loss, sft_sums, sft_valid
 from .sft import sft_batch
 
 
@@ -77,9 +77,7 @@ def compute_loss(drafter: Drafter, batch: TrainBatch, cfg: Config, mode: str, de
     """
     lc = cfg.effective_loss()
     if mode == "sft":
-        s = sft_sums(_logq(drafter, batch), drafter.t2d, batch.targets, batch.step_weight, lc.sft_objective)
-        loss = s.acc / max(s.n_acc if denom is None else denom, 1e-8)
-        return LossParts(loss=loss, acc=float(loss.detach()), rej=0.0, n_acc=int(s.n_acc), n_rej=0, w_rej=0.0)
+        return sft_loss(_logq(drafter, batch), drafter.t2d, batch.targets, batch.step_weight, lc.sft_objective, denom)
     if mode != "opd":
         raise ValueError(f"unknown loss mode '{mode}'")
     total: StreamSums | None = None
