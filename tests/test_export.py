@@ -282,7 +282,7 @@ def test_import_checks_shapes_vocabulary_and_embedding(tiny, tmp_path):
 
 def test_imported_speculators_checkpoint_trains_one_opd_step(tiny, tmp_path):
     from dopd.common.config import load_config
-    from dopd.learner.trainer import Trainer
+    from dopd.local import Trainer
 
     d = random_drafter(tiny, reduced=True)
     export_drafter(d, "speculators", tmp_path / "spec")
