@@ -310,7 +310,7 @@ class Soak:
         planned = 2 + self.steps
         crash_at = int(a.crash_at * planned)  # faults are scheduled by progress, so a slow machine still sees them all
         throttle_at = int(a.throttle_at * planned)
-        next_kill = time.time() + self.rng.uniform(15, 25)
+        next_kill = time.time() + self.rng.uniform(0.75, 1.25) * a.kill_every
         next_inject = time.time() + self.rng.uniform(5, 15)
         throttler: threading.Thread | None = None
         crashed = False
@@ -334,7 +334,7 @@ class Soak:
             now = time.time()
             if now >= next_kill:
                 self.kill_actor()
-                next_kill = now + self.rng.uniform(15, 25)
+                next_kill = now + self.rng.uniform(0.75, 1.25) * a.kill_every
             if now >= next_inject:
                 self.inject()
                 next_inject = now + self.rng.uniform(20, 40)
@@ -403,6 +403,7 @@ def main() -> None:
     ap.add_argument("--max-record-bytes", type=int, default=1 * 2**20)
     ap.add_argument("--throttle-at", type=float, default=0.15, help="progress (fraction of the planned steps) where learners are throttled")
     ap.add_argument("--throttle-s", type=float, default=60.0)
+    ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between rollout-actor kills (+-25%%)")
     ap.add_argument("--crash-at", type=float, default=0.45, help="progress where a learner rank is killed (after the throttle window)")
     ap.add_argument("--num-cpus", type=int, default=8, help="CPUs the soak's Ray head advertises (actors/learners take 1 each)")
     ap.add_argument("--seed", type=int, default=0)

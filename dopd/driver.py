@@ -341,6 +341,7 @@ class DistributedJob:
             "totals": self._totals(shards),
             "lost_queued": self.state.lost_queued + sum(s["depth"] for s in shards),
             "peak_bytes": max(s["peak_bytes"] for s in shards),
+            "actor_restarts": self.state.actor_restarts,  # restarts seen after the last checkpoint count too
         }
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
@@ -365,6 +366,7 @@ class DistributedJob:
                 self.state.base = crash["totals"]
                 self.state.lost_queued = crash["lost_queued"]
                 self.peak_before = crash.get("peak_bytes", 0)
+                self.state.actor_restarts = max(self.state.actor_restarts, crash.get("actor_restarts", 0))
             crash_file.rename(root / f"crash_resumed_{self.state.resumes + 1}.json")
         self.state.resumes += 1
         steps = self.learners.load(str(root), tag)

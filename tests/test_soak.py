@@ -18,7 +18,7 @@ def test_two_minute_soak_meets_every_aim(tmp_path):
     out = tmp_path / "soak.json"
     res = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "2", "--json", str(out), "--out", str(tmp_path / "run"),
-         "--steps-per-minute", "50", "--throttle-at", "0.1", "--throttle-s", "20", "--crash-at", "0.5"],
+         "--steps-per-minute", "50", "--throttle-at", "0.1", "--throttle-s", "20", "--crash-at", "0.5", "--kill-every", "8"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.is_file(), f"the soak wrote no report:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
