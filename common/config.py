@@ -1,7 +1,7 @@
 """Typed run configuration: one dataclass per section, YAML plus `section.key=value` overrides.
 
 The defaults are the small CPU budget `make run` uses (SmolLM2-135M, minutes on a 2-core machine); experiments and
-real runs override them (see dopd/experiments.py presets and deploy/kuberay/rayjob.yaml).
+real runs override them (see dopd/plateau.py presets and deploy/kuberay/rayjob.yaml).
 
 Why typed: a misspelt key in a long training run should fail at start-up, not silently fall back to a default.
 Every key that is not a field is an error that names the key (and the nearest real key); every value is coerced
@@ -57,6 +57,9 @@ class DataConfig:
     num_train: int | None = None  # cap on training prompts; None = all the rest
     seed: int = 0  # the split's seed (recorded next to every checkpoint)
     max_prompt_tokens: int = 384
+    # which training prompts OPD rounds roll out: all of them, or only those the SFT warm-up did not answer
+    # (`after_sft`: the first sft.num_prompts are the warm-up's; experiments train on prompts new to the drafter)
+    rollout_prompts: Literal["all", "after_sft"] = "all"
 
 
 @dataclass

@@ -107,6 +107,13 @@ def simulated_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]],
     `cache` (optional, per process) keeps each prompt's text and prefill features between calls: a trainer's
     periodic held-out evaluation then costs drafter forwards only.
     """
+    return simulated_segments(target, drafter, prompt_ids, settings, cache)[0]
+
+
+def simulated_segments(
+    target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, cache: dict | None = None
+) -> tuple[EngineStats, list]:
+    """`simulated_tau` plus every prompt's segmentation (steps, accepted drafts, acceptance at every position)."""
     from .greedy import greedy_texts, prefill
     from .resegment import segment, stats_of
 
@@ -125,4 +132,4 @@ def simulated_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]],
     t0 = time.perf_counter()
     texts, feats = zip(*[cache[key(p)] for p in prompt_ids])
     segs = segment(drafter, list(texts), list(feats), K, batch_size=settings.batch_size)
-    return stats_of(segs, K, sum(len(t.answer) for t in texts), time.perf_counter() - t0)
+    return stats_of(segs, K, sum(len(t.answer) for t in texts), time.perf_counter() - t0), segs

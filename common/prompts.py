@@ -166,3 +166,38 @@ def encode_all(tokenizer, prompts: list[Prompt], max_tokens: int, drop_long: boo
     if not ids:
         raise PromptError(f"no prompt fits in {max_tokens} tokens")
     return ids, kept
+
+
+@dataclass
+class RunPrompts:
+    """A run's encoded prompts: training (SFT warm-up answers the first sft.num_prompts), rollout, held-out."""
+
+    train: list[tuple[str, list[int]]]
+    sft: list[tuple[str, list[int]]]
+    rollout: list[tuple[str, list[int]]]
+    eval_ids: list[list[int]]
+    split: dict
+
+
+def run_prompts(cfg, tokenizer) -> RunPrompts:
+    """The one place both runners turn `cfg.data` (+ sft.num_prompts) into prompt lists."""
+    d = cfg.data
+    prompts = load_prompt_set(d.prompts)
+    if d.eval_prompts:
+        train, evals = prompts, load_prompt_set(d.eval_prompts)[: d.num_eval]
+        split = {"source": d.prompts, "eval_source": d.eval_prompts, "eval_ids": [p.id for p in evals]}
+    else:
+        sp = split_prompts(prompts, d.num_eval, d.seed, d.prompts)
+        train, evals, split = sp.train, sp.eval, sp.describe()
+    train_ids, train_p = encode_all(tokenizer, train, d.max_prompt_tokens, drop_long=True)
+    eval_ids, _ = encode_all(tokenizer, evals, d.max_prompt_tokens, drop_long=False)
+    pairs = [(p.id, ids) for p, ids in zip(train_p, train_ids)][: d.num_train]  # the cap counts prompts that fit
+    n_sft = len(pairs) if cfg.sft.num_prompts is None else min(cfg.sft.num_prompts, len(pairs))
+    rollout = pairs
+    if d.rollout_prompts == "after_sft":
+        rollout = pairs[n_sft:]
+        if not rollout:
+            raise PromptError(f"data.rollout_prompts=after_sft: all {len(pairs)} training prompts are the SFT warm-up's (sft.num_prompts={cfg.sft.num_prompts})")
+    split["num_train_encoded"] = len(pairs)
+    split["num_rollout"] = len(rollout)
+    return RunPrompts(pairs, pairs[:n_sft], rollout, eval_ids, split)

@@ -35,6 +35,9 @@ class Segmentation:
     draft_logprobs: np.ndarray  # [S, K] raw log q(d)
     accepted: np.ndarray  # [S] accepted drafts (before truncation at the answer's end)
     committed: np.ndarray  # [S] tokens the step commits (after truncation)
+    # accepted drafts of a block started at EVERY answer position [A] (not only where steps start): acceptance
+    # averaged over positions, which an anchor-placement effect should move less than tau
+    everywhere: np.ndarray | None = None
 
     @property
     def accept_mask(self) -> np.ndarray:
@@ -103,6 +106,9 @@ def walk(text: GreedyText, blocks: np.ndarray, logprobs: np.ndarray) -> Segmenta
     K = blocks.shape[1]
     if toks.size < end + K - 1:
         raise ValueError(f"text has {toks.size - end} lookahead tokens; block size {K} needs {K - 1}")
+    win = np.lib.stride_tricks.sliding_window_view(toks[P:], K)[: end - P]  # [A, K] the text after each position
+    match_all = blocks == win
+    everywhere = np.where(match_all.all(1), K, match_all.argmin(1))
     anchors, acc, com = [], [], []
     n = P
     while n < end:
@@ -117,7 +123,7 @@ def walk(text: GreedyText, blocks: np.ndarray, logprobs: np.ndarray) -> Segmenta
     idx = np.asarray(anchors, dtype=np.int64) - P
     return Segmentation(
         anchors=np.asarray(anchors, dtype=np.int64), draft_tokens=blocks[idx], draft_logprobs=logprobs[idx],
-        accepted=np.asarray(acc, dtype=np.int64), committed=np.asarray(com, dtype=np.int64),
+        accepted=np.asarray(acc, dtype=np.int64), committed=np.asarray(com, dtype=np.int64), everywhere=everywhere,
     )  # fmt: skip
 
 

@@ -142,27 +142,17 @@ class DistributedJob:
     def _prompts(self):
         from transformers import AutoTokenizer
 
-        from dopd.common.models import resolve_target
-        from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
+        from dopd.common.models import load_target_info, resolve_target
+        from dopd.common.prompts import run_prompts
 
         c = self.cfg
         tok = AutoTokenizer.from_pretrained(resolve_target(c.model.target, quiet=True))
-        from dopd.common.models import load_target_info
-
         self.target_info = load_target_info(c.model.target).to_dict()
-        prompts = load_prompt_set(c.data.prompts)
-        if c.data.eval_prompts:
-            train, evals = prompts, load_prompt_set(c.data.eval_prompts)[: c.data.num_eval]
-        else:
-            sp = split_prompts(prompts, c.data.num_eval, c.data.seed, c.data.prompts)
-            train, evals = sp.train, sp.eval
-            (self.out / "split.json").write_text(json.dumps(sp.describe(), indent=1))
-        if c.data.num_train is not None:
-            train = train[: c.data.num_train]
-        train_ids, train_p = encode_all(tok, train, c.data.max_prompt_tokens, drop_long=True)
-        eval_ids, _ = encode_all(tok, evals, c.data.max_prompt_tokens, drop_long=False)
-        self.train = [(p.id, ids) for p, ids in zip(train_p, train_ids)]
-        self.eval_ids = eval_ids[: c.eval.num_prompts]
+        p = run_prompts(c, tok)
+        if not c.data.eval_prompts:
+            (self.out / "split.json").write_text(json.dumps(p.split, indent=1))
+        self.train, self.sft_prompts, self.rollout_prompts = p.train, p.sft, p.rollout
+        self.eval_ids = p.eval_ids[: c.eval.num_prompts]
 
     def _place(self):
         """One placement group (actor bundles first, then learner bundles if learners ask for resources), the
@@ -183,7 +173,7 @@ class DistributedJob:
             raise DopdError(f"the cluster cannot place {N} actors and {M} learners with these resources: {bundles} (see `dopd cluster status`)")
         self.shards = make_shards(self.cfg, name)
         self.learners = LearnerGroup(self.cfg, name, self.pg, self.shards, N if has_learner_bundle else None)
-        self.fleet = RolloutFleet(self.cfg, name, self.pg, self.shards, self.train, log=self.log, on_restart=self._on_actor_restart)
+        self.fleet = RolloutFleet(self.cfg, name, self.pg, self.shards, self.rollout_prompts, log=self.log, on_restart=self._on_actor_restart)
 
     def _serve_metrics(self):
         m = self.cfg.metrics
@@ -212,9 +202,9 @@ class DistributedJob:
     # --- phases ---------------------------------------------------------------------------------------------
     def _sft_warmup(self, total_warm: int, pbar) -> None:
         c = self.cfg
-        n = min(c.sft.num_prompts or len(self.train), len(self.train))
+        n = len(self.sft_prompts)
         self.log(f"dopd: SFT warm-up data: the target answers {n} prompts, split over {len(self.fleet)} rollout actors")
-        self.learners.set_teacher(self.fleet.teacher_data(self.train[:n]))
+        self.learners.set_teacher(self.fleet.teacher_data(self.sft_prompts))
         while self.state.step < total_warm:
             self._after_step(self.learners.sft_step(), "sft", pbar)
 

@@ -34,7 +34,7 @@ from dopd.common.config import Config, dump_config
 from dopd.common.drafters import Drafter, build_drafter, load_drafter, spec_for, token_counts
 from dopd.common.errors import DopdError
 from dopd.common.models import Target, load_target
-from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
+from dopd.common.prompts import run_prompts
 from dopd.common.record import ExperienceRecord, TeacherRecord, decode_record
 from dopd.learner.objective import compute_loss, make_batch
 from dopd.learner.optim import make_optimizer
@@ -94,7 +94,7 @@ class Trainer:
         self._prepare_prompts()
         self.spec = spec_for(cfg.drafter, self.target.info, self.target.model.config)
         # the actor side: the same worker a Ray rollout actor wraps (incarnation 0: one process, never restarted)
-        self.worker = RolloutWorker(cfg, 0, self.train, incarnation=0, target=self.target, log=log)
+        self.worker = RolloutWorker(cfg, 0, self.rollout_prompts, incarnation=0, target=self.target, log=log)
         self._sft_data: list[TeacherRecord] | None = None
         self.drafter = self._build_drafter()
         self.opt, self.sched = make_optimizer(self.drafter, cfg)
@@ -116,22 +116,9 @@ class Trainer:
 
     # --- setup ----------------------------------------------------------------------------------------------
     def _prepare_prompts(self) -> None:
-        cfg = self.cfg
-        prompts = load_prompt_set(cfg.data.prompts)
-        if cfg.data.eval_prompts:
-            train, evals = prompts, load_prompt_set(cfg.data.eval_prompts)[: cfg.data.num_eval]
-            split = {"source": cfg.data.prompts, "eval_source": cfg.data.eval_prompts, "eval_ids": [p.id for p in evals]}
-        else:
-            sp = split_prompts(prompts, cfg.data.num_eval, cfg.data.seed, cfg.data.prompts)
-            train, evals, split = sp.train, sp.eval, sp.describe()
-        if cfg.data.num_train is not None:
-            train = train[: cfg.data.num_train]
-        tok = self.target.tokenizer
-        train_ids, train_p = encode_all(tok, train, cfg.data.max_prompt_tokens, drop_long=True)
-        self.eval_ids, self.eval_prompts = encode_all(tok, evals, cfg.data.max_prompt_tokens, drop_long=False)
-        self.train = [(p.id, ids) for p, ids in zip(train_p, train_ids)]
-        split["num_train_encoded"] = len(self.train)
-        (self.out / "split.json").write_text(json.dumps(split, indent=1))
+        p = run_prompts(self.cfg, self.target.tokenizer)
+        self.train, self.sft_prompts, self.rollout_prompts, self.eval_ids = p.train, p.sft, p.rollout, p.eval_ids
+        (self.out / "split.json").write_text(json.dumps(p.split, indent=1))
 
     def _build_drafter(self) -> Drafter:
         cfg = self.cfg
@@ -154,8 +141,7 @@ class Trainer:
             items = read_sequences(cfg.sft.sequences)
             self._sft_data = prefill(self.target, self.spec.feature_layers, items, cfg.rollout.topk, feature_dtype=torch.bfloat16)
         else:
-            n = len(self.train) if cfg.sft.num_prompts is None else min(cfg.sft.num_prompts, len(self.train))
-            self._sft_data = self.worker.maker.teacher(self.spec.feature_layers, self.train[:n])
+            self._sft_data = self.worker.maker.teacher(self.spec.feature_layers, self.sft_prompts)
         return self._sft_data
 
     def _next_sft(self, n: int) -> list[TeacherRecord]:
@@ -240,7 +226,8 @@ class Trainer:
         t0 = time.perf_counter()
         res = self.worker.maker.evaluate(self.drafter, self.eval_ids[: self.cfg.eval.num_prompts])
         self.state.eval_s += time.perf_counter() - t0
-        row = {"event": "eval", "step": self.state.step, "flops": self.state.flops, **res}
+        st = self.state
+        row = {"event": "eval", "step": st.step, "flops": st.flops, "train_s": st.rollout_s + st.replay_s + st.learner_s, **res}
         self._log(row)
         return row
 

@@ -55,3 +55,20 @@ def test_too_long_prompts(tiny):
         encode_all(tiny.tokenizer, ps, 20, drop_long=True)
     ids, kept = encode_all(tiny.tokenizer, ps, 4000, drop_long=True)
     assert len(ids) == 5 and ids[0][-3:] == tiny.tokenizer.encode("<|im_start|>assistant\n")[-3:]
+
+
+def test_run_prompts_rollout_after_sft(tiny):
+    """`data.rollout_prompts=after_sft`: OPD rounds roll out only prompts the warm-up did not answer; the
+    `data.num_train` cap counts prompts that fit (too-long ones are dropped first)."""
+    from dopd.common.config import load_config
+    from dopd.common.prompts import run_prompts
+
+    base = ["model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=10", "data.max_prompt_tokens=1000"]
+    every = run_prompts(load_config(None, base), tiny.tokenizer)
+    assert every.rollout == every.train and every.sft == every.train[:10]
+    p = run_prompts(load_config(None, base + ["data.rollout_prompts=after_sft", "data.num_train=16"]), tiny.tokenizer)
+    assert len(p.train) == 16 and p.sft == p.train[:10] and p.rollout == p.train[10:]
+    assert all(len(ids) <= 1000 for _, ids in p.train) and p.split["num_rollout"] == 6
+    assert not {i for i, _ in p.rollout} & {i for i, _ in p.sft}
+    with pytest.raises(PromptError, match="rollout_prompts=after_sft"):
+        run_prompts(load_config(None, base + ["data.rollout_prompts=after_sft", "data.num_train=10"]), tiny.tokenizer)

@@ -1,0 +1,347 @@
+"""`dopd experiment plateau`: does error-anchored on-policy distillation beat SFT on the same text, and by how much?
+
+Design (issue "[2 of 6]"), top to bottom:
+1. ONE shared SFT warm-up on target-written answers (`sft.num_prompts` prompts) to the preset's step budget; its
+   held-out tau is compared with the preset's gate. A warm-up under the gate makes the run UNDERPOWERED (said in
+   the summary): at low tau most positions are block starts, so error and random anchors train nearly the same
+   states and a null would mean nothing.
+2. Arms, each resumed from that checkpoint (drafter, optimizer, RNG), each taking the same number of optimizer
+   steps on the same new prompts (`data.rollout_prompts=after_sft`, a pool of exactly steps x micro-batch prompts),
+   in the same order for a given seed (seeds change the order). At T = 0 the rollout text is the target's greedy
+   text whatever the drafter, generated once and cached on disk for every arm and seed:
+     A  SFT on the rollout text (every position teacher-forced; DFlash: random anchors, as many per sequence as
+        the warm-up drafter's verification steps, so supervised positions per step match B's)
+     B  Draft-OPD, the official recipe (`Config.effective_loss()`)
+     C  B with the paper's random-anchor ablation (`replay.anchors=shuffled`)
+     D  B with lambda_rej = 0        E  C with lambda_rej = 0        F  B with gamma = 1
+3. Evaluation: exact simulated greedy tau (`common/resegment.py`) on the preset's held-out prompts, per prompt,
+   for paired statistics (`dopd/stats.py`): per arm the mean and SE over seeds, paired bootstrap contrasts B-A,
+   B-C, D-E, B-F (an effect counts beyond 3 SE of the difference), and the acceptance of a block started at
+   every answer position (which an anchor-placement effect should move less than tau).
+4. Reports: summary.json, results.csv (every evaluation), plot.png (tau against learner FLOPs and against training
+   wall time), summary.md. Finished runs (their summary.json) are skipped on a rerun: the command is resumable.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dopd.common.config import load_config
+from dopd.common.errors import DopdError
+from dopd.stats import PerPrompt, arm_mean_se, contrast
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    what: str
+    overrides: tuple[str, ...]
+
+
+ARMS: dict[str, Arm] = {
+    "A": Arm("sft", "SFT on the rollout text", ("loss.response=ttt", "loss.lambda_rej=0")),
+    "B": Arm("opd", "Draft-OPD (official recipe)", ()),
+    "C": Arm("opd_random_anchors", "B, random anchors (paper's ablation)", ("replay.anchors=shuffled",)),
+    "D": Arm("opd_no_rejected", "B, lambda_rej = 0", ("loss.lambda_rej=0",)),
+    "E": Arm("random_anchors_no_rejected", "C, lambda_rej = 0", ("replay.anchors=shuffled", "loss.lambda_rej=0")),
+    "F": Arm("opd_gamma1", "B, gamma = 1", ("loss.gamma=1.0",)),
+}
+CONTRASTS = (("B", "A"), ("B", "C"), ("D", "E"), ("B", "F"))
+PRIMARY = ("A", "B", "C")  # the arms that get `seeds` seeds; the ablations D, E, F run seed 0
+
+
+@dataclass
+class Preset:
+    overrides: list[str]
+    warmup_steps: int  # SFT steps of the shared warm-up
+    gate: float  # held-out tau the warm-up must reach for the run to be powered
+    arm_steps: int  # optimizer steps per arm (each on micro_batch_size new prompts)
+    evals: int  # held-out evaluations per arm (the last at arm_steps)
+    seeds: int  # seeds of arms A, B, C
+    drafters: dict[str, list[str]] = field(default_factory=dict)  # per drafter kind: its overrides (K, size)
+
+
+_DRAFTERS_CPU = {
+    "dflash": ["drafter.kind=dflash", "rollout.block_size=8"],
+    "eagle3": ["drafter.kind=eagle3", "rollout.block_size=4"],
+}
+PRESETS: dict[str, Preset] = {
+    # SmolLM2-135M fp32 on 2 CPU cores (see docs/plateau/README.md for the measured time)
+    "cpu": Preset(
+        overrides=[
+            "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=384", "sft.num_prompts=384",
+            "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8",
+            "drafter.draft_vocab_size=8192", "learner.micro_batch_size=4", "learner.refresh_every=2", "learner.lr=1e-3",
+            "learner.warmup_steps=10", "eval.num_prompts=64", "eval.max_new_tokens=512", "learner.checkpoint_every=1000000",
+        ],  # fmt: skip
+        warmup_steps=400, gate=2.5, arm_steps=48, evals=3, seeds=2, drafters=_DRAFTERS_CPU,
+    ),
+    # an H100/H200: bf16, longer blocks, more of everything
+    "gpu": Preset(
+        overrides=[
+            "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=512", "sft.num_prompts=4096",
+            "sft.max_new_tokens=256", "rollout.max_new_tokens=256", "rollout.batch_size=32", "learner.micro_batch_size=16",
+            "learner.refresh_every=2", "learner.lr=5e-4", "learner.warmup_steps=50", "eval.num_prompts=64",
+            "eval.max_new_tokens=512", "model.device=cuda", "model.dtype=bfloat16", "learner.checkpoint_every=1000000",
+        ],  # fmt: skip
+        warmup_steps=3000, gate=3.5, arm_steps=200, evals=4, seeds=3,
+        drafters={"dflash": ["drafter.kind=dflash", "rollout.block_size=16"], "eagle3": ["drafter.kind=eagle3", "rollout.block_size=7"]},
+    ),
+    # seconds on the tiny random target: every arm, seed and report (tests)
+    "smoke": Preset(
+        overrides=[
+            "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=6", "sft.num_prompts=16",
+            "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=4", "learner.micro_batch_size=2",
+            "learner.refresh_every=2", "learner.lr=3e-3", "eval.num_prompts=6", "eval.max_new_tokens=24",
+            "learner.checkpoint_every=1000000", "drafter.draft_vocab_size=200",
+        ],  # fmt: skip
+        warmup_steps=6, gate=1.5, arm_steps=4, evals=2, seeds=2,
+        drafters={"dflash": ["drafter.kind=dflash", "rollout.block_size=4"], "eagle3": ["drafter.kind=eagle3", "rollout.block_size=3"]},
+    ),
+}
+
+
+def _rows(path: Path, event: str) -> list[dict]:
+    return [r for r in (json.loads(x) for x in open(path)) if r["event"] == event]
+
+
+def _per_prompt(row: dict) -> PerPrompt:
+    return PerPrompt(row["per_prompt_steps"], row["per_prompt_accepted"])
+
+
+def plan(arms: tuple[str, ...], seeds: int) -> list[tuple[str, int]]:
+    """Run order: seed 0 of every arm first (a partial run already answers the main question), then more seeds."""
+    order = [(a, 0) for a in ("B", "A", "C", "D", "E", "F") if a in arms]
+    order += [(a, s) for s in range(1, seeds) for a in ("B", "A", "C") if a in arms]
+    return order
+
+
+def plateau(
+    out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = tuple(ARMS), seeds: int | None = None,
+    drafter: str = "dflash", report: Path | None = None, log=print,
+) -> dict:  # fmt: skip
+    from dopd.actors.experience import ExperienceMaker
+    from dopd.common.drafters import load_drafter
+    from dopd.common.models import load_target
+    from dopd.local import Trainer
+
+    if preset not in PRESETS:
+        raise DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    P = PRESETS[preset]
+    if drafter not in P.drafters:
+        raise DopdError(f"unknown drafter '{drafter}' for the plateau experiment (known: {', '.join(P.drafters)})")
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise DopdError(f"unknown arms {bad} (known: {', '.join(ARMS)})")
+    seeds = P.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise DopdError(f"--seeds must be >= 1 (got {seeds})")
+    out.mkdir(parents=True, exist_ok=True)
+    t_call = time.time()
+    W, N = P.warmup_steps, P.arm_steps
+    base = P.overrides + P.drafters[drafter] + list(extra)
+    cfg0 = load_config(None, base)
+    n_sft = cfg0.sft.num_prompts
+    pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on: every seed sees the same set
+    base += [f"data.num_train={n_sft + pool}", "data.rollout_prompts=after_sft"]
+    command = " ".join(["dopd experiment plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"] + ([f"--seeds {seeds}"] if seeds != P.seeds else []) + ([f"--arms {','.join(arms)}"] if set(arms) != set(ARMS) else []) + list(extra))
+
+    # 1. the shared warm-up, its held-out evaluation and the gate
+    wdir = out / "warmup"
+    wcfg = load_config(None, base + ["mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}", f"out_dir={wdir}"])
+    target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype)
+    ckpt = wdir / "checkpoints" / f"step_{W:07d}"
+    if not (wdir / "summary.json").is_file():
+        log(f"== warm-up: {W} SFT steps on the target's answers to {n_sft} prompts")
+        Trainer(wcfg, target=target, log=log).run()
+    eval_cache: dict = {}  # held-out texts and features, shared by every run in this process
+    weval = wdir / "eval.json"
+    if weval.is_file():
+        warm = json.loads(weval.read_text())
+    else:
+        maker = ExperienceMaker(target, wcfg)
+        maker.eval_cache = eval_cache
+        d = load_drafter(wdir / "drafter", target.info, target.embed_tokens.weight, target.lm_head.weight).to(target.device)
+        tr_ids = _eval_ids(wcfg, target)
+        t0 = time.perf_counter()
+        warm = {"step": W, "flops": json.loads((wdir / "summary.json").read_text())["flops"], "train_s": 0.0, **maker.evaluate(d, tr_ids)}
+        warm["eval_s"] = time.perf_counter() - t0
+        weval.write_text(json.dumps(warm))
+    gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
+    log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
+    warm_state = json.loads((wdir / "summary.json").read_text())["state"]
+
+    # arm A supervises as many positions per step as B: one random-anchor block per verification step of the
+    # warm-up drafter on a rollout-length answer (the same number of K-token blocks B trains per sequence)
+    blocks_per_seq = max(1, round(cfg0.rollout.max_new_tokens / warm["tau"]))
+
+    # 2. the arms
+    runs: dict[tuple[str, int], dict] = {}
+    for arm, seed in plan(arms, seeds):
+        rdir = out / "arms" / f"{arm}_{ARMS[arm].name}_s{seed}"
+        ov = base + list(ARMS[arm].overrides) + [
+            "mode=opd", f"seed={seed}", f"sft.warmup_steps={W}", f"learner.steps={N}",
+            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}",
+        ]  # fmt: skip
+        if arm == "A" and drafter == "dflash":
+            ov.append(f"loss.dflash_anchors_per_seq={blocks_per_seq}")
+        cfg = load_config(None, ov)
+        if not (rdir / "summary.json").is_file():
+            log(f"== arm {arm} ({ARMS[arm].what}), seed {seed}: {N} steps")
+            if rdir.exists():
+                shutil.rmtree(rdir)
+            (rdir / "checkpoints").mkdir(parents=True)
+            shutil.copytree(ckpt, rdir / "checkpoints" / ckpt.name)
+            (rdir / "checkpoints" / "latest").write_text(ckpt.name)
+            tr = Trainer(cfg, target=target, resume=True, log=log)
+            tr.worker.maker.eval_cache = eval_cache
+            tr.run()
+        evals = _rows(rdir / "metrics.jsonl", "eval")
+        steps = _rows(rdir / "metrics.jsonl", "step")
+        runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text())}
+
+    # 3. statistics and reports
+    summary = _summarize(P, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, time.time() - t_call)
+    for d in {out} | ({report} if report else set()):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text(json.dumps(summary, indent=1))
+        _csv(d / "results.csv", warm, runs, warm_state)
+        _plot(d / "plot.png", warm, runs, warm_state, summary)
+        (d / "summary.md").write_text(_markdown(summary))
+    return summary
+
+
+def _eval_ids(cfg, target) -> list[list[int]]:
+    from dopd.common.prompts import run_prompts
+
+    return run_prompts(cfg, target.tokenizer).eval_ids[: cfg.eval.num_prompts]
+
+
+def _train_s(e: dict, warm_state: dict) -> float:
+    return e["train_s"] - (warm_state["rollout_s"] + warm_state["replay_s"] + warm_state["learner_s"])
+
+
+def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, wall) -> dict:
+    final: dict[str, list[PerPrompt]] = {}
+    final_rows: dict[str, list[dict]] = {}
+    for (arm, _seed), r in sorted(runs.items()):
+        final.setdefault(arm, []).append(_per_prompt(r["evals"][-1]))
+        final_rows.setdefault(arm, []).append(r["evals"][-1])
+    tau_final, tau_se = {}, {}
+    for arm, pp in final.items():
+        tau_final[arm], tau_se[arm] = arm_mean_se(pp)
+    contrasts = {f"{x}-{y}": contrast(final[x], final[y]) for x, y in CONTRASTS if x in final and y in final}
+    warm_pp = _per_prompt(warm)
+    w_flops = warm["flops"]
+    per_arm = {}
+    for arm in final:
+        rs = [r for (a, _), r in sorted(runs.items()) if a == arm]
+        per_arm[arm] = {
+            "what": ARMS[arm].what, "overrides": list(ARMS[arm].overrides), "seeds": len(rs),
+            "tau_per_seed": [r["evals"][-1]["tau"] for r in rs],
+            "position_accepted": sum(e["position_accepted"] for e in final_rows[arm]) / len(rs),
+            "alpha1": sum(e["alpha"][0] for e in final_rows[arm]) / len(rs),
+            "learner_flops": sum(r["summary"]["flops"] - w_flops for r in rs) / len(rs),
+            "train_s": sum(_train_s(r["evals"][-1], warm_state) for r in rs) / len(rs),
+            "n_acc_per_step": sum(sum(s["n_acc"] for s in r["steps"]) / max(1, len(r["steps"])) for r in rs) / len(rs),
+            "n_rej_per_step": sum(sum(s["n_rej"] for s in r["steps"]) / max(1, len(r["steps"])) for r in rs) / len(rs),
+        }  # fmt: skip
+    powered = gate["met"]
+    return {
+        "preset": preset, "drafter": drafter, "block_size": cfg0.rollout.block_size, "target": cfg0.model.target,
+        "gate": gate, "powered": powered,
+        "eval_steps": warm["steps"], "eval_prompts": len(warm["per_prompt_steps"]), "eval_max_new_tokens": cfg0.eval.max_new_tokens,
+        "seeds": {arm: v["seeds"] for arm, v in per_arm.items()}, "seeds_requested": seeds,
+        "tau_warmup": warm["tau"], "tau_warmup_position_accepted": warm["position_accepted"],
+        "tau_warmup_se_prompts": arm_mean_se([warm_pp])[1],
+        "tau_final": tau_final, "tau_se": tau_se,
+        "tau_se_kind": "SE over seeds (>= 2 seeds); bootstrap over prompts for single-seed arms",
+        "contrasts": contrasts, "significance": "|diff| > 3 SE of the difference (SE = sqrt(se_prompts^2 + se_seeds^2))",
+        "arms": per_arm, "warmup_steps": P.warmup_steps, "arm_steps": P.arm_steps,
+        "micro_batch_size": cfg0.learner.micro_batch_size, "command": command, "wall_s_this_call": wall,
+        "wall_s_recorded": _wall_recorded(runs, warm, warm_state),
+    }  # fmt: skip
+
+
+def _wall_recorded(runs, warm, warm_state) -> dict:
+    """Seconds spent per phase as the runs' own counters recorded them (rollout/replay/learner/eval)."""
+    w = sum(warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")) + warm.get("eval_s", 0.0)
+    arms = 0.0
+    for r in runs.values():
+        st = r["summary"]["state"]
+        arms += sum(st[k] - warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s"))
+    return {"warmup": w, "arms": arms, "total": w + arms}
+
+
+def _csv(path: Path, warm, runs, warm_state) -> None:
+    head = ("arm", "seed", "step", "arm_step", "learner_flops_after_warmup", "train_s_after_warmup", "tau", "alpha1", "position_accepted", "eval_steps")
+    rows = [head, ("warmup", 0, warm["step"], 0, 0.0, 0.0, warm["tau"], warm["alpha"][0], warm["position_accepted"], warm["steps"])]
+    for (arm, seed), r in sorted(runs.items()):
+        for e in r["evals"]:
+            rows.append((arm, seed, e["step"], e["step"] - warm["step"], e["flops"] - warm["flops"], _train_s(e, warm_state), e["tau"], e["alpha"][0], e["position_accepted"], e["steps"]))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def _plot(path: Path, warm, runs, warm_state, s: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = dict(zip(ARMS, ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:olive", "tab:purple")))
+    seen = set()
+    for (arm, seed), r in sorted(runs.items()):
+        xs_f = [0.0] + [e["flops"] - warm["flops"] for e in r["evals"]]
+        xs_t = [0.0] + [_train_s(e, warm_state) for e in r["evals"]]
+        ys = [warm["tau"]] + [e["tau"] for e in r["evals"]]
+        label = None if arm in seen else f"{arm}: {ARMS[arm].what}"
+        seen.add(arm)
+        style = "-" if seed == 0 else ":"
+        axes[0].plot(xs_f, ys, style, marker="o", ms=3, color=colors[arm], label=label)
+        axes[1].plot(xs_t, ys, style, marker="o", ms=3, color=colors[arm])
+    axes[0].set_xlabel("learner FLOPs after the shared warm-up")
+    axes[1].set_xlabel("training wall time after the warm-up, s (rollout + scoring + learner)")
+    axes[0].set_ylabel(f"held-out tau ({s['eval_prompts']} prompts x {s['eval_max_new_tokens']} tokens)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    gate = "gate met" if s["gate"]["met"] else f"gate {s['gate']['required']} NOT met: underpowered"
+    fig.suptitle(f"{s['drafter']} K={s['block_size']} on {s['target']} ({s['preset']} preset; warm-up tau {s['tau_warmup']:.3f}, {gate}); dotted = seed >= 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(s: dict) -> str:
+    g = s["gate"]
+    lines = [
+        "# Plateau experiment: summary", "", f"Command: `{s['command']}`", "",
+        f"{s['drafter']} drafter, K = {s['block_size']}, target {s['target']}. Held-out: {s['eval_prompts']} prompts x "
+        f"{s['eval_max_new_tokens']} tokens, exact simulated greedy tau ({s['eval_steps']} verification steps at the warm-up).",
+        f"Warm-up: {s['warmup_steps']} SFT steps, held-out tau {s['tau_warmup']:.3f} (gate {g['required']}: "
+        f"{'met' if g['met'] else 'NOT met, so the run is underpowered'}). Each arm: {s['arm_steps']} steps x "
+        f"{s['micro_batch_size']} new prompts.", "",
+        "| arm | what | seeds | final tau (mean) | SE | accepted drafts per position (all positions) | accepted-stream weight / rejected positions per step |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for arm, v in s["arms"].items():
+        lines.append(f"| {arm} | {v['what']} | {v['seeds']} | {s['tau_final'][arm]:.4f} | {s['tau_se'][arm]:.4f} | {v['position_accepted']:.4f} | {v['n_acc_per_step']:.0f} / {v['n_rej_per_step']:.0f} |")
+    lines += ["", "| contrast | diff | SE (prompts, seeds) | 95% CI | counts (> 3 SE) |", "|---|---|---|---|---|"]
+    for k, c in s["contrasts"].items():
+        seeds = "n/a (1 seed)" if c["se_seeds"] is None else f"{c['se_seeds']:.4f}"
+        lines.append(f"| {k} | {c['diff']:+.4f} | {c['se']:.4f} ({c['se_prompts']:.4f}, {seeds}) | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main_plateau(out: Path, preset: str, extra: list[str], arms, seeds, drafter, report) -> dict:
+    return plateau(out, preset, extra, arms, seeds, drafter, report, log=lambda m: print(m, file=sys.stderr))
+
