@@ -92,13 +92,13 @@ def greedy_texts(
         except (OSError, ValueError, KeyError):
             conts.append(None)
     missing = [i for i, c in enumerate(conts) if c is None]
-    if missing:
-        settings = DecodeSettings(
-            block_size=0, temperature=0.0, max_new_tokens=total, batch_size=batch_size, stop_at_eos=False
-        )
-        results, _ = SpecEngine(target, None).generate([prompts[i] for i in missing], settings, progress=progress)
+    settings = DecodeSettings(block_size=0, temperature=0.0, max_new_tokens=total, batch_size=batch_size, stop_at_eos=False)
+    chunk = 8 * batch_size  # written to disk chunk by chunk: an interrupted run keeps what it decoded
+    for c in range(0, len(missing), chunk):
+        part = missing[c : c + chunk]
+        results, _ = SpecEngine(target, None).generate([prompts[i] for i in part], settings, progress=progress)
         root.mkdir(parents=True, exist_ok=True)
-        for i, r in zip(missing, results):
+        for i, r in zip(part, results):
             conts[i] = r.output_ids
             tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"continuation": r.output_ids}))

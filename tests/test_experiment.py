@@ -21,7 +21,7 @@ def test_plateau_smoke(tmp_path):
     assert set(s["gate"]) == {"tau", "required", "met"} and s["gate"]["met"] == (s["gate"]["tau"] >= s["gate"]["required"])
     assert set(s["tau_final"]) == set("ABCDEF")
     assert s["seeds"] == {"A": 2, "B": 2, "C": 2, "D": 1, "E": 1, "F": 1}
-    assert set(s["contrasts"]) == {"B-A", "B-C", "D-E", "B-F"}
+    assert set(s["contrasts"]) == {"B-A", "B-C", "D-E", "B-F", "B-D"}
     c = s["contrasts"]["B-A"]
     assert c["seeds_paired"] == 2 and c["se_seeds"] is not None and c["ci95"][0] <= c["diff"] <= c["ci95"][1]
     assert s["contrasts"]["D-E"]["se_seeds"] is None  # one seed each: training noise not measured, and said so
