@@ -68,10 +68,12 @@ def test_train_rejects_unknown_config_key():
 def test_experiment_rejects_bad_arms_and_presets(tmp_path):
     r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--preset", "laptop"])
     assert r.exit_code == 2 and "unknown preset 'laptop'" in r.output
-    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--arms", "opd,magic"])
+    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--arms", "B,magic"])
     assert r.exit_code == 2 and "unknown arms ['magic']" in r.output
-    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--arms", "sft_on_opd_data"])
-    assert r.exit_code == 2 and "include opd" in r.output
+    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--seeds", "0"])
+    assert r.exit_code == 2 and "--seeds must be >= 1" in r.output
+    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--drafter", "medusa"])
+    assert r.exit_code == 2 and "unknown drafter 'medusa'" in r.output
 
 
 def test_loopback_addresses_are_recognised():
