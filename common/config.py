@@ -37,7 +37,7 @@ class ModelConfig:
 class DrafterConfig:
     """The draft model being trained."""
 
-    kind: Literal["eagle3", "dflash"] = "eagle3"
+    kind: Literal["eagle3", "dflash", "dvi"] = "eagle3"  # dvi: self-speculative (the target's first k layers + a low-rank head)
     init: str | None = None  # path of a saved drafter to start from; None = fresh weights
     num_layers: int = 1
     feature_layers: list[int] | None = None  # indices into the target's hidden_states; None = the kind's default
@@ -45,6 +45,8 @@ class DrafterConfig:
     train_lm_head: bool = False  # with a reduced vocabulary the head is the drafter's own and always trained
     intermediate_size: int | None = None  # None = the target's
     mask_token_id: int | None = None  # DFlash only; None = an unused/special token of the tokenizer
+    lora_rank: int = 16  # DVI only: rank r of the head's low-rank term gamma * A B (A [V, r], B [r, H])
+    lora_gamma: float = 1.0  # DVI only: gamma
 
 
 @dataclass

@@ -114,6 +114,7 @@ class SpecEngine:
         self.drafter = drafter
         if drafter is not None:
             target.info.check_compatible(drafter.target_info, "the drafter")
+            drafter.bind_target(target.model)  # a self-speculative drafter (DVI) drafts with this target's layers
         cfg = target.model.config
         self.num_layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
