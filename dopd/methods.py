@@ -283,7 +283,7 @@ def markdown(s: dict) -> str:
     for kind, by_t in s["warmup"].items():
         for t, w in by_t.items():
             r = w["results"]
-            lines.append(f"| warm-up ({kind}) | {kind} | {w['trainable_params']:,} | {t} | {cell(r.get('rejection') or r.get('greedy'))} | {cell(r.get('match'))} | - |")
+            lines.append(f"| warm-up ({kind}) | {kind} | {w['trainable_params']:,} | {float(t):g} | {cell(r.get('rejection') or r.get('greedy'))} | {cell(r.get('match'))} | - |")
     for arm, a in s["arms"].items():
         r = a["final"]["results"]
         lines.append(f"| {arm} | {a['kind']} | {a['final']['trainable_params']:,} | {a['temperature']:g} | "

@@ -52,3 +52,38 @@ def test_bebop_expected_length_trains_in_the_distributed_runner(ray_session, tmp
     assert evals and not any(x["simulated"] for x in evals)  # T = 1: the engine measures tau
     opd = [x for x in r if x["event"] == "step" and x["phase"] == "opd"]
     assert len(opd) == 4 and all(-4 <= x["loss"] <= 0 for x in opd)  # minus the mean expected accepted length (K = 4)
+
+
+@pytest.mark.parametrize("method", ["dvi", "bebop_e2e"])
+def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
+    """The distributed runner's two sides without Ray (where Ray cannot start): the rollout worker a Ray actor wraps
+    produces wire records, a DeepSpeed ZeRO-2 learner rank (world 1, gloo) trains them with the shared objective;
+    DVI's phase follows the rank's own step count, Bebop's loss is minus an expected length in [-K, 0]."""
+    import socket
+
+    from dopd.actors.actor import RolloutWorker
+    from dopd.common.prompts import encode_all, load_prompt_set
+    from dopd.common.record import encode_teacher
+    from dopd.learner.zero import LearnerRank
+
+    extra = ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=3"] if method == "dvi" else [
+        "drafter.kind=eagle3", "loss.objective=expected_length", "rollout.temperature=1"]  # fmt: skip
+    cfg = load_config(None, BASE + extra + ["cluster.learners=1", f"out_dir={tmp_path}"])
+    prompts = load_prompt_set("champ-problems")[:8]
+    ids, kept = encode_all(tiny.tokenizer, prompts, 256, drop_long=True)
+    worker = RolloutWorker(cfg, 0, [(p.id, i) for p, i in zip(kept, ids)], incarnation=0, target=tiny)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rank = LearnerRank(cfg, 0, 1, "127.0.0.1", port)
+    rank.set_teacher([encode_teacher(r) for r in worker.maker.teacher(worker.drafter.feature_layers, worker.prompts[:4])])
+    out = [rank.sft_step(), rank.sft_step()]
+    for v in range(2):
+        worker.set_weights(rank.gather_weights(), v + 1)
+        data, _ = worker.produce(2)
+        out.append(rank.opd_step(data, v + 1))
+    assert rank.state.step == 4 and all(o["loss"] == o["loss"] for o in out)
+    if method == "dvi":
+        assert [o.get("dvi_phase") for o in out] == [None, None, "kl", "rl"]
+    else:
+        assert all(-cfg.rollout.block_size <= o["loss"] <= 0 for o in out[2:]) and "dvi_phase" not in out[-1]
