@@ -37,7 +37,7 @@ class ModelConfig:
 class DrafterConfig:
     """The draft model being trained."""
 
-    kind: Literal["eagle3", "dflash"] = "eagle3"
+    kind: Literal["eagle3", "dflash", "dvi"] = "eagle3"  # dvi: self-speculative (the target's first k layers + a low-rank head)
     init: str | None = None  # path of a saved drafter to start from; None = fresh weights
     num_layers: int = 1
     feature_layers: list[int] | None = None  # indices into the target's hidden_states; None = the kind's default
@@ -45,6 +45,8 @@ class DrafterConfig:
     train_lm_head: bool = False  # with a reduced vocabulary the head is the drafter's own and always trained
     intermediate_size: int | None = None  # None = the target's
     mask_token_id: int | None = None  # DFlash only; None = an unused/special token of the tokenizer
+    lora_rank: int = 16  # DVI only: rank r of the head's low-rank term gamma * A B (A [V, r], B [r, H])
+    lora_gamma: float = 1.0  # DVI only: gamma
 
 
 @dataclass
@@ -105,6 +107,14 @@ class LossConfig:
     position (soft cross-entropy to the target, 0.8^step), rejected stream off (lambda 0).
     """
 
+    # what the learner optimises on rollout records: "opd" = Draft-OPD's streams (below); "dvi" = DVI's online
+    # schedule (section `dvi`: KL, then reward-masked CE + policy gradient, on every drafted position up to and
+    # including the first rejection); "expected_length" = Bebop's end-to-end objective (the expected accepted
+    # length of a block under rejection sampling, maximised; T = 1 rollouts). None = "dvi" for the dvi kind, else "opd"
+    objective: Literal["opd", "dvi", "expected_length"] | None = None
+    # expected_length: "path" = sum_j prod_{i<j} min(1, p(d_i)/q(d_i)) (1 - TV_j) along the drafted path (unbiased);
+    # "product" = sum_j prod_{i<=j} (1 - TV_i) (exact for K = 1, or when TV does not depend on the drafted prefix)
+    e2e_estimator: Literal["path", "product"] = "path"
     response: Literal["blocks", "ttt"] | None = None  # accepted stream: verification blocks | TTT at every position
     acc_divergence: Literal["fkl", "tv", "jsd", "bernoulli"] | None = None  # bernoulli: on the target's top-1 token
     rej_divergence: Literal["k3", "bernoulli", "fkl", "tv", "jsd"] = "k3"  # k3 / bernoulli: on the drafted token
@@ -123,6 +133,24 @@ class LossConfig:
     ttt_step_weight: float = 0.8  # weight of unroll step j is ttt_step_weight**(j-1)
     dflash_decay: float | None = 7.0  # DFlash SFT position weight exp(-(k-1)/decay); None = flat
     dflash_anchors_per_seq: int = 64
+
+
+@dataclass
+class DVIConfig:
+    """DVI's online schedule (arXiv 2510.05421), used by `loss.objective=dvi`.
+
+    Samples: every drafted position up to and including a block's first rejection (reward 1 accepted, 0 at the
+    first rejection), with the target's top-k (+ tail) there. Phase "kl" (learner steps < rl_start_step): forward
+    KL to the target. Phase "rl": kl_weight * KL + ce_weight * reward-masked cross-entropy (-r log q(d)) +
+    pg_weight * on-policy policy gradient (-(r - b) log q(d), b = the batch's mean reward: a baseline that leaves
+    the gradient unbiased and lowers its variance). Steps are counted over the whole run (a warm-up included).
+    """
+
+    rl_start_step: int | None = None  # the first learner step of the RL phase; None = KL only
+    kl_weight: float = 0.0  # KL's weight in the RL phase (1 in the KL phase)
+    ce_weight: float = 1.0
+    pg_weight: float = 1.0
+    baseline: Literal["batch_mean", "none"] = "batch_mean"
 
 
 @dataclass
@@ -214,6 +242,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    dvi: DVIConfig = field(default_factory=DVIConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -259,12 +288,47 @@ class Config:
             raise ConfigError("replay.anchors=shuffled moves the accepted stream's blocks, but loss.response=ttt trains every position (no blocks): use loss.response=blocks")
         if lc.clamp is not None and lc.clamp <= 0:
             raise ConfigError(f"loss.clamp must be > 0 or null (got {lc.clamp})")
+        self._validate_methods(lc)
         return self
+
+    def _validate_methods(self, lc: LossConfig) -> None:
+        """DVI and Bebop train verification blocks only; settings that would train anything else are errors."""
+        if lc.objective in ("dvi", "expected_length"):
+            what = f"loss.objective={lc.objective}"
+            if lc.response != "blocks":
+                raise ConfigError(f"{what} trains the rollout's verification blocks: loss.response must be blocks (got {lc.response})")
+            if lc.lambda_rej:
+                raise ConfigError(f"{what} has no rejected stream: loss.lambda_rej must be 0 (got {lc.lambda_rej})")
+            if self.replay.extra != "none" or self.replay.anchors != "rollout":
+                raise ConfigError(f"{what} trains the rollout's own blocks: replay.extra=none and replay.anchors=rollout")
+        if lc.objective == "dvi" and not lc.acc_at_first_rejection:
+            raise ConfigError("loss.objective=dvi samples every drafted position up to and including the first rejection: loss.acc_at_first_rejection must be true")
+        if self.drafter.kind == "dvi" and lc.objective != "dvi":
+            # the DVI drafter's training forward is exact only on the committed text (up to each first rejection)
+            if lc.response != "blocks" or lc.lambda_rej or self.replay.extra != "none":
+                raise ConfigError("drafter.kind=dvi trains on the committed text only: loss.response=blocks, loss.lambda_rej=0, replay.extra=none")
+        if lc.objective == "expected_length" and (self.rollout.temperature != 1.0 or self.rollout.top_p != 1.0):
+            raise ConfigError(
+                "loss.objective=expected_length is the acceptance of rejection sampling with the records' T = 1 target "
+                f"probabilities: rollout.temperature=1 and rollout.top_p=1 (got {self.rollout.temperature}, {self.rollout.top_p})"
+            )
+        d = self.dvi
+        if d.rl_start_step is not None and d.rl_start_step < 0:
+            raise ConfigError(f"dvi.rl_start_step must be >= 0 or null (got {d.rl_start_step})")
+        if min(d.kl_weight, d.ce_weight, d.pg_weight) < 0:
+            raise ConfigError("dvi.kl_weight, dvi.ce_weight and dvi.pg_weight must be >= 0")
 
     def effective_loss(self) -> LossConfig:
         """The loss settings with every None replaced by the official recipe's value for this drafter kind."""
         lc = dataclasses.replace(self.loss)
         eagle = self.drafter.kind == "eagle3"
+        if lc.objective is None:
+            lc.objective = "dvi" if self.drafter.kind == "dvi" else "opd"
+        if lc.objective in ("dvi", "expected_length") or self.drafter.kind == "dvi":
+            # DVI and Bebop train the rollout's verification blocks (no TTT, no rejected stream); DVI: forward KL
+            lc.response = lc.response or "blocks"
+            lc.acc_divergence = lc.acc_divergence or "fkl"
+            lc.lambda_rej = 0.0 if lc.lambda_rej is None else lc.lambda_rej
         if lc.response is None:
             lc.response = "ttt" if eagle else "blocks"
         if lc.acc_divergence is None:

@@ -5,6 +5,11 @@ greedy match at temperature 0; at temperature > 0 the standard rejection-samplin
 probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection resample from norm(max(0, p_i - q_i)); if all K
 are accepted, a bonus token from p_{K+1}). p and q are the *processed* distributions (temperature, then top-p) of
 target and drafter, so the output is distributed exactly as the target sampled with the same settings.
+
+`rule="match"` is the other lossless rule at T > 0 (greedy-match acceptance, what Bebop compares against): the
+target samples x_i ~ p_i at every position and draft i is accepted iff d_i == x_i; the first mismatching x_i (or
+x_{K+1}) is committed. Each committed token is a draw from p given the committed prefix, so the output is the
+target's sampling exactly, but a draft is accepted with probability p_i(d_i) instead of sum min(p_i, q_i).
 """
 
 from __future__ import annotations
@@ -51,11 +56,12 @@ def verify(
     q: torch.Tensor | None,
     greedy: bool,
     generator: torch.Generator | None = None,
+    rule: str = "rejection",
 ) -> Verdict:
     """Verify K draft tokens per row against the target.
 
     draft [B, K] target-vocabulary ids; p [B, K+1, V] target distributions at the K draft positions and the bonus
-    position; q [B, K, V] the drafter's processed distributions (unused when greedy).
+    position; q [B, K, V] the drafter's processed distributions (unused when greedy or with rule "match").
     """
     B, K = draft.shape
     dev = draft.device
@@ -67,6 +73,13 @@ def verify(
         ok = draft == target_tok[:, :K]
         n = ok.long().cumprod(-1).sum(-1)
         nxt = target_tok.gather(1, n[:, None]).squeeze(1)
+    elif rule == "match":
+        x = sample(p, generator)  # [B, K+1]: the target's own draw at every position
+        ok = draft == x[:, :K]
+        n = ok.long().cumprod(-1).sum(-1)
+        nxt = x.gather(1, n[:, None]).squeeze(1)
+    elif rule != "rejection":
+        raise ValueError(f"unknown verification rule '{rule}' (rejection | match)")
     else:
         assert q is not None, "sampling verification needs the drafter's distributions q"
         pd = p[:, :K].gather(-1, draft[..., None]).squeeze(-1)

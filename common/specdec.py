@@ -42,6 +42,9 @@ class DecodeSettings:
     keep_features: bool = False  # return the target features of every committed position
     seed: int = 0
     stop_at_eos: bool = True  # False: decode past EOS to max_new_tokens (the greedy-text cache's lookahead)
+    # T > 0 only: "rejection" = drafts sampled from q, accepted with min(1, p/q); "match" = greedy drafts, accepted
+    # iff equal to the target's own sample (both lossless; `sampling.verify`)
+    acceptance: str = "rejection"
 
 
 @dataclass
@@ -114,6 +117,7 @@ class SpecEngine:
         self.drafter = drafter
         if drafter is not None:
             target.info.check_compatible(drafter.target_info, "the drafter")
+            drafter.bind_target(target.model)  # a self-speculative drafter (DVI) drafts with this target's layers
         cfg = target.model.config
         self.num_layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -156,6 +160,8 @@ class SpecEngine:
         F = len(self.drafter.feature_layers) * self.target.info.hidden_size if self.drafter is not None else 0
         if settings.keep_features and self.drafter is None:
             raise PromptError("keep_features needs a drafter (its feature layers define the features)")
+        if settings.acceptance not in ("rejection", "match"):
+            raise PromptError(f"unknown acceptance rule '{settings.acceptance}' (rejection | match)")
         gen = torch.Generator(device=dev).manual_seed(settings.seed)
         cache = SlotCache(self.num_layers, B, self.kv_heads, self.head_dim, S, dev, self.target.dtype)
         dstate = self.drafter.new_state(B, S, dev, torch.float32) if self.drafter is not None else None
@@ -219,9 +225,8 @@ class SpecEngine:
             t0 = time.perf_counter()
             prop = None
             if K > 0:
-                prop = self.drafter.propose(
-                    dstate, rows, tokens, feats, n, K, settings.temperature, settings.top_p, gen
-                )
+                draft_t = 0.0 if settings.acceptance == "match" else settings.temperature
+                prop = self.drafter.propose(dstate, rows, tokens, feats, n, K, draft_t, settings.top_p, gen)
                 sync()
             t1 = time.perf_counter()
             last = sel(tokens).gather(1, (nb - 1)[:, None])
@@ -244,7 +249,7 @@ class SpecEngine:
                 feats[rr[:, None], pos] = self._features(out.hidden_states).to(feats.dtype)
             greedy = settings.temperature <= 0
             p = logits if greedy else processed_probs(logits, settings.temperature, settings.top_p)
-            verdict = verify(prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen)
+            verdict = verify(prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen, settings.acceptance)
             sync()
             t2 = time.perf_counter()
             stats.draft_s += t1 - t0

@@ -80,6 +80,7 @@ def eval_cmd(
     dump_outputs: Optional[Path] = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
     no_baseline: bool = typer.Option(False, help="skip plain target decoding (no speedup / identity check)"),
     simulate: bool = typer.Option(False, help="T = 0 only: exact tau/alpha from the target's cached greedy text with drafter forwards only (no decoding, no speeds)"),
+    compare_match: bool = typer.Option(True, help="T > 0: also decode with greedy-match acceptance (greedy drafts, accepted iff equal to the target's sample) and report its tau next to rejection sampling's"),
 ) -> None:
     """Speculative decoding on held-out prompts: tau, per-position acceptance, tokens/s vs plain decoding."""
     _setup_torch(threads)
@@ -105,6 +106,7 @@ def eval_cmd(
             block_size=block_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
             batch_size=batch_size, seed=seed,
         )  # fmt: skip
+        match = None  # the greedy-match report at T > 0
         if simulate:
             rep, texts = evaluate_simulated(tgt, d, ids, settings)
             outputs = [(t.prompt_ids, t.answer) for t in texts]
@@ -112,6 +114,10 @@ def eval_cmd(
             with tqdm(total=len(ids), desc="eval", unit="prompt", disable=not sys.stderr.isatty()) as bar:
                 rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=not no_baseline, progress=bar.update)
             outputs = [(r.prompt_ids, r.output_ids) for r in spec]
+            if temperature > 0 and compare_match:
+                import dataclasses
+
+                match, _, _ = evaluate(tgt, d, ids, dataclasses.replace(settings, acceptance="match"), baseline=False)
     except DopdError as e:
         _fail(e)
     out = {
@@ -129,11 +135,19 @@ def eval_cmd(
         "max_new_tokens": max_new_tokens,
         "seed": seed,
     }
+    if match is not None:
+        out["acceptance"] = {
+            "rejection_sampling": {"tau": rep.tau, "alpha": rep.alpha, "steps": rep.num_steps},
+            "greedy_match": {"tau": match.tau, "alpha": match.alpha, "steps": match.num_steps},
+        }
     typer.echo(f"{'target':22s} {target}  ({tgt.info.num_layers} layers, hidden {tgt.info.hidden_size})")
     typer.echo(f"{'drafter':22s} {drafter}  ({d.kind}, {d.num_parameters() / 1e6:.2f}M trainable params)")
     typer.echo(f"{'prompts':22s} {len(ids)} from {prompts}, {rep.new_tokens} new tokens, K={block_size}, T={temperature}")
     typer.echo(f"{'tau (tokens/step)':22s} {rep.tau:.3f}   over {rep.num_steps} verification steps")
     typer.echo(f"{'alpha per position':22s} " + " ".join(f"{a:.2f}" for a in rep.alpha))
+    if match is not None:
+        typer.echo(f"{'acceptance at T > 0':22s} rejection sampling tau {rep.tau:.3f}  vs  greedy match tau {match.tau:.3f} ({match.num_steps} steps)")
+        typer.echo(f"{'greedy-match alpha':22s} " + " ".join(f"{a:.2f}" for a in match.alpha))
     if rep.tokens_per_s is not None:
         typer.echo(f"{'speculative tok/s':22s} {rep.tokens_per_s:.1f}")
     else:
@@ -316,6 +330,29 @@ def experiment_plateau(
     except DopdError as e:
         _fail(e)
     typer.echo(json.dumps({k: summary[k] for k in ("gate", "tau_final", "tau_se", "contrasts")}, indent=1))
+
+
+@experiment_app.command("methods", context_settings={"allow_extra_args": True})
+def experiment_methods(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., help="output directory (re-running skips finished arms and evaluations)"),
+    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
+    arms: str = typer.Option(",".join(("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e", "dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")), help="comma-separated subset of the arms"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
+    _setup_torch(threads)
+    from dopd.methods import ARMS, PRESETS, main_methods
+
+    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    bad = [a for a in chosen if a not in ARMS]
+    if preset not in PRESETS or bad or not chosen:
+        _fail(DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})" if preset not in PRESETS else f"unknown arms {bad} (known: {', '.join(ARMS)})"))
+    try:
+        summary = main_methods(out, preset, list(ctx.args), chosen)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(json.dumps({a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()}, indent=1))
 
 
 def main() -> None:

@@ -243,6 +243,9 @@ class DistributedJob:
         loss = sum(r["loss"] for r in res) / n
         self.metrics.learner(loss, sum(r["acc"] for r in res) / n, sum(r["rej"] for r in res) / n, max(r["grad_norm"] for r in res), max(r["seconds"] for r in res), flops, records, staleness)
         row = {"event": "step", "time": time.time(), "step": st.step, "phase": phase, "loss": loss, "flops": st.flops, "policy_version": st.policy_version, "records": records, "staleness": staleness}
+        dvi_phases = sorted({r["dvi_phase"] for r in res if "dvi_phase" in r})
+        if dvi_phases:  # DVI's schedule phase of this step (every rank computes it from the same step count)
+            row["dvi_phase"] = "/".join(dvi_phases)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if pbar is not None:

@@ -197,7 +197,7 @@ class Trainer:
             batch = make_batch(recs, cfg, "opd", self.rng, self.device)
         t0 = time.perf_counter()
         with FlopCounterMode(display=False) as fc:
-            parts = compute_loss(self.drafter, batch, cfg, phase)
+            parts = compute_loss(self.drafter, batch, cfg, phase, step=st.step)
             parts.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in self.drafter.parameters() if p.requires_grad], cfg.learner.grad_clip)
         self.opt.step()
@@ -210,7 +210,7 @@ class Trainer:
             "event": "step", "step": st.step, "phase": phase, "loss": float(parts.loss.detach()), "acc_div": parts.acc,
             "rej_div": parts.rej, "n_acc": parts.n_acc, "n_rej": parts.n_rej, "grad_norm": float(gnorm),
             "lr": self.sched.get_last_lr()[0], "flops": st.flops, "policy_version": st.policy_version,
-            "positions": batch.num_positions,
+            "positions": batch.num_positions, **({"dvi_phase": parts.phase} if parts.phase else {}),
         }  # fmt: skip
         self._log(row)
         if phase == "opd" and (st.step - self.warmup_steps()) % cfg.learner.refresh_every == 0:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dopd.common.config import LossConfig
+from dopd.common.config import DVIConfig, LossConfig
 
 EPS = 1e-8
 LOG_CLAMP = 20.0
@@ -222,11 +222,105 @@ def sft_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight
 @dataclass
 class LossParts:
     loss: torch.Tensor
-    acc: float  # mean accepted-stream divergence
+    acc: float  # mean accepted-stream divergence (DVI: the mean per-sample loss; expected_length: -E[accepted])
     rej: float  # weighted mean rejected-stream divergence
     n_acc: int
     n_rej: int
     w_rej: float
+    phase: str = ""  # the DVI schedule's phase of this step ("kl" | "rl"), "" for the other objectives
+
+
+# --- DVI (arXiv 2510.05421): online KL, then reward-masked CE + policy gradient -----------------------------------
+
+
+def dvi_phase(step: int, d: DVIConfig) -> str:
+    """"kl" before `dvi.rl_start_step` (0-based learner step), "rl" from it on."""
+    return "rl" if d.rl_start_step is not None and step >= d.rl_start_step else "kl"
+
+
+def token_logq(logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log q(token) per position (a target id outside the draft vocabulary: -LOG_CLAMP)."""
+    didx = t2d[tokens]
+    lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1)
+    return lq.masked_fill(didx < 0, -LOG_CLAMP).clamp_min(-LOG_CLAMP)
+
+
+def dvi_samples(T: BlockTargets) -> torch.Tensor:
+    """DVI's samples: every drafted position up to and including each block's first rejection (accepted-stream blocks)."""
+    m = (T.accept & T.valid) | first_rejection(T.accept, T.valid)
+    return m & T.acc_block[..., None] if T.acc_block is not None else m
+
+
+def dvi_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, d: DVIConfig, step: int) -> tuple[StreamSums, str]:
+    """DVI's per-sample loss summed over the samples (reward r = 1 accepted, 0 at the first rejection).
+
+    kl phase: D(target || q) on the top-k + tail buckets (`cfg.acc_divergence`, forward KL by default).
+    rl phase: kl_weight * D + ce_weight * (-r log q(d)) + pg_weight * (-(r - b) log q(d)), b = the mean reward of
+    the batch's samples (detached). The policy-gradient term raises log q of an accepted draft (r - b > 0) and
+    lowers that of a rejected one (r - b < 0); the baseline leaves its expectation unchanged and its variance lower.
+    """
+    sample = dvi_samples(T)
+    phase = dvi_phase(step, d)
+    div = _clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T), cfg)
+    if phase == "kl":
+        per = div
+    else:
+        r = T.accept.float()
+        n = sample.sum().clamp_min(1)
+        b = (r * sample).sum() / n if d.baseline == "batch_mean" else torch.zeros(())
+        lq = token_logq(logq, t2d, T.draft_tokens)
+        per = d.kl_weight * div + d.ce_weight * _clamped(-r * lq, cfg) - d.pg_weight * (r - b.detach()) * lq
+    s = (per * sample).sum() if bool(sample.any()) else logq.sum() * 0.0
+    z = logq.sum() * 0.0
+    return StreamSums(s, float(sample.sum()), z, 0.0, 0), phase
+
+
+# --- Bebop (arXiv 2606.12370): the end-to-end expected accepted length under rejection sampling ------------------
+
+
+def expected_length(tv: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """E[accepted drafts] of blocks [..., K] under rejection sampling.
+
+    With a drafted block d_1..d_K (drawn from q, as the rollout drafts), P(d_1..d_j all accepted) =
+    E_d[prod_{i<j} min(1, p_i(d_i)/q_i(d_i)) * (1 - TV_j)]: given the path, d_i is accepted with probability
+    min(1, p/q), and the last position's acceptance, averaged over its draw, is sum min(p_j, q_j) = 1 - TV_j. So
+        E[accepted] = sum_j prod_{i<j} w_i (1 - TV_j),   w_i = `ratio` = min(1, p_i(d_i)/q_i(d_i))   ("path": unbiased)
+    and with w_i = 1 - TV_i it is the product form sum_j prod_{i<=j} (1 - TV_i) ("product", ratio=None): exact
+    for K = 1 and whenever TV does not depend on the drafted prefix, otherwise an approximation. A position that is
+    not valid ends the chain (nothing after it counts).
+    """
+    a = (1 - tv).clamp(0, 1) * valid
+    w = a if ratio is None else ratio.clamp(0, 1) * valid
+    before = torch.cat([torch.ones_like(w[..., :1]), torch.cumprod(w[..., :-1], dim=-1)], dim=-1)  # prod_{i<j} w_i
+    return (before * a).sum(-1)
+
+
+def e2e_blocks(T: BlockTargets) -> torch.Tensor:
+    """[B,M] the blocks the end-to-end objective averages over: valid accepted-stream blocks."""
+    m = T.valid[..., 0]
+    return m & T.acc_block if T.acc_block is not None else m
+
+
+def e2e_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig) -> StreamSums:
+    """-E[accepted] summed over blocks (maximising the expected accepted length = minimising this).
+
+    TV_j comes from the top-k + tail buckets (`bucket_divergence("tv")`): with P, Q the true distributions and the
+    tail bucket's masses p_t, q_t, |p_t - q_t| <= sum over tail ids of |p - q| <= p_t + q_t, so
+        TV_bucket <= TV <= TV_bucket + min(p_t, q_t),
+    i.e. 1 - TV_bucket over-states the acceptance probability by at most min(p_t, q_t) per position (exact when
+    the top-k covers the vocabulary). The path ratio uses the exact recorded p(d) and the current q(d).
+    """
+    tv = bucket_divergence("tv", logq, t2d, T)
+    ratio = None
+    if cfg.e2e_estimator == "path":
+        lq = token_logq(logq, t2d, T.draft_tokens)
+        lp = torch.log(T.p_draft.float().clamp_min(EPS))
+        ratio = torch.exp((lp - lq).clamp(max=0.0))
+    blocks = e2e_blocks(T)
+    e = expected_length(tv, T.valid.float(), ratio)
+    s = -(e * blocks).sum() if bool(blocks.any()) else logq.sum() * 0.0
+    z = logq.sum() * 0.0
+    return StreamSums(s, float(blocks.sum()), z, 0.0, 0)
 
 
 def finish(s: StreamSums, cfg: LossConfig, denom: float | None = None) -> LossParts:

@@ -5,6 +5,8 @@
   ttt_step_weight^(j-1) (0.8 in EAGLE-3 / SpecForge).
 - DFlash: blocks of K at random answer anchors, position j weighted exp(-(j-1)/decay) (SpecForge uses decay 7
   for 16-token blocks).
+- DVI: one position per answer position (its teacher-forced early exit depends on nothing drafted, so a longer
+  block would only repeat positions): every answer position once.
 Objective: forward KL to the target's top-k (+ tail), cross-entropy to the target's token, or both.
 """
 
@@ -20,6 +22,8 @@ from .batch import TrainBatch, collate_teacher
 
 
 def sft_depth(cfg: Config) -> int:
+    if cfg.drafter.kind == "dvi":
+        return 1
     if cfg.drafter.kind == "eagle3":
         return max(cfg.loss.ttt_depth or cfg.rollout.block_size, 1)
     return cfg.rollout.block_size
@@ -28,6 +32,8 @@ def sft_depth(cfg: Config) -> int:
 def step_weights(cfg: Config) -> torch.Tensor:
     D = sft_depth(cfg)
     j = torch.arange(D, dtype=torch.float32)
+    if cfg.drafter.kind == "dvi":
+        return torch.ones(D)
     if cfg.drafter.kind == "eagle3":
         return cfg.loss.ttt_step_weight**j
     if cfg.loss.dflash_decay is None:

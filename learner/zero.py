@@ -100,7 +100,7 @@ class LearnerRank:
         t0 = time.perf_counter()
         denom = self._global_denominator(batch, mode)
         with FlopCounterMode(display=False) as fc:
-            parts = compute_loss(self.drafter, batch, self.cfg, mode, denom)
+            parts = compute_loss(self.drafter, batch, self.cfg, mode, denom, step=self.state.step)
             self.engine.backward(parts.loss)
         self.engine.step()
         gnorm = self.engine.get_global_grad_norm()
@@ -109,6 +109,7 @@ class LearnerRank:
             "loss": float(parts.loss.detach()), "acc": parts.acc, "rej": parts.rej, "n_acc": parts.n_acc,
             "n_rej": parts.n_rej, "grad_norm": float(gnorm) if gnorm is not None else 0.0,
             "flops": float(fc.get_total_flops()), "seconds": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
+            **({"dvi_phase": parts.phase} if parts.phase else {}),
         }  # fmt: skip
 
     def _global_denominator(self, batch, mode: str) -> float | None:

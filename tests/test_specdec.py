@@ -148,8 +148,8 @@ def test_broken_acceptance_rule_is_detected(tiny, tiny_prompts, monkeypatch):
     """Resampling from p instead of norm(max(0, p - q)) after a rejection biases the output: the test catches it."""
     real = sampling.verify
 
-    def broken(draft, p, q, greedy, generator=None):
-        v = real(draft, p, q, greedy, generator)
+    def broken(draft, p, q, greedy, generator=None, rule="rejection"):
+        v = real(draft, p, q, greedy, generator, rule)
         rows = torch.arange(draft.shape[0])
         v.next_token = sampling.sample(p[rows, v.num_accepted], generator)  # wrong: ignores the residual
         return v

@@ -11,10 +11,11 @@ from ..errors import ModelError
 from ..models import TargetInfo
 from .base import Drafter, DrafterSpec, DraftState, Proposal, default_feature_layers
 from .dflash import DFlashDrafter
+from .dvi import DVIDrafter
 from .eagle3 import Eagle3Drafter
 from .formats import EXPORT_FORMATS, detect_format, export_drafter, import_drafter
 
-KINDS: dict[str, type[Drafter]] = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter}
+KINDS: dict[str, type[Drafter]] = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter, "dvi": DVIDrafter}
 
 __all__ = [
     "KINDS",
@@ -49,6 +50,10 @@ def spec_for(cfg: DrafterConfig, info: TargetInfo, hf_config) -> DrafterSpec:
     if bad:
         raise ModelError(f"drafter.feature_layers {bad} out of range for a {L}-layer target (hidden_states 0..{L})")
     heads = hf_config.num_attention_heads
+    if cfg.kind == "dvi" and (len(layers) != 1 or not 1 <= layers[0] <= L):
+        raise ModelError(f"a DVI drafter exits after the target's first k layers: drafter.feature_layers=[k] with 1 <= k <= {L} (got {layers})")
+    if cfg.kind == "dvi" and (cfg.draft_vocab_size is not None or cfg.train_lm_head):
+        raise ModelError("a DVI drafter drafts with the target's head plus a low-rank term: drafter.draft_vocab_size and drafter.train_lm_head are not supported")
     if cfg.draft_vocab_size is not None and not 0 < cfg.draft_vocab_size <= info.vocab_size:
         raise ModelError(f"drafter.draft_vocab_size must be in 1..{info.vocab_size} (got {cfg.draft_vocab_size})")
     return DrafterSpec(
@@ -68,6 +73,8 @@ def spec_for(cfg: DrafterConfig, info: TargetInfo, hf_config) -> DrafterSpec:
         rms_eps=float(getattr(hf_config, "rms_norm_eps", 1e-6)),
         mask_token_id=cfg.mask_token_id,
         target=info.to_dict(),
+        lora_rank=cfg.lora_rank if cfg.kind == "dvi" else None,
+        lora_gamma=cfg.lora_gamma,
     )
 
 
@@ -136,11 +143,11 @@ def load_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tensor,
 
 
 def drafter_for_target(name: str, target, cfg: DrafterConfig | None = None, seed: int = 0) -> Drafter:
-    """`init-eagle3` / `init-dflash` (fresh weights) or the path of a saved drafter, paired with a loaded target."""
+    """`init-eagle3` / `init-dflash` / `init-dvi` (fresh weights) or the path of a saved drafter, paired with a loaded target."""
     if name.startswith("init-"):
         kind = name[len("init-") :]
         if kind not in KINDS:
-            raise ModelError(f"unknown drafter '{name}' (use init-eagle3, init-dflash, or a saved drafter directory)")
+            raise ModelError(f"unknown drafter '{name}' (use init-eagle3, init-dflash, init-dvi, or a saved drafter directory)")
         base = cfg or DrafterConfig()
         cfg = DrafterConfig(**{**base.__dict__, "kind": kind, "init": None})
         if cfg.draft_vocab_size is not None:
@@ -149,8 +156,9 @@ def drafter_for_target(name: str, target, cfg: DrafterConfig | None = None, seed
     else:
         if not Path(name).is_dir():
             raise ModelError(
-                f"drafter '{name}' is neither init-eagle3 / init-dflash nor a drafter directory (dopd, speculators, "
+                f"drafter '{name}' is neither init-eagle3 / init-dflash / init-dvi nor a drafter directory (dopd, speculators, "
                 "SGLang/SpecForge EAGLE-3, vLLM DFlash)"
             )
         d = load_drafter(name, target.info, target.embed_tokens.weight, target.lm_head.weight)
+    d.bind_target(target.model)
     return d.to(target.device)

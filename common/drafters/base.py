@@ -49,6 +49,8 @@ class DrafterSpec:
     rms_eps: float = 1e-6
     mask_token_id: int | None = None
     target: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int | None = None  # DVI: rank r of the low-rank head term gamma * A B
+    lora_gamma: float = 1.0  # DVI: gamma
 
     @property
     def own_head(self) -> bool:
@@ -60,8 +62,11 @@ def default_feature_layers(kind: str, num_target_layers: int, num_draft_layers: 
 
     EAGLE-3: low/mid/high = hidden_states[2], [L//2], [L-3] (SpecForge's layer outputs 1, L/2-1, L-4).
     DFlash: one draft layer -> the output of layer L//2; n layers -> n outputs evenly spread over layers 1..L-3.
+    DVI: the exit layer k = max(1, L//4) (hidden_states[k] = the output of the shared layers 0..k-1).
     """
     L = num_target_layers
+    if kind == "dvi":
+        return [max(1, L // 4)]
     if kind == "eagle3":
         return [2, L // 2, L - 3]
     if num_draft_layers == 1:
@@ -150,6 +155,10 @@ class Drafter(nn.Module):
     @property
     def draft_vocab(self) -> int:
         return int(self.draft_ids.numel())
+
+    def bind_target(self, model: nn.Module) -> None:
+        """Called by the engine with the target model it verifies with. A self-speculative drafter (DVI) drafts with
+        the target's own layers and keeps a reference to them here; other drafters need nothing."""
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,42 @@
+"""`dopd experiment methods --preset smoke`: every arm of both groups on the tiny target, the reports, and a re-run
+that skips what is finished."""
+
+from __future__ import annotations
+
+import json
+
+from dopd.methods import ARMS, T1_ARMS, markdown, methods, tau_se
+
+
+def test_tau_se_from_the_histogram():
+    tau, se, n = tau_se([2, 0, 2])  # accepted 0,0,2,2 -> tau values 1,1,3,3
+    assert (tau, n) == (2.0, 4) and abs(se - (4 / 3) ** 0.5 / 2) < 1e-12
+
+
+def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
+    logs: list[str] = []
+    s = methods(tmp_path, "smoke", [], log=logs.append)
+    assert set(s["arms"]) == set(ARMS)
+    for arm, a in s["arms"].items():
+        res = a["final"]["results"]
+        if arm in T1_ARMS:
+            assert a["temperature"] == 1.0 and set(res) == {"rejection", "match"}
+            assert all(not r["simulated"] and r["steps"] > 0 for r in res.values())
+        else:
+            assert a["temperature"] == 0.0 and set(res) == {"greedy"} and res["greedy"]["simulated"]
+        assert all(r["tau"] >= 1 and r["se"] >= 0 for r in res.values())
+        assert a["learner_steps"] == 4 and a["learner_flops"] > 0
+    assert s["arms"]["dvi_kl"]["kind"] == "dvi" and s["arms"]["eagle3_kl_rl"]["kind"] == "eagle3"
+    # the KL -> RL arm switched half way through its budget; the KL-only arm never did
+    phases = lambda arm: [json.loads(x).get("dvi_phase") for x in open(tmp_path / arm / "metrics.jsonl") if json.loads(x)["event"] == "step"]  # noqa: E731
+    assert phases("dvi_kl_rl") == ["kl", "kl", "rl", "rl"] and phases("dvi_kl") == ["kl"] * 4
+    for f in ("results.json", "results.csv", "summary.md"):
+        assert (tmp_path / f).is_file()
+    assert "| bebop_e2e | eagle3 |" in (tmp_path / "summary.md").read_text()
+    # a second call trains and measures nothing again
+    before = {arm: (tmp_path / arm / "summary.json").stat().st_mtime for arm in ARMS}
+    logs.clear()
+    s2 = methods(tmp_path, "smoke", [], log=logs.append)
+    assert not any(line.startswith("==") for line in logs)
+    assert before == {arm: (tmp_path / arm / "summary.json").stat().st_mtime for arm in ARMS}
+    assert markdown(s2) == markdown(s)
