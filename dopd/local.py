@@ -76,6 +76,16 @@ def read_sequences(path: str) -> list[tuple[str, list[int], int]]:
     return out
 
 
+def branch_from(checkpoint: Path, out: Path) -> None:
+    """Make `out` a fresh run directory whose latest checkpoint is a copy of `checkpoint` (another run's): a
+    `Trainer(..., resume=True)` there continues from it. Experiments branch every arm from one warm-up this way."""
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
+    (out / "checkpoints" / "latest").write_text(checkpoint.name)
+
+
 _WORKER_KEYS = ("seq_no", "batch_no", "cursor", "epoch")
 
 

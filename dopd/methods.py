@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -195,7 +194,7 @@ def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
 
 def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = ARMS, log=print) -> dict:
     from dopd.common.models import load_target
-    from dopd.local import Trainer
+    from dopd.local import Trainer, branch_from
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
@@ -230,11 +229,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
             warm.setdefault(kind, {})[temperature] = _final_eval(out / f"warmup_{kind}", wcfg, target, temperature, P)
         if not (adir / "summary.json").is_file():
             log(f"== arm {arm}")
-            if adir.exists():
-                shutil.rmtree(adir)
-            (adir / "checkpoints").mkdir(parents=True)
-            shutil.copytree(ckpt, adir / "checkpoints" / ckpt.name)
-            (adir / "checkpoints" / "latest").write_text(ckpt.name)
+            branch_from(ckpt, adir)
             Trainer(cfg, target=target, resume=True, log=log).run()
         summ = json.loads((adir / "summary.json").read_text())
         warm_flops = _rows(out / f"warmup_{kind}" / "metrics.jsonl", "step")[-1]["flops"]

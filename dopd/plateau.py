@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -129,7 +128,7 @@ def plateau(
     from dopd.actors.experience import ExperienceMaker
     from dopd.common.drafters import load_drafter
     from dopd.common.models import load_target
-    from dopd.local import Trainer
+    from dopd.local import Trainer, branch_from
 
     if preset not in PRESETS:
         raise DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
@@ -194,11 +193,7 @@ def plateau(
         cfg = load_config(None, ov)
         if not (rdir / "summary.json").is_file():
             log(f"== arm {arm} ({ARMS[arm].what}), seed {seed}: {N} steps")
-            if rdir.exists():
-                shutil.rmtree(rdir)
-            (rdir / "checkpoints").mkdir(parents=True)
-            shutil.copytree(ckpt, rdir / "checkpoints" / ckpt.name)
-            (rdir / "checkpoints" / "latest").write_text(ckpt.name)
+            branch_from(ckpt, rdir)
             tr = Trainer(cfg, target=target, resume=True, log=log)
             tr.worker.maker.eval_cache = eval_cache
             tr.run()
