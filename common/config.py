@@ -115,6 +115,9 @@ class LossConfig:
     # expected_length: "path" = sum_j prod_{i<j} min(1, p(d_i)/q(d_i)) (1 - TV_j) along the drafted path (unbiased);
     # "product" = sum_j prod_{i<=j} (1 - TV_i) (exact for K = 1, or when TV does not depend on the drafted prefix)
     e2e_estimator: Literal["path", "product"] = "path"
+    # path: add the score-function part of the gradient (the drafts are sampled from q); off = the formula's own
+    # gradient only, which is biased (kept for the comparison in tests/test_methods_losses.py)
+    e2e_score: bool = True
     response: Literal["blocks", "ttt"] | None = None  # accepted stream: verification blocks | TTT at every position
     acc_divergence: Literal["fkl", "tv", "jsd", "bernoulli"] | None = None  # bernoulli: on the target's top-1 token
     rej_divergence: Literal["k3", "bernoulli", "fkl", "tv", "jsd"] = "k3"  # k3 / bernoulli: on the drafted token

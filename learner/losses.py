@@ -309,18 +309,48 @@ def e2e_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossCo
         TV_bucket <= TV <= TV_bucket + min(p_t, q_t),
     i.e. 1 - TV_bucket over-states the acceptance probability by at most min(p_t, q_t) per position (exact when
     the top-k covers the vocabulary). The path ratio uses the exact recorded p(d) and the current q(d).
+
+    The path estimator's expectation is over drafts d ~ q, so its gradient has two parts: the one through the
+    formula (min(1, p/q) and TV given d) and the score-function part E[R_i grad log q(d_i)], R_i = what the positions
+    after i contribute (d_i decides whether they are reached and at which prefix). `loss.e2e_score` (default on)
+    adds the second as a zero-valued surrogate with a leave-one-out baseline; without it the gradient is biased
+    (tests/test_methods_losses.py measures both against the exact gradient). The drafts come from the rollout's
+    drafter, at most `learner.refresh_every` steps old: the small off-policy lag is not importance-corrected.
     """
     tv = bucket_divergence("tv", logq, t2d, T)
-    ratio = None
+    valid = T.valid.float()
+    blocks = e2e_blocks(T)
+    s = logq.sum() * 0.0
     if cfg.e2e_estimator == "path":
         lq = token_logq(logq, t2d, T.draft_tokens)
         lp = torch.log(T.p_draft.float().clamp_min(EPS))
         ratio = torch.exp((lp - lq).clamp(max=0.0))
-    blocks = e2e_blocks(T)
-    e = expected_length(tv, T.valid.float(), ratio)
-    s = -(e * blocks).sum() if bool(blocks.any()) else logq.sum() * 0.0
+        e = expected_length(tv, valid, ratio)
+        if cfg.e2e_score and bool(blocks.any()):
+            s = s - score_surrogate(tv.detach(), valid, ratio.detach(), lq, blocks)
+    else:
+        e = expected_length(tv, valid)
+    if bool(blocks.any()):
+        s = s - (e * blocks).sum()
     z = logq.sum() * 0.0
     return StreamSums(s, float(blocks.sum()), z, 0.0, 0)
+
+
+def score_surrogate(tv: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor, lq: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """sum over blocks and positions of (R_i - b_i) * (log q(d_i) - log q(d_i).detach()): value 0, gradient the
+    score-function part of grad E[accepted]. R_i = sum_{j>i} prod_{k<j} w_k (1 - TV_j) (the reward after position i),
+    b_i = the mean R_i of the batch's other blocks (leave-one-out: no bias)."""
+    a = (1 - tv).clamp(0, 1) * valid
+    w = ratio.clamp(0, 1) * valid
+    before = torch.cat([torch.ones_like(w[..., :1]), torch.cumprod(w[..., :-1], dim=-1)], dim=-1)
+    terms = before * a  # [B,M,K] the j-th term of E[accepted]
+    after = terms.flip(-1).cumsum(-1).flip(-1) - terms  # R_i = sum_{j>i} terms_j
+    m = blocks[..., None].float() * valid
+    n = m.sum((0, 1))  # [K] blocks with position i
+    tot = (after * m).sum((0, 1))
+    base = (tot - after) / (n - 1).clamp_min(1)  # leave-one-out mean at the same position
+    adv = (after - base) * m
+    return (adv * (lq - lq.detach())).sum()
 
 
 def finish(s: StreamSums, cfg: LossConfig, denom: float | None = None) -> LossParts:
