@@ -43,6 +43,7 @@ from dopd.learner.optim import make_optimizer
 @dataclass
 class TrainState:
     step: int = 0
+    origin: int = 0  # the step this run started from (a branch: its warm-up's step); eval_every counts from it
     policy_version: int = 0
     flops: float = 0.0
     round: int = 0
@@ -83,6 +84,10 @@ def branch_from(checkpoint: Path, out: Path) -> None:
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
+    blob_path = out / "checkpoints" / checkpoint.name / "trainer_state.pt"
+    blob = torch.load(blob_path, weights_only=False)
+    blob["state"]["origin"] = blob["state"]["step"]  # the branch's evaluations count from here (`TrainState.origin`)
+    torch.save(blob, blob_path)
     (out / "checkpoints" / "latest").write_text(checkpoint.name)
 
 
@@ -274,7 +279,7 @@ class Trainer:
         while not self.done():
             self.learner_step(self.phase_for(self.state.step))
             s = self.state.step
-            if s % c.eval_every == 0:
+            if (s - self.state.origin) % c.eval_every == 0:
                 last_eval = self.evaluate()
             if s % c.checkpoint_every == 0:
                 self.save_checkpoint()

@@ -14,7 +14,8 @@ T = 0 (greedy):
   dvi_kl_rl     DVI, online KL, then reward-masked CE + policy gradient from half the budget on
   eagle3_kl_rl  an EAGLE-3 drafter of similar trainable size with the same online KL -> RL schedule
 
-Held-out tau with its standard error (from the accepted-count histogram, steps treated as independent): at T = 0
+Held-out tau with two standard errors (steps treated as independent; the bootstrap over prompts) and paired
+contrasts between arms over the same prompts (`dopd/stats.py`): at T = 0
 exact from the cached greedy text (`dopd eval --simulate`); at T > 0 by the engine, repeated with new seeds until
 SE <= `se_target` (or `max_passes`), once with rejection sampling and once with greedy-match acceptance (the same
 drafter drafting greedily, accepted iff equal to the target's sample): Bebop's comparison. Resumable: an arm whose
@@ -32,58 +33,55 @@ import time
 from pathlib import Path
 
 from dopd.common.config import Config, load_config
+from dopd.common.errors import DopdError
+from dopd.preset import Preset, choose
+from dopd.stats import SIGNIFICANT_SE, PerPrompt, arm_mean_se, contrast
 
 T1_ARMS = ("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e")
 T0_ARMS = ("dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")
 ARMS = T1_ARMS + T0_ARMS
 
-PRESETS: dict[str, dict] = {
-    # SmolLM2-135M fp32 on CPU cores (not run yet: see README "Methods"); DVI's rank 102 gives it 5.07M trainable
+PRESETS: dict[str, Preset] = {
+    # SmolLM2-135M fp32 on CPU cores (measured: docs/methods/); DVI's rank 102 gives it 5.07M trainable
     # parameters, the 1-layer full-vocabulary EAGLE-3 has 5.09M
-    "cpu": {
-        "overrides": [
+    "cpu": Preset(
+        overrides=[
             "data.prompts=champ", "data.num_eval=16", "data.max_prompt_tokens=384", "sft.num_prompts=384",
             "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8", "rollout.block_size=4",
             "learner.micro_batch_size=4", "learner.refresh_every=4", "learner.lr=1e-3", "learner.warmup_steps=10",
             "eval.num_prompts=16", "eval.max_new_tokens=128", "learner.checkpoint_every=1000000", "drafter.lora_rank=102",
-        ],
-        "warmup_steps": {"eagle3": 200, "dvi": 100},
-        "budget_steps": 48,
-        "evals": 4,
-        "se_target": 0.03,
-        "max_passes": 4,
-    },
-    "gpu": {
-        "overrides": [
+        ],  # fmt: skip
+        warmup_steps={"eagle3": 200, "dvi": 100}, arm_steps=48, evals=4, se_target=0.03, max_passes=4,
+    ),
+    "gpu": Preset(
+        overrides=[
             "data.prompts=champ", "data.num_eval=32", "data.max_prompt_tokens=512", "sft.num_prompts=2048",
             "sft.max_new_tokens=256", "rollout.max_new_tokens=256", "rollout.batch_size=32", "rollout.block_size=4",
             "learner.micro_batch_size=8", "learner.refresh_every=4", "learner.lr=5e-4", "learner.warmup_steps=20",
             "eval.num_prompts=32", "eval.max_new_tokens=128", "model.device=cuda", "model.dtype=bfloat16",
             "learner.checkpoint_every=1000000", "drafter.lora_rank=102",
-        ],
-        "warmup_steps": {"eagle3": 600, "dvi": 300},
-        "budget_steps": 400,
-        "evals": 8,
-        "se_target": 0.03,
-        "max_passes": 8,
-    },
+        ],  # fmt: skip
+        warmup_steps={"eagle3": 600, "dvi": 300}, arm_steps=400, evals=8, se_target=0.03, max_passes=8,
+    ),
     # the tiny random target: every arm, evaluation and report in minutes (tests)
-    "smoke": {
-        "overrides": [
+    "smoke": Preset(
+        overrides=[
             "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=16",
             "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=4", "rollout.block_size=3",
             "learner.micro_batch_size=2", "learner.refresh_every=2", "learner.lr=3e-3", "eval.num_prompts=3",
             "eval.max_new_tokens=12", "learner.checkpoint_every=1000000", "drafter.lora_rank=4",
-        ],
-        "warmup_steps": {"eagle3": 4, "dvi": 2},
-        "budget_steps": 4,
-        "evals": 2,
-        "se_target": 0.03,
-        "max_passes": 2,
-    },
+        ],  # fmt: skip
+        warmup_steps={"eagle3": 4, "dvi": 2}, arm_steps=4, evals=2, se_target=0.03, max_passes=2,
+    ),
 }
 
 T1 = ["rollout.temperature=1", "eval.temperature=1"]
+# paired by prompt (dopd/stats.py); at T = 1 on rejection-sampling tau. Every arm is also compared with its warm-up,
+# and at T = 1 greedy-match acceptance with rejection sampling for the same drafter (Bebop's comparison).
+CONTRASTS = (
+    ("opd_kl", "sft_kl"), ("bebop_tv", "sft_kl"), ("bebop_e2e", "sft_kl"), ("bebop_e2e", "bebop_tv"),
+    ("dvi_kl_rl", "dvi_kl"), ("eagle3_kl_rl", "dvi_kl_rl"),
+)
 
 
 def arm_overrides(arm: str, warmup: int, budget: int) -> list[str]:
@@ -119,22 +117,28 @@ def tau_se(hist: list[int]) -> tuple[float, float, int]:
 
 def heldout(target, drafter, prompt_ids: list[list[int]], cfg: Config, temperature: float, acceptance: str, se_target: float, max_passes: int) -> dict:
     """Held-out tau +- SE: exact simulation at T = 0; the engine at T > 0, new seeds until SE <= se_target."""
-    from dopd.common.evaluation import simulated_tau
+    from dopd.common.evaluation import simulated_segments
     from dopd.common.specdec import DecodeSettings, SpecEngine
 
     s = DecodeSettings(block_size=cfg.eval_block_size, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens,
                        batch_size=cfg.rollout.batch_size, seed=cfg.seed, acceptance=acceptance)  # fmt: skip
     t0 = time.perf_counter()
     drafter.eval()
+    P = len(prompt_ids)
+    steps, accepted = [0] * P, [0] * P  # per prompt, summed over passes: for paired contrasts (dopd/stats.py)
     if temperature <= 0:
-        st = simulated_tau(target, drafter, prompt_ids, s)
+        st, segs = simulated_segments(target, drafter, prompt_ids, s)
         hist, passes = list(st.accepted_hist), 1
+        steps, accepted = [int(g.accepted.size) for g in segs], [int(g.accepted.sum()) for g in segs]
     else:
         hist, passes = [0] * (s.block_size + 1), 0
         while passes < max_passes:
             s.seed = cfg.seed + 1000 * passes
-            _, st = SpecEngine(target, drafter).generate(prompt_ids, s)
+            res, st = SpecEngine(target, drafter).generate(prompt_ids, s)
             hist = [a + b for a, b in zip(hist, st.accepted_hist)]
+            for r in res:
+                steps[r.index] += len(r.accepted)
+                accepted[r.index] += int(sum(r.accepted))
             passes += 1
             if tau_se(hist)[1] <= se_target:
                 break
@@ -143,7 +147,8 @@ def heldout(target, drafter, prompt_ids: list[list[int]], cfg: Config, temperatu
     alpha = [reached[i] / reached[i - 1] if reached[i - 1] else 0.0 for i in range(1, len(hist))]
     return {"tau": tau, "se": se, "steps": n, "alpha": alpha, "hist": hist, "passes": passes, "temperature": temperature,
             "acceptance": acceptance if temperature > 0 else "greedy", "simulated": temperature <= 0,
-            "eval_s": time.perf_counter() - t0}  # fmt: skip
+            "se_prompts": arm_mean_se([PerPrompt(steps, accepted)])[1], "per_prompt_steps": steps,
+            "per_prompt_accepted": accepted, "eval_s": time.perf_counter() - t0}  # fmt: skip
 
 
 def _eval_prompts(cfg: Config, target) -> list[list[int]]:
@@ -152,21 +157,21 @@ def _eval_prompts(cfg: Config, target) -> list[list[int]]:
     return run_prompts(cfg, target.tokenizer).eval_ids[: cfg.eval.num_prompts]
 
 
-def _final_eval(arm_dir: Path, cfg: Config, target, temperature: float, P: dict) -> dict:
+def _final_eval(arm_dir: Path, cfg: Config, target, temperature: float, P: Preset) -> dict:
     """The arm's final drafter, measured once (cached in final_eval.json, keyed by its settings)."""
     from dopd.common.drafters import load_drafter
 
     rules = ("rejection", "match") if temperature > 0 else ("greedy",)
     key = {"temperature": temperature, "K": cfg.eval_block_size, "max_new_tokens": cfg.eval.max_new_tokens,
-           "prompts": cfg.eval.num_prompts, "se_target": P["se_target"], "max_passes": P["max_passes"]}  # fmt: skip
+           "prompts": cfg.eval.num_prompts, "se_target": P.se_target, "max_passes": P.max_passes}  # fmt: skip
     f = arm_dir / f"final_eval_T{temperature:g}.json"
     if f.is_file():
         saved = json.loads(f.read_text())
-        if saved.get("key") == key:
-            return saved
+        if saved.get("key") == key and all("per_prompt_steps" in r for r in saved["results"].values()):
+            return saved  # (an evaluation from before per-prompt records is measured again)
     d = load_drafter(arm_dir / "drafter", target.info, target.embed_tokens.weight, target.lm_head.weight).to(target.device)
     ids = _eval_prompts(cfg, target)
-    res = {r: heldout(target, d, ids, cfg, temperature, "rejection" if r == "greedy" else r, P["se_target"], P["max_passes"]) for r in rules}
+    res = {r: heldout(target, d, ids, cfg, temperature, "rejection" if r == "greedy" else r, P.se_target, P.max_passes) for r in rules}
     out = {"key": key, "results": res, "trainable_params": d.num_parameters()}
     f.write_text(json.dumps(out, indent=1))
     return out
@@ -196,26 +201,24 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     from dopd.common.models import load_target
     from dopd.local import Trainer, branch_from
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     bad = [a for a in arms if a not in ARMS]
     if bad:
-        raise ValueError(f"unknown arm(s) {', '.join(bad)} (known: {', '.join(ARMS)})")
-    P = PRESETS[preset]
+        raise DopdError(f"unknown arm(s) {', '.join(bad)} (known: {', '.join(ARMS)})")
+    P = choose(PRESETS, preset)
     out.mkdir(parents=True, exist_ok=True)
-    base = P["overrides"] + list(extra)
+    base = P.overrides + list(extra)
     command = " ".join(["dopd", "experiment", "methods", "--out", str(out), "--preset", preset]
                        + ([] if set(arms) == set(ARMS) else ["--arms", ",".join(arms)]) + list(extra))  # fmt: skip
     t_start = time.time()
     cfg0 = load_config(None, base)
     target = load_target(cfg0.model.target, cfg0.model.device, cfg0.model.dtype)
-    B = P["budget_steps"]
-    eval_every = max(1, B // P["evals"])
+    B = P.arm_steps
+    eval_every = max(1, B // P.evals)
     results: dict[str, dict] = {}
     warm: dict[str, dict] = {}
     for arm in [a for a in ARMS if a in arms]:
         kind = kind_of(arm)
-        W = P["warmup_steps"][kind]
+        W = P.warmup_for(kind)
         ckpt = _warmup(out, kind, base, W, target, log)
         adir = out / arm
         ov = arm_overrides(arm, W, B)
@@ -239,9 +242,10 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
             "evals": [{"step": e["step"], "tau": e["tau"]} for e in _rows(adir / "metrics.jsonl", "eval")],
         }  # fmt: skip
     summary = {
+        "contrasts": contrasts(results, warm), "significant_se": SIGNIFICANT_SE,
         "command": command, "preset": preset, "target": cfg0.model.target, "block_size": cfg0.eval_block_size,
         "eval_prompts": cfg0.eval.num_prompts, "eval_max_new_tokens": cfg0.eval.max_new_tokens,
-        "budget_steps": B, "warmup_steps": P["warmup_steps"], "se_target": P["se_target"],
+        "budget_steps": B, "warmup_steps": P.warmup_steps, "se_target": P.se_target,
         "warmup": {k: {str(t): v for t, v in d.items()} for k, d in warm.items()}, "arms": results,
         "wall_s_this_call": time.time() - t_start,
     }  # fmt: skip
@@ -251,25 +255,51 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     return summary
 
 
+def _main_result(final: dict) -> dict:
+    r = final["results"]
+    return r.get("rejection") or r["greedy"]
+
+
+def _per_prompt(e: dict) -> PerPrompt:
+    return PerPrompt(e["per_prompt_steps"], e["per_prompt_accepted"])
+
+
+def contrasts(results: dict[str, dict], warm: dict[str, dict]) -> dict[str, dict]:
+    """Paired contrasts over the same held-out prompts (one training seed each: training noise is not in the SE)."""
+    out: dict[str, dict] = {}
+    for x, y in CONTRASTS:
+        if x in results and y in results and results[x]["temperature"] == results[y]["temperature"]:
+            out[f"{x} - {y}"] = contrast([_per_prompt(_main_result(results[x]["final"]))], [_per_prompt(_main_result(results[y]["final"]))])
+    for arm, r in results.items():
+        w = warm.get(r["kind"], {}).get(r["temperature"])
+        if w is not None:
+            out[f"{arm} - warm-up"] = contrast([_per_prompt(_main_result(r["final"]))], [_per_prompt(_main_result(w))])
+        res = r["final"]["results"]
+        if "match" in res:
+            out[f"{arm}: match - rejection"] = contrast([_per_prompt(res["match"])], [_per_prompt(res["rejection"])])
+    return out
+
+
 def _csv(path: Path, s: dict) -> None:
-    rows = [("arm", "kind", "temperature", "acceptance", "tau", "se", "steps", "learner_steps", "learner_flops", "trainable_params")]
+    rows = [("arm", "kind", "temperature", "acceptance", "tau", "se", "se_prompts", "steps", "learner_steps", "learner_flops", "trainable_params")]
     for arm, r in s["arms"].items():
         for rule, e in r["final"]["results"].items():
-            rows.append((arm, r["kind"], r["temperature"], rule, e["tau"], e["se"], e["steps"], r["learner_steps"], r["learner_flops"], r["final"]["trainable_params"]))
+            rows.append((arm, r["kind"], r["temperature"], rule, e["tau"], e["se"], e["se_prompts"], e["steps"], r["learner_steps"], r["learner_flops"], r["final"]["trainable_params"]))
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
 
 
 def markdown(s: dict) -> str:
     def cell(e: dict | None) -> str:
-        return "-" if e is None else f"{e['tau']:.3f} +- {e['se']:.3f} ({e['steps']} steps)"
+        return "-" if e is None else f"{e['tau']:.3f} +- {e['se']:.3f} / {e['se_prompts']:.3f} ({e['steps']} steps)"
 
     lines = [
         "# Methods: Draft-OPD, Bebop, DVI", "", f"Command: `{s['command']}`", "",
         f"Target {s['target']}, K = {s['block_size']}, {s['eval_prompts']} held-out prompts x {s['eval_max_new_tokens']} "
         f"tokens; every arm trains {s['budget_steps']} learner steps after its kind's shared SFT warm-up "
         f"({', '.join(f'{k} {v} steps' for k, v in s['warmup_steps'].items())}). tau +- its standard error (steps "
-        "treated as independent); T = 0 exact from the cached greedy text, T = 1 by the engine.", "",
+        "treated as independent) / its SE by the bootstrap over prompts (the honest one: steps of one prompt are "
+        "correlated); T = 0 exact from the cached greedy text, T = 1 by the engine.", "",
         "| arm | drafter | trainable params | T | tau, rejection sampling | tau, greedy match | learner FLOPs |",
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
@@ -282,6 +312,14 @@ def markdown(s: dict) -> str:
         lines.append(f"| {arm} | {a['kind']} | {a['final']['trainable_params']:,} | {a['temperature']:g} | "
                      f"{cell(r.get('rejection') or r.get('greedy'))} | {cell(r.get('match'))} | {a['learner_flops']:.3g} |")  # fmt: skip
     lines += ["", "At T = 0 the single acceptance rule is greedy verification (its column: rejection sampling).", ""]
+    lines += [
+        f"Paired contrasts (same held-out prompts; SE = bootstrap over prompts, one training seed per arm, so training "
+        f"noise is not in it; an effect counts beyond {s['significant_se']:g} SE; at T = 1 on rejection-sampling tau):", "",
+        "| contrast | difference | SE | counts |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for name, c in s["contrasts"].items():
+        lines.append(f"| {name} | {c['diff']:+.3f} | {c['se']:.3f} | {'yes' if c['significant'] else 'no'} |")
+    lines.append("")
     return "\n".join(lines)
 
 

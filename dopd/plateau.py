@@ -28,11 +28,12 @@ import csv
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dopd.common.config import load_config
 from dopd.common.errors import DopdError
+from dopd.preset import Preset, choose
 from dopd.stats import PerPrompt, arm_mean_se, contrast
 
 
@@ -53,17 +54,6 @@ ARMS: dict[str, Arm] = {
 }
 CONTRASTS = (("B", "A"), ("B", "C"), ("D", "E"), ("B", "F"), ("B", "D"))  # B-D: the rejected stream's own effect
 PRIMARY = ("A", "B", "C")  # the arms that get `seeds` seeds; the ablations D, E, F run seed 0
-
-
-@dataclass
-class Preset:
-    overrides: list[str]
-    warmup_steps: int  # SFT steps of the shared warm-up
-    gate: float  # held-out tau the warm-up must reach for the run to be powered
-    arm_steps: int  # optimizer steps per arm (each on micro_batch_size new prompts)
-    evals: int  # held-out evaluations per arm (the last at arm_steps)
-    seeds: int  # seeds of arms A, B, C
-    drafters: dict[str, list[str]] = field(default_factory=dict)  # per drafter kind: its overrides (K, size)
 
 
 _DRAFTERS_CPU = {
@@ -130,9 +120,7 @@ def plateau(
     from dopd.common.models import load_target
     from dopd.local import Trainer, branch_from
 
-    if preset not in PRESETS:
-        raise DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
-    P = PRESETS[preset]
+    P = choose(PRESETS, preset)
     if drafter not in P.drafters:
         raise DopdError(f"unknown drafter '{drafter}' for the plateau experiment (known: {', '.join(P.drafters)})")
     bad = [a for a in arms if a not in ARMS]
@@ -143,7 +131,7 @@ def plateau(
         raise DopdError(f"--seeds must be >= 1 (got {seeds})")
     out.mkdir(parents=True, exist_ok=True)
     t_call = time.time()
-    W, N = P.warmup_steps, P.arm_steps
+    W, N = P.warmup_for(drafter), P.arm_steps
     base = P.overrides + P.drafters[drafter] + list(extra)
     cfg0 = load_config(None, base)
     n_sft = cfg0.sft.num_prompts

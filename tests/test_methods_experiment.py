@@ -24,7 +24,11 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
             assert all(not r["simulated"] and r["steps"] > 0 for r in res.values())
         else:
             assert a["temperature"] == 0.0 and set(res) == {"greedy"} and res["greedy"]["simulated"]
-        assert all(r["tau"] >= 1 and r["se"] >= 0 for r in res.values())
+        assert all(r["tau"] >= 1 and r["se"] >= 0 and r["se_prompts"] >= 0 for r in res.values())
+        # per-prompt records add up to the measurement (they feed the paired contrasts)
+        for r in res.values():
+            st, acc = r["per_prompt_steps"], r["per_prompt_accepted"]
+            assert len(st) == 3 and sum(st) == r["steps"] and abs((sum(acc) + sum(st)) / sum(st) - r["tau"]) < 1e-9
         assert a["learner_steps"] == 4 and a["learner_flops"] > 0
     assert s["arms"]["dvi_kl"]["kind"] == "dvi" and s["arms"]["eagle3_kl_rl"]["kind"] == "eagle3"
     # the KL -> RL arm switched half way through its budget; the KL-only arm never did
@@ -33,6 +37,12 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
     for f in ("results.json", "results.csv", "summary.md"):
         assert (tmp_path / f).is_file()
     assert "| bebop_e2e | eagle3 |" in (tmp_path / "summary.md").read_text()
+    c = s["contrasts"]
+    assert {"opd_kl - sft_kl", "dvi_kl_rl - dvi_kl", "eagle3_kl_rl - dvi_kl_rl", "bebop_e2e - warm-up", "bebop_tv: match - rejection"} <= set(c)
+    d = c["dvi_kl_rl - dvi_kl"]
+    a, b = (s["arms"][k]["final"]["results"]["greedy"]["tau"] for k in ("dvi_kl_rl", "dvi_kl"))
+    assert abs(d["diff"] - (a - b)) < 1e-9 and d["se"] >= 0 and d["prompts"] == 3 and d["se_seeds"] is None
+    assert "| dvi_kl_rl - dvi_kl |" in (tmp_path / "summary.md").read_text()
     # a second call trains and measures nothing again
     before = {arm: (tmp_path / arm / "summary.json").stat().st_mtime for arm in ARMS}
     logs.clear()

@@ -70,3 +70,24 @@ def test_resume_gives_the_same_next_loss(tmp_path, tiny, mode):
     assert len(straight) == (7 if mode == "opd" else 5) and len(resumed) == len(straight)
     assert resumed[:3] == pytest.approx(straight[:3], rel=1e-6, abs=1e-7)
     assert resumed[-2:] == pytest.approx(straight[-2:], rel=1e-6, abs=1e-7)
+
+
+def test_a_branch_evaluates_on_its_own_schedule(tmp_path, tiny):
+    """A run branched from another run's checkpoint at step 3 (`branch_from`) with eval_every 2 evaluates 2 and 4
+    steps after the branch point (steps 5 and 7), not at the parent's multiples of 2 (4 and 6); and an interrupted
+    branch resumed from its own checkpoint keeps that schedule."""
+    from dopd.local import branch_from
+
+    parent = tmp_path / "parent"
+    Trainer(cfg_for(parent, "mode=sft", "learner.steps=3", "learner.eval_every=100", "learner.checkpoint_every=100"), target=tiny, log=lambda *x: None).run()
+    child = tmp_path / "child"
+    branch_from(parent / "checkpoints" / "step_0000003", child)
+    common = ["mode=sft", "learner.eval_every=2", "learner.checkpoint_every=5"]
+    tr = Trainer(cfg_for(child, *common, "learner.steps=5"), target=tiny, resume=True, log=lambda *x: None)
+    assert tr.state.step == 3 and tr.state.origin == 3
+    tr.run()
+    cfg = resume_config(child, ["learner.steps=7"])
+    tr = Trainer(cfg, target=tiny, resume=True, log=lambda *x: None)
+    assert tr.state.origin == 3
+    tr.run()
+    assert [r["step"] for r in rows(child, "eval")] == [5, 7]

@@ -177,6 +177,22 @@ class Drafter(nn.Module):
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _chain(self, h: torch.Tensor, K: int, advance, logits_of, temperature: float, top_p: float, gen) -> Proposal:
+        """Chain drafting, shared by the kinds that draft one token per forward (EAGLE-3, DVI): sample d_1 from
+        `logits_of(h)` (h: the state at the last committed token), then K - 1 times h = `advance(d_{j-1}, h, j)` and
+        sample d_j. What differs per kind is only how a drafted token moves the state forward."""
+        toks, qs, qtok, lps = [], [], [], []
+        for j in range(1, K + 1):
+            if j > 1:
+                h = advance(toks[-1], h, j)
+            ids, qf, qt, lp, _ = self._sample(logits_of(h), temperature, top_p, gen)
+            toks.append(ids)
+            qs.append(qf)
+            qtok.append(qt)
+            lps.append(lp)
+        q = torch.stack(qs, 1) if temperature > 0 else None
+        return Proposal(torch.stack(toks, 1), q, torch.stack(qtok, 1), torch.stack(lps, 1))
+
     def _sample(self, logits: torch.Tensor, temperature: float, top_p: float, gen) -> tuple[torch.Tensor, ...]:
         """Draw from draft-vocab logits [b, Vd]: (target ids, q over the target vocab or None when greedy,
         processed q(token), raw log q(token), draft indices)."""

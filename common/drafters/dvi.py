@@ -189,24 +189,19 @@ class DVIDrafter(Drafter):
         ctx_mask = (s[None, None, :] <= (n - 1)[:, None, None])  # [b,1,S]
         own_k: list[list[torch.Tensor]] = [[] for _ in layers]
         own_v: list[list[torch.Tensor]] = [[] for _ in layers]
-        toks, qs, qtok, lps = [], [], [], []
-        for j in range(1, K + 1):
-            if j > 1:  # the drafted token d_{j-1} at position n-1+(j-1), through the shared layers
-                p = (n + j - 2)[:, None]  # [b,1]
-                h = self._embed(toks[-1][:, None])
-                cs, sn = rotary(h, p)
-                cs, sn = cs[:, None, :, None], sn[:, None, :, None]  # [b,1,M=1,T=1,d]
-                for li, layer in enumerate(layers):
-                    q, k, v = self._qkv(layer, layer.input_layernorm(h)[:, :, None], cs, sn)  # [b,M=1,h,T=1,d]
-                    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b,h,M,T,d]
-                    own_k[li].append(k)
-                    own_v[li].append(v)
-                    o = grouped_attention(q, ks[li], vs[li], ctx_mask, torch.cat(own_k[li], 3), torch.cat(own_v[li], 3))
-                    h = self._finish(layer, h[:, :, None], o.transpose(1, 2))[:, :, 0]
-            ids, qf, qt, lp, _ = self._sample(self.logits(self.head_input(h[:, 0])), temperature, top_p, generator)
-            toks.append(ids)
-            qs.append(qf)
-            qtok.append(qt)
-            lps.append(lp)
-        q = torch.stack(qs, 1) if temperature > 0 else None
-        return Proposal(torch.stack(toks, 1), q, torch.stack(qtok, 1), torch.stack(lps, 1))
+
+        def advance(tok, h, j):  # the drafted token d_{j-1} at position n-1+(j-1), through the shared layers
+            p = (n + j - 2)[:, None]  # [b,1]
+            h = self._embed(tok[:, None])
+            cs, sn = rotary(h, p)
+            cs, sn = cs[:, None, :, None], sn[:, None, :, None]  # [b,1,M=1,T=1,d]
+            for li, layer in enumerate(layers):
+                q, k, v = self._qkv(layer, layer.input_layernorm(h)[:, :, None], cs, sn)  # [b,M=1,h,T=1,d]
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b,h,M,T,d]
+                own_k[li].append(k)
+                own_v[li].append(v)
+                o = grouped_attention(q, ks[li], vs[li], ctx_mask, torch.cat(own_k[li], 3), torch.cat(own_v[li], 3))
+                h = self._finish(layer, h[:, :, None], o.transpose(1, 2))[:, :, 0]
+            return h
+
+        return self._chain(h, K, advance, lambda h: self.logits(self.head_input(h[:, 0])), temperature, top_p, generator)

@@ -194,14 +194,8 @@ class Eagle3Drafter(Drafter):
         own_v = [[] for _ in self.layers]
         ks = [k.to(h.dtype) for k in ks]
         vs = [v.to(h.dtype) for v in vs]
-        toks, qs, qtok, lps = [], [], [], []
-        for j in range(1, K + 1):
-            if j > 1:
-                h = self._step(self.embed(toks[-1][:, None]), h, a + j - 2, ks, vs, ctx_mask, own_k, own_v)
-            ids, qf, qt, lp, _ = self._sample(self.logits(self.norm(h[:, 0])), temperature, top_p, generator)
-            toks.append(ids)
-            qs.append(qf)
-            qtok.append(qt)
-            lps.append(lp)
-        q = torch.stack(qs, 1) if temperature > 0 else None
-        return Proposal(torch.stack(toks, 1), q, torch.stack(qtok, 1), torch.stack(lps, 1))
+
+        def advance(tok, h, j):
+            return self._step(self.embed(tok[:, None]), h, a + j - 2, ks, vs, ctx_mask, own_k, own_v)
+
+        return self._chain(h, K, advance, lambda h: self.logits(self.norm(h[:, 0])), temperature, top_p, generator)
