@@ -28,8 +28,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from dopd.common.config import Config, load_config
@@ -184,16 +186,61 @@ def _rows(path: Path, event: str) -> list[dict]:
     return [r for r in (json.loads(x) for x in open(path)) if r["event"] == event] if path.is_file() else []
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _claim(run_dir: Path):
+    """Hold `<run_dir>.lock` (this process's pid) while training there; yields False when a live process holds it.
+
+    Arms can be split over processes on one --out (`--arms`, a process per core): without the lock, a second
+    process reaching an arm another is still training would wipe its directory (`branch_from`). A lock whose
+    process is gone (killed, machine restarted) is taken over.
+    """
+    lock = run_dir.parent / f"{run_dir.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            txt = lock.read_text().strip() if lock.is_file() else ""
+            if not txt.isdigit() or _alive(int(txt)):  # (empty: its creator is writing its pid right now)
+                yield False
+                return
+            lock.unlink(missing_ok=True)  # its process is gone
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
-    """The shared SFT warm-up of a drafter kind (skipped when its checkpoint exists)."""
+    """The shared SFT warm-up of a drafter kind (skipped when its checkpoint exists; waited for when another
+    process is running it)."""
     from dopd.local import Trainer
 
     wdir = out / f"warmup_{kind}"
     ckpt = wdir / "checkpoints" / f"step_{W:07d}"
-    if not ckpt.is_dir():
-        log(f"== warm-up ({kind}): {W} SFT steps")
-        cfg = load_config(None, base + [f"drafter.kind={kind}", "mode=sft", f"learner.steps={W}", f"learner.eval_every={W}", f"out_dir={wdir}"])
-        Trainer(cfg, target=target, log=log).run()
+    while not ckpt.is_dir():
+        with _claim(wdir) as mine:
+            if mine:
+                if not ckpt.is_dir():
+                    log(f"== warm-up ({kind}): {W} SFT steps")
+                    cfg = load_config(None, base + [f"drafter.kind={kind}", "mode=sft", f"learner.steps={W}", f"learner.eval_every={W}", f"out_dir={wdir}"])
+                    Trainer(cfg, target=target, log=log).run()
+                break
+        log(f"   warm-up ({kind}) is being run by another process: waiting")
+        time.sleep(10)
     return ckpt
 
 
@@ -231,9 +278,14 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
             wcfg = load_config(None, base + [f"drafter.kind={kind}", f"eval.temperature={temperature}"])
             warm.setdefault(kind, {})[temperature] = _final_eval(out / f"warmup_{kind}", wcfg, target, temperature, P)
         if not (adir / "summary.json").is_file():
-            log(f"== arm {arm}")
-            branch_from(ckpt, adir)
-            Trainer(cfg, target=target, resume=True, log=log).run()
+            with _claim(adir) as mine:
+                if mine and not (adir / "summary.json").is_file():
+                    log(f"== arm {arm}")
+                    branch_from(ckpt, adir)
+                    Trainer(cfg, target=target, resume=True, log=log).run()
+            if not (adir / "summary.json").is_file():
+                log(f"   arm {arm} is being run by another process ({adir}.lock): not in this call's results")
+                continue
         summ = json.loads((adir / "summary.json").read_text())
         warm_flops = _rows(out / f"warmup_{kind}" / "metrics.jsonl", "step")[-1]["flops"]
         results[arm] = {

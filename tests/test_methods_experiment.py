@@ -50,3 +50,26 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
     assert not any(line.startswith("==") for line in logs)
     assert before == {arm: (tmp_path / arm / "summary.json").stat().st_mtime for arm in ARMS}
     assert markdown(s2) == markdown(s)
+
+
+def test_an_arm_another_live_process_runs_is_skipped_not_wiped(tmp_path):
+    """Arms split over processes on one --out: an arm whose lock a live process holds is left alone (its directory
+    untouched, not in this call's results); a lock left by a dead process is taken over and released."""
+    import os
+    import subprocess
+    import sys
+
+    methods(tmp_path, "smoke", [], arms=("dvi_kl",), log=lambda m: None)
+    adir = tmp_path / "dvi_kl"
+    (adir / "summary.json").unlink()  # as if still training
+    before = (adir / "metrics.jsonl").stat().st_mtime
+    (tmp_path / "dvi_kl.lock").write_text(str(os.getpid()))  # held by a live process (this one)
+    logs: list[str] = []
+    s = methods(tmp_path, "smoke", [], arms=("dvi_kl",), log=logs.append)
+    assert "dvi_kl" not in s["arms"] and any("being run by another process" in m for m in logs)
+    assert (adir / "metrics.jsonl").stat().st_mtime == before and not (adir / "summary.json").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "dvi_kl.lock").write_text(dead)
+    logs.clear()
+    s = methods(tmp_path, "smoke", [], arms=("dvi_kl",), log=logs.append)
+    assert "dvi_kl" in s["arms"] and "== arm dvi_kl" in logs and not (tmp_path / "dvi_kl.lock").exists()
