@@ -291,6 +291,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
         results[arm] = {
             "kind": kind, "temperature": temperature, "final": _final_eval(adir, cfg, target, temperature, P),
             "learner_steps": summ["steps"] - W, "learner_flops": summ["flops"] - warm_flops,
+            "time_s": _arm_time(summ, json.loads((out / f"warmup_{kind}" / "summary.json").read_text())),
             "evals": [{"step": e["step"], "tau": e["tau"]} for e in _rows(adir / "metrics.jsonl", "eval")],
         }  # fmt: skip
     summary = {
@@ -305,6 +306,11 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     _csv(out / "results.csv", summary)
     (out / "summary.md").write_text(markdown(summary))
     return summary
+
+
+def _arm_time(arm: dict, warmup: dict) -> dict[str, float]:
+    """Seconds the arm itself spent (its trainer's clocks carry on from the warm-up's), final evaluation excluded."""
+    return {k: arm["state"][k] - warmup["state"][k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")}
 
 
 def _main_result(final: dict) -> dict:

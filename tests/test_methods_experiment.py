@@ -30,6 +30,7 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
             st, acc = r["per_prompt_steps"], r["per_prompt_accepted"]
             assert len(st) == 3 and sum(st) == r["steps"] and abs((sum(acc) + sum(st)) / sum(st) - r["tau"]) < 1e-9
         assert a["learner_steps"] == 4 and a["learner_flops"] > 0
+        assert a["time_s"]["learner_s"] > 0 and all(v >= 0 for v in a["time_s"].values())
     assert s["arms"]["dvi_kl"]["kind"] == "dvi" and s["arms"]["eagle3_kl_rl"]["kind"] == "eagle3"
     # the KL -> RL arm switched half way through its budget; the KL-only arm never did
     phases = lambda arm: [json.loads(x).get("dvi_phase") for x in open(tmp_path / arm / "metrics.jsonl") if json.loads(x)["event"] == "step"]  # noqa: E731
