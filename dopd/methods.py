@@ -287,11 +287,11 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
                 log(f"   arm {arm} is being run by another process ({adir}.lock): not in this call's results")
                 continue
         summ = json.loads((adir / "summary.json").read_text())
-        warm_flops = _rows(out / f"warmup_{kind}" / "metrics.jsonl", "step")[-1]["flops"]
+        wsumm = json.loads((out / f"warmup_{kind}" / "summary.json").read_text())
         results[arm] = {
             "kind": kind, "temperature": temperature, "final": _final_eval(adir, cfg, target, temperature, P),
-            "learner_steps": summ["steps"] - W, "learner_flops": summ["flops"] - warm_flops,
-            "time_s": _arm_time(summ, json.loads((out / f"warmup_{kind}" / "summary.json").read_text())),
+            "learner_steps": summ["steps"] - W, "learner_flops": summ["flops"] - wsumm["flops"],
+            "time_s": _arm_time(summ, wsumm),
             "evals": [{"step": e["step"], "tau": e["tau"]} for e in _rows(adir / "metrics.jsonl", "eval")],
         }  # fmt: skip
     summary = {
@@ -364,11 +364,11 @@ def markdown(s: dict) -> str:
     for kind, by_t in s["warmup"].items():
         for t, w in by_t.items():
             r = w["results"]
-            lines.append(f"| warm-up ({kind}) | {kind} | {w['trainable_params']:,} | {float(t):g} | {cell(r.get('rejection') or r.get('greedy'))} | {cell(r.get('match'))} | - |")
+            lines.append(f"| warm-up ({kind}) | {kind} | {w['trainable_params']:,} | {float(t):g} | {cell(_main_result(w))} | {cell(r.get('match'))} | - |")
     for arm, a in s["arms"].items():
         r = a["final"]["results"]
         lines.append(f"| {arm} | {a['kind']} | {a['final']['trainable_params']:,} | {a['temperature']:g} | "
-                     f"{cell(r.get('rejection') or r.get('greedy'))} | {cell(r.get('match'))} | {a['learner_flops']:.3g} |")  # fmt: skip
+                     f"{cell(_main_result(a['final']))} | {cell(r.get('match'))} | {a['learner_flops']:.3g} |")  # fmt: skip
     lines += ["", "At T = 0 the single acceptance rule is greedy verification (its column: rejection sampling).", ""]
     lines += [
         f"Paired contrasts (same held-out prompts; SE = bootstrap over prompts, one training seed per arm, so training "

@@ -147,6 +147,7 @@ def plateau(
     if not (wdir / "summary.json").is_file():
         log(f"== warm-up: {W} SFT steps on the target's answers to {n_sft} prompts")
         Trainer(wcfg, target=target, log=log).run()
+    wsum = json.loads((wdir / "summary.json").read_text())
     eval_cache: dict = {}  # held-out texts and features, shared by every run in this process
     weval = wdir / "eval.json"
     if weval.is_file():
@@ -157,12 +158,12 @@ def plateau(
         d = load_drafter(wdir / "drafter", target.info, target.embed_tokens.weight, target.lm_head.weight).to(target.device)
         tr_ids = _eval_ids(wcfg, target)
         t0 = time.perf_counter()
-        warm = {"step": W, "flops": json.loads((wdir / "summary.json").read_text())["flops"], "train_s": 0.0, **maker.evaluate(d, tr_ids)}
+        warm = {"step": W, "flops": wsum["flops"], "train_s": 0.0, **maker.evaluate(d, tr_ids)}
         warm["eval_s"] = time.perf_counter() - t0
         weval.write_text(json.dumps(warm))
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
     log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
-    warm_state = json.loads((wdir / "summary.json").read_text())["state"]
+    warm_state = wsum["state"]
 
     # arm A supervises as many positions per step as B: one random-anchor block per verification step of the
     # warm-up drafter on a rollout-length answer (the same number of K-token blocks B trains per sequence)

@@ -289,10 +289,15 @@ def expected_length(tv: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor |
     for K = 1 and whenever TV does not depend on the drafted prefix, otherwise an approximation. A position that is
     not valid ends the chain (nothing after it counts).
     """
+    return length_terms(tv, valid, ratio).sum(-1)
+
+
+def length_terms(tv: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] the j-th term of `expected_length`: prod_{i<j} w_i (1 - TV_j) (P(d_1..d_j all accepted))."""
     a = (1 - tv).clamp(0, 1) * valid
     w = a if ratio is None else ratio.clamp(0, 1) * valid
     before = torch.cat([torch.ones_like(w[..., :1]), torch.cumprod(w[..., :-1], dim=-1)], dim=-1)  # prod_{i<j} w_i
-    return (before * a).sum(-1)
+    return before * a
 
 
 def e2e_blocks(T: BlockTargets) -> torch.Tensor:
@@ -340,10 +345,7 @@ def score_surrogate(tv: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor, 
     """sum over blocks and positions of (R_i - b_i) * (log q(d_i) - log q(d_i).detach()): value 0, gradient the
     score-function part of grad E[accepted]. R_i = sum_{j>i} prod_{k<j} w_k (1 - TV_j) (the reward after position i),
     b_i = the mean R_i of the batch's other blocks (leave-one-out: no bias)."""
-    a = (1 - tv).clamp(0, 1) * valid
-    w = ratio.clamp(0, 1) * valid
-    before = torch.cat([torch.ones_like(w[..., :1]), torch.cumprod(w[..., :-1], dim=-1)], dim=-1)
-    terms = before * a  # [B,M,K] the j-th term of E[accepted]
+    terms = length_terms(tv, valid, ratio)
     after = terms.flip(-1).cumsum(-1).flip(-1) - terms  # R_i = sum_{j>i} terms_j
     m = blocks[..., None].float() * valid
     n = m.sum((0, 1))  # [K] blocks with position i
