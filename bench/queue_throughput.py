@@ -24,8 +24,8 @@ def smollm2_like_record(seed: int, n: int = 250, F: int = 3 * 576, M: int = 100,
     g = np.random.default_rng(seed)
     b = Blocks(
         anchor=np.sort(g.integers(100, n, M)).astype(np.int32), draft_tokens=g.integers(0, 49152, (M, K)).astype(np.int32),
-        draft_logprobs=g.normal(size=(M, K)).astype(np.float32), target_topk_ids=g.integers(0, 49152, (M, K, k)).astype(np.int32),
-        target_topk_probs=g.random((M, K, k)).astype(np.float32), target_tail=g.random((M, K)).astype(np.float32),
+        draft_logprobs=-g.exponential(size=(M, K)).astype(np.float32), target_topk_ids=g.integers(0, 49152, (M, K, k)).astype(np.int32),
+        target_topk_probs=g.random((M, K, k)).astype(np.float32) / k, target_tail=g.random((M, K)).astype(np.float32) * 0.4,
         target_draft_prob=g.random((M, K)).astype(np.float32), accept_mask=g.random((M, K)) < 0.5, source=g.integers(0, 2, M).astype(np.uint8),
         streams=np.full(M, 3, dtype=np.uint8),
     )  # fmt: skip

@@ -30,7 +30,7 @@ import torch
 from .models import Target
 from .pypi import cache_dir
 from .errors import RecordError
-from .record import TeacherRecord, decode_teacher, encode_teacher
+from .record import SCHEMA_VERSION, TeacherRecord, decode_teacher, encode_teacher
 from .specdec import DecodeSettings, SpecEngine
 
 LOOKAHEAD = 16  # tokens cached past max_new_tokens: exact acceptance at the answer's end for any K <= 17
@@ -175,11 +175,11 @@ def teacher_data(
     recs: list[TeacherRecord | None] = []
     paths = []
     for (pid, p), g in zip(prompts, texts):
-        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), with_lookahead]
+        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), with_lookahead, SCHEMA_VERSION]
         path = root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
         paths.append(path)
         try:
-            rec = decode_teacher(path.read_bytes())
+            rec = decode_teacher(path.read_bytes(), vocab_size=target.info.vocab_size)
             rec.prompt_id = pid
             recs.append(rec)
         except (OSError, RecordError):  # a missing or unreadable cache entry is recomputed
