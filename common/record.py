@@ -7,7 +7,7 @@ each block position, and the accept mask. Blocks are stored column-wise (arrays 
 handful of contiguous arrays, cheap to encode and to batch.
 
 Wire format: a fixed 46-byte binary header (magic, kind, schema version, the record's id (actor, incarnation,
-seq), its policy version, the body's size and CRC-32), then a msgpack body (a map; arrays travel as {dtype, shape,
+seq), its policy version, the body's size, and a CRC-32 of the header and body), then a msgpack body (a map; arrays travel as {dtype, shape,
 raw little-endian bytes}; no pickle, so bytes from anywhere can be decoded safely). The header is what lets a queue
 shard route, bound and de-duplicate a record by reading 46 bytes, without decoding its features.
 
@@ -46,6 +46,7 @@ KIND_EXPERIENCE, KIND_TEACHER = 1, 2
 _KIND_NAMES = {KIND_EXPERIENCE: "an experience", KIND_TEACHER: "a teacher"}
 # magic, kind, schema, actor_id, incarnation, seq_no, policy_version, body bytes, body CRC-32 (little-endian)
 HEADER = struct.Struct("<4sBBqqqqII")
+_CRC_AT = HEADER.size - 4  # the CRC covers the header before it and the body
 SOURCE_ROLLOUT, SOURCE_REPLAY, SOURCE_SHUFFLED = 0, 1, 2
 SOURCES = {"rollout": SOURCE_ROLLOUT, "replay": SOURCE_REPLAY, "shuffled": SOURCE_SHUFFLED}
 # which loss streams a block feeds (bit flags): the accepted stream (accepted positions + the first rejection,
@@ -211,15 +212,16 @@ def _frame(kind: int, body: bytes, ids: tuple[int, int, int, int], max_bytes: in
     size = HEADER.size + len(body)
     if size > max_bytes:
         raise RecordError(f"record of {size} bytes exceeds the limit of {max_bytes} bytes")
-    return HEADER.pack(MAGIC, kind, SCHEMA_VERSION, *(int(v) for v in ids), len(body), zlib.crc32(body)) + body
+    head = HEADER.pack(MAGIC, kind, SCHEMA_VERSION, *(int(v) for v in ids), len(body), 0)[:_CRC_AT]
+    return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
 
 
 def _body_of(data: Any, max_bytes: int, kind: int) -> tuple[Header, memoryview]:
     mv = _byte_view(data)
     h = read_header(mv, max_bytes, kind)
     body = mv[HEADER.size :]
-    if zlib.crc32(body) != h.crc32:
-        raise RecordError("malformed record: the body fails its CRC-32 check (damaged bytes)")
+    if zlib.crc32(body, zlib.crc32(mv[:_CRC_AT])) != h.crc32:
+        raise RecordError("malformed record: the record fails its CRC-32 check (damaged bytes)")
     return h, body
 
 

@@ -98,7 +98,8 @@ def body(data: bytes) -> dict:
 def frame(msg, kind=KIND_EXPERIENCE, ids=(3, 77, 12, 5), schema=SCHEMA_VERSION, raw_body: bytes | None = None) -> bytes:
     """Bytes with a well-formed header (right size and CRC) around any body: what a hostile producer can send."""
     b = raw_body if raw_body is not None else msgpack.packb(msg, use_bin_type=True)
-    return struct.pack("<4sBBqqqqII", MAGIC, kind, schema, *ids, len(b), zlib.crc32(b)) + b
+    head = struct.pack("<4sBBqqqqI", MAGIC, kind, schema, *ids, len(b))
+    return head + struct.pack("<I", zlib.crc32(b, zlib.crc32(head))) + b
 
 
 def test_schema_version_and_trailing_bytes():
@@ -132,6 +133,11 @@ def test_header_is_read_without_the_body():
     assert read_header(bytes(damaged)).uid == rec.uid  # the header alone does not see the body's damage ...
     with pytest.raises(RecordError, match="CRC"):
         decode_record(bytes(damaged))  # ... the full decode does
+    damaged = bytearray(data)
+    damaged[30] ^= 0x01  # the policy version, in the header: covered by the CRC too
+    assert read_header(bytes(damaged)).policy_version != 5
+    with pytest.raises(RecordError, match="CRC"):
+        decode_record(bytes(damaged))
     with pytest.raises(RecordError, match="a teacher record, not an experience record"):
         read_header(frame({}, kind=KIND_TEACHER))
     with pytest.raises(RecordError, match="'seq_no' is negative"):
