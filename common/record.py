@@ -458,6 +458,7 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: i
         r.end()
     except (ValueError, msgpack.UnpackException) as e:  # what msgpack itself refuses (limits, truncation, utf-8)
         raise r.fail(f"does not decode ({type(e).__name__}: {str(e)[:120]})") from None
+    del r  # its copy of the body: the arrays own their data from here on
     teacher = out.pop("teacher") or {}
     rec = ExperienceRecord(
         actor_id=h.actor_id, incarnation=h.incarnation, seq_no=h.seq_no, policy_version=h.policy_version, **out, **teacher
@@ -521,15 +522,24 @@ def check_structure(rec: ExperienceRecord) -> None:
             raise RecordError(f"malformed record: features must be [{n - 1}, F] (one row per position but the last) of bf16, fp16 or fp32")
 
 
+_CHUNK = 1 << 20  # elements per vectorised step: temporaries stay a constant, not a multiple of the record
+
+
 def _finite(a: np.ndarray | torch.Tensor) -> bool:
     """Vectorised finiteness; bf16/fp16 are checked on their bits (an all-ones exponent), with no float copy."""
+    exp = None
     if isinstance(a, torch.Tensor):
-        if a.dtype == torch.bfloat16:
-            return not ((a.view(torch.int16).numpy().view(np.uint16) & 0x7F80) == 0x7F80).any()
-        if a.dtype == torch.float16:
-            return not ((a.view(torch.int16).numpy().view(np.uint16) & 0x7C00) == 0x7C00).any()
-        a = a.numpy()
-    return bool(np.isfinite(a).all())
+        if a.dtype in (torch.bfloat16, torch.float16):
+            exp = 0x7F80 if a.dtype == torch.bfloat16 else 0x7C00
+            a = a.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+        else:
+            a = a.numpy()
+    flat = a.reshape(-1)
+    for i in range(0, flat.size, _CHUNK):
+        part = flat[i : i + _CHUNK]
+        if (exp is not None and ((part & exp) == exp).any()) or (exp is None and not np.isfinite(part).all()):
+            return False
+    return True
 
 
 def _ids_in_range(a: np.ndarray, what: str, vocab_size: int | None) -> None:
@@ -653,6 +663,7 @@ def decode_teacher(data: bytes, max_bytes: int = TEACHER_MAX_BYTES, vocab_size: 
         r.end()
     except (ValueError, msgpack.UnpackException) as e:
         raise r.fail(f"does not decode ({type(e).__name__}: {str(e)[:120]})") from None
+    del r
     rec = TeacherRecord(**out)
     validate_teacher(rec, vocab_size)
     return rec
