@@ -24,8 +24,8 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
             assert all(not r["simulated"] and r["steps"] > 0 for r in res.values())
         else:
             assert a["temperature"] == 0.0 and set(res) == {"greedy"} and res["greedy"]["simulated"]
-        assert all(r["tau"] >= 1 and r["se"] >= 0 and r["se_prompts"] >= 0 for r in res.values())
-        # per-prompt records add up to the measurement (they feed the paired contrasts)
+        assert all(r["se"] >= 0 and r["se_prompts"] >= 0 for r in res.values())
+        # per-prompt records add up to the measurement (they feed the paired contrasts; tau is checked by them)
         for r in res.values():
             st, acc = r["per_prompt_steps"], r["per_prompt_accepted"]
             assert len(st) == 3 and sum(st) == r["steps"] and abs((sum(acc) + sum(st)) / sum(st) - r["tau"]) < 1e-9
