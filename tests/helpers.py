@@ -140,15 +140,3 @@ def assert_tau_consistent(tau: float, alpha: list[float], K: int) -> None:
     assert abs(tau - expect) <= 1e-6 * max(1.0, tau), (tau, expect, alpha)
     assert 1 <= tau <= K + 1
 
-
-def fresh_tau(cfg, target) -> float:
-    """Held-out tau of the drafter a run starts from (built as the runners build it, never trained), measured the
-    way the runners measure it: what a trained drafter's tau is compared with."""
-    from dopd.actors.experience import ExperienceMaker
-    from dopd.common.drafters import build_drafter
-    from dopd.common.prompts import run_prompts
-
-    ids = run_prompts(cfg, target.tokenizer).eval_ids[: cfg.eval.num_prompts]
-    t = target
-    d = build_drafter(cfg.drafter, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, seed=cfg.seed, placeholder_vocab=True)
-    return ExperienceMaker(t, cfg).evaluate(d.to(t.device).eval(), ids)["tau"]
