@@ -51,6 +51,11 @@ class ShardStats:
     last_error: str = ""
 
 
+def _seconds(wait_s) -> float:
+    """A wait bound: a bad one means no waiting, never an exception in a put."""
+    return max(0.0, float(wait_s)) if isinstance(wait_s, (int, float)) and wait_s == wait_s else 0.0
+
+
 class QueueShard:
     # a threaded Ray actor: puts, a waiting get and stats run at once (the shard only moves bytes: no CPU reserved)
     RAY_OPTIONS = {"num_cpus": 0, "max_concurrency": 16}
@@ -114,7 +119,7 @@ class QueueShard:
         if not isinstance(batch, (list, tuple)):
             with self.cv:
                 return [self._reject(f"put_many takes a list of records, got {type(batch).__name__}")]
-        deadline = time.monotonic() + max(0.0, float(wait_s))
+        deadline = time.monotonic() + _seconds(wait_s)
         out: list[str] = []
         with self.cv:
             for i, data in enumerate(batch):
@@ -139,7 +144,7 @@ class QueueShard:
     def get(self, n: int, learner_version: int, wait_s: float = 0.0) -> list[bytes]:
         """Pop up to n records no more than max_staleness versions behind `learner_version`, waiting up to
         `wait_s` seconds for n of them to arrive."""
-        deadline = time.monotonic() + max(0.0, float(wait_s))
+        deadline = time.monotonic() + _seconds(wait_s)
         out: list[bytes] = []
         with self.cv:
             while True:
