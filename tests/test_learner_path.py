@@ -19,6 +19,8 @@ from dopd.common.config import load_config
 from dopd.common.queue import QueueShard
 from dopd.exactly_once import TrainedLedger
 
+pytestmark = pytest.mark.heavy  # trains drafters: left out of the fast subset
+
 BASE = [
     "model.target=tiny-random-llama", "data.prompts=champ-problems", "mode=opd", "drafter.kind=eagle3",
     "sft.num_prompts=8", "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=2",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dopd.methods import ARMS, T1_ARMS, markdown, methods, tau_se
 
 
@@ -13,6 +15,7 @@ def test_tau_se_from_the_histogram():
     assert (tau, n) == (2.0, 4) and abs(se - (4 / 3) ** 0.5 / 2) < 1e-12
 
 
+@pytest.mark.heavy
 def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
     logs: list[str] = []
     s = methods(tmp_path, "smoke", [], log=logs.append)
@@ -53,6 +56,7 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
     assert markdown(s2) == markdown(s)
 
 
+@pytest.mark.heavy
 def test_an_arm_another_live_process_runs_is_skipped_not_wiped(tmp_path):
     """Arms split over processes on one --out: an arm whose lock a live process holds is left alone (its directory
     untouched, not in this call's results); a lock left by a dead process is taken over and released."""
