@@ -29,7 +29,7 @@ test: setup test-deps
 	$(PY) -m pytest -q
 
 # the fast subset for development: no SmolLM2 (slow), no Ray (ray), no drafter training (heavy); `make test` is the full run
-test-fast: setup
+test-fast: setup test-deps
 	$(PY) -m pytest -q -m "not slow and not ray and not heavy"
 
 # The dashboard end-to-end tests run a real Prometheus. Missing: as root with apt-get, install the distribution's
