@@ -7,9 +7,10 @@ each block position, and the accept mask. Blocks are stored column-wise (arrays 
 handful of contiguous arrays, cheap to encode and to batch.
 
 Wire format: a fixed 46-byte binary header (magic, kind, schema version, the record's id (actor, incarnation,
-seq), its policy version, the body's size, and a CRC-32 of the header and body), then a msgpack body (a map; arrays travel as {dtype, shape,
-raw little-endian bytes}; no pickle, so bytes from anywhere can be decoded safely). The header is what lets a queue
-shard route, bound and de-duplicate a record by reading 46 bytes, without decoding its features.
+seq), its policy version, the body's size, and a CRC-32 of the header and body), then a msgpack body (a map;
+arrays travel as {dtype, shape, raw little-endian bytes}; no pickle, so bytes from anywhere can be decoded safely).
+The header is what lets a queue shard route, bound and de-duplicate a record by reading 46 bytes, without decoding
+its features.
 
 Where each check happens, so that every bad input ends as one counted `RecordError` and nothing else:
 - `read_header` (the queue shard, on every put; O(1)): type and contiguity of the bytes, the byte bound, magic,
@@ -21,6 +22,7 @@ Where each check happens, so that every bad input ends as one counted `RecordErr
   schema's handful of objects (decoded memory is the arrays, i.e. proportional to the input: see
   bench/decode_memory.py); then `validate_record` / `validate_teacher`: shapes consistent with n, M, K, k, and the
   values that mean something (probabilities, log-probs, token ids, finite floats), as vectorised numpy checks.
+  A learner reports what it refuses to the record's shard, where it is counted as rejected (learner/zero.py).
 - `encode_record` checks the structure only (types, shapes, ids): enough to write a record that can decode, cheap
   on the actor; the values are checked once, where they are trained on.
 Any exception that escapes these functions other than RecordError is a bug (tests/test_record_fuzz.py).
