@@ -86,11 +86,15 @@ def greedy_texts(
     root = cache_dir() / "greedy"
     paths = [root / f"{_key(target, p, total)}.json" for p in prompts]
     conts: list[list[int] | None] = []
+    V = target.info.vocab_size
     for path in paths:
         try:
-            conts.append(json.loads(path.read_text())["continuation"])
-        except (OSError, ValueError, KeyError):
-            conts.append(None)
+            c = json.loads(path.read_text())["continuation"]
+        except (OSError, ValueError, KeyError, TypeError):
+            c = None
+        # a damaged or foreign entry is decoded again, never used: it would become training data
+        ok = isinstance(c, list) and 0 < len(c) <= total and all(type(t) is int and 0 <= t < V for t in c)
+        conts.append(c if ok else None)
     missing = [i for i, c in enumerate(conts) if c is None]
     settings = DecodeSettings(block_size=0, temperature=0.0, max_new_tokens=total, batch_size=batch_size, stop_at_eos=False)
     chunk = 8 * batch_size  # written to disk chunk by chunk: an interrupted run keeps what it decoded
