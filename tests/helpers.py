@@ -18,7 +18,7 @@ class OracleDrafter(Drafter):
                            num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[info.num_layers - 1],
                            target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict())
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))  # drafts in the target dtype: no inference copy
         self.target = target
         self.noise = noise
         self.q_temperature = q_temperature
@@ -79,7 +79,7 @@ class HashOracleDrafter(Drafter):
                            num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[info.num_layers],
                            target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict())
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))  # drafts in the target dtype: no inference copy
         self.target = target
         self.period = period
 
