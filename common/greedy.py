@@ -104,7 +104,8 @@ def greedy_texts(
         # a damaged or foreign entry is decoded again, never used: it would become training data
         ok = isinstance(c, list) and 0 < len(c) <= total and all(type(t) is int and 0 <= t < V for t in c)
         conts.append(c if ok else None)
-    missing = [i for i, c in enumerate(conts) if c is None]
+    # similar lengths decode together: a wave's rows then attend over about their own context, and pad less
+    missing = sorted((i for i, c in enumerate(conts) if c is None), key=lambda i: len(prompts[i]))
     B = batch_size or TEXT_BATCH
     settings = DecodeSettings(block_size=0, temperature=0.0, max_new_tokens=total, batch_size=B, stop_at_eos=False)
     chunk = 4 * B  # written to disk chunk by chunk: an interrupted run keeps what it decoded
@@ -148,7 +149,7 @@ def prefill(
             for i, (_, t, _) in enumerate(chunk):
                 ids[i, : len(t)] = torch.tensor(t, device=dev)
             # right padding under a causal mask: the padding never reaches a real position
-            o = target.forward(ids, torch.arange(S, device=dev).expand(len(chunk), S), None, None, S, feature_layers)
+            o = target.forward(ids, torch.arange(S, device=dev).expand(len(chunk), S), None, None, S, feature_layers, causal=True)
             for j, (i, (pid, t, plen)) in enumerate(zip(idx, chunk)):
                 n = len(t)
                 lsm = torch.log_softmax(o.logits[j, : n - 1].float(), dim=-1)

@@ -199,7 +199,7 @@ class SpecEngine:
             rows = torch.tensor(take, device=dev)
             T = max(plen[b] for b in take) - 1
             pos = torch.arange(T, device=dev).expand(len(take), T)
-            out = forward(tokens[rows, :T], pos, cache, None if len(take) == B else rows, T, layers, want_logits=False)
+            out = forward(tokens[rows, :T], pos, cache, None if len(take) == B else rows, T, layers, want_logits=False, causal=True)
             if need_feat:
                 feats[rows, :T] = out.features.to(feats.dtype)
             if dstate is not None:

@@ -55,14 +55,17 @@ class TargetForward:
         kv_len: int,
         feature_layers: list[int] | None = None,
         want_logits: bool = True,
+        causal: bool = False,
     ) -> ForwardOut:
+        """`causal`: the caller promises pos = 0..T-1 in every row and kv_len = T (a prefill from the start), so
+        attention may use the causal kernel instead of the explicit mask (same result, faster)."""
         raise NotImplementedError
 
 
 class HFForward(TargetForward):
-    """The Hugging Face modules themselves (the reference path)."""
+    """The Hugging Face modules themselves (the reference path; always the explicit mask)."""
 
-    def __call__(self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True) -> ForwardOut:
+    def __call__(self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True, causal=False) -> ForwardOut:
         if cache is not None:
             cache.prepare(rows, pos, kv_len)
         need_hidden = bool(feature_layers)
@@ -159,14 +162,14 @@ class LeanForward(TargetForward):
         self.head = Linear(model.lm_head.weight.detach(), pack=pack)
 
     @torch.no_grad()
-    def __call__(self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True) -> ForwardOut:
+    def __call__(self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True, causal=False) -> ForwardOut:
         if cache is not None:
             cache.prepare(rows, pos, kv_len)
         b, T = ids.shape
         d, H, Hkv = self.head_dim, self.heads, self.kv_heads
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, position_ids=pos)
-        mask = attention_mask(pos, kv_len)
+        mask = None if causal else attention_mask(pos, kv_len)
         want = set(feature_layers or ())
         feats = {}
         for i, w in enumerate(self.layers):
@@ -180,7 +183,7 @@ class LeanForward(TargetForward):
             q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             v = v.transpose(1, 2)
             K, V = cache.write_and_read(i, k, v) if cache is not None else (k, v)
-            att = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=w["scaling"], enable_gqa=Hkv != H)
+            att = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=causal, scale=w["scaling"], enable_gqa=Hkv != H)
             h = h + w["o"](att.transpose(1, 2).reshape(b, T, H * d))
             x = w["ln2"](h)
             gate, up = w["gate_up"](x).chunk(2, dim=-1)
