@@ -125,10 +125,12 @@ def simulated_segments(
     key = lambda p: (tuple(p), settings.max_new_tokens, tuple(drafter.feature_layers))  # noqa: E731
     todo = [p for p in prompt_ids if key(p) not in cache]
     if todo:
-        texts = greedy_texts(target, todo, settings.max_new_tokens)
-        pre = prefill(target, drafter.feature_layers, [("", t.tokens, t.prompt_len) for t in texts], 1)
-        for p, t, r in zip(todo, texts, pre):
-            cache[key(p)] = (t, r.features)
+        texts = greedy_texts(target, todo, settings.max_new_tokens, capture=(drafter.feature_layers, 1))
+        read = [t for t in texts if t.decoded is None]  # cached texts: read once for their features
+        pre = iter(prefill(target, drafter.feature_layers, [("", t.tokens, t.prompt_len) for t in read], 1) if read else [])
+        for p, t in zip(todo, texts):
+            cache[key(p)] = (t, t.decoded.features if t.decoded is not None else next(pre).features)
+            t.decoded = None  # the features are kept above; the rest of the decoding record is not needed
     t0 = time.perf_counter()
     texts, feats = zip(*[cache[key(p)] for p in prompt_ids])
     segs = segment(drafter, list(texts), list(feats), K, batch_size=settings.batch_size, dtype=target.dtype)

@@ -32,7 +32,7 @@ from .progress import Progress
 from .pypi import cache_dir
 from .errors import RecordError
 from .record import SCHEMA_VERSION, TeacherRecord, decode_teacher, encode_teacher
-from .specdec import DecodeSettings, SpecEngine
+from .specdec import DecodeSettings, SeqResult, SpecEngine
 
 LOOKAHEAD = 16  # tokens cached past max_new_tokens: exact acceptance at the answer's end for any K <= 17
 
@@ -45,6 +45,8 @@ class GreedyText:
     answer: list[int]  # up to and including the first EOS, at most max_new_tokens
     lookahead: list[int]  # what greedy decoding says after the answer (EOS ignored), LOOKAHEAD tokens or more
     finish: str  # "eos" | "length"
+    # set when this call decoded the text with `capture`: its features and top-k rows, the teacher data for free
+    decoded: SeqResult | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -86,11 +88,15 @@ PREFILL_BATCH = 8  # sequences per teacher-forced forward
 
 
 def greedy_texts(
-    target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int | None = None, log=None
+    target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int | None = None, log=None,
+    capture: tuple[list[int], int] | None = None,
 ) -> list[GreedyText]:
     """The target's greedy answer (+ lookahead) to every prompt, decoded only for prompts not cached yet.
 
-    Decoding that takes longer than ~10 s reports progress (tokens, rate, ETA) through `log` (default stderr)."""
+    `capture=(feature_layers, topk)`: texts decoded by this call also keep the features of those layers and the
+    target's top-k at every answer-predicting position (`GreedyText.decoded`): a teacher-forced prefill computes the
+    same rows, so `teacher_data` need not read the text again. Decoding that takes longer than ~10 s reports
+    progress (tokens, rate, ETA) through `log` (default stderr)."""
     total = max_new_tokens + LOOKAHEAD
     root = cache_dir() / "greedy"
     paths = [root / f"{_key(target, p, total)}.json" for p in prompts]
@@ -107,7 +113,11 @@ def greedy_texts(
     # similar lengths decode together: a wave's rows then attend over about their own context, and pad less
     missing = sorted((i for i, c in enumerate(conts) if c is None), key=lambda i: len(prompts[i]))
     B = batch_size or TEXT_BATCH
-    settings = DecodeSettings(block_size=0, temperature=0.0, max_new_tokens=total, batch_size=B, stop_at_eos=False)
+    settings = DecodeSettings(
+        block_size=0, temperature=0.0, max_new_tokens=total, batch_size=B, stop_at_eos=False, keep_features=capture is not None,
+        feature_layers=capture[0] if capture else None, keep_topk=capture is not None, topk=capture[1] if capture else 16,
+    )  # fmt: skip
+    decoded: dict[int, SeqResult] = {}
     chunk = 4 * B  # written to disk chunk by chunk: an interrupted run keeps what it decoded
     with Progress(f"target writing {len(missing)} answers", len(missing) * total, "tok", log) as prog:
         for c in range(0, len(missing), chunk):
@@ -116,11 +126,34 @@ def greedy_texts(
             root.mkdir(parents=True, exist_ok=True)
             for i, r in zip(part, results):
                 conts[i] = r.output_ids
+                if capture:
+                    decoded[i] = r
                 tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps({"continuation": r.output_ids}))
                 tmp.replace(paths[i])  # atomic: concurrent actors may write the same prompt, never a torn file
     eos = set(target.eos_token_ids)
-    return [_split(p, c, max_new_tokens, eos) for p, c in zip(prompts, conts)]
+    texts = [_split(p, c, max_new_tokens, eos) for p, c in zip(prompts, conts)]
+    for i, r in decoded.items():
+        texts[i].decoded = r
+    return texts
+
+
+def _teacher_from_decode(pid: str, g: GreedyText, with_lookahead: bool, fdt: torch.dtype) -> TeacherRecord:
+    """The teacher record of a text from its own decoding: the rows a prefill would give at every position that
+    predicts an answer (or lookahead) token. Prompt rows predict prompt tokens, which nothing trains on: they carry
+    no distribution (all mass in the tail)."""
+    r = g.decoded
+    toks = g.tokens if with_lookahead else g.prompt_ids + g.answer
+    n, P = len(toks), g.prompt_len
+    k = r.topk_ids.shape[1]
+    ids = np.zeros((n - 1, k), dtype=np.int32)
+    probs = np.zeros((n - 1, k), dtype=np.float32)
+    ids[P - 1 :] = r.topk_ids[: n - P]
+    probs[P - 1 :] = r.topk_probs[: n - P]
+    return TeacherRecord(
+        prompt_id=pid, token_ids=np.asarray(toks, dtype=np.int32), prompt_len=P, features=r.features[: n - 1].to(fdt),
+        topk_ids=ids, topk_probs=probs, tail=np.clip(1 - probs.sum(-1), 0, None).astype(np.float32),
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -187,7 +220,7 @@ def teacher_data(
     answer (SFT data).
     """
     t0 = time.perf_counter()
-    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size, log=log)
+    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size, log=log, capture=(feature_layers, topk))
     t1 = time.perf_counter()
     root = cache_dir() / "prefill"
     recs: list[TeacherRecord | None] = []
@@ -203,19 +236,25 @@ def teacher_data(
         except (OSError, RecordError):  # a missing or unreadable cache entry is recomputed
             recs.append(None)
     missing = [i for i, r in enumerate(recs) if r is None]
-    if missing:
+    for i in missing:  # decoded just now: the decoding already computed the rows
+        if texts[i].decoded is not None:
+            recs[i] = _teacher_from_decode(prompts[i][0], texts[i], with_lookahead, feature_dtype)
+    to_read = [i for i in missing if recs[i] is None]
+    if to_read:
         items = []
-        for i in missing:
+        for i in to_read:
             g = texts[i]
             toks = g.tokens if with_lookahead else g.prompt_ids + g.answer
             items.append((prompts[i][0], toks, g.prompt_len))
-        fresh = prefill(target, feature_layers, items, topk, feature_dtype=feature_dtype, log=log)
-        root.mkdir(parents=True, exist_ok=True)
-        for i, rec in zip(missing, fresh):
+        for i, rec in zip(to_read, prefill(target, feature_layers, items, topk, feature_dtype=feature_dtype, log=log)):
             recs[i] = rec
+    if missing:
+        root.mkdir(parents=True, exist_ok=True)
+        for i in missing:
             tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(encode_teacher(rec))
+            tmp.write_bytes(encode_teacher(recs[i]))
             tmp.replace(paths[i])
     if log is not None and missing:
-        log(f"target text: {len(missing)} of {len(prompts)} prompts new ({t1 - t0:.0f}s decoding, {time.perf_counter() - t1:.0f}s prefill)")
+        log(f"target text: {len(missing)} of {len(prompts)} prompts new ({t1 - t0:.0f}s decoding, {time.perf_counter() - t1:.0f}s "
+            f"prefill of {len(to_read)} texts decoded earlier)")
     return texts, recs  # type: ignore[return-value]

@@ -40,6 +40,11 @@ class DecodeSettings:
     record: bool = False  # keep a verification record per step
     topk: int = 16  # target top-k kept in records
     keep_features: bool = False  # return the target features of every committed position
+    # the layers of those features when no drafter defines them (plain decoding that also writes teacher data)
+    feature_layers: list[int] | None = None
+    # plain decoding (K = 0): return the target's top-k for the next token at every answer-predicting position, the
+    # same rows a teacher-forced prefill gives (`SeqResult.topk_*`), so decoding a text can also write its teacher data
+    keep_topk: bool = False
     seed: int = 0
     stop_at_eos: bool = True  # False: decode past EOS to max_new_tokens (the greedy-text cache's lookahead)
     # T > 0 only: "rejection" = drafts sampled from q, accepted with min(1, p/q); "match" = greedy drafts, accepted
@@ -71,6 +76,8 @@ class SeqResult:
     accepted: list[int] = field(default_factory=list)  # accepted drafts per verification step
     steps: list[StepRecord] = field(default_factory=list)
     features: torch.Tensor | None = None  # [len(prompt)+len(output)-1, F] target features
+    topk_ids: np.ndarray | None = None  # [len(output), k] rows plen-1.. (keep_topk): the target's top-k for token t+1
+    topk_probs: np.ndarray | None = None  # [len(output), k]
     finish: str = "length"
 
 
@@ -156,10 +163,13 @@ class SpecEngine:
         B = min(settings.batch_size, len(prompts))
         S = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * (K + 1) + 2
         need_feat = self.drafter is not None or settings.keep_features
-        F = len(self.drafter.feature_layers) * self.target.info.hidden_size if self.drafter is not None else 0
-        if settings.keep_features and self.drafter is None:
-            raise PromptError("keep_features needs a drafter (its feature layers define the features)")
-        layers = self.drafter.feature_layers if need_feat else None
+        layers = self.drafter.feature_layers if self.drafter is not None else settings.feature_layers
+        if settings.keep_features and not layers:
+            raise PromptError("keep_features needs feature layers (a drafter's, or settings.feature_layers)")
+        layers = layers if need_feat else None
+        F = len(layers) * self.target.info.hidden_size if layers else 0
+        if settings.keep_topk and K > 0:
+            raise PromptError("keep_topk is for plain decoding (block_size 0): speculative steps record their own top-k")
         if settings.acceptance not in ("rejection", "match"):
             raise PromptError(f"unknown acceptance rule '{settings.acceptance}' (rejection | match)")
         gen = torch.Generator(device=dev).manual_seed(settings.seed)
@@ -167,6 +177,9 @@ class SpecEngine:
         dstate = self.drafter.new_state(B, S, dev, self.drafter._dtype()) if self.drafter is not None else None
         tokens = torch.zeros(B, S, dtype=torch.long, device=dev)
         feats = torch.zeros(B, S, F, device=dev, dtype=self.target.dtype) if need_feat else None
+        kt = min(settings.topk, self.target.info.vocab_size)
+        top_ids = torch.zeros(B, S, kt, dtype=torch.int32, device=dev) if settings.keep_topk else None
+        top_p = torch.zeros(B, S, kt, dtype=torch.float32, device=dev) if settings.keep_topk else None
         n = torch.zeros(B, dtype=torch.long, device=dev)
         plen = [0] * B
         slot_prompt = [-1] * B
@@ -228,6 +241,10 @@ class SpecEngine:
             logits = out.logits.float()  # [b, K+1, V]
             if need_feat:
                 feats[act[:, None], pos] = out.features.to(feats.dtype)
+            if top_ids is not None:  # K = 0: the one fed position n-1 predicts token n
+                tk = torch.log_softmax(logits[:, 0], dim=-1).topk(kt, dim=-1)
+                top_ids[act, pos[:, 0]] = tk.indices.to(torch.int32)
+                top_p[act, pos[:, 0]] = tk.values.exp()
             greedy = settings.temperature <= 0
             p = logits if greedy else processed_probs(logits, settings.temperature, settings.top_p)
             verdict = verify(prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen, settings.acceptance)
@@ -297,6 +314,10 @@ class SpecEngine:
                     )
                 if done_list[j]:
                     res.finish = "eos" if eos_list[j] else "length"
+                    if top_ids is not None:
+                        rows_ = slice(plen[slot] - 1, plen[slot] - 1 + len(res.output_ids))
+                        res.topk_ids = top_ids[slot, rows_].cpu().numpy()
+                        res.topk_probs = top_p[slot, rows_].cpu().numpy()
                     if settings.keep_features:
                         total = plen[slot] + len(res.output_ids)
                         res.features = feats[slot, : total - 1].cpu().clone()
