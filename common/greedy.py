@@ -225,9 +225,13 @@ def teacher_data(
     root = cache_dir() / "prefill"
     recs: list[TeacherRecord | None] = []
     paths = []
+
+    def path_of(p: list[int], lookahead: bool):
+        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), lookahead, SCHEMA_VERSION]
+        return root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
+
     for (pid, p), g in zip(prompts, texts):
-        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), with_lookahead, SCHEMA_VERSION]
-        path = root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
+        path = path_of(p, with_lookahead)
         paths.append(path)
         try:
             rec = decode_teacher(path.read_bytes(), vocab_size=target.info.vocab_size)
@@ -250,10 +254,16 @@ def teacher_data(
             recs[i] = rec
     if missing:
         root.mkdir(parents=True, exist_ok=True)
-        for i in missing:
-            tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(encode_teacher(recs[i]))
-            tmp.replace(paths[i])
+        writes = [(paths[i], recs[i]) for i in missing]
+        # a decoded text gives the other variant for free: SFT data (no lookahead) now, rollouts (lookahead) later
+        writes += [
+            (path_of(prompts[i][1], not with_lookahead), _teacher_from_decode(prompts[i][0], texts[i], not with_lookahead, feature_dtype))
+            for i in missing if texts[i].decoded is not None
+        ]  # fmt: skip
+        for path, rec in writes:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(encode_teacher(rec))
+            tmp.replace(path)
     if log is not None and missing:
         log(f"target text: {len(missing)} of {len(prompts)} prompts new ({t1 - t0:.0f}s decoding, {time.perf_counter() - t1:.0f}s "
             f"prefill of {len(to_read)} texts decoded earlier)")

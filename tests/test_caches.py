@@ -22,11 +22,14 @@ def test_damaged_cache_entries_are_recomputed_not_used(tiny, tiny_prompts, tmp_p
     texts, recs = teacher_data(tiny, layers, items, 8, 4)
     prefill = sorted((tmp_path / "prefill").iterdir())
     greedy = sorted((tmp_path / "greedy").iterdir())
-    assert len(prefill) == len(greedy) == 3
-    b = bytearray(prefill[0].read_bytes())
-    b[-7] ^= 0x40  # one bit of a stored array: the CRC refuses it
-    prefill[0].write_bytes(bytes(b))
-    prefill[1].write_bytes(prefill[1].read_bytes()[:100])  # torn
+    assert len(greedy) == 3 and len(prefill) == 6  # a decoded text writes both variants (with and without lookahead)
+    for j, f in enumerate(prefill):
+        if j % 2:
+            f.write_bytes(f.read_bytes()[:100])  # torn
+        else:
+            b = bytearray(f.read_bytes())
+            b[-7] ^= 0x40  # one bit of a stored array: the CRC refuses it
+            f.write_bytes(bytes(b))
     greedy[0].write_text(json.dumps({"continuation": [tiny.info.vocab_size + 5] * 4}))  # ids outside the vocabulary
     greedy[1].write_text(json.dumps({"continuation": "not a list"}))
     texts2, recs2 = teacher_data(tiny, layers, items, 8, 4)
