@@ -53,15 +53,24 @@ class DrafterConfig:
 class DataConfig:
     """Prompt sets and the train / held-out split."""
 
-    prompts: str = "champ"  # humaneval | champ | champ-problems | path.jsonl
+    prompts: str = "champ"  # humaneval | champ | champ-problems | a conversation file (.jsonl, .json, .parquet, .arrow) or saved dataset dir
     eval_prompts: str | None = None  # None = a held-out split of `prompts`
-    num_eval: int = 16  # held-out prompts (split off `prompts`, never trained on)
+    num_eval: int = 16  # held-out groups (a conversation, a champ problem: all of its turns), never trained on
     num_train: int | None = None  # cap on training prompts; None = all the rest
     seed: int = 0  # the split's seed (recorded next to every checkpoint)
+    # the longest context (prompt) in tokens; longer ones follow data.too_long
     max_prompt_tokens: int = 384
     # which training prompts OPD rounds roll out: all of them, or only those the SFT warm-up did not answer
     # (`after_sft`: the first sft.num_prompts are the warm-up's; experiments train on prompts new to the drafter)
     rollout_prompts: Literal["all", "after_sft"] = "all"
+    # the target text a training example is trained on: "regenerate" = the target's greedy answer to its context
+    # (decoded once, cached); "as_is" = the dataset's own answer, teacher-forced (one prefill, no decoding)
+    answers: Literal["regenerate", "as_is"] = "regenerate"
+    # a context over max_prompt_tokens (or an as_is answer over max_answer_tokens): "truncate" drops the oldest
+    # turns (an answer is cut), "skip" drops the example; both are counted in split.json and `dopd data inspect`
+    too_long: Literal["truncate", "skip"] = "truncate"
+    max_answer_tokens: int | None = None  # as_is: the longest answer teacher-forced; None = rollout.max_new_tokens
+    hf_split: str | None = None  # a saved DatasetDict's split to read; None = "train", or its only split
 
 
 @dataclass
@@ -71,6 +80,7 @@ class RolloutConfig:
     block_size: int = 4  # K draft tokens per verification step
     temperature: float = 0.0
     top_p: float = 1.0
+    # answer tokens per rollout (the target's greedy answers are this long at most)
     max_new_tokens: int = 64
     batch_size: int = 4  # sequences decoded together (per actor)
     topk: int = 16  # target top-k kept per draft position in records
@@ -162,6 +172,7 @@ class SFTConfig:
 
     warmup_steps: int = 160
     num_prompts: int | None = 128  # training prompts the target answers once (cached on disk)
+    # answer tokens the target writes per SFT prompt (data.answers=regenerate)
     max_new_tokens: int = 64
     temperature: float = 0.0
     sequences: str | None = None  # JSONL of target-written sequences to train on instead (e.g. an OPD run's rollouts)
@@ -292,7 +303,19 @@ class Config:
         if lc.clamp is not None and lc.clamp <= 0:
             raise ConfigError(f"loss.clamp must be > 0 or null (got {lc.clamp})")
         self._validate_methods(lc)
+        self._validate_data()
         return self
+
+    def _validate_data(self) -> None:
+        """Answer modes and length limits: a combination that cannot mean what it says is an error."""
+        d = self.data
+        if d.max_prompt_tokens < 1 or (d.max_answer_tokens is not None and d.max_answer_tokens < 1):
+            raise ConfigError("data.max_prompt_tokens and data.max_answer_tokens must be >= 1")
+        if d.answers == "as_is" and self.mode == "opd" and (self.rollout.path == "engine" or self.rollout.temperature > 0):
+            raise ConfigError(
+                "data.answers=as_is teacher-forces the dataset's answers, but OPD rollouts with rollout.path=engine or "
+                "rollout.temperature > 0 decode new text with the target: use data.answers=regenerate (or T = 0, path auto)"
+            )
 
     def _validate_methods(self, lc: LossConfig) -> None:
         """DVI and Bebop train verification blocks only; settings that would train anything else are errors."""

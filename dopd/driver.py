@@ -149,6 +149,7 @@ class DistributedJob:
         tok = AutoTokenizer.from_pretrained(resolve_target(c.model.target, quiet=True))
         self.target_info = load_target_info(c.model.target).to_dict()
         p = run_prompts(c, tok)
+        self.log(p.summary())
         if not c.data.eval_prompts:
             (self.out / "split.json").write_text(json.dumps(p.split, indent=1))
         self.train, self.sft_prompts, self.rollout_prompts = p.train, p.sft, p.rollout

@@ -134,6 +134,7 @@ class Trainer:
         p = run_prompts(self.cfg, self.target.tokenizer)
         self.train, self.sft_prompts, self.rollout_prompts, self.eval_ids = p.train, p.sft, p.rollout, p.eval_ids
         (self.out / "split.json").write_text(json.dumps(p.split, indent=1))
+        self.log(p.summary())
 
     def _build_drafter(self) -> Drafter:
         cfg = self.cfg
