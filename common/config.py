@@ -235,12 +235,14 @@ class ClusterConfig:
 
 @dataclass
 class MetricsConfig:
-    """The job's Prometheus endpoint."""
+    """The job's metrics: the Prometheus endpoint, and TensorBoard / W&B under the same names (common/sinks.py)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9400  # 0 = any free port (written to run_summary.json)
     linger_s: float = 0.0  # keep /metrics up this long after the job ends (a last scrape)
+    tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
+    wandb: bool = False  # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
 
 
 @dataclass
