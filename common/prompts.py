@@ -192,14 +192,15 @@ class RunPrompts:
 
 
 def _first_groups(prompts: list[Prompt], n: int) -> list[Prompt]:
-    """The prompts of the first n groups, in file order (an eval file's held-out set, whole conversations)."""
+    """The canonical prompts of the first n groups, in file order (an eval set's held-out prompts: every turn of
+    its first n conversations, or the first n problem statements of a builtin set)."""
     keep: list[str] = []
     for p in prompts:
         if p.group not in keep:
             if len(keep) == n:
                 break
             keep.append(p.group)
-    return [p for p in prompts if p.group in set(keep)]
+    return [p for p in prompts if p.group in set(keep) and p.canonical]
 
 
 def run_prompts(cfg, tokenizer) -> RunPrompts:

@@ -207,6 +207,10 @@ def test_held_out_split_is_by_conversation_and_as_is_items_carry_answers(tiny):
     assert "38 conversations" in as_is.summary() and "skipped_tool_call 2" in as_is.summary()
     for pid, ids, ans in as_is.train:
         assert ans[-1] == tiny.tokenizer.eos_token_id or len(ans) == 64  # end of turn, or cut at the answer limit
+    # a separate eval file: every turn of its first num_eval conversations
+    ev = run_prompts(_cfg(f"data.eval_prompts={EXAMPLE}", "data.num_eval=2"), tiny.tokenizer)
+    first_two = [c["id"] for c in map(json.loads, EXAMPLE.read_text().splitlines()[:2])]
+    assert sorted(ev.split["eval_ids"]) == sorted(p.id for p in ex.prompts if p.group in first_two) and len(ev.eval_ids) == 3
     with pytest.raises(PromptError, match="no training example has an answer"):
         run_prompts(load_config(None, ["model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "data.answers=as_is"]), tiny.tokenizer)
 
