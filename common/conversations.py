@@ -1,9 +1,11 @@
 """Conversation datasets: every assistant turn is a training example, with the conversation before it as context.
 
 Why every assistant turn: a drafter is deployed on multi-turn chats, so it must learn the target's answers given
-the whole conversation so far, as SpecForge and speculators train (one example per assistant turn). Sending a
-finished conversation through the template as ONE prompt (what a prompt-only reader does) would train on none of
-its answers and ask the target to reply to a conversation that already ended.
+the whole conversation so far. speculators does the same (checked against speculators 0.9.0 from PyPI,
+`speculators/data_generation/preprocessing.py`: one training row per assistant turn, its context rendered with
+the generation prompt, the answer where the render of the conversation up to that turn extends it: the boundary
+`answer_ids` takes). Sending a finished conversation through the template as ONE prompt (what a prompt-only
+reader does) would train on none of its answers and ask the target to reply to a conversation that already ended.
 
 Rows (the format is detected per row, so a file may mix them):
 - ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": "..."}], "system"?: "..."}
