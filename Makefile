@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test test-deps bench clean
+.PHONY: setup run test test-fast test-deps bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ run: setup
 
 test: setup test-deps
 	$(PY) -m pytest -q
+
+# the fast subset for development: no SmolLM2 (slow), no Ray (ray), no drafter training (heavy); `make test` is the full run
+test-fast: setup test-deps
+	$(PY) -m pytest -q -m "not slow and not ray and not heavy"
 
 # The dashboard end-to-end tests run a real Prometheus. Missing: as root with apt-get, install the distribution's
 # package; otherwise stop with one line saying how (DOPD_PROMETHEUS may name an unpacked release binary instead).

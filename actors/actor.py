@@ -3,7 +3,7 @@
 `RolloutWorker` is the algorithm with no Ray in it (the shared recipe `ExperienceMaker` -> encoded records, weight
 swaps, held-out evaluation, SFT data); `RolloutActor` is the Ray actor around it (dopd/fleet.py applies
 `ray.remote`): a loop thread produces batches and pushes them
-into its queue shard (retrying while the shard answers "full": backpressure), while the driver calls
+into its queue shards (one batched put per shard, waiting inside the shard while it is full: backpressure), while the driver calls
 `set_weights`, `evaluate` and `stats` concurrently. Weights are swapped only between batches, under a lock, and
 every record is stamped with the policy version that produced it plus (actor id, incarnation, sequence number):
 a restarted actor gets a new random incarnation, so no record id is ever reused.
@@ -42,7 +42,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.actor_id = actor_id
         self.incarnation = incarnation if incarnation is not None else uuid.uuid4().int & 0x7FFFFFFF
-        self.target = target or load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True)
+        self.target = target or load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True, forward=cfg.model.forward)
         t = self.target
         # a reduced draft vocabulary is chosen by the learner side from the SFT data; until the first weights
         # arrive this copy holds a placeholder map (it drafts nothing before then)
@@ -117,17 +117,18 @@ class RolloutActor:
         self.cfg = config_from_dict(cfg_dict)
         self.worker = RolloutWorker(self.cfg, actor_id, prompts)
         self.shards = shards
-        self.next_shard = 0
         self.lock = threading.Lock()  # the worker: held by the loop for a whole rollout batch
         # new weights wait here for the next batch boundary; their own lock, so that publishing never waits for
         # a rollout batch to finish (that took ~40 s per publish in the SmolLM2 demo)
         self.pending_lock = threading.Lock()
         self.pending: tuple[dict, int] | None = None
+        self.weights_arrived = threading.Event()
         self.stop_flag = threading.Event()
         self.thread: threading.Thread | None = None
         self.totals = {"records": 0, "tokens": 0, "anchors": 0, "batches": 0, "full_waits": 0, "dropped": 0, "rejected": 0}
         self.last: dict = {}
         self.error = ""
+        self.put_error = ""  # the last failed put call (its records are counted as rejected)
 
     def ready(self) -> dict:
         return {"actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation}
@@ -139,6 +140,7 @@ class RolloutActor:
         state = ray.get(ref_box[0])
         with self.pending_lock:
             self.pending = (state, version)
+        self.weights_arrived.set()
         return time.perf_counter() - t0
 
     def _apply_pending(self) -> None:
@@ -149,36 +151,53 @@ class RolloutActor:
             self.worker.set_weights(*pending)
 
     def _loop(self) -> None:
-        import ray
-
         try:
             while not self.stop_flag.is_set():
                 with self.lock:
                     self._apply_pending()
-                    if self.worker.policy_version < 0:
-                        data = None
-                    else:
+                    ready = self.worker.policy_version >= 0
+                    if ready:
+                        first = self.worker.seq_no
                         data, stats = self.worker.produce()
-                if data is None:
-                    time.sleep(0.05)
+                if not ready:  # no weights yet: `set_weights` wakes this up
+                    self.weights_arrived.wait(timeout=1.0)
+                    self.weights_arrived.clear()
                     continue
-                for d in data:
-                    shard = self.shards[self.next_shard % len(self.shards)]
-                    self.next_shard += 1
-                    while not self.stop_flag.is_set():
-                        res = ray.get(shard.put.remote(d))
-                        if res == "full":
-                            self.totals["full_waits"] += 1
-                            time.sleep(0.05)
-                            continue
-                        self.totals["dropped" if res == "dropped" else "rejected" if res == "rejected" else "records"] += 1
-                        break
+                self._push(data, first)
                 self.totals["tokens"] += stats["tokens"]
                 self.totals["anchors"] += stats["anchors"]
                 self.totals["batches"] += 1
                 self.last = stats
         except Exception:
             self.error = traceback.format_exc()[-2000:]
+
+    def _push(self, data: list[bytes], first_seq: int) -> None:
+        """Each record to the shard its sequence number picks (so a record id always lands on the same shard, which
+        is what lets a shard refuse a replayed id), one batched put per shard; a full shard is waited on inside the
+        put (backpressure), and a put that fails is counted, never the end of the loop."""
+        import ray
+
+        pending: dict[int, list[bytes]] = {}
+        for j, d in enumerate(data):
+            pending.setdefault((first_seq + j) % len(self.shards), []).append(d)
+        while pending and not self.stop_flag.is_set():
+            refs = {s: self.shards[s].put_many.remote(batch, wait_s=1.0) for s, batch in pending.items()}
+            retry: dict[int, list[bytes]] = {}
+            for s, ref in refs.items():
+                try:
+                    answers = ray.get(ref)
+                except Exception as e:  # the shard failed the call (or is gone): these records are lost, counted
+                    self.totals["rejected"] += len(pending[s])
+                    self.put_error = f"{type(e).__name__}: {str(e)[-300:]}"
+                    continue
+                for d, res in zip(pending[s], answers):
+                    if res == "full":
+                        retry.setdefault(s, []).append(d)
+                    else:
+                        self.totals["dropped" if res == "dropped" else "rejected" if res == "rejected" else "records"] += 1
+                if s in retry:
+                    self.totals["full_waits"] += 1
+            pending = retry
 
     def start(self) -> bool:
         if self.thread is None or not self.thread.is_alive():
@@ -197,7 +216,7 @@ class RolloutActor:
         return {
             "actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation,
             "policy_version": self.worker.policy_version, "totals": dict(self.totals), "last": dict(self.last),
-            "error": self.error, "alive": bool(self.thread and self.thread.is_alive()),
+            "error": self.error, "put_error": self.put_error, "alive": bool(self.thread and self.thread.is_alive()),
         }  # fmt: skip
 
     def evaluate(self, prompt_ids: list[list[int]]) -> dict:

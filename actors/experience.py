@@ -183,7 +183,7 @@ class ExperienceMaker:
         c = self.cfg
         if c.sft.temperature > 0:
             raise ValueError("sft.temperature > 0 is not supported: SFT data is the target's greedy text (cached)")
-        _, recs = text_data(self.target, feature_layers, prompts, c.sft.max_new_tokens, c.rollout.topk, max(c.rollout.batch_size, 8), log=self.log)
+        _, recs = text_data(self.target, feature_layers, prompts, c.sft.max_new_tokens, c.rollout.topk, log=self.log)
         return recs
 
     def eval_settings(self) -> DecodeSettings:

@@ -123,11 +123,11 @@ def resegmented_rollout(
     K, topk = r.block_size, r.topk
     t0 = time.perf_counter()
     texts, pre = text_data(  # the target's greedy text, or the dataset's answer for (id, prompt, answer) items
-        target, drafter.feature_layers, prompts, r.max_new_tokens, topk, batch_size=max(r.batch_size, 8),
+        target, drafter.feature_layers, prompts, r.max_new_tokens, topk,
         feature_dtype=target.dtype, with_lookahead=True, log=log,
     )  # fmt: skip
     t1 = time.perf_counter()
-    segs = segment(drafter, texts, [p.features for p in pre], K, batch_size=r.batch_size)
+    segs = segment(drafter, texts, [p.features for p in pre], K, batch_size=r.batch_size, dtype=target.dtype)
     t2 = time.perf_counter()
     blocks = [blocks_from(s, p, topk) for s, p in zip(segs, pre)]
     scored = score_tails(target, texts, blocks, topk) if score else 0

@@ -105,7 +105,7 @@ class Soak:
                 if time.time() > deadline or self.head.poll() is not None:
                     raise RuntimeError(f"the soak's Ray head did not start (see {self.tmp / 'ray.log'})") from None
                 time.sleep(2)
-        self.log("ray_up", address=self.address)
+        self.log("ray_up", address=self.address, head_pid=self.head.pid)
 
     def stop_ray(self) -> None:
         import ray

@@ -29,9 +29,14 @@ class ModelConfig:
     """The target model that drafts are verified against."""
 
     target: str = "smollm2-135m"  # alias | local HF directory | hub id
-    # the target's weights and activations (bfloat16 halves memory; float32 is exact on CPU)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bf16 where the device computes it natively (a CPU with AMX-BF16 or AVX512-BF16, a GPU with bf16), else
+    # float32 (the exactness reference); the target, its features and the drafting copy run in it, the learner
+    # computes in it with fp32 master weights
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"  # cpu | cuda | cuda:N
+    # the engine's target forward: "lean" (fused, prepacked weights; Llama-family), "hf" (the Hugging Face modules,
+    # the reference), "auto" (lean where the architecture has it)
+    forward: Literal["auto", "lean", "hf"] = "auto"
 
 
 @dataclass

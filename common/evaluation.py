@@ -93,7 +93,7 @@ def evaluate_simulated(target: Target, drafter: Drafter, prompt_ids: list[list[i
 
     t0 = time.perf_counter()
     st = simulated_tau(target, drafter, prompt_ids, settings)
-    texts = greedy_texts(target, prompt_ids, settings.max_new_tokens, settings.batch_size)
+    texts = greedy_texts(target, prompt_ids, settings.max_new_tokens)
     rep = EvalReport(
         tau=st.tau, alpha=st.alpha, num_steps=st.num_steps, num_prompts=len(prompt_ids), new_tokens=st.new_tokens,
         tokens_per_s=None, wall_s=time.perf_counter() - t0, simulated=True,
@@ -125,11 +125,11 @@ def simulated_segments(
     key = lambda p: (tuple(p), settings.max_new_tokens, tuple(drafter.feature_layers))  # noqa: E731
     todo = [p for p in prompt_ids if key(p) not in cache]
     if todo:
-        texts = greedy_texts(target, todo, settings.max_new_tokens, settings.batch_size)
-        pre = prefill(target, drafter.feature_layers, [("", t.tokens, t.prompt_len) for t in texts], 1, batch_size=max(1, settings.batch_size // 2))
+        texts = greedy_texts(target, todo, settings.max_new_tokens)
+        pre = prefill(target, drafter.feature_layers, [("", t.tokens, t.prompt_len) for t in texts], 1)
         for p, t, r in zip(todo, texts, pre):
             cache[key(p)] = (t, r.features)
     t0 = time.perf_counter()
     texts, feats = zip(*[cache[key(p)] for p in prompt_ids])
-    segs = segment(drafter, list(texts), list(feats), K, batch_size=settings.batch_size)
+    segs = segment(drafter, list(texts), list(feats), K, batch_size=settings.batch_size, dtype=target.dtype)
     return stats_of(segs, K, sum(len(t.answer) for t in texts), time.perf_counter() - t0), segs

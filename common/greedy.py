@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from .models import Target
+from .progress import Progress
 from .pypi import cache_dir
 from .errors import RecordError
-from .record import TeacherRecord, decode_teacher, encode_teacher
+from .record import SCHEMA_VERSION, TeacherRecord, decode_teacher, encode_teacher
 from .specdec import DecodeSettings, SpecEngine
 
 LOOKAHEAD = 16  # tokens cached past max_new_tokens: exact acceptance at the answer's end for any K <= 17
@@ -83,31 +84,46 @@ def _split(prompt: list[int], cont: list[int], max_new_tokens: int, eos: set[int
     return GreedyText(list(prompt), list(cont[:end]), list(cont[end:]), finish)
 
 
+# rows decoded together when the target writes text alone: a decode step costs little more at 64 rows than at 1
+# (bench/engine_throughput.py)
+TEXT_BATCH = 64
+PREFILL_BATCH = 8  # sequences per teacher-forced forward
+
+
 def greedy_texts(
-    target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8, progress=None
+    target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int | None = None, log=None
 ) -> list[GreedyText]:
-    """The target's greedy answer (+ lookahead) to every prompt, decoded only for prompts not cached yet."""
+    """The target's greedy answer (+ lookahead) to every prompt, decoded only for prompts not cached yet.
+
+    Decoding that takes longer than ~10 s reports progress (tokens, rate, ETA) through `log` (default stderr)."""
     total = max_new_tokens + LOOKAHEAD
     root = cache_dir() / "greedy"
     paths = [root / f"{_key(target, p, total)}.json" for p in prompts]
     conts: list[list[int] | None] = []
+    V = target.info.vocab_size
     for path in paths:
         try:
-            conts.append(json.loads(path.read_text())["continuation"])
-        except (OSError, ValueError, KeyError):
-            conts.append(None)
-    missing = [i for i, c in enumerate(conts) if c is None]
-    settings = DecodeSettings(block_size=0, temperature=0.0, max_new_tokens=total, batch_size=batch_size, stop_at_eos=False)
-    chunk = 8 * batch_size  # written to disk chunk by chunk: an interrupted run keeps what it decoded
-    for c in range(0, len(missing), chunk):
-        part = missing[c : c + chunk]
-        results, _ = SpecEngine(target, None).generate([prompts[i] for i in part], settings, progress=progress)
-        root.mkdir(parents=True, exist_ok=True)
-        for i, r in zip(part, results):
-            conts[i] = r.output_ids
-            tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"continuation": r.output_ids}))
-            tmp.replace(paths[i])  # atomic: concurrent actors may write the same prompt, never a torn file
+            c = json.loads(path.read_text())["continuation"]
+        except (OSError, ValueError, KeyError, TypeError):
+            c = None
+        # a damaged or foreign entry is decoded again, never used: it would become training data
+        ok = isinstance(c, list) and 0 < len(c) <= total and all(type(t) is int and 0 <= t < V for t in c)
+        conts.append(c if ok else None)
+    # similar lengths decode together: a wave's rows then attend over about their own context, and pad less
+    missing = sorted((i for i, c in enumerate(conts) if c is None), key=lambda i: len(prompts[i]))
+    B = batch_size or TEXT_BATCH
+    settings = DecodeSettings(block_size=0, temperature=0.0, max_new_tokens=total, batch_size=B, stop_at_eos=False)
+    chunk = 4 * B  # written to disk chunk by chunk: an interrupted run keeps what it decoded
+    with Progress(f"target writing {len(missing)} answers", len(missing) * total, "tok", log) as prog:
+        for c in range(0, len(missing), chunk):
+            part = missing[c : c + chunk]
+            results, _ = SpecEngine(target, None).generate([prompts[i] for i in part], settings, progress=lambda _s, n: prog.update(n))
+            root.mkdir(parents=True, exist_ok=True)
+            for i, r in zip(part, results):
+                conts[i] = r.output_ids
+                tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"continuation": r.output_ids}))
+                tmp.replace(paths[i])  # atomic: concurrent actors may write the same prompt, never a torn file
     eos = set(target.eos_token_ids)
     return [_split(p, c, max_new_tokens, eos) for p, c in zip(prompts, conts)]
 
@@ -118,40 +134,42 @@ def prefill(
     feature_layers: list[int],
     items: list[tuple[str, list[int], int]],
     topk: int,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     feature_dtype: torch.dtype | None = None,
+    log=None,
 ) -> list[TeacherRecord]:
     """One teacher-forced forward per batch over (id, token_ids, prompt_len) sequences: at every position t the
     drafter's input features f_t and the target's top-k (+ tail mass) for token t+1 given x_0..x_t."""
     dev = target.device
     fdt = feature_dtype or target.dtype
+    B = batch_size or PREFILL_BATCH
     order = sorted(range(len(items)), key=lambda i: len(items[i][1]))  # similar lengths together: less padding
     done: dict[int, TeacherRecord] = {}
-    for c in range(0, len(order), batch_size):
-        idx = order[c : c + batch_size]
-        chunk = [items[i] for i in idx]
-        S = max(len(t) for _, t, _ in chunk)
-        ids = torch.zeros(len(chunk), S, dtype=torch.long, device=dev)
-        am = torch.zeros(len(chunk), S, dtype=torch.long, device=dev)
-        for i, (_, t, _) in enumerate(chunk):
-            ids[i, : len(t)] = torch.tensor(t, device=dev)
-            am[i, : len(t)] = 1
-        o = target.model.model(input_ids=ids, attention_mask=am, output_hidden_states=True, use_cache=False)
-        feats = torch.cat([o.hidden_states[i] for i in feature_layers], dim=-1)
-        for j, (i, (pid, t, plen)) in enumerate(zip(idx, chunk)):
-            n = len(t)
-            lsm = torch.log_softmax(target.lm_head(o.last_hidden_state[j, : n - 1]).float(), dim=-1)
-            tk = lsm.topk(topk, dim=-1)
-            p = tk.values.exp()
-            done[i] = TeacherRecord(
-                prompt_id=pid,
-                token_ids=np.asarray(t, dtype=np.int32),
-                prompt_len=plen,
-                features=feats[j, : n - 1].to(fdt).cpu(),
-                topk_ids=tk.indices.cpu().numpy().astype(np.int32),
-                topk_probs=p.cpu().numpy(),
-                tail=(1 - p.sum(-1)).clamp_min(0).cpu().numpy(),
-            )
+    with Progress(f"target reading {len(items)} texts", sum(len(t) for _, t, _ in items), "tok", log) as prog:
+        for c in range(0, len(order), B):
+            idx = order[c : c + B]
+            chunk = [items[i] for i in idx]
+            S = max(len(t) for _, t, _ in chunk)
+            ids = torch.zeros(len(chunk), S, dtype=torch.long, device=dev)
+            for i, (_, t, _) in enumerate(chunk):
+                ids[i, : len(t)] = torch.tensor(t, device=dev)
+            # right padding under a causal mask: the padding never reaches a real position
+            o = target.forward(ids, torch.arange(S, device=dev).expand(len(chunk), S), None, None, S, feature_layers, causal=True)
+            for j, (i, (pid, t, plen)) in enumerate(zip(idx, chunk)):
+                n = len(t)
+                lsm = torch.log_softmax(o.logits[j, : n - 1].float(), dim=-1)
+                tk = lsm.topk(topk, dim=-1)
+                p = tk.values.exp()
+                done[i] = TeacherRecord(
+                    prompt_id=pid,
+                    token_ids=np.asarray(t, dtype=np.int32),
+                    prompt_len=plen,
+                    features=o.features[j, : n - 1].to(fdt).cpu(),
+                    topk_ids=tk.indices.cpu().numpy().astype(np.int32),
+                    topk_probs=p.cpu().numpy(),
+                    tail=(1 - p.sum(-1)).clamp_min(0).cpu().numpy(),
+                )
+            prog.update(sum(len(t) for _, t, _ in chunk))
     return [done[i] for i in range(len(items))]
 
 
@@ -161,7 +179,7 @@ def teacher_data(
     prompts: list[tuple[str, list[int]]],
     max_new_tokens: int,
     topk: int,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     feature_dtype: torch.dtype = torch.bfloat16,
     with_lookahead: bool = False,
     log=None,
@@ -174,17 +192,17 @@ def teacher_data(
     answer (SFT data).
     """
     t0 = time.perf_counter()
-    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size)
+    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size, log=log)
     t1 = time.perf_counter()
     root = cache_dir() / "prefill"
     recs: list[TeacherRecord | None] = []
     paths = []
     for (pid, p), g in zip(prompts, texts):
-        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), with_lookahead]
+        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), with_lookahead, SCHEMA_VERSION]
         path = root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
         paths.append(path)
         try:
-            rec = decode_teacher(path.read_bytes())
+            rec = decode_teacher(path.read_bytes(), vocab_size=target.info.vocab_size)
             rec.prompt_id = pid
             recs.append(rec)
         except (OSError, RecordError):  # a missing or unreadable cache entry is recomputed
@@ -196,7 +214,7 @@ def teacher_data(
             g = texts[i]
             toks = g.tokens if with_lookahead else g.prompt_ids + g.answer
             items.append((prompts[i][0], toks, g.prompt_len))
-        fresh = prefill(target, feature_layers, items, topk, batch_size=max(1, batch_size // 2), feature_dtype=feature_dtype)
+        fresh = prefill(target, feature_layers, items, topk, feature_dtype=feature_dtype, log=log)
         root.mkdir(parents=True, exist_ok=True)
         for i, rec in zip(missing, fresh):
             recs[i] = rec

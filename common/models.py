@@ -18,7 +18,7 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -283,6 +283,17 @@ class Target:
     tokenizer: object
     info: TargetInfo
     fingerprint: str = ""
+    forward_kind: str = "auto"  # the engine's forward: "auto" | "lean" | "hf" (common/target_forward.py)
+    _forward: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def forward(self):
+        """The engine's prefill / verification forward over the slot cache, built once (it may prepack weights)."""
+        if self._forward is None:
+            from .target_forward import forward_for
+
+            self._forward = forward_for(self.model, self.forward_kind)
+        return self._forward
 
     @property
     def device(self) -> torch.device:
@@ -312,6 +323,28 @@ class Target:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively: a GPU with bf16 support, or a CPU with AMX-BF16 or
+    AVX512-BF16 (where oneDNN's bf16 matmul runs ~3.5x the fp32 rate; bench/engine_throughput.py)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        except AttributeError:  # a torch without the probes: fp32, the safe choice
+            return False
+    return False
+
+
+def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> str:
+    """`auto` -> "bfloat16" where the device computes it natively, else "float32"; other names are checked."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(resolve_device(str(device))) else "float32"
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype '{dtype}' (use auto or one of {', '.join(DTYPES)})")
+    return dtype
 
 
 def resolve_device(device: str) -> torch.device:
@@ -349,12 +382,14 @@ def attention_implementation(device: torch.device) -> str:
     return "dopd_sdpa"
 
 
-def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: bool = False) -> Target:
-    """Resolve and load a target for inference (eval mode, no grads, SDPA attention)."""
+def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: bool = False, forward: str = "auto") -> Target:
+    """Resolve and load a target for inference (eval mode, no grads, SDPA attention). `dtype` may be "auto"
+    (`resolve_dtype`); fp32 is the default here because it is the exactness reference of the tests."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype '{dtype}' (use one of {', '.join(DTYPES)})")
+    dtype = resolve_dtype(dtype, device)
+    if forward not in ("auto", "lean", "hf"):
+        raise ModelError(f"unknown target forward '{forward}' (auto | lean | hf)")
     path = resolve_target(name, quiet=quiet)
     dev = resolve_device(device)
     check_architecture(name, _model_type(path))
@@ -364,7 +399,8 @@ def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: b
         raise ModelError(f"could not load target '{name}' from {path}: {type(e).__name__}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(dev).eval().requires_grad_(False)
-    return Target(name=name, path=path, model=model, tokenizer=tokenizer, info=info_from_config(name, model.config), fingerprint=fingerprint(path))
+    info = info_from_config(name, model.config)
+    return Target(name=name, path=path, model=model, tokenizer=tokenizer, info=info, fingerprint=fingerprint(path), forward_kind=forward)
 
 
 def _model_type(path: Path) -> str:

@@ -45,11 +45,11 @@ class Segmentation:
         return np.arange(K)[None, :] < self.accepted[:, None]
 
 
-def _pad(features: list[torch.Tensor], S: int, dev) -> torch.Tensor:
+def _pad(features: list[torch.Tensor], S: int, dev, dtype: torch.dtype) -> torch.Tensor:
     F = features[0].shape[1]
-    out = torch.zeros(len(features), S, F, device=dev, dtype=torch.float32)
+    out = torch.zeros(len(features), S, F, device=dev, dtype=dtype)
     for i, f in enumerate(features):
-        out[i, : f.shape[0]] = f.to(dev, torch.float32)
+        out[i, : f.shape[0]] = f.to(dev, dtype)
     return out
 
 
@@ -70,7 +70,7 @@ def draft_everywhere(
         tokens = torch.zeros(len(texts), S, dtype=torch.long, device=dev)
         for i, t in enumerate(texts):
             tokens[i, : lens[i]] = torch.tensor(t.tokens, device=dev)
-        feats = _pad(features, S, dev)
+        feats = _pad(features, S, dev, drafter._dtype())
         lengths = torch.tensor(lens, device=dev)
         spans = [np.arange(t.prompt_len, t.end) for t in texts]
         chunk = max(8, int(budget / (len(texts) * drafter.spec.num_heads * (K + 1) * S)))
@@ -128,8 +128,13 @@ def walk(text: GreedyText, blocks: np.ndarray, logprobs: np.ndarray) -> Segmenta
     )  # fmt: skip
 
 
-def segment(drafter: Drafter, texts: list[GreedyText], features: list[torch.Tensor], K: int, batch_size: int = 8) -> list[Segmentation]:
-    """Every text's greedy speculative steps under this drafter (drafter forwards only, no target)."""
+def segment(
+    drafter: Drafter, texts: list[GreedyText], features: list[torch.Tensor], K: int, batch_size: int = 8, dtype: torch.dtype | None = None
+) -> list[Segmentation]:
+    """Every text's greedy speculative steps under this drafter (drafter forwards only, no target), drafting in
+    `dtype` (the target's, as the engine drafts; None = the drafter's own)."""
+    if dtype is not None:
+        drafter = drafter.for_inference(dtype)
     out: list[Segmentation] = []
     for c in range(0, len(texts), batch_size):
         tx, ft = texts[c : c + batch_size], features[c : c + batch_size]

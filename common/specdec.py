@@ -118,6 +118,7 @@ class SpecEngine:
         if drafter is not None:
             target.info.check_compatible(drafter.target_info, "the drafter")
             drafter.bind_target(target.model)  # a self-speculative drafter (DVI) drafts with this target's layers
+            self.drafter = drafter.for_inference(target.dtype)
         cfg = target.model.config
         self.num_layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -138,33 +139,32 @@ class SpecEngine:
                     f"{settings.block_size + 1} verification slots = {need} > the target's context of {limit}"
                 )
 
-    def _features(self, hidden_states) -> torch.Tensor:
-        return torch.cat([hidden_states[i] for i in self.drafter.feature_layers], dim=-1)
-
     @torch.no_grad()
     def generate(
         self,
         prompts: list[list[int]],
         settings: DecodeSettings,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple[list[SeqResult], EngineStats]:
+        """Decode every prompt; `progress(finished_sequences, committed_tokens)` is called after each step."""
         K = settings.block_size if self.drafter is not None else 0
         if self.drafter is not None and K < 1:
             raise PromptError(f"block size K must be >= 1 (got {settings.block_size})")
         self.check_prompts(prompts, settings)
         dev = self.target.device
-        model = self.target.model
+        forward = self.target.forward
         B = min(settings.batch_size, len(prompts))
         S = max(len(p) for p in prompts) + settings.max_new_tokens + 2 * (K + 1) + 2
         need_feat = self.drafter is not None or settings.keep_features
         F = len(self.drafter.feature_layers) * self.target.info.hidden_size if self.drafter is not None else 0
         if settings.keep_features and self.drafter is None:
             raise PromptError("keep_features needs a drafter (its feature layers define the features)")
+        layers = self.drafter.feature_layers if need_feat else None
         if settings.acceptance not in ("rejection", "match"):
             raise PromptError(f"unknown acceptance rule '{settings.acceptance}' (rejection | match)")
         gen = torch.Generator(device=dev).manual_seed(settings.seed)
         cache = SlotCache(self.num_layers, B, self.kv_heads, self.head_dim, S, dev, self.target.dtype)
-        dstate = self.drafter.new_state(B, S, dev, torch.float32) if self.drafter is not None else None
+        dstate = self.drafter.new_state(B, S, dev, self.drafter._dtype()) if self.drafter is not None else None
         tokens = torch.zeros(B, S, dtype=torch.long, device=dev)
         feats = torch.zeros(B, S, F, device=dev, dtype=self.target.dtype) if need_feat else None
         n = torch.zeros(B, dtype=torch.long, device=dev)
@@ -199,18 +199,9 @@ class SpecEngine:
             rows = torch.tensor(take, device=dev)
             T = max(plen[b] for b in take) - 1
             pos = torch.arange(T, device=dev).expand(len(take), T)
-            cache.prepare(None if len(take) == B else rows, pos, T)
-            mask = (torch.arange(T, device=dev)[None, None, :] <= pos[..., None])[:, None]
-            out = model.model(
-                input_ids=tokens[rows, :T],
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                output_hidden_states=need_feat,
-            )
+            out = forward(tokens[rows, :T], pos, cache, None if len(take) == B else rows, T, layers, want_logits=False, causal=True)
             if need_feat:
-                feats[rows, :T] = self._features(out.hidden_states)
+                feats[rows, :T] = out.features.to(feats.dtype)
             if dstate is not None:
                 dstate.reset(rows, self.drafter.context_start())
             sync()
@@ -233,20 +224,10 @@ class SpecEngine:
             inp = torch.cat([last, prop.tokens], dim=1) if K > 0 else last
             pos = (nb - 1)[:, None] + torch.arange(K + 1, device=dev)[None]
             kv_len = int(pos.max()) + 1
-            cache.prepare(rows, pos, kv_len)
-            mask = (torch.arange(kv_len, device=dev)[None, None, :] <= pos[..., None])[:, None]
-            out = model(
-                input_ids=inp,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                output_hidden_states=need_feat,
-            )
+            out = forward(inp, pos, cache, rows, kv_len, layers)
             logits = out.logits.float()  # [b, K+1, V]
             if need_feat:
-                rr = act
-                feats[rr[:, None], pos] = self._features(out.hidden_states).to(feats.dtype)
+                feats[act[:, None], pos] = out.features.to(feats.dtype)
             greedy = settings.temperature <= 0
             p = logits if greedy else processed_probs(logits, settings.temperature, settings.top_p)
             verdict = verify(prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen, settings.acceptance)
@@ -321,8 +302,8 @@ class SpecEngine:
                         res.features = feats[slot, : total - 1].cpu().clone()
                     active[slot] = False
                     freed.append(slot)
-                    if progress is not None:
-                        progress(1)
+            if progress is not None:
+                progress(len(freed), sum(keep_list))
             if freed:
                 refill(freed)
         stats.wall_s = time.perf_counter() - t_start

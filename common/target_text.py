@@ -52,7 +52,7 @@ def given_texts(target: Target, items: list[tuple]) -> list[GivenText]:
 
 
 def given_data(
-    target: Target, feature_layers: list[int], items: list[tuple], topk: int, batch_size: int = 8,
+    target: Target, feature_layers: list[int], items: list[tuple], topk: int, batch_size: int | None = None,
     feature_dtype: torch.dtype = torch.bfloat16, with_lookahead: bool = False, log=None,
 ) -> tuple[list[GivenText], list[TeacherRecord]]:  # fmt: skip
     """Given texts and their prefill (cached on disk, keyed by the answer's tokens too, so a regenerated answer to
@@ -79,7 +79,7 @@ def given_data(
     missing = [i for i, r in enumerate(recs) if r is None]
     if missing:
         todo = [(items[i][0], texts[i].tokens if with_lookahead else texts[i].prompt_ids + texts[i].answer, texts[i].prompt_len) for i in missing]
-        fresh = prefill(target, feature_layers, todo, topk, batch_size=max(1, batch_size // 2), feature_dtype=feature_dtype)
+        fresh = prefill(target, feature_layers, todo, topk, batch_size=batch_size, feature_dtype=feature_dtype)
         root.mkdir(parents=True, exist_ok=True)
         for i, rec in zip(missing, fresh):
             recs[i] = rec
@@ -92,7 +92,7 @@ def given_data(
 
 
 def text_data(
-    target: Target, feature_layers: list[int], items: list[tuple], max_new_tokens: int, topk: int, batch_size: int = 8,
+    target: Target, feature_layers: list[int], items: list[tuple], max_new_tokens: int, topk: int, batch_size: int | None = None,
     feature_dtype: torch.dtype = torch.bfloat16, with_lookahead: bool = False, log=None,
 ) -> tuple[list[GreedyText], list[TeacherRecord]]:  # fmt: skip
     """`greedy.teacher_data` for items of either kind, in the items' order: (id, prompt) items get the target's

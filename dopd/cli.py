@@ -97,7 +97,7 @@ def eval_cmd(
     split_seed: int = typer.Option(0, help="seed of the train/held-out split (builtin sets)"),
     max_prompt_tokens: int = typer.Option(1024),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    dtype: str = typer.Option("float32"),
+    dtype: str = typer.Option("auto", help="auto (bf16 where the device computes it natively, else float32) | float32 | bfloat16 | float16"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
     dump_outputs: Optional[Path] = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
@@ -107,11 +107,10 @@ def eval_cmd(
 ) -> None:
     """Speculative decoding on held-out prompts: tau, per-position acceptance, tokens/s vs plain decoding."""
     _setup_torch(threads)
-    from tqdm import tqdm
-
     from dopd.common.drafters import drafter_for_target
     from dopd.common.evaluation import evaluate, evaluate_simulated
     from dopd.common.models import load_target
+    from dopd.common.progress import Progress
     from dopd.common.prompts import BUILTIN_SETS, encode_all, load_prompt_set, split_prompts
     from dopd.common.specdec import DecodeSettings
 
@@ -134,8 +133,8 @@ def eval_cmd(
             rep, texts = evaluate_simulated(tgt, d, ids, settings)
             outputs = [(t.prompt_ids, t.answer) for t in texts]
         else:
-            with tqdm(total=len(ids), desc="eval", unit="prompt", disable=not sys.stderr.isatty()) as bar:
-                rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=not no_baseline, progress=bar.update)
+            with Progress("eval: speculative decoding", len(ids), "prompts") as prog:
+                rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=not no_baseline, progress=lambda seqs, _tokens: prog.update(seqs))
             outputs = [(r.prompt_ids, r.output_ids) for r in spec]
             if temperature > 0 and compare_match:
                 import dataclasses

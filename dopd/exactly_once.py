@@ -54,6 +54,16 @@ class TrainedLedger:
         self._compact(entry)
         return True
 
+    def __contains__(self, uid) -> bool:
+        """Whether this uid was added already (what `add` would answer False for)."""
+        actor, inc, seq = (int(x) for x in uid)
+        entry = self.keys.get((actor, inc))
+        if entry is None:
+            return False
+        floor, starts, ends = entry
+        i = bisect_right(starts, seq) - 1
+        return seq < floor or (i >= 0 and seq < ends[i])
+
     def _compact(self, entry: list) -> None:
         floor, starts, ends = entry
         if starts and starts[0] == floor:  # contiguous from the floor: move the floor up

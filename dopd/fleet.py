@@ -47,7 +47,7 @@ def remote_class(kind: str):
     if kind == "shard":
         from dopd.common.queue import QueueShard
 
-        return ray.remote(num_cpus=0)(QueueShard)
+        return ray.remote(**QueueShard.RAY_OPTIONS)(QueueShard)
     raise ValueError(f"unknown Ray actor kind '{kind}' (rollout, learner or shard)")
 
 

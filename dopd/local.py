@@ -105,7 +105,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        self.target = target or load_target(cfg.model.target, cfg.model.device, cfg.model.dtype)
+        self.target = target or load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward)
         self.device = self.target.device
         self._prepare_prompts()
         self.spec = spec_for(cfg.drafter, self.target.info, self.target.model.config)

@@ -258,7 +258,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
                        + ([] if set(arms) == set(ARMS) else ["--arms", ",".join(arms)]) + list(extra))  # fmt: skip
     t_start = time.time()
     cfg0 = load_config(None, base)
-    target = load_target(cfg0.model.target, cfg0.model.device, cfg0.model.dtype)
+    target = load_target(cfg0.model.target, cfg0.model.device, cfg0.model.dtype, forward=cfg0.model.forward)
     B = P.arm_steps
     eval_every = max(1, B // P.evals)
     results: dict[str, dict] = {}

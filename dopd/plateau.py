@@ -142,7 +142,7 @@ def plateau(
     # 1. the shared warm-up, its held-out evaluation and the gate
     wdir = out / "warmup"
     wcfg = load_config(None, base + ["mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}", f"out_dir={wdir}"])
-    target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype)
+    target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype, forward=wcfg.model.forward)
     ckpt = wdir / "checkpoints" / f"step_{W:07d}"
     if not (wdir / "summary.json").is_file():
         log(f"== warm-up: {W} SFT steps on the target's answers to {n_sft} prompts")

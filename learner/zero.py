@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dopd.common.config import Config
 from dopd.common.drafters import build_drafter, draft_vocab_from_counts, token_counts
 from dopd.common.models import load_frozen_io
-from dopd.common.record import decode_record, decode_teacher
+from dopd.common.errors import DopdError, RecordError
+from dopd.common.record import ExperienceRecord, TeacherRecord, decode_record, decode_teacher
 
 from .objective import compute_loss, denominator, make_batch
 from .optim import make_optimizer
@@ -78,7 +79,8 @@ class LearnerRank:
         self._engine = None
         self.state = RankState()
         self.rng = np.random.default_rng([cfg.seed, rank])
-        self.teacher: list[bytes] = []
+        self.teacher: list[TeacherRecord] = []
+        self.teacher_refused: list[str] = []
 
     @property
     def engine(self):
@@ -125,9 +127,13 @@ class LearnerRank:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
-    def opd_step(self, records: list[bytes], learner_version: int) -> dict:
-        """Train on records already pulled from this rank's shard (the Ray wrapper pulls them)."""
-        recs = [decode_record(b) for b in records]
+    def decode(self, data: bytes) -> ExperienceRecord:
+        """A record's one full validation (its shard read only the header): RecordError if it must be refused."""
+        return decode_record(data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size)
+
+    def opd_step(self, records: list, learner_version: int) -> dict:
+        """Train on records already pulled from this rank's shard (the Ray wrapper pulls and decodes them)."""
+        recs = [r if isinstance(r, ExperienceRecord) else self.decode(r) for r in records]
         batch = make_batch(recs, self.cfg, "opd", self.rng, self.device)
         out = self._train(batch, "opd")
         out["uids"] = [list(r.uid) for r in recs]
@@ -139,14 +145,25 @@ class LearnerRank:
         """This rank's share of the SFT data; a fresh reduced-vocabulary drafter picks its vocabulary from ALL of it
         (every rank sees the same data, so every rank picks the same ids)."""
         c = self.cfg.drafter
+
+        def decode(b: bytes) -> TeacherRecord | None:
+            try:
+                return decode_teacher(b, vocab_size=self.info.vocab_size)
+            except RecordError as e:  # a bad record is left out (the same on every rank), never the end of the rank
+                self.teacher_refused.append(str(e))
+                return None
+
         if c.draft_vocab_size is not None and not c.init and self.state.step == 0 and not self.state.extra.get("vocab"):
-            recs = [decode_teacher(b) for b in data]
+            recs = [r for r in map(decode, data) if r is not None]
             ids = draft_vocab_from_counts(token_counts([(r.token_ids, r.prompt_len) for r in recs], self.info.vocab_size), c.draft_vocab_size)
             if self._engine is not None:
                 raise RuntimeError("the draft vocabulary must be chosen before the learner's first step")
             self._drafter.set_draft_vocab(ids)
             self.state.extra["vocab"] = True
-        self.teacher = list(data)[self.rank :: self.world]
+        self.teacher_refused = []
+        self.teacher = [r for r in map(decode, list(data)[self.rank :: self.world]) if r is not None]
+        if data and not self.teacher:
+            raise DopdError(f"learner rank {self.rank}: every SFT record of its share was refused: {self.teacher_refused[-1]}")
         return len(self.teacher)
 
     def sft_step(self) -> dict:
@@ -160,7 +177,7 @@ class LearnerRank:
                 self.state.sft_epoch += 1
                 self.state.sft_cursor = 0
                 continue
-            recs.append(decode_teacher(self.teacher[order[self.state.sft_cursor]]))
+            recs.append(self.teacher[order[self.state.sft_cursor]])
             self.state.sft_cursor += 1
         out = self._train(make_batch(recs, self.cfg, "sft", self.rng, self.device), "sft")
         out["records"] = 0
@@ -225,23 +242,34 @@ class LearnerActor:
         return self.rank
 
     def opd_step(self, learner_version: int, timeout_s: float = 600.0) -> dict:
+        """Pull a micro-batch from this rank's shard(s) and train on it. Each record is decoded and validated here,
+        once; a record that fails is reported back to its shard (counted there as rejected) and replaced by the
+        next one, so no input can stop the rank. A shard's `get` waits inside the shard for records to arrive."""
         import ray
 
         need = self.cfg.learner.micro_batch_size
-        got: list[bytes] = []
+        recs: list[ExperienceRecord] = []
         t0 = time.perf_counter()
         i = 0
-        while len(got) < need:
+        while len(recs) < need:
+            left = timeout_s - (time.perf_counter() - t0)
+            if left <= 0:
+                raise TimeoutError(f"learner waited {timeout_s:.0f}s for {need} records from its shard(s)")
             shard = self.shards[i % len(self.shards)]
+            # one shard: wait for the whole micro-batch; several: a first pass that takes what is there, then turns
+            wait = left if len(self.shards) == 1 else 0.0 if i < len(self.shards) else min(left, 0.5)
             i += 1
-            got += ray.get(shard.get.remote(need - len(got), learner_version))
-            if len(got) < need:
-                if time.perf_counter() - t0 > timeout_s:
-                    raise TimeoutError(f"learner waited {timeout_s:.0f}s for {need} records from its shard(s)")
-                time.sleep(0.02)
-        wait = time.perf_counter() - t0
-        out = self.rank_obj.opd_step(got, learner_version)
-        out["wait_s"] = wait
+            refused = []
+            for b in ray.get(shard.get.remote(need - len(recs), learner_version, wait)):
+                try:
+                    recs.append(self.rank_obj.decode(b))
+                except RecordError as e:
+                    refused.append(str(e))
+            if refused:
+                ray.get(shard.refused_by_learner.remote(refused))
+        wait_s = time.perf_counter() - t0
+        out = self.rank_obj.opd_step(recs, learner_version)
+        out["wait_s"] = wait_s
         return out
 
     def set_teacher(self, box: list) -> int:

@@ -19,6 +19,9 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+TINY_TEXTS = ["hi", "write a function that sums a list", "2+2=?", "tell me a long story about a dragon and a knight", "ok"]
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from dopd.common.models import load_target
@@ -36,7 +39,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_prompts(tiny):
     """Chat-templated prompts of different lengths."""
-    texts = ["hi", "write a function that sums a list", "2+2=?", "tell me a long story about a dragon and a knight", "ok"]
+    texts = TINY_TEXTS
     return [tiny.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False) for t in texts]
 
 
@@ -51,6 +54,31 @@ def trained_tiny_drafter(tiny, tmp_path_factory):
         "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=sft",
         "sft.num_prompts=96", "sft.max_new_tokens=48", "learner.steps=120", "learner.lr=3e-3", "learner.eval_every=1000",
         "learner.checkpoint_every=1000", "eval.num_prompts=4", "eval.max_new_tokens=24", f"out_dir={out}",
+    ])  # fmt: skip
+    tr = Trainer(cfg, target=tiny, log=lambda *a: None)
+    tr.run()
+    return tr.drafter.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dflash(tiny, tmp_path_factory):
+    """A tiny DFlash drafter fitted (SFT) to the target's answers to `tiny_prompts`: its drafts get accepted,
+    several per step, so the engine's DFlash path (context K/V written for several new positions at once, rows
+    advancing unevenly) really runs. (A DFlash drafter trained on a general prompt set this briefly is not accepted
+    on a random tiny target: tau 1.02.)"""
+    import json
+
+    from dopd.common.config import load_config
+    from dopd.local import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_dflash_sft")
+    with open(out / "prompts.jsonl", "w") as f:
+        for i, t in enumerate(TINY_TEXTS + ["held out"]):
+            f.write(json.dumps({"id": f"t{i}", "prompt": t}) + "\n")
+    cfg = load_config(None, [
+        "model.target=tiny-random-llama", f"data.prompts={out / 'prompts.jsonl'}", "data.num_eval=1", "mode=sft",
+        "drafter.kind=dflash", "sft.num_prompts=6", "sft.max_new_tokens=48", "learner.steps=60", "learner.lr=1e-2",
+        "learner.eval_every=1000", "learner.checkpoint_every=1000", "eval.num_prompts=1", "eval.max_new_tokens=8", f"out_dir={out}",
     ])  # fmt: skip
     tr = Trainer(cfg, target=tiny, log=lambda *a: None)
     tr.run()

@@ -18,7 +18,7 @@ class OracleDrafter(Drafter):
                            num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[info.num_layers - 1],
                            target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict())
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))  # drafts in the target dtype: no inference copy
         self.target = target
         self.noise = noise
         self.q_temperature = q_temperature
@@ -79,7 +79,7 @@ class HashOracleDrafter(Drafter):
                            num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[info.num_layers],
                            target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict())
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))  # drafts in the target dtype: no inference copy
         self.target = target
         self.period = period
 
@@ -126,3 +126,17 @@ class HashOracleDrafter(Drafter):
 
     def block_hidden(self, *a, **k):
         raise NotImplementedError("test double: inference only")
+
+
+def assert_tau_consistent(tau: float, alpha: list[float], K: int) -> None:
+    """tau (tokens per verification step) against the per-position acceptance rates it must agree with:
+    tau = 1 + sum_i prod_{j <= i} alpha_j (the expected number of accepted drafts, plus the target's token), and
+    1 <= tau <= K + 1. Two figures computed from the same steps: a wrong count in either breaks the identity."""
+    assert len(alpha) == K and all(0 <= a <= 1 for a in alpha), alpha
+    reach, expect = 1.0, 1.0
+    for a in alpha:
+        reach *= a
+        expect += reach
+    assert abs(tau - expect) <= 1e-6 * max(1.0, tau), (tau, expect, alpha)
+    assert 1 <= tau <= K + 1
+

@@ -4,6 +4,7 @@ lossless too, and its acceptance is p(d) where rejection sampling's is sum min(p
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from helpers import OracleDrafter
 from test_specdec import _chi_square_p, _exact_first_two
@@ -12,6 +13,7 @@ from dopd.common import sampling
 from dopd.common.specdec import DecodeSettings, SpecEngine
 
 
+@pytest.mark.heavy
 def test_match_acceptance_is_lossless(tiny, tiny_prompts):
     T = 1.0
     prompt = tiny_prompts[2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from helpers import assert_tau_consistent
 from typer.testing import CliRunner
 
 from dopd.cli import app
@@ -19,7 +20,9 @@ def test_eval_writes_report_and_outputs(tmp_path):
     rep = json.loads(out.read_text())
     for key in ("tau", "alpha", "tokens_per_s", "baseline_tokens_per_s", "speedup", "identical_to_target", "num_prompts", "num_steps", "target", "drafter", "block_size", "temperature", "device"):
         assert key in rep, key
-    assert rep["identical_to_target"] is True and rep["num_prompts"] == 3 and len(rep["alpha"]) == 3 and rep["tau"] >= 1
+    assert rep["identical_to_target"] is True and rep["num_prompts"] == 3 and len(rep["alpha"]) == 3
+    assert_tau_consistent(rep["tau"], rep["alpha"], 3)
+    assert rep["new_tokens"] <= rep["tau"] * rep["num_steps"] + 1e-9  # a step commits its accepted drafts + 1 at most
     lines = [json.loads(x) for x in dump.read_text().splitlines()]
     assert len(lines) == 3 and all({"prompt_ids", "output_ids", "text"} <= set(x) for x in lines)
     assert "tau (tokens/step)" in r.output

@@ -4,9 +4,11 @@ official blocks + rejected stream, re-segmented rollouts and simulated held-out 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
+from helpers import assert_tau_consistent
 
 from dopd.common.config import load_config
 from dopd.driver import DistributedJob
@@ -30,7 +32,8 @@ def test_reduced_draft_vocabulary_trains_in_the_distributed_runner(ray_session, 
 
     cfg = load_config(None, BASE + [f"out_dir={tmp_path / 'ray'}"])
     summary = DistributedJob(cfg, log=lambda *a: None).run()
-    assert summary["steps"] == 6 and summary["records_trained_twice"] == 0 and summary["final_tau"] >= 1
+    assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
+    assert_tau_consistent(summary["final_tau"], summary["final_alpha"], cfg.rollout.block_size)
     info, embed, head, _ = load_frozen_io("tiny-random-llama")
     d = load_drafter(tmp_path / "ray" / "drafter", info, embed, head)
     assert d.draft_vocab == 48 and d.lm_head.weight.shape[0] == 48
@@ -41,4 +44,4 @@ def test_reduced_draft_vocabulary_trains_in_the_distributed_runner(ray_session, 
     evals = [r for r in rows if r["event"] == "eval"]
     assert evals and all(r["simulated"] for r in evals)  # held-out tau from the cached greedy text (T = 0)
     opd = [r for r in rows if r["event"] == "step" and r["phase"] == "opd"]
-    assert len(opd) == 4 and all(r["loss"] == r["loss"] for r in opd)  # finite losses
+    assert len(opd) == 4 and all(math.isfinite(r["loss"]) for r in opd)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from dopd.cli import app
 
 
+@pytest.mark.heavy
 def test_plateau_smoke(tmp_path):
     out, rep = tmp_path / "run", tmp_path / "report"
     r = CliRunner().invoke(app, ["experiment", "plateau", "--out", str(out), "--preset", "smoke", "--report", str(rep)])

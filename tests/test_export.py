@@ -280,6 +280,7 @@ def test_import_checks_shapes_vocabulary_and_embedding(tiny, tmp_path):
 # --- an imported drafter trains, evaluates the same, and the CLI -------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_imported_speculators_checkpoint_trains_one_opd_step(tiny, tmp_path):
     from dopd.common.config import load_config
     from dopd.local import Trainer
@@ -303,6 +304,7 @@ def test_imported_speculators_checkpoint_trains_one_opd_step(tiny, tmp_path):
     assert any(k.startswith("layers.0.") for k in changed) and "draft_ids" not in changed
 
 
+@pytest.mark.heavy
 def test_cli_export_and_eval_same_tau_after_reimport(trained_tiny_drafter, tmp_path):
     """`dopd eval` at T = 0 of a trained drafter and of its speculators export (re-imported on load) give the same
     tau; `dopd export` names what it refuses."""

@@ -5,8 +5,10 @@ trains on T = 1 engine rollouts, with held-out tau measured by the engine at T =
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+from helpers import assert_tau_consistent
 
 from dopd.common.config import load_config
 from dopd.driver import DistributedJob
@@ -32,10 +34,11 @@ def test_dvi_trains_in_the_distributed_runner(ray_session, tmp_path):
 
     cfg = load_config(None, BASE + ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=4", f"out_dir={tmp_path}"])
     summary = DistributedJob(cfg, log=lambda *a: None).run()
-    assert summary["steps"] == 6 and summary["records_trained_twice"] == 0 and summary["final_tau"] >= 1
+    assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
+    assert_tau_consistent(summary["final_tau"], summary["final_alpha"], cfg.rollout.block_size)
     steps = [r for r in rows(tmp_path) if r["event"] == "step"]
     assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [("opd", "rl")] * 2
-    assert all(r["loss"] == r["loss"] for r in steps)
+    assert all(math.isfinite(r["loss"]) for r in steps)
     info, embed, head, _ = load_frozen_io("tiny-random-llama")
     d = load_drafter(tmp_path / "drafter", info, embed, head)
     assert d.kind == "dvi" and float(d.lora_A.abs().sum()) > 0  # the low-rank head was trained (A starts at 0)
@@ -46,7 +49,8 @@ def test_bebop_expected_length_trains_in_the_distributed_runner(ray_session, tmp
         "drafter.kind=eagle3", "loss.objective=expected_length", "rollout.temperature=1", "eval.temperature=1", f"out_dir={tmp_path}",
     ])  # fmt: skip
     summary = DistributedJob(cfg, log=lambda *a: None).run()
-    assert summary["steps"] == 6 and summary["records_trained_twice"] == 0 and summary["final_tau"] >= 1
+    assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
+    assert_tau_consistent(summary["final_tau"], summary["final_alpha"], cfg.rollout.block_size)
     r = rows(tmp_path)
     evals = [x for x in r if x["event"] == "eval"]
     assert evals and not any(x["simulated"] for x in evals)  # T = 1: the engine measures tau
@@ -82,7 +86,7 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
         worker.set_weights(rank.gather_weights(), v + 1)
         data, _ = worker.produce(2)
         out.append(rank.opd_step(data, v + 1))
-    assert rank.state.step == 4 and all(o["loss"] == o["loss"] for o in out)
+    assert rank.state.step == 4 and all(math.isfinite(o["loss"]) for o in out)
     if method == "dvi":
         assert [o.get("dvi_phase") for o in out] == [None, None, "kl", "rl"]
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dopd.methods import ARMS, T1_ARMS, markdown, methods, tau_se
 
 
@@ -13,6 +15,7 @@ def test_tau_se_from_the_histogram():
     assert (tau, n) == (2.0, 4) and abs(se - (4 / 3) ** 0.5 / 2) < 1e-12
 
 
+@pytest.mark.heavy
 def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
     logs: list[str] = []
     s = methods(tmp_path, "smoke", [], log=logs.append)
@@ -24,8 +27,8 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
             assert all(not r["simulated"] and r["steps"] > 0 for r in res.values())
         else:
             assert a["temperature"] == 0.0 and set(res) == {"greedy"} and res["greedy"]["simulated"]
-        assert all(r["tau"] >= 1 and r["se"] >= 0 and r["se_prompts"] >= 0 for r in res.values())
-        # per-prompt records add up to the measurement (they feed the paired contrasts)
+        assert all(r["se"] >= 0 and r["se_prompts"] >= 0 for r in res.values())
+        # per-prompt records add up to the measurement (they feed the paired contrasts; tau is checked by them)
         for r in res.values():
             st, acc = r["per_prompt_steps"], r["per_prompt_accepted"]
             assert len(st) == 3 and sum(st) == r["steps"] and abs((sum(acc) + sum(st)) / sum(st) - r["tau"]) < 1e-9
@@ -53,6 +56,7 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
     assert markdown(s2) == markdown(s)
 
 
+@pytest.mark.heavy
 def test_an_arm_another_live_process_runs_is_skipped_not_wiped(tmp_path):
     """Arms split over processes on one --out: an arm whose lock a live process holds is left alone (its directory
     untouched, not in this call's results); a lock left by a dead process is taken over and released."""

@@ -76,6 +76,7 @@ def test_dvi_schedule_switches_at_the_configured_step():
     assert dvi_phase(10**6, DVIConfig()) == "kl"  # rl_start_step None: KL only
 
 
+@pytest.mark.heavy
 def test_dvi_phase_switches_in_the_in_process_runner(tmp_path, tiny):
     """DVI end to end on the tiny target: SFT warm-up, online KL, then RL from the configured learner step."""
     from dopd.local import Trainer
@@ -131,6 +132,7 @@ def _records_at_T1(target, drafter, prompts, K, seeds):
     return out
 
 
+@pytest.mark.heavy
 def test_expected_length_matches_monte_carlo_rejection_sampling(tiny, tiny_prompts, trained_tiny_drafter):
     """The path estimator of E[accepted], computed by the learner from the records (the current drafter's q by its
     training forward, the target's full distribution: top-k = vocabulary), has the same expectation as the accepted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from dopd.actors.replay import Replayer, choose_anchors
@@ -37,6 +38,7 @@ def test_error_anchors_are_the_rejection_positions():
     assert error_positions(seq_cut).tolist() == [12]
 
 
+@pytest.mark.heavy
 def test_replay_blocks_are_scored_by_the_target(tiny, tiny_prompts, trained_tiny_drafter):
     cfg = Config()
     cfg.rollout.max_new_tokens = 32

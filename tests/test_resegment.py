@@ -60,6 +60,7 @@ def compare(target, drafter, K, max_new=24, n_prompts=3):
     return st, steps
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("K", [1, 4, 8])
 @pytest.mark.parametrize("kind", ["eagle3", "dflash", "oracle"])
 def test_resegmented_records_equal_the_engine_tiny(tiny, trained_tiny_drafter, kind, K):
@@ -79,6 +80,7 @@ def test_resegmented_records_equal_the_engine_smollm2(smollm2, kind, K):
         assert st.tau > 1.3  # partial acceptance: every verification path (accept, reject, bonus) is exercised
 
 
+@pytest.mark.heavy
 def test_simulated_tau_equals_engine_tau(tiny, trained_tiny_drafter):
     prompts = [p for _, p in prompts_for(tiny, 4)]
     for K in (2, 5):
@@ -101,6 +103,7 @@ def test_simulated_tau_equals_engine_tau_smollm2(smollm2):
     assert sim.accepted_hist == eng.accepted_hist and sim.tau == eng.tau and eng.tau > 1.5
 
 
+@pytest.mark.heavy
 def test_simulate_refuses_sampling_and_long_prompts(tiny, trained_tiny_drafter):
     prompts = [p for _, p in prompts_for(tiny, 2)]
     with pytest.raises(PromptError, match="greedy decoding only"):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,13 +17,56 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def stop_soak(p: subprocess.Popen, log: Path) -> list[int]:
+    """What a timed-out soak started must not outlive the test: SIGTERM first (soak.py then stops its `dopd train`
+    and its Ray head itself), then SIGKILL its process group and every pid it logged (the Ray head runs in a
+    session of its own). Returns the pids still alive after that (none, or the test says so)."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(90)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+    started = []
+    for line in log.read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and ev.get("event") in ("ray_up", "launch"):
+            started.append(ev.get("head_pid") or ev.get("pid"))
+    for pid in started:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, TypeError):
+                pass
+    deadline = time.time() + 30
+    while (alive := [pid for pid in started if running(pid)]) and time.time() < deadline:
+        time.sleep(0.5)
+    return alive
+
+
+def running(pid) -> bool:
+    """A live process (a zombie waiting for its parent to reap it is gone: it holds nothing)."""
+    try:
+        return open(f"/proc/{int(pid)}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, TypeError, ValueError, IndexError):
+        return False
+
+
 def test_two_minute_soak_meets_every_aim(tmp_path):
-    out = tmp_path / "soak.json"
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "2", "--json", str(out), "--out", str(tmp_path / "run"),
-         "--steps-per-minute", "50", "--throttle-at", "0.1", "--throttle-s", "20", "--crash-at", "0.5", "--kill-every", "8"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    out, log = tmp_path / "soak.json", tmp_path / "soak.log"
+    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "2", "--json", str(out), "--out", str(tmp_path / "run"),
+           "--steps-per-minute", "50", "--throttle-at", "0.1", "--throttle-s", "20", "--crash-at", "0.5", "--kill-every", "8"]  # fmt: skip
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        p.wait(timeout=float(os.environ.get("DOPD_SOAK_TIMEOUT_S", "900")))
+    except subprocess.TimeoutExpired:
+        alive = stop_soak(p, log)
+        pytest.fail(f"the soak did not finish in time; stopped it (still alive: {alive or 'nothing'}):\n{log.read_text()[-3000:]}")
+    res = subprocess.CompletedProcess(cmd, p.returncode, log.read_text(), "")
     assert out.is_file(), f"the soak wrote no report:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     r = json.loads(out.read_text())
     failed = [k for k, ok in r["aims"].items() if not ok]

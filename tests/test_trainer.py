@@ -9,6 +9,8 @@ import pytest
 from dopd.common.config import load_config
 from dopd.local import Trainer, resume_config
 
+pytestmark = pytest.mark.heavy  # trains drafters: left out of the fast subset
+
 BASE = [
     "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=64",
     "sft.max_new_tokens=32", "rollout.max_new_tokens=32", "eval.max_new_tokens=24", "eval.num_prompts=4",

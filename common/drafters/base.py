@@ -11,6 +11,7 @@ held as non-persistent buffers: they are never saved, published to actors or han
 
 from __future__ import annotations
 
+import copy
 import json
 from abc import abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -159,6 +160,15 @@ class Drafter(nn.Module):
     def bind_target(self, model: nn.Module) -> None:
         """Called by the engine with the target model it verifies with. A self-speculative drafter (DVI) drafts with
         the target's own layers and keeps a reference to them here; other drafters need nothing."""
+
+    def for_inference(self, dtype: torch.dtype) -> Drafter:
+        """This drafter with its weights in `dtype` (drafting runs in the target's dtype: bf16 where the hardware has
+        it), or itself when they already are. The frozen target matrices and a bound target are shared, not copied."""
+        if self._dtype() == dtype:
+            return self
+        shared = (self.embed_weight, self.head_weight, self.__dict__.get("_target"))
+        twin = copy.deepcopy(self, memo={id(t): t for t in shared if t is not None})
+        return twin.to(dtype).eval()
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
