@@ -1,7 +1,9 @@
 """The one rollout recipe: prompts -> experience records, SFT data and held-out tau, for both runners.
 
 `ExperienceMaker` holds a target and the run config; the in-process runner (dopd/local.py) and every Ray rollout
-actor (actors/actor.py) call the same methods, so the two runners cannot drift apart.
+actor (actors/actor.py) call the same methods, so the two runners cannot drift apart. A prompt item is (id, prompt
+ids), or (id, prompt ids, answer ids) with data.answers=as_is: the target's text for it is then the dataset's
+answer, teacher-forced (`common/target_text.py`), in the SFT data and in the rounds alike.
 
 A round (`records`):
 1. roll out with the current drafter: at T = 0 by re-segmenting the cached greedy text (`actors/resegmented.py`),
@@ -27,10 +29,11 @@ import torch
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter
 from dopd.common.evaluation import simulated_segments
-from dopd.common.greedy import prefill, teacher_data
+from dopd.common.greedy import prefill
 from dopd.common.models import Target
 from dopd.common.record import SOURCE_SHUFFLED, STREAM_ACC, STREAM_REJ, Blocks, ExperienceRecord, TeacherRecord
 from dopd.common.specdec import DecodeSettings, tau_alpha
+from dopd.common.target_text import text_data
 
 from .replay import Replayer, choose_anchors
 from .resegmented import resegmented_rollout
@@ -113,9 +116,11 @@ class ExperienceMaker:
     def needs_teacher(self) -> bool:
         return self.loss.response == "ttt" or self.cfg.replay.anchors == "shuffled"
 
-    def rollout(self, drafter: Drafter, prompts: list[tuple[str, list[int]]], seed: int) -> tuple[list[Rolled], RoundStats]:
+    def rollout(self, drafter: Drafter, prompts: list[tuple], seed: int) -> tuple[list[Rolled], RoundStats]:
         cfg = self.cfg
         t0 = time.perf_counter()
+        if any(len(p) == 3 for p in prompts) and not self.resegment:  # config validation refuses this; a direct caller too
+            raise ValueError("items with given answers (data.answers=as_is) are re-segmented, not decoded: rollout.path=auto at T = 0")
         if self.resegment:
             seqs, rs = resegmented_rollout(self.target, drafter, prompts, cfg, score=self.needs_rejected, log=self.log)
             accepted, tokens, path = rs.accepted, rs.new_tokens, "resegment"
@@ -129,7 +134,7 @@ class ExperienceMaker:
         return seqs, RoundStats(tau, alpha, tokens, time.perf_counter() - t0, 0, 0.0, path)
 
     def records(
-        self, drafter: Drafter, prompts: list[tuple[str, list[int]]], version: int, actor_id: int, incarnation: int,
+        self, drafter: Drafter, prompts: list[tuple], version: int, actor_id: int, incarnation: int,
         seq_no: int, seed: int, rng: np.random.Generator, meta: dict | None = None,
     ) -> tuple[list[ExperienceRecord], RoundStats]:  # fmt: skip
         """One round: rollout with this drafter -> one record per prompt, laid out by the recipe."""
@@ -173,12 +178,12 @@ class ExperienceMaker:
         return Blocks(**{**{f: getattr(b, f) for f in Blocks.FIELDS}, "streams": np.full(len(b), flag, np.uint8)})
 
     # --- SFT data and evaluation -----------------------------------------------------------------------------
-    def teacher(self, feature_layers: list[int], prompts: list[tuple[str, list[int]]]) -> list[TeacherRecord]:
-        """SFT warm-up data: the target's greedy answers, teacher-forced (both cached on disk)."""
+    def teacher(self, feature_layers: list[int], prompts: list[tuple]) -> list[TeacherRecord]:
+        """SFT warm-up data: the target's greedy answers (or the dataset's, data.answers=as_is), teacher-forced (cached)."""
         c = self.cfg
         if c.sft.temperature > 0:
             raise ValueError("sft.temperature > 0 is not supported: SFT data is the target's greedy text (cached)")
-        _, recs = teacher_data(self.target, feature_layers, prompts, c.sft.max_new_tokens, c.rollout.topk, log=self.log)
+        _, recs = text_data(self.target, feature_layers, prompts, c.sft.max_new_tokens, c.rollout.topk, log=self.log)
         return recs
 
     def eval_settings(self) -> DecodeSettings:

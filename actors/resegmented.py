@@ -20,10 +20,11 @@ import torch
 
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter
-from dopd.common.greedy import GreedyText, teacher_data
+from dopd.common.greedy import GreedyText
 from dopd.common.models import Target
 from dopd.common.record import SOURCE_ROLLOUT, STREAM_ACC, STREAM_BOTH, Blocks, TeacherRecord
 from dopd.common.resegment import Segmentation, segment
+from dopd.common.target_text import text_data
 
 from .rollout import Rolled
 from .scoring import score_branches
@@ -115,13 +116,13 @@ def score_tails(target: Target, texts: list[GreedyText], blocks: list[Blocks], t
 
 
 def resegmented_rollout(
-    target: Target, drafter: Drafter, prompts: list[tuple[str, list[int]]], cfg: Config, score: bool, log=None
+    target: Target, drafter: Drafter, prompts: list[tuple], cfg: Config, score: bool, log=None
 ) -> tuple[list[Rolled], ResegStats]:
     """Greedy rollout by re-segmentation: records equal to the engine's at T = 0 (scored tails when `score`)."""
     r = cfg.rollout
     K, topk = r.block_size, r.topk
     t0 = time.perf_counter()
-    texts, pre = teacher_data(
+    texts, pre = text_data(  # the target's greedy text, or the dataset's answer for (id, prompt, answer) items
         target, drafter.feature_layers, prompts, r.max_new_tokens, topk,
         feature_dtype=target.dtype, with_lookahead=True, log=log,
     )  # fmt: skip
@@ -133,7 +134,7 @@ def resegmented_rollout(
     t3 = time.perf_counter()
     out = [
         Rolled(pid, t.prompt_ids + t.answer, t.prompt_len, p.features, b, scored=score, teacher=p)
-        for (pid, _), t, p, b in zip(prompts, texts, pre, blocks)
+        for (pid, *_), t, p, b in zip(prompts, texts, pre, blocks)
     ]
     acc = [int(a) for s in segs for a in s.accepted]
     stats = ResegStats(acc, sum(len(t.answer) for t in texts), t2 - t1, (t1 - t0) + (t3 - t2), scored)

@@ -45,6 +45,7 @@ class DrafterConfig:
 
     kind: Literal["eagle3", "dflash", "dvi"] = "eagle3"  # dvi: self-speculative (the target's first k layers + a low-rank head)
     init: str | None = None  # path of a saved drafter to start from; None = fresh weights
+    # transformer layers of the drafter
     num_layers: int = 1
     feature_layers: list[int] | None = None  # indices into the target's hidden_states; None = the kind's default
     draft_vocab_size: int | None = None  # None = the full target vocabulary (frozen target head)
@@ -59,15 +60,24 @@ class DrafterConfig:
 class DataConfig:
     """Prompt sets and the train / held-out split."""
 
-    prompts: str = "champ"  # humaneval | champ | champ-problems | path.jsonl
+    prompts: str = "champ"  # humaneval | champ | champ-problems | a conversation file (.jsonl, .json, .parquet, .arrow) or saved dataset dir
     eval_prompts: str | None = None  # None = a held-out split of `prompts`
-    num_eval: int = 16  # held-out prompts (split off `prompts`, never trained on)
+    num_eval: int = 16  # held-out groups (a conversation, a champ problem: all of its turns), never trained on
     num_train: int | None = None  # cap on training prompts; None = all the rest
     seed: int = 0  # the split's seed (recorded next to every checkpoint)
+    # the longest context (prompt) in tokens; longer ones follow data.too_long
     max_prompt_tokens: int = 384
     # which training prompts OPD rounds roll out: all of them, or only those the SFT warm-up did not answer
     # (`after_sft`: the first sft.num_prompts are the warm-up's; experiments train on prompts new to the drafter)
     rollout_prompts: Literal["all", "after_sft"] = "all"
+    # the target text a training example is trained on: "regenerate" = the target's greedy answer to its context
+    # (decoded once, cached); "as_is" = the dataset's own answer, teacher-forced (one prefill, no decoding)
+    answers: Literal["regenerate", "as_is"] = "regenerate"
+    # a context over max_prompt_tokens (or an as_is answer over max_answer_tokens): "truncate" drops the oldest
+    # turns (an answer is cut), "skip" drops the example; both are counted in split.json and `dopd data inspect`
+    too_long: Literal["truncate", "skip"] = "truncate"
+    max_answer_tokens: int | None = None  # as_is: the longest answer teacher-forced; None = rollout.max_new_tokens
+    hf_split: str | None = None  # a saved DatasetDict's split to read; None = "train", or its only split
 
 
 @dataclass
@@ -75,8 +85,11 @@ class RolloutConfig:
     """Target-assisted speculative rollout (also the eval engine's defaults)."""
 
     block_size: int = 4  # K draft tokens per verification step
+    # sampling temperature of rollouts (0 = greedy: the target's greedy text, re-segmented)
     temperature: float = 0.0
+    # nucleus sampling of rollouts at T > 0 (1 = off)
     top_p: float = 1.0
+    # answer tokens per rollout (the target's greedy answers are this long at most)
     max_new_tokens: int = 64
     batch_size: int = 4  # sequences decoded together (per actor)
     topk: int = 16  # target top-k kept per draft position in records
@@ -100,6 +113,7 @@ class ReplayConfig:
     extra: Literal["none", "error", "random", "all"] = "none"
     num_blocks: int = 1  # R extra blocks per extra anchor
     temperature: float = 0.0  # 0 = greedy extra drafts
+    # cap on extra anchors per sequence (replay.extra)
     max_anchors_per_seq: int = 64
 
 
@@ -127,8 +141,11 @@ class LossConfig:
     response: Literal["blocks", "ttt"] | None = None  # accepted stream: verification blocks | TTT at every position
     acc_divergence: Literal["fkl", "tv", "jsd", "bernoulli"] | None = None  # bernoulli: on the target's top-1 token
     rej_divergence: Literal["k3", "bernoulli", "fkl", "tv", "jsd"] = "k3"  # k3 / bernoulli: on the drafted token
+    # weight of the accepted stream in the joint token mean
     lambda_acc: float = 1.0
+    # weight of the rejected stream; None = the recipe's (DFlash 1, EAGLE-3 0)
     lambda_rej: float | None = None
+    # per-position decay of the block objective: position j weighs gamma^(j - offset)
     gamma: float = 0.8
     # offset 1 = the block's first draft position (official: the first rejected token already weighs
     # gamma^accepted); "rejection" = offset 1 at the first rejected position (dopd's first-wave choice)
@@ -137,10 +154,12 @@ class LossConfig:
     # code does: pull the target's token up where the rejected stream pushes the drafter's down
     acc_at_first_rejection: bool = True
     clamp: float | None = 10.0  # per-position loss clamp of the block objective (official: 10); None = off
+    # SFT loss: kl = soft cross-entropy to the target's top-k, ce = the target's token, both = their sum
     sft_objective: Literal["kl", "ce", "both"] = "kl"
     ttt_depth: int | None = None  # EAGLE-3 training-time-test unroll depth; None = block_size
     ttt_step_weight: float = 0.8  # weight of unroll step j is ttt_step_weight**(j-1)
     dflash_decay: float | None = 7.0  # DFlash SFT position weight exp(-(k-1)/decay); None = flat
+    # DFlash SFT: block starts sampled per sequence (all when fewer)
     dflash_anchors_per_seq: int = 64
 
 
@@ -157,8 +176,11 @@ class DVIConfig:
 
     rl_start_step: int | None = None  # the first learner step of the RL phase; None = KL only
     kl_weight: float = 0.0  # KL's weight in the RL phase (1 in the KL phase)
+    # weight of the reward-masked cross-entropy in the RL phase
     ce_weight: float = 1.0
+    # weight of the policy-gradient term in the RL phase
     pg_weight: float = 1.0
+    # policy-gradient baseline: the batch's mean reward, or none
     baseline: Literal["batch_mean", "none"] = "batch_mean"
 
 
@@ -166,9 +188,12 @@ class DVIConfig:
 class SFTConfig:
     """Supervised warm-up / baseline on target-regenerated answers."""
 
+    # SFT learner steps before the first OPD round (mode=opd)
     warmup_steps: int = 160
     num_prompts: int | None = 128  # training prompts the target answers once (cached on disk)
+    # answer tokens the target writes per SFT prompt (data.answers=regenerate)
     max_new_tokens: int = 64
+    # must be 0: SFT data is the target's greedy text (cached)
     temperature: float = 0.0
     sequences: str | None = None  # JSONL of target-written sequences to train on instead (e.g. an OPD run's rollouts)
 
@@ -177,16 +202,24 @@ class SFTConfig:
 class LearnerConfig:
     """Optimizer, schedule and the learner loop."""
 
+    # peak learning rate (AdamW)
     lr: float = 1e-3
+    # AdamW weight decay
     weight_decay: float = 0.0
+    # AdamW betas
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # gradient-norm clip
     grad_clip: float = 1.0
+    # linear learning-rate warm-up steps
     warmup_steps: int = 10
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
+    # learner steps between held-out evaluations
     eval_every: int = 40
+    # learner steps between checkpoints
     checkpoint_every: int = 40
+    # DeepSpeed ZeRO stage of the learner ranks (distributed runner)
     zero_stage: Literal[0, 1, 2, 3] = 2
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
     flops_budget: float | None = None  # stop when counted learner FLOPs reach this (used by experiments)
@@ -196,9 +229,12 @@ class LearnerConfig:
 class EvalConfig:
     """Held-out acceptance length."""
 
+    # held-out prompts evaluated (at most the held-out split's)
     num_prompts: int = 16
+    # answer tokens per held-out prompt
     max_new_tokens: int = 128
     block_size: int | None = None  # None = rollout.block_size
+    # 0 = greedy tau (exact, simulated); > 0 = rejection sampling with the engine
     temperature: float = 0.0
     # at T = 0: exact tau from the cached greedy text with drafter forwards only (common/resegment.py); false =
     # decode with the engine (also the path at T > 0)
@@ -210,19 +246,30 @@ class ClusterConfig:
     """Placement of the distributed job (ignored by the in-process runner)."""
 
     address: str | None = None  # None = an embedded local Ray, unless `dopd cluster up` wrote one
+    # rollout actors (dopd train --actors)
     actors: int = 2
+    # DeepSpeed ZeRO learner ranks (dopd train --learners)
     learners: int = 2
     shards: int | None = None  # None = one per learner rank
+    # Ray resources per rollout actor
     actor_num_cpus: float = 1.0
+    # Ray GPUs per rollout actor
     actor_num_gpus: float = 0.0
+    # Ray CPUs per learner rank (0 = not reserved)
     learner_num_cpus: float = 0.0
+    # Ray GPUs per learner rank
     learner_num_gpus: float = 0.0
+    # bytes a queue shard holds before queue_policy applies
     queue_max_bytes: int = 256 * 2**20
+    # a full shard: block (the actor waits: backpressure), drop_oldest or drop_newest
     queue_policy: Literal["block", "drop_oldest", "drop_newest"] = "block"
     max_staleness: int = 4  # records older than this many policy versions are dropped
+    # a larger experience record is rejected
     max_record_bytes: int = 64 * 2**20
     publish: Literal["object_store"] = "object_store"  # an NCCL broadcast group is not implemented yet
+    # times Ray restarts a crashed rollout actor
     max_actor_restarts: int = 3
+    # bytes of the embedded local Ray's object store
     object_store_memory: int = 512 * 2**20
     master_port: int | None = None  # torch.distributed rendezvous port for the learner group; None = free port
     placement_timeout_s: float = 120.0  # how long to wait for the cluster to fit the actors and learners
@@ -230,20 +277,27 @@ class ClusterConfig:
 
 @dataclass
 class MetricsConfig:
-    """The job's Prometheus endpoint."""
+    """The job's metrics: the Prometheus endpoint, and TensorBoard / W&B under the same names (common/sinks.py)."""
 
+    # serve the distributed job's Prometheus /metrics endpoint
     enabled: bool = True
+    # address /metrics binds (loopback unless you mean otherwise)
     host: str = "127.0.0.1"
     port: int = 9400  # 0 = any free port (written to run_summary.json)
     linger_s: float = 0.0  # keep /metrics up this long after the job ends (a last scrape)
+    tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
+    wandb: bool = False  # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
 
 
 @dataclass
 class Config:
     """A whole run. `mode` picks the trainer's loop; everything else is shared."""
 
+    # sft = supervised training only; opd = SFT warm-up (sft.warmup_steps), then Draft-OPD rounds
     mode: Literal["sft", "opd"] = "opd"
+    # seed of weights, data order and sampling
     seed: int = 0
+    # run directory: config, metrics, checkpoints, the trained drafter (dopd train --out)
     out_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
@@ -298,7 +352,19 @@ class Config:
         if lc.clamp is not None and lc.clamp <= 0:
             raise ConfigError(f"loss.clamp must be > 0 or null (got {lc.clamp})")
         self._validate_methods(lc)
+        self._validate_data()
         return self
+
+    def _validate_data(self) -> None:
+        """Answer modes and length limits: a combination that cannot mean what it says is an error."""
+        d = self.data
+        if d.max_prompt_tokens < 1 or (d.max_answer_tokens is not None and d.max_answer_tokens < 1):
+            raise ConfigError("data.max_prompt_tokens and data.max_answer_tokens must be >= 1")
+        if d.answers == "as_is" and self.mode == "opd" and (self.rollout.path == "engine" or self.rollout.temperature > 0):
+            raise ConfigError(
+                "data.answers=as_is teacher-forces the dataset's answers, but OPD rollouts with rollout.path=engine or "
+                "rollout.temperature > 0 decode new text with the target: use data.answers=regenerate (or T = 0, path auto)"
+            )
 
     def _validate_methods(self, lc: LossConfig) -> None:
         """DVI and Bebop train verification blocks only; settings that would train anything else are errors."""

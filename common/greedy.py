@@ -62,6 +62,11 @@ class GreedyText:
         """Length of prompt + answer (the committed sequence)."""
         return len(self.prompt_ids) + len(self.answer)
 
+    @property
+    def known_len(self) -> int:
+        """How much of `tokens` is known target text (all of it here; a dataset's answer has no lookahead)."""
+        return len(self.prompt_ids) + len(self.answer) + len(self.lookahead)
+
 
 def _key(target: Target, prompt: list[int], total: int) -> str:
     ident = {

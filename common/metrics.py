@@ -4,10 +4,12 @@ Dashboards (`dashboards/`) import `METRICS` from here, so a panel can only refer
 end-to-end test queries every panel expression through a real Prometheus. The driver process owns the endpoint:
 actors, shards and learner ranks report their numbers back to it with their regular results, so one scrape
 target sees the whole job. Labels: `actor`, `shard`, `position` (1-based block position), `stream`, `source`.
+The same updates also go to TensorBoard / W&B when a run turns them on (`common/sinks.py`), under these names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -52,6 +54,16 @@ _DEFS = [
     MetricDef("dopd_actor_restarts", "counter", "Rollout actor restarts, per actor", ("actor",)),
 ]
 METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
+# the job's state that the driver sets on the collectors directly: written to the sinks at every learner step
+_EVERY_STEP = (
+    "dopd_policy_version", "dopd_queue_depth", "dopd_queue_bytes", "dopd_publish_latency_seconds", "dopd_records_dropped_stale",
+    "dopd_records_dropped_full", "dopd_records_rejected", "dopd_actor_restarts",
+)  # fmt: skip
+
+
+def series_tag(series: str, labels: dict[str, str]) -> str:
+    """A Prometheus series as one flat name for TensorBoard / W&B: `name{a="x",b="y"}` -> `name/a=x,b=y`."""
+    return series + ("/" + ",".join(f"{k}={v}" for k, v in labels.items()) if labels else "")
 
 _BUCKETS = {
     "dopd_record_staleness": (0, 1, 2, 3, 4, 6, 8, 16),
@@ -76,6 +88,28 @@ class JobMetrics:
             self.m[d.name] = c
         self.server = None
         self.port: int | None = None
+        self.sinks = None  # TensorBoard / W&B (common/sinks.py), fed by the typed updates below
+        self.step: Callable[[], int] = lambda: 0
+
+    def attach(self, sinks, step: Callable[[], int]) -> None:
+        """Also hand every typed update's series to `sinks` (with `.write(step, values)`), at the step `step()`."""
+        self.sinks, self.step = sinks, step
+
+    def _emit(self, names: tuple[str, ...], **labels: str) -> None:
+        """The current value of these metrics' series (those with `labels`) to the sinks, named as Prometheus
+        exports them: counters as `_total`, histograms as `_sum` and `_count`."""
+        if self.sinks is None:
+            return
+        values = {}
+        for fam in self.registry.collect():
+            if fam.name not in names:
+                continue
+            for s in fam.samples:
+                if s.name.endswith(("_created", "_bucket")) or any(s.labels.get(k) != v for k, v in labels.items()):
+                    continue
+                values[series_tag(s.name, s.labels)] = float(s.value)
+        if values:
+            self.sinks.write(self.step(), values)
 
     def __getitem__(self, name: str):
         return self.m[name]
@@ -87,6 +121,9 @@ class JobMetrics:
         return self.port
 
     def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
+            self.sinks = None
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -96,6 +133,7 @@ class JobMetrics:
     def acceptance(self, source: str, alpha: list[float]) -> None:
         for i, a in enumerate(alpha, 1):
             self.m["dopd_acceptance_rate"].labels(source=source, position=str(i)).set(a)
+        self._emit(("dopd_acceptance_rate",), source=source)
 
     def rollout(self, actor: str, tau: float, alpha: list[float], tokens: int, seconds: float, anchors: int, replay_seconds: float, records: int) -> None:
         self.m["dopd_rollout_tau"].labels(actor=actor).set(tau)
@@ -105,6 +143,7 @@ class JobMetrics:
         self.m["dopd_replay_anchors"].labels(actor=actor).inc(anchors)
         self.m["dopd_replay_anchors_per_second"].labels(actor=actor).set(anchors / max(replay_seconds, 1e-9))
         self.m["dopd_records_produced"].labels(actor=actor).inc(records)
+        self._emit(("dopd_rollout_tau", "dopd_rollout_tokens", "dopd_rollout_tokens_per_second", "dopd_replay_anchors", "dopd_replay_anchors_per_second", "dopd_records_produced"), actor=actor)
 
     def learner(self, loss: float, acc: float, rej: float, grad_norm: float, seconds: float, flops: float, records: int, staleness: list[int]) -> None:
         self.m["dopd_learner_loss"].labels(stream="total").set(loss)
@@ -117,7 +156,9 @@ class JobMetrics:
         self.m["dopd_records_consumed"].inc(records)
         for s in staleness:
             self.m["dopd_record_staleness"].observe(s)
+        self._emit(("dopd_learner_loss", "dopd_learner_grad_norm", "dopd_learner_step_seconds", "dopd_learner_steps", "dopd_learner_flops", "dopd_records_consumed", "dopd_record_staleness") + _EVERY_STEP)
 
     def heldout(self, tau: float, alpha: list[float]) -> None:
         self.m["dopd_heldout_tau"].set(tau)
+        self._emit(("dopd_heldout_tau",))
         self.acceptance("heldout", alpha)

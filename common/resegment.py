@@ -107,13 +107,14 @@ def walk(text: GreedyText, blocks: np.ndarray, logprobs: np.ndarray) -> Segmenta
     if toks.size < end + K - 1:
         raise ValueError(f"text has {toks.size - end} lookahead tokens; block size {K} needs {K - 1}")
     win = np.lib.stride_tricks.sliding_window_view(toks[P:], K)[: end - P]  # [A, K] the text after each position
-    match_all = blocks == win
+    known = text.known_len  # past it the text is padding: no draft there is accepted
+    match_all = (blocks == win) & (np.arange(P, end)[:, None] + np.arange(K)[None, :] < known)
     everywhere = np.where(match_all.all(1), K, match_all.argmin(1))
     anchors, acc, com = [], [], []
     n = P
     while n < end:
         d = blocks[n - P]
-        match = d == toks[n : n + K]
+        match = (d == toks[n : n + K]) & (np.arange(n, n + K) < known)
         a = int(match.argmin()) if not match.all() else K
         anchors.append(n)
         acc.append(a)

@@ -19,6 +19,29 @@ cluster_app = typer.Typer(no_args_is_help=True, help="A Ray cluster for dopd job
 app.add_typer(cluster_app, name="cluster")
 experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments that write their plots and numbers.")
 app.add_typer(experiment_app, name="experiment")
+config_app = typer.Typer(no_args_is_help=True, help="The run config: every key with its default and meaning; checking a file.")
+app.add_typer(config_app, name="config")
+data_app = typer.Typer(no_args_is_help=True, help="Training data: see a dataset through the target's chat template.")
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("dopd")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            v = "unknown (not installed)"
+        typer.echo(f"dopd {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Train speculative-decoding drafters by on-policy distillation."""
 
 
 def _setup_torch(threads: int | None = None) -> None:
@@ -352,6 +375,90 @@ def experiment_methods(
     except DopdError as e:
         _fail(e)
     typer.echo(json.dumps({a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()}, indent=1))
+
+
+def _overrides(ctx: typer.Context) -> list[str]:
+    extra = list(ctx.args)
+    for a in extra:
+        if "=" not in a:
+            _fail(DopdError(f"unexpected argument '{a}': overrides look like section.key=value"))
+    return extra
+
+
+@config_app.command("show", context_settings={"allow_extra_args": True})
+def config_show(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="show this file's values (key=value arguments override them) instead of the defaults"),
+) -> None:
+    """Every config key with its value (the defaults unless --config) and its meaning, as YAML to edit."""
+    from dopd.common.config import load_config
+    from dopd.common.config_help import render_yaml
+
+    try:
+        cfg = load_config(config, _overrides(ctx))
+    except DopdError as e:
+        _fail(e)
+    typer.echo(render_yaml(cfg), nl=False)
+
+
+@config_app.command("check", context_settings={"allow_extra_args": True})
+def config_check(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML config to check"),
+) -> None:
+    """Validate a config without starting a run: keys, types, cross-key rules, the data file, the metrics sinks."""
+    from dopd.common.config import Config, load_config
+    from dopd.common.config_help import key_docs
+    from dopd.common.prompts import BUILTIN_SETS, load_examples
+    from dopd.common.sinks import check_sinks
+
+    try:
+        cfg = load_config(config, _overrides(ctx))
+        check_sinks(cfg)
+        data = ""
+        if cfg.data.prompts not in BUILTIN_SETS:
+            ex = load_examples(cfg.data.prompts, cfg.data.hf_split)  # reads every row: format errors name their line
+            data = f"; data {cfg.data.prompts}: {ex.counts.get('conversations', len(ex.prompts))} conversations, {len(ex.prompts)} examples before length limits"
+    except DopdError as e:
+        _fail(e)
+    changed, tree = [], cfg.to_dict()
+    for k in key_docs(Config):
+        value = tree
+        for part in k.key.split("."):
+            value = value[part]
+        if value != k.default:
+            changed.append(f"{k.key}={value!r}")
+    typer.echo(f"ok: {config}: mode={cfg.mode}, drafter {cfg.drafter.kind}, target {cfg.model.target}{data}")
+    typer.echo(f"{len(changed)} keys differ from the defaults" + (": " + ", ".join(changed) if changed else ""))
+
+
+@data_app.command("inspect", context_settings={"allow_extra_args": True})
+def data_inspect(
+    ctx: typer.Context,
+    file: str = typer.Argument(..., help="conversation file (.jsonl, .json, .parquet, .arrow), saved dataset directory, or a builtin set"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="the run's config (data.*, model.target); key=value arguments override it"),
+    target: Optional[str] = typer.Option(None, help="whose chat template (default: the config's model.target)"),
+    show: int = typer.Option(1, help="examples to print through the template"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+) -> None:
+    """What training would use: conversations, turns, tokens per turn, skips and why, one example templated."""
+    from transformers import AutoTokenizer
+
+    from dopd.common.config import load_config
+    from dopd.common.models import resolve_target
+    from dopd.data_inspect import format_report, inspect_data
+
+    overrides = _overrides(ctx) + [f"data.prompts={file}"] + ([f"model.target={target}"] if target else [])
+    try:
+        cfg = load_config(config, overrides)
+        tok = AutoTokenizer.from_pretrained(resolve_target(cfg.model.target, quiet=True))
+        rep = inspect_data(cfg, tok, show)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(format_report(rep))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(rep, indent=1))
 
 
 def main() -> None:

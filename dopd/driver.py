@@ -30,6 +30,7 @@ from pathlib import Path
 from dopd.common.config import Config, dump_config
 from dopd.common.errors import DopdError
 from dopd.common.metrics import JobMetrics
+from dopd.common.sinks import make_sinks
 from dopd.connection import cluster_address, connect
 from dopd.exactly_once import TrainedLedger
 from dopd.fleet import LearnerGroup, LearnerLost, RolloutFleet, make_shards
@@ -90,6 +91,7 @@ class DistributedJob:
             self._serve_metrics()
             if self.resume:
                 self._restore()
+            self.metrics.attach(make_sinks(c, fresh=not self.resume, step=self.state.step), step=lambda: self.state.step)
             warm = c.sft.warmup_steps if c.mode == "opd" else c.learner.steps
             total = warm + c.learner.steps if c.mode == "opd" else c.learner.steps
             pbar = tqdm(total=total, initial=self.state.step, desc="learner steps", disable=not sys.stderr.isatty())
@@ -149,6 +151,7 @@ class DistributedJob:
         tok = AutoTokenizer.from_pretrained(resolve_target(c.model.target, quiet=True))
         self.target_info = load_target_info(c.model.target).to_dict()
         p = run_prompts(c, tok)
+        self.log(p.summary())
         if not c.data.eval_prompts:
             (self.out / "split.json").write_text(json.dumps(p.split, indent=1))
         self.train, self.sft_prompts, self.rollout_prompts = p.train, p.sft, p.rollout

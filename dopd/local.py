@@ -36,6 +36,7 @@ from dopd.common.errors import DopdError
 from dopd.common.models import Target, load_target
 from dopd.common.prompts import run_prompts
 from dopd.common.record import ExperienceRecord, TeacherRecord, decode_record
+from dopd.common.sinks import RowMetrics
 from dopd.learner.objective import compute_loss, make_batch
 from dopd.learner.optim import make_optimizer
 
@@ -123,6 +124,7 @@ class Trainer:
             for stale in ("metrics.jsonl", "opd_sequences.jsonl", "summary.json"):
                 (self.out / stale).unlink(missing_ok=True)
         dump_config(cfg, self.out / "config.yaml")  # the config this run uses (a resume may add overrides)
+        self.sinks = RowMetrics.for_config(cfg, lambda: self.state, fresh=not resume)  # TensorBoard / W&B, when on
 
     @property
     def policy(self) -> Drafter:
@@ -134,6 +136,7 @@ class Trainer:
         p = run_prompts(self.cfg, self.target.tokenizer)
         self.train, self.sft_prompts, self.rollout_prompts, self.eval_ids = p.train, p.sft, p.rollout, p.eval_ids
         (self.out / "split.json").write_text(json.dumps(p.split, indent=1))
+        self.log(p.summary())
 
     def _build_drafter(self) -> Drafter:
         cfg = self.cfg
@@ -250,6 +253,8 @@ class Trainer:
         row = {"time": time.time(), **row}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.sinks is not None:
+            self.sinks.observe(row)
         if row["event"] == "eval":
             self.log(f"[step {row['step']}] held-out tau {row['tau']:.3f} ({row['steps']} steps{', simulated' if row['simulated'] else ''})  alpha {' '.join(f'{a:.2f}' for a in row['alpha'])}  flops {row['flops']:.3g}")
         elif row["event"] == "step" and (row["step"] % 10 == 0 or row["step"] == 1):
@@ -292,6 +297,9 @@ class Trainer:
             "target": self.target.info.to_dict(), "drafter_params": self.drafter.num_parameters(), "state": asdict(self.state),
         }  # fmt: skip
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.sinks is not None:
+            self.sinks.close()
+            self.sinks = None
         return summary
 
     # --- checkpoints ------------------------------------------------------------------------------------------
