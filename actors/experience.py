@@ -6,7 +6,7 @@ actor (actors/actor.py) call the same methods, so the two runners cannot drift a
 A round (`records`):
 1. roll out with the current drafter: at T = 0 by re-segmenting the cached greedy text (`actors/resegmented.py`),
    else with the engine (`actors/rollout.py`);
-2. lay out the blocks the recipe trains (`cfg.effective_loss()`, `cfg.replay`):
+2. lay out the blocks the recipe trains (`cfg.loss`, resolved at load; `cfg.replay`):
    - `replay.anchors=rollout` (official): the rollout's own verification blocks, re-run by the learner with the
      current weights; they feed the accepted stream (unless `loss.response=ttt`: EAGLE-3's recipe trains every
      position instead) and, when lambda_rej > 0, the rejected stream (then the tails are scored by the target);
@@ -95,7 +95,7 @@ class ExperienceMaker:
     def __init__(self, target: Target, cfg: Config, log=None):
         self.target = target
         self.cfg = cfg
-        self.loss = cfg.effective_loss()
+        self.loss = cfg.loss
         self.log = log
         self.replayer = Replayer(target, cfg.replay, cfg.rollout, batch_size=cfg.rollout.batch_size)
         self.eval_cache: dict = {}  # held-out texts + features (an experiment shares one across its runs)

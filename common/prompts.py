@@ -201,3 +201,22 @@ def run_prompts(cfg, tokenizer) -> RunPrompts:
     split["num_train_encoded"] = len(pairs)
     split["num_rollout"] = len(rollout)
     return RunPrompts(pairs, pairs[:n_sft], rollout, eval_ids, split)
+
+
+def read_sequences(path: str) -> list[tuple[str, list[int], int]]:
+    """(prompt_id, token_ids, prompt_len) per line of a sequences JSONL (`sft.sequences`; an OPD run's
+    opd_sequences.jsonl is one): target-written text to teacher-force instead of the target's greedy answers."""
+    p = Path(path)
+    if not p.is_file():
+        raise PromptError(f"sft.sequences file not found: {p}")
+    out = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                out.append((str(row["prompt_id"]), [int(x) for x in row["token_ids"]], int(row["prompt_len"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise PromptError(f"{p}:{i}: expected {{prompt_id, token_ids, prompt_len}}") from None
+    if not out:
+        raise PromptError(f"sft.sequences file {p} is empty")
+    return out

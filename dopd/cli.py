@@ -210,15 +210,16 @@ def train_cmd(
     ctx: typer.Context,
     mode: Optional[str] = typer.Option(None, help="sft | opd (default: the config's, opd)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; key=value arguments override it"),
-    actors: Optional[int] = typer.Option(None, help="rollout actors; given (>= 1) -> the distributed Ray job"),
-    learners: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO learner ranks (distributed job)"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory from its last checkpoint"),
+    actors: Optional[int] = typer.Option(None, help="rollout actors; given (>= 1) -> the Ray runner (runner=ray)"),
+    learners: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO learner ranks (Ray runner)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory from its newest good checkpoint"),
     out: Optional[Path] = typer.Option(None, help="output directory (= out_dir=...)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (in-process runner)"),
 ) -> None:
-    """Train a drafter: in one process (no --actors), or on Ray with N rollout actors and M ZeRO learner ranks."""
+    """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks."""
     _setup_torch(threads)
     from dopd.common.config import load_config
+    from dopd.train import train
 
     overrides = list(ctx.args)
     for a in overrides:
@@ -228,9 +229,8 @@ def train_cmd(
         overrides.append(f"mode={mode}")
     if out is not None:
         overrides.append(f"out_dir={out}")
-    distributed = actors is not None and actors > 0
     if actors is not None and actors > 0:
-        overrides.append(f"cluster.actors={actors}")
+        overrides += ["runner=ray", f"cluster.actors={actors}"]
     if learners is not None:
         overrides.append(f"cluster.learners={learners}")
     try:
@@ -241,16 +241,8 @@ def train_cmd(
             cfg = load_config(saved, overrides + [f"out_dir={resume}"])
         else:
             cfg = load_config(config, overrides)
-        if distributed:
-            from dopd.driver import run_distributed
-
-            summary = run_distributed(cfg, resume=resume is not None)
-            typer.echo(json.dumps(summary, indent=1))
-        else:
-            from dopd.local import Trainer
-
-            summary = Trainer(cfg, resume=resume is not None).run()
-            typer.echo(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))
+        summary = train(cfg, resume=resume is not None)
+        typer.echo(json.dumps(summary, indent=1))
         _next_steps(cfg)
     except DopdError as e:
         _fail(e)

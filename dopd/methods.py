@@ -201,7 +201,7 @@ def _claim(run_dir: Path):
     """Hold `<run_dir>.lock` (this process's pid) while training there; yields False when a live process holds it.
 
     Arms can be split over processes on one --out (`--arms`, a process per core): without the lock, a second
-    process reaching an arm another is still training would wipe its directory (`branch_from`). A lock whose
+    process reaching an arm another is still training would start it afresh (wiping its rows). A lock whose
     process is gone (killed, machine restarted) is taken over.
     """
     lock = run_dir.parent / f"{run_dir.name}.lock"
@@ -227,7 +227,8 @@ def _claim(run_dir: Path):
 def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
     """The shared SFT warm-up of a drafter kind (skipped when its checkpoint exists; waited for when another
     process is running it)."""
-    from dopd.local import Trainer
+    from dopd.local import InProcess
+    from dopd.train import train
 
     wdir = out / f"warmup_{kind}"
     ckpt = wdir / "checkpoints" / f"step_{W:07d}"
@@ -237,7 +238,7 @@ def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
                 if not ckpt.is_dir():
                     log(f"== warm-up ({kind}): {W} SFT steps")
                     cfg = load_config(None, base + [f"drafter.kind={kind}", "mode=sft", f"learner.steps={W}", f"learner.eval_every={W}", f"out_dir={wdir}"])
-                    Trainer(cfg, target=target, log=log).run()
+                    train(cfg, InProcess(cfg, target=target, log=log))
                 break
         log(f"   warm-up ({kind}) is being run by another process: waiting")
         time.sleep(10)
@@ -246,7 +247,8 @@ def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
 
 def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = ARMS, log=print) -> dict:
     from dopd.common.models import load_target
-    from dopd.local import Trainer, branch_from
+    from dopd.local import InProcess
+    from dopd.train import train
 
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -272,6 +274,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
         steps = W + B if "mode=sft" in ov else B  # mode sft counts every step, mode opd the steps after the warm-up
         cfg = load_config(None, base + ov + [
             f"sft.warmup_steps={W}", f"learner.steps={steps}", f"learner.eval_every={eval_every}", f"out_dir={adir}",
+            f"resume_from={ckpt}",
         ])  # fmt: skip
         temperature = cfg.eval.temperature
         if kind not in warm or temperature not in warm[kind]:
@@ -281,8 +284,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
             with _claim(adir) as mine:
                 if mine and not (adir / "summary.json").is_file():
                     log(f"== arm {arm}")
-                    branch_from(ckpt, adir)
-                    Trainer(cfg, target=target, resume=True, log=log).run()
+                    train(cfg, InProcess(cfg, target=target, log=log))
             if not (adir / "summary.json").is_file():
                 log(f"   arm {arm} is being run by another process ({adir}.lock): not in this call's results")
                 continue
@@ -310,7 +312,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
 
 def _arm_time(arm: dict, warmup: dict) -> dict[str, float]:
     """Seconds the arm itself spent (its trainer's clocks carry on from the warm-up's), final evaluation excluded."""
-    return {k: arm["state"][k] - warmup["state"][k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")}
+    return {k: arm["time"][k] - warmup["time"][k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")}
 
 
 def _main_result(final: dict) -> dict:

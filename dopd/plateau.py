@@ -11,7 +11,7 @@ Design (issue "[2 of 6]"), top to bottom:
    text whatever the drafter, generated once and cached on disk for every arm and seed:
      A  SFT on the rollout text (every position teacher-forced; DFlash: random anchors, as many per sequence as
         the warm-up drafter's verification steps, so supervised positions per step match B's)
-     B  Draft-OPD, the official recipe (`Config.effective_loss()`)
+     B  Draft-OPD, the official recipe (the drafter kind's `default_loss`, resolved into the config at load)
      C  B with the paper's random-anchor ablation (`replay.anchors=shuffled`)
      D  B with lambda_rej = 0        E  C with lambda_rej = 0        F  B with gamma = 1
 3. Evaluation: exact simulated greedy tau (`common/resegment.py`) on the preset's held-out prompts, per prompt,
@@ -118,7 +118,8 @@ def plateau(
     from dopd.actors.experience import ExperienceMaker
     from dopd.common.drafters import load_drafter
     from dopd.common.models import load_target
-    from dopd.local import Trainer, branch_from
+    from dopd.local import InProcess
+    from dopd.train import train
 
     P = choose(PRESETS, preset)
     if drafter not in P.drafters:
@@ -146,7 +147,7 @@ def plateau(
     ckpt = wdir / "checkpoints" / f"step_{W:07d}"
     if not (wdir / "summary.json").is_file():
         log(f"== warm-up: {W} SFT steps on the target's answers to {n_sft} prompts")
-        Trainer(wcfg, target=target, log=log).run()
+        train(wcfg, InProcess(wcfg, target=target, log=log))
     wsum = json.loads((wdir / "summary.json").read_text())
     eval_cache: dict = {}  # held-out texts and features, shared by every run in this process
     weval = wdir / "eval.json"
@@ -163,7 +164,7 @@ def plateau(
         weval.write_text(json.dumps(warm))
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
     log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
-    warm_state = wsum["state"]
+    warm_state = wsum["time"]
 
     # arm A supervises as many positions per step as B: one random-anchor block per verification step of the
     # warm-up drafter on a rollout-length answer (the same number of K-token blocks B trains per sequence)
@@ -175,17 +176,16 @@ def plateau(
         rdir = out / "arms" / f"{arm}_{ARMS[arm].name}_s{seed}"
         ov = base + list(ARMS[arm].overrides) + [
             "mode=opd", f"seed={seed}", f"sft.warmup_steps={W}", f"learner.steps={N}",
-            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}",
+            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={ckpt}",
         ]  # fmt: skip
         if arm == "A" and drafter == "dflash":
             ov.append(f"loss.dflash_anchors_per_seq={blocks_per_seq}")
         cfg = load_config(None, ov)
         if not (rdir / "summary.json").is_file():
             log(f"== arm {arm} ({ARMS[arm].what}), seed {seed}: {N} steps")
-            branch_from(ckpt, rdir)
-            tr = Trainer(cfg, target=target, resume=True, log=log)
-            tr.worker.maker.eval_cache = eval_cache
-            tr.run()
+            backend = InProcess(cfg, target=target, log=log)
+            backend.worker.maker.eval_cache = eval_cache
+            train(cfg, backend)
         evals = _rows(rdir / "metrics.jsonl", "eval")
         steps = _rows(rdir / "metrics.jsonl", "step")
         runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text())}
@@ -258,7 +258,7 @@ def _wall_recorded(runs, warm, warm_state) -> dict:
     w = sum(warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")) + warm.get("eval_s", 0.0)
     arms = 0.0
     for r in runs.values():
-        st = r["summary"]["state"]
+        st = r["summary"]["time"]
         arms += sum(st[k] - warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s"))
     return {"warmup": w, "arms": arms, "total": w + arms}
 
