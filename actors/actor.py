@@ -71,10 +71,15 @@ class RolloutWorker:
         """What a checkpoint keeps of this worker: record numbering, the prompt order's position, its RNG."""
         return {"seq_no": self.seq_no, "batch_no": self.batch_no, "sampler": self.sampler.state(), "rng": self.rng.bit_generator.state}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict) -> bool:
+        """Continue a checkpoint's numbering, RNG and prompt order; False (the order starts afresh) when the order was
+        saved for other prompts or another seed (a run started from another run's checkpoint)."""
         self.seq_no, self.batch_no = state["seq_no"], state["batch_no"]
-        self.sampler.load(state["sampler"])
         self.rng.bit_generator.state = state["rng"]
+        if not self.sampler.fits(state["sampler"]):
+            return False
+        self.sampler.load(state["sampler"])
+        return True
 
     def _next_prompts(self, n: int) -> list[tuple[str, list[int]]]:
         return [self.prompts[i] for i in self.sampler.take(n)]
@@ -152,8 +157,7 @@ class RolloutActor:
 
     def load_state(self, state: dict) -> bool:
         with self.lock:
-            self.worker.load_state(state)
-        return True
+            return self.worker.load_state(state)
 
     def produce(self, n: int) -> tuple[list[bytes], dict]:
         """One synchronous round (`cluster.rollout=sync`): n records with the newest weights, handed back."""

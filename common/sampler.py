@@ -44,8 +44,13 @@ class EpochSampler:
     def state(self) -> dict:
         return {"n": self.n, "key": list(self.key), "epoch": self.epoch, "cursor": self.cursor}
 
+    def fits(self, state: dict) -> bool:
+        """Whether a saved position belongs to this data set and key (a run started from another run's checkpoint
+        with another seed or data starts its own order instead)."""
+        return state["n"] == self.n and list(state["key"]) == list(self.key)
+
     def load(self, state: dict) -> None:
         """Continue from a saved position; refuses one saved for another data set or seed."""
-        if state["n"] != self.n or list(state["key"]) != list(self.key):
+        if not self.fits(state):
             raise ValueError(f"sampler state for {state['n']} items with key {state['key']} does not fit {self.n} items with key {list(self.key)}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

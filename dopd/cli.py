@@ -306,7 +306,7 @@ def experiment_plateau(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="output directory (a rerun skips the warm-up and every finished arm and seed)"),
     preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option("A,B,C,D,E,F", help="comma-separated subset of A..F (see dopd/plateau.py)"),
+    arms: str = typer.Option("A,B,C,D,E,F", help="comma-separated subset of A..F (see experiments/plateau.py)"),
     seeds: Optional[int] = typer.Option(None, help="seeds of arms A, B, C (default: the preset's)"),
     drafter: str = typer.Option("dflash", help="dflash | eagle3"),
     report: Optional[Path] = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
@@ -314,7 +314,7 @@ def experiment_plateau(
 ) -> None:
     """SFT vs Draft-OPD vs its ablations from one gated warm-up, with seeds and paired bootstrap contrasts."""
     _setup_torch(threads)
-    from dopd.plateau import main_plateau
+    from dopd.experiments.plateau import main_plateau
 
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     try:
@@ -334,7 +334,7 @@ def experiment_methods(
 ) -> None:
     """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
     _setup_torch(threads)
-    from dopd.methods import ARMS, PRESETS, main_methods
+    from dopd.experiments.methods import ARMS, PRESETS, main_methods
 
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     bad = [a for a in chosen if a not in ARMS]
@@ -345,6 +345,26 @@ def experiment_methods(
     except DopdError as e:
         _fail(e)
     typer.echo(json.dumps({a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()}, indent=1))
+
+
+@experiment_app.command("render")
+def experiment_render(
+    report: Path = typer.Argument(..., help="a report directory: an experiment's --out / --report, docs/plateau, docs/methods"),
+) -> None:
+    """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
+    from dopd.experiments import methods, plateau
+
+    if (report / "results.json").is_file():
+        methods.render_report(report)
+        typer.echo(f"re-rendered {report / 'results.csv'} and {report / 'summary.md'} from {report / 'results.json'}")
+    elif (report / "summary.json").is_file() and (report / "results.csv").is_file():
+        try:
+            plateau.render_report(report)
+        except DopdError as e:
+            _fail(e)
+        typer.echo(f"re-rendered {report / 'summary.md'} and {report / 'plot.png'} from summary.json and results.csv")
+    else:
+        _fail(DopdError(f"{report} holds no experiment results (results.json, or summary.json + results.csv)"))
 
 
 def main() -> None:

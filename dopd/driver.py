@@ -84,7 +84,8 @@ class RayFleet(Backend):
             self.ledger = TrainedLedger.from_json(saved.get("ledger", []))
         actors = saved.get("actors", [])
         if len(actors) == len(self.fleet):
-            self.fleet.load_states(actors)  # each actor continues its prompt order where the checkpoint left it
+            if not all(self.fleet.load_states(actors)):  # each actor continues its prompt order where the checkpoint left it
+                self.log("dopd: the checkpoint's prompt orders were for other prompts or another seed: they start afresh")
         elif actors:
             self.log(f"dopd: the checkpoint has {len(actors)} rollout actor(s), this run {len(self.fleet)}: prompt orders start afresh")
         if resumed:

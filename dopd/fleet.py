@@ -134,10 +134,11 @@ class RolloutFleet:
         """Every actor's data position and RNG (for a checkpoint)."""
         return self._each("state")
 
-    def load_states(self, states: list[dict]) -> None:
+    def load_states(self, states: list[dict]) -> list[bool]:
+        """Every actor continues from its saved state; False where its prompt order starts afresh."""
         import ray
 
-        ray.get([a.load_state.remote(st) for a, st in zip(self.handles, states)])
+        return ray.get([a.load_state.remote(st) for a, st in zip(self.handles, states)])
 
     def produce(self, n: int) -> list[tuple[list[bytes], dict]]:
         """One synchronous round of n records, split over the actors in order (cluster.rollout=sync)."""

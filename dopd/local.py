@@ -50,7 +50,8 @@ class InProcess(Backend):
             self.buffer = ckpt.records()
             actors = state.runner.get("actors", [])
             if len(actors) == 1:
-                self.worker.load_state(actors[0])
+                if not self.worker.load_state(actors[0]):
+                    self.log("dopd: the checkpoint's prompt order was for other prompts or another seed: it starts afresh")
             elif actors:
                 self.log(f"dopd: the checkpoint has {len(actors)} rollout actors, this run 1: the prompt order starts afresh")
             self.produced = state.runner.get("records_produced", 0)

@@ -98,6 +98,7 @@ class Learner:
         self.sampler: EpochSampler | None = None
         self._sampler_state: dict | None = None  # a resumed position, applied when the SFT data arrives
         self.objectives = {"sft": objective_for(cfg, "sft"), "opd": objective_for(cfg, "opd")}
+        self.log: Callable[[str], None] | None = None
 
     @property
     def engine(self):
@@ -121,7 +122,10 @@ class Learner:
         self.teacher = list(data)[self.rank :: self.world]
         self.sampler = EpochSampler(len(self.teacher), (self.cfg.seed, self.rank))
         if self._sampler_state is not None:
-            self.sampler.load(self._sampler_state)
+            if self.sampler.fits(self._sampler_state):
+                self.sampler.load(self._sampler_state)
+            elif self.log is not None and self.rank == 0:
+                self.log("dopd: the checkpoint's SFT data order was for other data or another seed: it starts afresh")
         return len(self.teacher)
 
     # --- steps ------------------------------------------------------------------------------------------------
@@ -205,6 +209,7 @@ class Learner:
         data position. Written by a group of another size, the per-rank streams start afresh (said in the log)."""
         if self._engine is not None:
             raise RuntimeError("a learner loads a checkpoint before its first step")
+        self.log = log
         self.drafter.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
         self.vocab_chosen = True
         self.step = int(state["step"])
