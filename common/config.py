@@ -344,8 +344,8 @@ class Config:
         for key in ("eval_every", "checkpoint_every"):
             if getattr(self.learner, key) < 1:
                 raise ConfigError(f"learner.{key} must be >= 1 (got {getattr(self.learner, key)})")
-        if self.cluster.actors < 0 or self.cluster.learners < 1:
-            raise ConfigError("cluster.actors must be >= 0 and cluster.learners >= 1")
+        if self.cluster.actors < 1 or self.cluster.learners < 1:
+            raise ConfigError(f"cluster.actors and cluster.learners must be >= 1 (got {self.cluster.actors}, {self.cluster.learners})")
         if self.cluster.shards is not None and self.cluster.shards < 1:
             raise ConfigError("cluster.shards must be >= 1")
         if self.drafter.num_layers < 1:

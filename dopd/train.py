@@ -71,8 +71,8 @@ def backend_for(cfg: Config, log: Callable[[str], None] = print, **kw) -> Backen
 class Rows:
     """metrics.jsonl (one JSON row per event) and opd_sequences.jsonl (the trained rollout records' text)."""
 
-    def __init__(self, out: Path, log: Callable[[str], None]):
-        self.out, self.log = out, log
+    def __init__(self, out: Path):
+        self.out = out
 
     def clear(self) -> None:
         for stale in ("metrics.jsonl", "opd_sequences.jsonl", "summary.json"):
@@ -102,7 +102,7 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
     log = backend.log
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = Rows(out, log)
+    rows = Rows(out)
     sched = Schedule.of(cfg)
     lc = cfg.learner
     ckpt = checkpoint.find(out, log) if resume else checkpoint.find(Path(cfg.resume_from), log) if cfg.resume_from else None
