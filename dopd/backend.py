@@ -81,6 +81,9 @@ class Backend(ABC):
     def publish(self, version: int) -> None:
         """The learners' weights -> every rollout copy, as policy `version`."""
 
+    def rollouts_done(self) -> None:
+        """After the last learner step: nothing will train rollouts any more (the Ray runner stops its actors)."""
+
     @abstractmethod
     def evaluate(self) -> dict:
         """Held-out tau of the learners' current weights."""

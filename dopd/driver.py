@@ -238,9 +238,12 @@ class RayFleet(Backend):
         totals = self._totals(self._shard_stats())
         state.runner = {**self.acc, "base": totals, "ledger": self.ledger.to_json(), "actors": self.fleet.states()}
 
-    def finish(self, summary: dict) -> None:
+    def rollouts_done(self) -> None:
         if self.started:
             self.fleet.stop()
+            self.started = False
+
+    def finish(self, summary: dict) -> None:
         m = self.cfg.metrics
         if m.enabled and m.linger_s > 0:
             try:

@@ -174,6 +174,7 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
                 save()
             if on_step is not None:
                 on_step(backend, state.step)
+        backend.rollouts_done()
         if not state.history or state.history[-1]["step"] != state.step:
             evaluate()
         save()
