@@ -13,7 +13,8 @@ Writing: into `step_N.tmp/`, every file fsynced, the manifest last, then renamed
 replaced atomically (a temporary file renamed over it) to name it; then all but the newest `KEEP` checkpoints go.
 Resuming (`find`): the checkpoint `latest` names is verified against its manifest; if it (or `latest` itself) is
 damaged, the newest checkpoint that verifies is used instead, with a message naming both, and the damaged one is
-moved aside (`step_N.damaged`) so that it is never the one kept.
+moved aside (`step_N.damaged`) so that it is never the one kept. A directory without a manifest (another format) is
+reported, never moved.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def verify(path: Path) -> str | None:
     """None when the checkpoint at `path` is whole; otherwise what is wrong with it."""
     mf = path / "manifest.json"
     if not mf.is_file():
-        return "no manifest.json (an interrupted save, or not a dopd checkpoint of this format)"
+        return "no manifest.json (not a checkpoint of this format: written by an older dopd?)"
     try:
         manifest = json.loads(mf.read_text())
         files = manifest["files"]
@@ -173,10 +174,11 @@ def find(where: Path, log: Callable[[str], None] = print) -> Checkpoint:
         if bad is None:
             return Checkpoint(named)
         why_named = f"{named.name} is damaged ({bad})"
-        moved = named.with_name(named.name + ".damaged")
-        if moved.exists():
-            shutil.rmtree(moved)
-        named.replace(moved)
+        if (named / "manifest.json").is_file():  # torn after it was whole: out of the way, never the one kept
+            moved = named.with_name(named.name + ".damaged")
+            if moved.exists():
+                shutil.rmtree(moved)
+            named.replace(moved)
     problems = [why_named]
     for cand in _step_dirs(root):
         bad = verify(cand)

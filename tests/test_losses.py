@@ -24,7 +24,7 @@ V = 6
 
 
 def LC(**kw) -> LossConfig:
-    """An effective loss config (every recipe field set): top-k fKL accepted stream, no clamp, offsets from the
+    """A resolved loss config (every recipe field set): top-k fKL accepted stream, no clamp, offsets from the
     first rejection, unless overridden."""
     base = dict(response="blocks", acc_divergence="fkl", lambda_rej=1.0, clamp=None, gamma_offset="rejection")
     return LossConfig(**{**base, **kw})
