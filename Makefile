@@ -1,6 +1,6 @@
 # Two entry points (see README): `make run` trains a drafter on the embedded default, `make test` runs the tests.
 # Both create .venv on first use: the CPU build of torch goes in FIRST (a looser spec would pull a multi-GB CUDA
-# build), then dopd with its test and dashboard extras.
+# build), then dopd with its test, dashboard and experiment extras.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,dashboards]"
+	$(PY) -m pip install -q -e ".[test,dashboards,experiments]"
 	# speculators (the independent EAGLE-3/DFlash implementation tests/test_export.py checks exports against):
 	# --no-deps because its declared deps pull torchvision/torchaudio, which have no CPU build here; its plain
 	# deps are in the `test` extra

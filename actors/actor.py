@@ -2,9 +2,10 @@
 
 `RolloutWorker` is the algorithm with no Ray in it (the shared recipe `ExperienceMaker` -> encoded records, weight
 swaps, held-out evaluation, SFT data); `RolloutActor` is the Ray actor around it (dopd/fleet.py applies
-`ray.remote`): a loop thread produces batches and pushes them
-into its queue shards (one batched put per shard, waiting inside the shard while it is full: backpressure), while the driver calls
-`set_weights`, `evaluate` and `stats` concurrently. Weights are swapped only between batches, under a lock, and
+`ray.remote`): with `cluster.rollout=async` a loop thread produces batches and pushes them into its queue shards
+(one batched put per shard, waiting inside the shard while it is full: backpressure), while the driver calls
+`set_weights`, `evaluate` and `stats` concurrently; with `sync` the driver asks for one round at a time (`produce`).
+Weights are swapped only between batches, under a lock, and
 every record is stamped with the policy version that produced it plus (actor id, incarnation, sequence number):
 a restarted actor gets a new random incarnation, so no record id is ever reused.
 """
@@ -21,9 +22,11 @@ import numpy as np
 import torch
 
 from dopd.common.config import Config, config_from_dict
-from dopd.common.drafters import build_drafter
+from dopd.common.drafters import Drafter, build_drafter
+from dopd.common.greedy import prefill
 from dopd.common.models import Target, load_target
 from dopd.common.record import encode_record, encode_teacher
+from dopd.common.sampler import EpochSampler
 
 from .experience import ExperienceMaker
 
@@ -46,32 +49,41 @@ class RolloutWorker:
         t = self.target
         # a reduced draft vocabulary is chosen by the learner side from the SFT data; until the first weights
         # arrive this copy holds a placeholder map (it drafts nothing before then)
-        self.drafter = build_drafter(cfg.drafter, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, seed=cfg.seed, placeholder_vocab=True).to(t.device).eval()
-        self.drafter.requires_grad_(False)
+        self.drafter = self._copy()
+        self.eval_drafter: Drafter | None = None  # evaluates weights it is handed (the learner's), built on first use
         self.maker = ExperienceMaker(t, cfg, log=log)
         self.prompts = prompts
         self.policy_version = -1
         self.seq_no = 0
         self.batch_no = 0
-        self.cursor = 0
-        self.epoch = 0
+        self.sampler = EpochSampler(len(prompts), (cfg.seed, actor_id))
         self.rng = np.random.default_rng([cfg.seed, actor_id, self.incarnation])
+
+    def _copy(self) -> Drafter:
+        t = self.target
+        d = build_drafter(self.cfg.drafter, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, seed=self.cfg.seed, placeholder_vocab=True)
+        return d.to(t.device).eval().requires_grad_(False)
 
     def set_weights(self, state: dict, version: int) -> None:
         self.drafter.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
         self.policy_version = version
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of this worker: record numbering, the prompt order's position, its RNG."""
+        return {"seq_no": self.seq_no, "batch_no": self.batch_no, "sampler": self.sampler.state(), "rng": self.rng.bit_generator.state}
+
+    def load_state(self, state: dict) -> bool:
+        """Continue a checkpoint's numbering, RNG and prompt order; False (the order starts afresh) when the order was
+        saved for other prompts or another seed (a run started from another run's checkpoint)."""
+        self.seq_no, self.batch_no = state["seq_no"], state["batch_no"]
+        self.rng.bit_generator.state = state["rng"]
+        if not self.sampler.fits(state["sampler"]):
+            return False
+        self.sampler.load(state["sampler"])
+        return True
+
     def _next_prompts(self, n: int) -> list[tuple[str, list[int]]]:
-        out = []
-        while len(out) < n:
-            order = np.random.default_rng([self.cfg.seed, self.actor_id, self.epoch]).permutation(len(self.prompts))
-            if self.cursor >= len(order):
-                self.epoch += 1
-                self.cursor = 0
-                continue
-            out.append(self.prompts[order[self.cursor]])
-            self.cursor += 1
-        return out
+        return [self.prompts[i] for i in self.sampler.take(n)]
 
     def produce(self, n: int | None = None) -> tuple[list[bytes], dict]:
         """One batch of n prompts (default rollout.batch_size): rollout with the current weights -> encoded records."""
@@ -91,14 +103,22 @@ class RolloutWorker:
         }  # fmt: skip
         return data, stats
 
-    def evaluate(self, prompt_ids: list[list[int]]) -> dict:
-        res = self.maker.evaluate(self.drafter, prompt_ids)
-        res["policy_version"] = self.policy_version
-        return res
+    def evaluate(self, prompt_ids: list[list[int]], state: dict) -> dict:
+        """Held-out tau of the weights `state` (the learner's; the rollout copy keeps its own)."""
+        if self.eval_drafter is None:
+            self.eval_drafter = self._copy()
+        self.eval_drafter.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+        return self.maker.evaluate(self.eval_drafter, prompt_ids)
 
-    def teacher_data(self, items: list[tuple[str, list[int]]]) -> list[bytes]:
-        """SFT warm-up data: the target's greedy answers to these prompts, teacher-forced (encoded TeacherRecords)."""
-        return [encode_teacher(r) for r in self.maker.teacher(self.drafter.feature_layers, items)]
+    def teacher_data(self, items: list[tuple]) -> list[bytes]:
+        """SFT warm-up data, teacher-forced (encoded TeacherRecords): the target's greedy answers to (id, prompt ids)
+        items, or (id, token ids, prompt length) sequences written elsewhere (`sft.sequences`) scored as they are."""
+        layers = self.drafter.feature_layers
+        if items and len(items[0]) == 3:
+            recs = prefill(self.target, layers, items, self.cfg.rollout.topk, feature_dtype=torch.bfloat16)
+        else:
+            recs = self.maker.teacher(layers, items)
+        return [encode_teacher(r) for r in recs]
 
 
 class RolloutActor:
@@ -132,6 +152,27 @@ class RolloutActor:
 
     def ready(self) -> dict:
         return {"actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation}
+
+    def state(self) -> dict:
+        """A snapshot for a checkpoint, not waiting for the batch in progress (with cluster.rollout=async that batch's
+        records are lost at a crash anyway; with sync no batch runs while the driver checkpoints)."""
+        return self.worker.state()
+
+    def load_state(self, state: dict) -> bool:
+        with self.lock:
+            return self.worker.load_state(state)
+
+    def produce(self, n: int) -> tuple[list[bytes], dict]:
+        """One synchronous round (`cluster.rollout=sync`): n records with the newest weights, handed back."""
+        with self.lock:
+            self._apply_pending()
+            data, stats = self.worker.produce(n)
+        self.totals["records"] += len(data)
+        self.totals["tokens"] += stats["tokens"]
+        self.totals["anchors"] += stats["anchors"]
+        self.totals["batches"] += 1
+        self.last = stats
+        return data, stats
 
     def set_weights(self, ref_box: list, version: int) -> float:
         import ray
@@ -219,10 +260,12 @@ class RolloutActor:
             "error": self.error, "put_error": self.put_error, "alive": bool(self.thread and self.thread.is_alive()),
         }  # fmt: skip
 
-    def evaluate(self, prompt_ids: list[list[int]]) -> dict:
+    def evaluate(self, ref_box: list, prompt_ids: list[list[int]]) -> dict:
+        import ray
+
+        state = ray.get(ref_box[0])
         with self.lock:
-            self._apply_pending()
-            return self.worker.evaluate(prompt_ids)
+            return self.worker.evaluate(prompt_ids, state)
 
     def teacher_data(self, items) -> list[bytes]:
         with self.lock:

@@ -8,7 +8,7 @@ answer, teacher-forced (`common/target_text.py`), in the SFT data and in the rou
 A round (`records`):
 1. roll out with the current drafter: at T = 0 by re-segmenting the cached greedy text (`actors/resegmented.py`),
    else with the engine (`actors/rollout.py`);
-2. lay out the blocks the recipe trains (`cfg.effective_loss()`, `cfg.replay`):
+2. lay out the blocks the recipe trains (`cfg.loss`, resolved at load; `cfg.replay`):
    - `replay.anchors=rollout` (official): the rollout's own verification blocks, re-run by the learner with the
      current weights; they feed the accepted stream (unless `loss.response=ttt`: EAGLE-3's recipe trains every
      position instead) and, when lambda_rej > 0, the rejected stream (then the tails are scored by the target);
@@ -28,7 +28,7 @@ import torch
 
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter
-from dopd.common.evaluation import simulated_segments
+from dopd.common.evaluation import heldout
 from dopd.common.greedy import prefill
 from dopd.common.models import Target
 from dopd.common.record import SOURCE_SHUFFLED, STREAM_ACC, STREAM_REJ, Blocks, ExperienceRecord, TeacherRecord
@@ -98,10 +98,9 @@ class ExperienceMaker:
     def __init__(self, target: Target, cfg: Config, log=None):
         self.target = target
         self.cfg = cfg
-        self.loss = cfg.effective_loss()
+        self.loss = cfg.loss
         self.log = log
         self.replayer = Replayer(target, cfg.replay, cfg.rollout, batch_size=cfg.rollout.batch_size)
-        self.eval_cache: dict = {}  # held-out texts + features (an experiment shares one across its runs)
 
     # --- what the recipe needs from a rollout ------------------------------------------------------------------
     @property
@@ -194,24 +193,6 @@ class ExperienceMaker:
         )  # fmt: skip
 
     def evaluate(self, drafter: Drafter, prompt_ids: list[list[int]]) -> dict:
-        """Held-out tau and alpha: exact simulation from the cached greedy text at T = 0, else the engine."""
-        from dopd.common.evaluation import quick_tau
-
-        s = self.eval_settings()
-        t0 = time.perf_counter()
-        extra: dict = {}
-        if self.cfg.eval.simulate and s.temperature <= 0:
-            st, segs = simulated_segments(self.target, drafter, prompt_ids, s, cache=self.eval_cache)
-            # per prompt, for paired statistics across runs (dopd/stats.py), and acceptance at every position
-            every = np.concatenate([g.everywhere for g in segs])
-            extra = {
-                "per_prompt_steps": [int(g.accepted.size) for g in segs],
-                "per_prompt_accepted": [int(g.accepted.sum()) for g in segs],
-                "position_accepted": float(every.mean()) if every.size else 0.0,
-            }  # fmt: skip
-        else:
-            st = quick_tau(self.target, drafter, prompt_ids, s)
-        return {
-            "tau": st.tau, "alpha": st.alpha, "steps": st.num_steps, "simulated": bool(self.cfg.eval.simulate and s.temperature <= 0),
-            "eval_s": time.perf_counter() - t0, **extra,
-        }  # fmt: skip
+        """Held-out tau and alpha (common/evaluation.py `heldout`): exact simulation from the cached greedy text at
+        T = 0 (`eval.simulate`), else one engine pass."""
+        return heldout(self.target, drafter, prompt_ids, self.eval_settings(), simulate=self.cfg.eval.simulate)

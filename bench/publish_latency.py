@@ -2,8 +2,9 @@
 
     python bench/publish_latency.py
 
-Uses the real publishing path (`learner/publish.py`): a learner-side actor returns the full drafter state (the
-object store keeps one copy), each of N receiver actors fetches it, as rollout actors do. Sizes: the SmolLM2
+Uses the real publishing path (dopd/fleet.py: `LearnerGroup.gather_weights()` then `RolloutFleet.set_weights()`): a
+learner-side actor returns the full drafter state (the object store keeps one copy), each of N receiver actors
+fetches it, as rollout actors do. Sizes: the SmolLM2
 EAGLE-3 drafter (its own state only: the frozen embedding/head are the target's and never travel) and a
 100M-parameter drafter (fp32). Reported: median and max over repeats, from the gather call to the last actor
 holding the weights.
@@ -31,7 +32,7 @@ def main() -> None:
     from dopd.common.config import DrafterConfig
     from dopd.common.drafters import build_drafter
     from dopd.common.models import load_frozen_io
-    from dopd.learner.publish import publish
+    from dopd.fleet import LearnerGroup, RolloutFleet
 
     info, embed, head, hf = load_frozen_io("smollm2-135m")
     d = build_drafter(DrafterConfig(kind="eagle3"), info, hf, embed, head)
@@ -59,15 +60,19 @@ def main() -> None:
 
     receivers = [Receiver.remote() for _ in range(a.actors)]
     ray.get([r.set_weights.remote([ray.put({"x": np.zeros(1)})], 0) for r in receivers])
+    fleet = RolloutFleet.__new__(RolloutFleet)  # the groups' publishing calls, around these stand-in actors
+    fleet.handles, fleet.weights = receivers, None
     for name, state in sizes.items():
         learner = Learner.remote()
         ray.get(learner.set.remote(state))
+        learners = LearnerGroup.__new__(LearnerGroup)
+        learners.handles = [learner]
         lat = []
         for v in range(a.repeats + 1):
-            dt, _, failed = publish([learner], receivers, v)
-            assert not failed
+            t0 = time.perf_counter()
+            fleet.set_weights(learners.gather_weights(), v)
             if v:  # the first is a warm-up
-                lat.append(dt)
+                lat.append(time.perf_counter() - t0)
         mb = sum(x.nbytes for x in state.values()) / 2**20
         print(f"{name:45s} {mb:8.1f} MiB -> {a.actors} actors: median {statistics.median(lat):.3f} s, max {max(lat):.3f} s")
         ray.kill(learner)

@@ -165,7 +165,7 @@ class Soak:
 
     def in_opd(self) -> bool:
         f = self.out / "metrics.jsonl"
-        return f.is_file() and '"event": "eval"' in f.read_text()
+        return f.is_file() and '"phase": "opd"' in f.read_text()
 
     # --- processes ----------------------------------------------------------------------------------------
     def procs(self):
@@ -345,7 +345,7 @@ class Soak:
             if not crashed and done >= crash_at and throttler is not None and not throttler.is_alive():
                 crashed = self.kill_learner() is not None
             time.sleep(1)
-        summary_file = self.out / "run_summary.json"
+        summary_file = self.out / "summary.json"
         if resumed_job is None or resumed_job.returncode != 0 or not summary_file.is_file():
             raise RuntimeError(f"the resumed job did not finish (see {self.tmp / 'train_resume.log'})")
         return self.report(json.loads(summary_file.read_text()), time.time() - self.t0)

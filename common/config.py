@@ -1,12 +1,15 @@
 """Typed run configuration: one dataclass per section, YAML plus `section.key=value` overrides.
 
 The defaults are the small CPU budget `make run` uses (SmolLM2-135M, minutes on a 2-core machine); experiments and
-real runs override them (see dopd/plateau.py presets and deploy/kuberay/rayjob.yaml).
+real runs override them (see experiments/ presets and deploy/kuberay/rayjob.yaml).
 
 Why typed: a misspelt key in a long training run should fail at start-up, not silently fall back to a default.
 Every key that is not a field is an error that names the key (and the nearest real key); every value is coerced
-to the field's type or rejected with the field's name. The in-process trainer and the distributed runner read the
-same `Config`, so a YAML file moves between them unchanged.
+to the field's type or rejected with the field's name. The in-process runner and the Ray runner read the same
+`Config`, so a YAML file moves between them unchanged (`runner=local|ray`).
+
+Defaults that depend on other keys (the drafter kind's recipe, the objective's, the runner's) are resolved once, at
+load (`Config.resolve`): the resolved config is what a run records in config.yaml and what every module reads.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ class ModelConfig:
 class DrafterConfig:
     """The draft model being trained."""
 
-    kind: Literal["eagle3", "dflash", "dvi"] = "eagle3"  # dvi: self-speculative (the target's first k layers + a low-rank head)
+    # a registered drafter kind (common/drafters/): eagle3 | dflash | dvi (self-speculative: the target's first k
+    # layers + a low-rank head)
+    kind: str = "eagle3"
     init: str | None = None  # path of a saved drafter to start from; None = fresh weights
     # transformer layers of the drafter
     num_layers: int = 1
@@ -121,17 +126,19 @@ class ReplayConfig:
 class LossConfig:
     """Acceptance-aware distillation (Draft-OPD) and the SFT objectives.
 
-    A None field takes the official Draft-OPD recipe's value for the drafter kind (`Config.effective_loss`):
-    DFlash: blocks at the rollout's block starts, accepted stream = Bernoulli forward KL on the target's token,
-    rejected stream = k3 on the drafted tokens (lambda 1); EAGLE-3: full training-time test over every response
-    position (soft cross-entropy to the target, 0.8^step), rejected stream off (lambda 0).
+    A None field is resolved at load (`Config.resolve`) from the objective's defaults, then the drafter kind's
+    official recipe (each kind's `default_loss`): DFlash: blocks at the rollout's block starts, accepted stream =
+    Bernoulli forward KL on the target's token, rejected stream = k3 on the drafted tokens (lambda 1); EAGLE-3: full
+    training-time test over every response position (soft cross-entropy to the target, 0.8^step), rejected stream
+    off (lambda 0).
     """
 
-    # what the learner optimises on rollout records: "opd" = Draft-OPD's streams (below); "dvi" = DVI's online
-    # schedule (section `dvi`: KL, then reward-masked CE + policy gradient, on every drafted position up to and
-    # including the first rejection); "expected_length" = Bebop's end-to-end objective (the expected accepted
-    # length of a block under rejection sampling, maximised; T = 1 rollouts). None = "dvi" for the dvi kind, else "opd"
-    objective: Literal["opd", "dvi", "expected_length"] | None = None
+    # what the learner optimises on rollout records, a registered objective (learner/objectives/): "opd" =
+    # Draft-OPD's streams (below); "dvi" = DVI's online schedule (section `dvi`: KL, then reward-masked CE + policy
+    # gradient, on every drafted position up to and including the first rejection); "expected_length" = Bebop's
+    # end-to-end objective (the expected accepted length of a block under rejection sampling, maximised; T = 1
+    # rollouts). None = the drafter kind's (dvi for the dvi kind, else opd)
+    objective: str | None = None
     # expected_length: "path" = sum_j prod_{i<j} min(1, p(d_i)/q(d_i)) (1 - TV_j) along the drafted path (unbiased);
     # "product" = sum_j prod_{i<=j} (1 - TV_i) (exact for K = 1, or when TV does not depend on the drafted prefix)
     e2e_estimator: Literal["path", "product"] = "path"
@@ -215,14 +222,11 @@ class LearnerConfig:
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
-    # learner steps between held-out evaluations
-    eval_every: int = 40
-    # learner steps between checkpoints
-    checkpoint_every: int = 40
-    # DeepSpeed ZeRO stage of the learner ranks (distributed runner)
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
-    flops_budget: float | None = None  # stop when counted learner FLOPs reach this (used by experiments)
+    eval_every: int = 40  # learner steps of this run between held-out evaluations (counted from where it started)
+    checkpoint_every: int = 40  # learner steps between checkpoints (the last two are kept)
+    zero_stage: Literal[0, 1, 2, 3] = 2  # how the Ray runner's ranks partition optimizer state (the same update)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the Ray runner's DeepSpeed config
+    flops_budget: float | None = None  # also stop once the counted learner FLOPs reach this
 
 
 @dataclass
@@ -243,14 +247,18 @@ class EvalConfig:
 
 @dataclass
 class ClusterConfig:
-    """Placement of the distributed job (ignored by the in-process runner)."""
+    """How the run is placed. The in-process runner is one rollout worker and one learner rank in synchronous rounds:
+    actors, learners and shards resolve to 1 and rollout to sync there (anything else is an error); the other keys
+    place the Ray runner's processes."""
 
     address: str | None = None  # None = an embedded local Ray, unless `dopd cluster up` wrote one
-    # rollout actors (dopd train --actors)
-    actors: int = 2
-    # DeepSpeed ZeRO learner ranks (dopd train --learners)
-    learners: int = 2
+    actors: int | None = None  # rollout actors; None = 2 on Ray, 1 in-process
+    learners: int | None = None  # learner ranks (DeepSpeed ZeRO on Ray); None = 2 on Ray, 1 in-process
     shards: int | None = None  # None = one per learner rank
+    # "async": actors roll out continuously, records are trained up to `max_staleness` policy versions old (Ray's
+    # default); "sync": each round of refresh_every steps trains records the version right before it rolled out,
+    # 0 versions stale (the official code's schedule; the in-process runner's only one). None = the runner's
+    rollout: Literal["async", "sync"] | None = None
     # Ray resources per rollout actor
     actor_num_cpus: float = 1.0
     # Ray GPUs per rollout actor
@@ -266,7 +274,6 @@ class ClusterConfig:
     max_staleness: int = 4  # records older than this many policy versions are dropped
     # a larger experience record is rejected
     max_record_bytes: int = 64 * 2**20
-    publish: Literal["object_store"] = "object_store"  # an NCCL broadcast group is not implemented yet
     # times Ray restarts a crashed rollout actor
     max_actor_restarts: int = 3
     # bytes of the embedded local Ray's object store
@@ -277,13 +284,13 @@ class ClusterConfig:
 
 @dataclass
 class MetricsConfig:
-    """The job's metrics: the Prometheus endpoint, and TensorBoard / W&B under the same names (common/sinks.py)."""
+    """The job's metrics: the Ray runner's Prometheus endpoint, and TensorBoard / W&B under the same names
+    (common/sinks.py; both runners)."""
 
-    # serve the distributed job's Prometheus /metrics endpoint
-    enabled: bool = True
+    enabled: bool | None = None  # serve Prometheus /metrics; None = on for the Ray runner (the in-process runner serves none)
     # address /metrics binds (loopback unless you mean otherwise)
     host: str = "127.0.0.1"
-    port: int = 9400  # 0 = any free port (written to run_summary.json)
+    port: int = 9400  # 0 = any free port (written to summary.json)
     linger_s: float = 0.0  # keep /metrics up this long after the job ends (a last scrape)
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
     wandb: bool = False  # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
@@ -291,10 +298,14 @@ class MetricsConfig:
 
 @dataclass
 class Config:
-    """A whole run. `mode` picks the trainer's loop; everything else is shared."""
+    """A whole run. `mode` picks the schedule (SFT only, or an SFT warm-up then Draft-OPD); `runner` where it runs."""
 
     # sft = supervised training only; opd = SFT warm-up (sft.warmup_steps), then Draft-OPD rounds
     mode: Literal["sft", "opd"] = "opd"
+    runner: Literal["local", "ray"] = "local"  # in one process, or on Ray (dopd train --actors N sets ray)
+    # a checkpoint directory (this run's or another's, either runner's) to continue from: drafter, optimizer,
+    # schedule, step, data cursors; the run writes its own out_dir and counts eval_every from that step
+    resume_from: str | None = None
     # seed of weights, data order and sampling
     seed: int = 0
     # run directory: config, metrics, checkpoints, the trained drafter (dopd train --out)
@@ -315,8 +326,53 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolve(self) -> Config:
+        """Fill every default that depends on other keys, then check the whole: the drafter kind must be registered,
+        so must the objective; a None loss setting takes the objective's default, then the kind's official recipe;
+        the runner-dependent keys take the runner's values (a value the runner cannot honour is an error naming it).
+        Idempotent: a resolved config (config.yaml) resolves to itself."""
+        from dopd.common.drafters import KINDS  # noqa: PLC0415  (the registries import this module)
+        from dopd.learner.objectives import OBJECTIVES  # noqa: PLC0415
+
+        if self.drafter.kind not in KINDS:
+            raise ConfigError(f"config key 'drafter.kind' must be one of {list(KINDS)} (got {self.drafter.kind!r})")
+        kind = KINDS[self.drafter.kind]
+        lc = self.loss
+        if lc.objective is None:
+            lc.objective = kind.default_loss.get("objective", "opd")
+        if lc.objective not in OBJECTIVES:
+            raise ConfigError(f"config key 'loss.objective' must be one of {list(OBJECTIVES)} (got {lc.objective!r})")
+        for defaults in (OBJECTIVES[lc.objective].defaults, kind.default_loss):
+            for key, value in defaults.items():
+                if getattr(lc, key) is None:
+                    setattr(lc, key, value)
+        self._resolve_runner()
+        self.validate()
+        OBJECTIVES[lc.objective].check(self)
+        kind.check_recipe(self)
+        return self
+
+    def _resolve_runner(self) -> None:
+        c, local = self.cluster, self.runner == "local"
+        if local:
+            for key in ("actors", "learners", "shards"):
+                v = getattr(c, key)
+                if v is not None and v != 1:
+                    raise ConfigError(f"cluster.{key}={v}: the in-process runner is one rollout worker and one learner rank (run on Ray for more: runner=ray, or dopd train --actors N)")
+            if c.rollout == "async":
+                raise ConfigError("cluster.rollout=async needs the Ray runner: the in-process runner rolls out in synchronous rounds")
+            if self.metrics.enabled:
+                raise ConfigError("metrics.enabled=true: the in-process runner serves no /metrics endpoint (the Ray runner does)")
+            if self.learner.deepspeed:
+                raise ConfigError("learner.deepspeed configures the Ray runner's DeepSpeed engine; the in-process runner has none")
+        c.actors = c.actors if c.actors is not None else 1 if local else 2
+        c.learners = c.learners if c.learners is not None else 1 if local else 2
+        c.rollout = c.rollout or ("sync" if local else "async")
+        if self.metrics.enabled is None:
+            self.metrics.enabled = not local
+
     def validate(self) -> Config:
-        """Cross-field checks that a single field's type cannot express."""
+        """Cross-field checks that a single field's type cannot express (on a resolved config)."""
         r = self.rollout
         if r.block_size < 1:
             raise ConfigError(f"rollout.block_size must be >= 1 (got {r.block_size}): K is the number of draft tokens")
@@ -340,18 +396,25 @@ class Config:
             raise ConfigError("learner.micro_batch_size must be >= 1")
         if self.learner.refresh_every < 1:
             raise ConfigError("learner.refresh_every must be >= 1")
-        if self.cluster.actors < 0 or self.cluster.learners < 1:
-            raise ConfigError("cluster.actors must be >= 0 and cluster.learners >= 1")
+        for key in ("eval_every", "checkpoint_every"):
+            if getattr(self.learner, key) < 1:
+                raise ConfigError(f"learner.{key} must be >= 1 (got {getattr(self.learner, key)})")
+        if self.cluster.actors < 1 or self.cluster.learners < 1:
+            raise ConfigError(f"cluster.actors and cluster.learners must be >= 1 (got {self.cluster.actors}, {self.cluster.learners})")
         if self.cluster.shards is not None and self.cluster.shards < 1:
             raise ConfigError("cluster.shards must be >= 1")
         if self.drafter.num_layers < 1:
             raise ConfigError("drafter.num_layers must be >= 1")
-        lc = self.effective_loss()
+        lc = self.loss
         if lc.response == "ttt" and self.replay.anchors == "shuffled":
             raise ConfigError("replay.anchors=shuffled moves the accepted stream's blocks, but loss.response=ttt trains every position (no blocks): use loss.response=blocks")
         if lc.clamp is not None and lc.clamp <= 0:
             raise ConfigError(f"loss.clamp must be > 0 or null (got {lc.clamp})")
-        self._validate_methods(lc)
+        d = self.dvi
+        if d.rl_start_step is not None and d.rl_start_step < 0:
+            raise ConfigError(f"dvi.rl_start_step must be >= 0 or null (got {d.rl_start_step})")
+        if min(d.kl_weight, d.ce_weight, d.pg_weight) < 0:
+            raise ConfigError("dvi.kl_weight, dvi.ce_weight and dvi.pg_weight must be >= 0")
         self._validate_data()
         return self
 
@@ -365,52 +428,6 @@ class Config:
                 "data.answers=as_is teacher-forces the dataset's answers, but OPD rollouts with rollout.path=engine or "
                 "rollout.temperature > 0 decode new text with the target: use data.answers=regenerate (or T = 0, path auto)"
             )
-
-    def _validate_methods(self, lc: LossConfig) -> None:
-        """DVI and Bebop train verification blocks only; settings that would train anything else are errors."""
-        if lc.objective in ("dvi", "expected_length"):
-            what = f"loss.objective={lc.objective}"
-            if lc.response != "blocks":
-                raise ConfigError(f"{what} trains the rollout's verification blocks: loss.response must be blocks (got {lc.response})")
-            if lc.lambda_rej:
-                raise ConfigError(f"{what} has no rejected stream: loss.lambda_rej must be 0 (got {lc.lambda_rej})")
-            if self.replay.extra != "none" or self.replay.anchors != "rollout":
-                raise ConfigError(f"{what} trains the rollout's own blocks: replay.extra=none and replay.anchors=rollout")
-        if lc.objective == "dvi" and not lc.acc_at_first_rejection:
-            raise ConfigError("loss.objective=dvi samples every drafted position up to and including the first rejection: loss.acc_at_first_rejection must be true")
-        if self.drafter.kind == "dvi" and lc.objective != "dvi":
-            # the DVI drafter's training forward is exact only on the committed text (up to each first rejection)
-            if lc.response != "blocks" or lc.lambda_rej or self.replay.extra != "none":
-                raise ConfigError("drafter.kind=dvi trains on the committed text only: loss.response=blocks, loss.lambda_rej=0, replay.extra=none")
-        if lc.objective == "expected_length" and (self.rollout.temperature != 1.0 or self.rollout.top_p != 1.0):
-            raise ConfigError(
-                "loss.objective=expected_length is the acceptance of rejection sampling with the records' T = 1 target "
-                f"probabilities: rollout.temperature=1 and rollout.top_p=1 (got {self.rollout.temperature}, {self.rollout.top_p})"
-            )
-        d = self.dvi
-        if d.rl_start_step is not None and d.rl_start_step < 0:
-            raise ConfigError(f"dvi.rl_start_step must be >= 0 or null (got {d.rl_start_step})")
-        if min(d.kl_weight, d.ce_weight, d.pg_weight) < 0:
-            raise ConfigError("dvi.kl_weight, dvi.ce_weight and dvi.pg_weight must be >= 0")
-
-    def effective_loss(self) -> LossConfig:
-        """The loss settings with every None replaced by the official recipe's value for this drafter kind."""
-        lc = dataclasses.replace(self.loss)
-        eagle = self.drafter.kind == "eagle3"
-        if lc.objective is None:
-            lc.objective = "dvi" if self.drafter.kind == "dvi" else "opd"
-        if lc.objective in ("dvi", "expected_length") or self.drafter.kind == "dvi":
-            # DVI and Bebop train the rollout's verification blocks (no TTT, no rejected stream); DVI: forward KL
-            lc.response = lc.response or "blocks"
-            lc.acc_divergence = lc.acc_divergence or "fkl"
-            lc.lambda_rej = 0.0 if lc.lambda_rej is None else lc.lambda_rej
-        if lc.response is None:
-            lc.response = "ttt" if eagle else "blocks"
-        if lc.acc_divergence is None:
-            lc.acc_divergence = "fkl" if eagle else "bernoulli"
-        if lc.lambda_rej is None:
-            lc.lambda_rej = 0.0 if eagle else 1.0
-        return lc
 
     @property
     def eval_block_size(self) -> int:
@@ -561,12 +578,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override '{ov}' must look like section.key=value")
         key, raw = ov.split("=", 1)
         _set_path(tree, key.strip(), raw.strip())
-    return _build(Config, tree, "").validate()
+    return _build(Config, tree, "").resolve()
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `to_dict` (checkpoints, run directories)."""
-    return _build(Config, data, "").validate()
+    return _build(Config, data, "").resolve()
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

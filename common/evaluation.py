@@ -1,14 +1,21 @@
 """Held-out evaluation: acceptance length, per-position acceptance, speed against plain target decoding.
 
-Used by `dopd eval` and by the trainers' periodic held-out tau, so a number in a training log and a number from
-`dopd eval` are the same measurement.
+Used by `dopd eval`, by both runners' periodic held-out tau (`heldout`) and by the experiments, so a number in a
+training log, a number from `dopd eval` and a number in an experiment's table are the same measurement.
+
+The held-out prompts' greedy texts are cached on disk; their prefill features are kept per target for the life of
+the process (`heldout_cache`), so every evaluation after the first costs drafter forwards only, whichever run or
+experiment arm asks.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from .drafters import Drafter
@@ -101,19 +108,84 @@ def evaluate_simulated(target: Target, drafter: Drafter, prompt_ids: list[list[i
     return rep, texts
 
 
-def simulated_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, cache: dict | None = None) -> EngineStats:
-    """Exact greedy tau / alpha from the cached greedy text with drafter forwards only (`common/resegment.py`).
+_CACHES: dict[int, dict] = {}
 
-    `cache` (optional, per process) keeps each prompt's text and prefill features between calls: a trainer's
-    periodic held-out evaluation then costs drafter forwards only.
-    """
+
+def heldout_cache(target: Target) -> dict:
+    """The held-out texts and prefill features of `target`, kept while the target lives (one per process)."""
+    key = id(target)
+    if key not in _CACHES:
+        _CACHES[key] = {}
+        weakref.finalize(target, _CACHES.pop, key, None)
+    return _CACHES[key]
+
+
+def tau_se(hist: list[int]) -> tuple[float, float, int]:
+    """(tau, its standard error treating steps as independent, steps) from the histogram of accepted drafts."""
+    n = sum(hist)
+    if n == 0:
+        return 0.0, float("nan"), 0
+    mean = sum((i + 1) * c for i, c in enumerate(hist)) / n
+    var = sum((i + 1 - mean) ** 2 * c for i, c in enumerate(hist)) / max(n - 1, 1)
+    return mean, math.sqrt(var / n), n
+
+
+def heldout(
+    target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, simulate: bool = True,
+    se_target: float = 0.0, max_passes: int = 1,
+) -> dict:  # fmt: skip
+    """Held-out tau +- SE, alpha and per-prompt counts (for paired statistics across runs). At T = 0 with `simulate`:
+    exact from the cached greedy text (drafter forwards only; also the acceptance of a block started at every answer
+    position); otherwise the engine, `settings.acceptance` rule, repeated with seeds settings.seed + 1000 * pass until
+    the SE is <= `se_target` or `max_passes` passes ran."""
+    t0 = time.perf_counter()
+    was_training = drafter.training
+    drafter.eval()
+    P = len(prompt_ids)
+    steps, accepted = [0] * P, [0] * P
+    extra: dict = {}
+    sim = simulate and settings.temperature <= 0
+    try:
+        with torch.no_grad():
+            if sim:
+                st, segs = simulated_segments(target, drafter, prompt_ids, settings)
+                hist, passes = [int(h) for h in st.accepted_hist], 1
+                steps, accepted = [int(g.accepted.size) for g in segs], [int(g.accepted.sum()) for g in segs]
+                every = np.concatenate([g.everywhere for g in segs])
+                extra["position_accepted"] = float(every.mean()) if every.size else 0.0
+            else:
+                hist, passes = [0] * (settings.block_size + 1), 0
+                while passes < max(1, max_passes):
+                    res, st = SpecEngine(target, drafter).generate(prompt_ids, replace(settings, seed=settings.seed + 1000 * passes))
+                    hist = [a + int(b) for a, b in zip(hist, st.accepted_hist)]
+                    for r in res:
+                        steps[r.index] += len(r.accepted)
+                        accepted[r.index] += int(sum(r.accepted))
+                    passes += 1
+                    if tau_se(hist)[1] <= se_target:
+                        break
+    finally:
+        drafter.train(was_training)
+    stats = EngineStats(num_steps=sum(hist), accepted_hist=hist)
+    tau, se, n = tau_se(hist)
+    return {
+        "tau": stats.tau, "se": se, "steps": n, "alpha": stats.alpha, "hist": hist, "passes": passes,
+        "temperature": settings.temperature, "acceptance": settings.acceptance if settings.temperature > 0 else "greedy",
+        "simulated": sim, "per_prompt_steps": steps, "per_prompt_accepted": accepted, **extra,
+        "eval_s": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
+def simulated_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, cache: dict | None = None) -> EngineStats:
+    """Exact greedy tau / alpha from the cached greedy text with drafter forwards only (`common/resegment.py`)."""
     return simulated_segments(target, drafter, prompt_ids, settings, cache)[0]
 
 
 def simulated_segments(
     target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, cache: dict | None = None
 ) -> tuple[EngineStats, list]:
-    """`simulated_tau` plus every prompt's segmentation (steps, accepted drafts, acceptance at every position)."""
+    """`simulated_tau` plus every prompt's segmentation (steps, accepted drafts, acceptance at every position).
+    `cache`: where the prompts' texts and prefill features are kept (default: the target's `heldout_cache`)."""
     from .greedy import greedy_texts, prefill
     from .resegment import segment, stats_of
 
@@ -121,7 +193,7 @@ def simulated_segments(
         raise PromptError(f"simulated tau is exact for greedy decoding only (temperature {settings.temperature} > 0): evaluate without --simulate")
     SpecEngine(target, drafter).check_prompts(prompt_ids, settings)
     K = settings.block_size
-    cache = {} if cache is None else cache
+    cache = heldout_cache(target) if cache is None else cache
     key = lambda p: (tuple(p), settings.max_new_tokens, tuple(drafter.feature_layers))  # noqa: E731
     todo = [p for p in prompt_ids if key(p) not in cache]
     if todo:

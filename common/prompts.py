@@ -236,3 +236,22 @@ def run_prompts(cfg, tokenizer) -> RunPrompts:
     split["data"] = {"answers": d.answers, "too_long": d.too_long, **ex.counts, "train": dict(tr.counts), "eval": dict(ev.counts)}
     split["eval_ids"] = [p.id for p in ev.prompts]  # the held-out examples that fit (skips are counted above)
     return RunPrompts(pairs, pairs[:n_sft], rollout, [it[1] for it in ev.items], split, {"train": tr, "eval": ev})
+
+
+def read_sequences(path: str) -> list[tuple[str, list[int], int]]:
+    """(prompt_id, token_ids, prompt_len) per line of a sequences JSONL (`sft.sequences`; an OPD run's
+    opd_sequences.jsonl is one): target-written text to teacher-force instead of the target's greedy answers."""
+    p = Path(path)
+    if not p.is_file():
+        raise PromptError(f"sft.sequences file not found: {p}")
+    out = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                out.append((str(row["prompt_id"]), [int(x) for x in row["token_ids"]], int(row["prompt_len"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise PromptError(f"{p}:{i}: expected {{prompt_id, token_ids, prompt_len}}") from None
+    if not out:
+        raise PromptError(f"sft.sequences file {p} is empty")
+    return out

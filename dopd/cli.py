@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -232,15 +231,16 @@ def train_cmd(
     ctx: typer.Context,
     mode: Optional[str] = typer.Option(None, help="sft | opd (default: the config's, opd)"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; key=value arguments override it"),
-    actors: Optional[int] = typer.Option(None, help="rollout actors; given (>= 1) -> the distributed Ray job"),
-    learners: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO learner ranks (distributed job)"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory from its last checkpoint"),
+    actors: Optional[int] = typer.Option(None, help="rollout actors; given (>= 1) -> the Ray runner (runner=ray)"),
+    learners: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO learner ranks (Ray runner)"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory from its newest good checkpoint"),
     out: Optional[Path] = typer.Option(None, help="output directory (= out_dir=...)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (in-process runner)"),
 ) -> None:
-    """Train a drafter: in one process (no --actors), or on Ray with N rollout actors and M ZeRO learner ranks."""
+    """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks."""
     _setup_torch(threads)
     from dopd.common.config import load_config
+    from dopd.train import train
 
     overrides = list(ctx.args)
     for a in overrides:
@@ -250,9 +250,8 @@ def train_cmd(
         overrides.append(f"mode={mode}")
     if out is not None:
         overrides.append(f"out_dir={out}")
-    distributed = actors is not None and actors > 0
     if actors is not None and actors > 0:
-        overrides.append(f"cluster.actors={actors}")
+        overrides += ["runner=ray", f"cluster.actors={actors}"]
     if learners is not None:
         overrides.append(f"cluster.learners={learners}")
     try:
@@ -263,16 +262,8 @@ def train_cmd(
             cfg = load_config(saved, overrides + [f"out_dir={resume}"])
         else:
             cfg = load_config(config, overrides)
-        if distributed:
-            from dopd.driver import run_distributed
-
-            summary = run_distributed(cfg, resume=resume is not None)
-            typer.echo(json.dumps(summary, indent=1))
-        else:
-            from dopd.local import Trainer
-
-            summary = Trainer(cfg, resume=resume is not None).run()
-            typer.echo(json.dumps({k: v for k, v in summary.items() if k != "state"}, indent=1))
+        summary = train(cfg, resume=resume is not None)
+        typer.echo(json.dumps(summary, indent=1))
         _next_steps(cfg)
     except DopdError as e:
         _fail(e)
@@ -336,7 +327,7 @@ def experiment_plateau(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="output directory (a rerun skips the warm-up and every finished arm and seed)"),
     preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option("A,B,C,D,E,F", help="comma-separated subset of A..F (see dopd/plateau.py)"),
+    arms: str = typer.Option("A,B,C,D,E,F", help="comma-separated subset of A..F (see experiments/plateau.py)"),
     seeds: Optional[int] = typer.Option(None, help="seeds of arms A, B, C (default: the preset's)"),
     drafter: str = typer.Option("dflash", help="dflash | eagle3"),
     report: Optional[Path] = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
@@ -344,7 +335,7 @@ def experiment_plateau(
 ) -> None:
     """SFT vs Draft-OPD vs its ablations from one gated warm-up, with seeds and paired bootstrap contrasts."""
     _setup_torch(threads)
-    from dopd.plateau import main_plateau
+    from dopd.experiments.plateau import main_plateau
 
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     try:
@@ -364,7 +355,7 @@ def experiment_methods(
 ) -> None:
     """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
     _setup_torch(threads)
-    from dopd.methods import ARMS, PRESETS, main_methods
+    from dopd.experiments.methods import ARMS, PRESETS, main_methods
 
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     bad = [a for a in chosen if a not in ARMS]
@@ -459,6 +450,26 @@ def data_inspect(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rep, indent=1))
+
+
+@experiment_app.command("render")
+def experiment_render(
+    report: Path = typer.Argument(..., help="a report directory: an experiment's --out / --report, docs/plateau, docs/methods"),
+) -> None:
+    """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
+    from dopd.experiments import methods, plateau
+
+    if (report / "results.json").is_file():
+        methods.render_report(report)
+        typer.echo(f"re-rendered {report / 'results.csv'} and {report / 'summary.md'} from {report / 'results.json'}")
+    elif (report / "summary.json").is_file() and (report / "results.csv").is_file():
+        try:
+            plateau.render_report(report)
+        except DopdError as e:
+            _fail(e)
+        typer.echo(f"re-rendered {report / 'summary.md'} and {report / 'plot.png'} from summary.json and results.csv")
+    else:
+        _fail(DopdError(f"{report} holds no experiment results (results.json, or summary.json + results.csv)"))
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The two groups the driver talks to: `RolloutFleet` (N rollout actors) and `LearnerGroup` (M ZeRO ranks).
 
-Each wrapper owns its actors' placement, the fan-out of a call to every member, and recovery, so the driver's
-`run()` reads as the algorithm (warm up, publish, step, checkpoint) instead of loops over handles. The Ray actor
+Each wrapper owns its actors' placement, the fan-out of a call to every member, and recovery, so the Ray backend
+reads as the algorithm (warm up, publish, step, checkpoint) instead of loops over handles. Neither reaches into the
+other: publishing is `ref = learners.gather_weights()` then `fleet.set_weights(ref, version)`. The Ray actor
 classes are plain module-level classes (actors/actor.py `RolloutActor`, learner/zero.py `LearnerActor`); Ray is
 applied here, where they are placed (`ray.remote(**options)(Cls)`), so importing those modules never imports Ray.
 
@@ -80,6 +81,7 @@ class RolloutFleet:
 
         c = cfg.cluster
         self.cfg, self.log, self.on_restart = cfg, log, on_restart
+        self.looping = False  # the actors' produce loops run (cluster.rollout=async, after the first publish)
         N = c.actors
         Actor = remote_class("rollout")
         per_actor = [prompts[i::N] for i in range(N)]
@@ -108,10 +110,52 @@ class RolloutFleet:
 
     # --- fan-out calls --------------------------------------------------------------------------------------
     def start(self) -> None:
+        self.looping = True
         self._each("start")
 
     def stop(self) -> None:
+        self.looping = False
         self._each("stop")
+
+    def set_weights(self, ref, version: int) -> None:
+        """Every actor fetches the published weights (one object-store copy) and applies them between rollout
+        batches; an actor that died meanwhile is recovered and gets them too."""
+        import ray
+
+        self.weights = (ref, version)
+        acks = [a.set_weights.remote([ref], version) for a in self.handles]
+        for i, ack in enumerate(acks):
+            try:
+                ray.get(ack)
+            except _actor_gone():
+                self.recover(i)
+
+    def states(self) -> list[dict]:
+        """Every actor's data position and RNG (for a checkpoint)."""
+        return self._each("state")
+
+    def load_states(self, states: list[dict]) -> list[bool]:
+        """Every actor continues from its saved state; False where its prompt order starts afresh."""
+        import ray
+
+        return ray.get([a.load_state.remote(st) for a, st in zip(self.handles, states)])
+
+    def produce(self, n: int) -> list[tuple[list[bytes], dict]]:
+        """One synchronous round of n records, split over the actors in order (cluster.rollout=sync)."""
+        import ray
+
+        counts = [len(c) for c in split_even(list(range(n)), len(self.handles))]
+        refs = {i: self.handles[i].produce.remote(k) for i, k in enumerate(counts) if k}
+        out = []
+        for i in sorted(refs):
+            while True:
+                try:
+                    out.append(ray.get(refs[i]))
+                    break
+                except _actor_gone():  # a killed actor's share is produced again by its next incarnation
+                    self.recover(i)
+                    refs[i] = self.handles[i].produce.remote(counts[i])
+        return out
 
     def _each(self, method: str) -> list:
         import ray
@@ -146,13 +190,13 @@ class RolloutFleet:
                     refs[i] = self.handles[i].teacher_data.remote(ch)
         return out
 
-    def evaluate(self, prompt_ids: list) -> dict:
-        """The held-out evaluation on the first actor that answers (all hold the same weights)."""
+    def evaluate(self, ref, prompt_ids: list) -> dict:
+        """The held-out evaluation of the weights `ref` (the learners'), on the first actor that answers."""
         import ray
 
         for i, a in enumerate(self.handles):
             try:
-                return ray.get(a.evaluate.remote(prompt_ids))
+                return ray.get(a.evaluate.remote([ref], prompt_ids))
             except _actor_gone():
                 self.recover(i)
         raise DopdError("no rollout actor could run the held-out evaluation")
@@ -199,7 +243,7 @@ class RolloutFleet:
             self.log(f"dopd: rollout actor {i} restarted (incarnation {info['incarnation']}); re-sending weights")
         if self.weights is not None:
             ray.get(self.handles[i].set_weights.remote([self.weights[0]], self.weights[1]))
-        if start and self.weights is not None:
+        if start and self.looping and self.weights is not None:
             ray.get(self.handles[i].start.remote())
 
 
@@ -255,7 +299,10 @@ class LearnerGroup:
                 wait()
         return ray.get(refs)
 
-    def opd_step(self, version: int, wait: Callable | None = None) -> list[dict]:
+    def opd_step(self, version: int, wait: Callable | None = None, records: list[list[bytes]] | None = None) -> list[dict]:
+        """One step on every rank: each pulls its micro-batch from its shard(s), or trains `records[rank]`."""
+        if records is not None:
+            return self._all([h.opd_step.remote(version, records[r]) for r, h in enumerate(self.handles)], wait)
         return self._all([h.opd_step.remote(version) for h in self.handles], wait)
 
     def sft_step(self) -> list[dict]:
@@ -268,19 +315,33 @@ class LearnerGroup:
         box = [ray.put(data)]
         self._all([h.set_teacher.remote(box) for h in self.handles])
 
-    def publish(self, fleet: RolloutFleet, version: int) -> float:
-        """Weights of rank 0 -> every rollout actor (learner/publish.py); actors that died meanwhile are recovered
-        and get them too. Returns the publishing latency in seconds."""
-        from dopd.learner.publish import publish
+    def gather_weights(self):
+        """Every rank takes part in the gather (ZeRO-3 partitions the parameters); rank 0's full state lands in the
+        object store once. Returns its object ref (what `RolloutFleet.set_weights` hands the actors)."""
+        refs = [h.gather_weights.remote() for h in self.handles]
+        self._all(refs)
+        return refs[0]
 
-        latency, ref, failed = publish(self.handles, fleet.handles, version)
-        fleet.weights = (ref, version)
-        for i in failed:
-            fleet.recover(i)
-        return latency
+    def spec(self) -> dict:
+        import ray
 
-    def save(self, root: str, tag: str) -> None:
-        self._all([h.save.remote(root, tag) for h in self.handles])
+        return ray.get(self.handles[0].spec.remote())
 
-    def load(self, root: str, tag: str) -> list[int]:
-        return self._all([h.load.remote(root, tag) for h in self.handles])
+    def num_parameters(self) -> int:
+        import ray
+
+        return ray.get(self.handles[0].num_parameters.remote())
+
+    def vocab_chosen(self) -> bool:
+        import ray
+
+        return ray.get(self.handles[0].vocab_chosen.remote())
+
+    def training_state(self) -> dict:
+        """Optimizer (gathered), schedule, every rank's RNGs and data position: one world-size-independent blob."""
+        from dopd.learner.learner import merge_training_states
+
+        return merge_training_states(self._all([h.training_state.remote() for h in self.handles]))
+
+    def load(self, weights_ref, state_ref) -> list[int]:
+        return self._all([h.load.remote([weights_ref], [state_ref]) for h in self.handles])

@@ -1,1 +1,1 @@
-"""Training side: losses, SFT baselines, the in-process trainer, DeepSpeed ZeRO ranks and weight publishing."""
+"""Training side: the learner rank (learner.py), its objectives and losses, batches, DeepSpeed ZeRO ranks (zero.py)."""

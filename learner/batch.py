@@ -1,7 +1,8 @@
 """Records -> padded tensors for one learner step.
 
 Both record kinds become the same `TrainBatch` (sequence tokens + target features + blocks + block targets), so
-one drafter forward and one loss module serve Draft-OPD and the SFT baselines.
+one drafter forward and one loss module serve Draft-OPD and the SFT baselines. Teacher-forced (SFT) blocks are laid
+out by the drafter kind's SFT plan (`sft_batch`: the kind's depth, anchors and step weights).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dopd.common.drafters import kind_class
 from dopd.common.record import STREAM_ACC, STREAM_REJ, ExperienceRecord, TeacherRecord
 
 from .losses import BlockTargets
@@ -108,3 +110,19 @@ def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: 
         valid[i, :m] = torch.from_numpy(ok)
     T = BlockTargets(ids, probs, tail, draft, pd, valid.clone(), valid).to(device)
     return TrainBatch(tokens, features, lengths, anc.to(device), draft.to(device), T, step_weight, len(records))
+
+
+def sft_batch(records: list[TeacherRecord], cfg, rng: np.random.Generator, device) -> TrainBatch:
+    """Teacher-forced blocks as the drafter kind trains them in public code (its `sft_*` declarations)."""
+    kind = kind_class(cfg.drafter.kind)
+    anchors = [kind.sft_anchors(r, cfg, rng) for r in records]
+    return collate_teacher(records, anchors, kind.sft_depth(cfg), kind.sft_step_weights(cfg), device)
+
+
+def opd_batch(records: list[ExperienceRecord], cfg, device) -> TrainBatch:
+    """Experience records' blocks, restricted to the positions where the kind's training forward is exact."""
+    batch = collate_records(records, device)
+    keep = kind_class(cfg.drafter.kind).trainable_positions(batch.tokens, batch.lengths, batch.anchors, batch.block_tokens)
+    if keep is not None:
+        batch.targets.valid &= keep
+    return batch

@@ -23,7 +23,7 @@ Target ids outside a reduced draft vocabulary cannot be produced by the drafter:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -179,7 +179,7 @@ def _clamped(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
 
 
 def block_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig) -> StreamSums:
-    """Both streams over verification blocks (logq: draft-vocab log-softmax [B,M,K,Vd]); cfg is effective."""
+    """Both streams over verification blocks (logq: draft-vocab log-softmax [B,M,K,Vd]); cfg: a resolved `Config.loss`."""
     acc_mask, w_rej = opd_masks(T, cfg)
     zero = logq.sum() * 0.0
     s_acc = (_clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T), cfg) * acc_mask).sum() if bool(acc_mask.any()) else zero
@@ -207,6 +207,13 @@ def sft_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight
     step_weight [K] weights block position j (EAGLE-3 TTT: 0.8^(j-1); DFlash: exp(-(j-1)/decay)).
     """
     w = sft_valid(T, t2d, step_weight)
+    per = sft_per_position(logq, t2d, T, objective)
+    z = logq.sum() * 0.0
+    return StreamSums((per * w).sum(), float(w.sum()), z, 0.0, 0)
+
+
+def sft_per_position(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, objective: str) -> torch.Tensor:
+    """The supervised loss at every teacher-forced position: fkl to the target top-k, CE to the true token, or both."""
     parts = []
     if objective in ("kl", "both"):
         parts.append(bucket_divergence("fkl", logq, t2d, T))
@@ -214,9 +221,7 @@ def sft_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight
         didx = t2d[T.draft_tokens]
         lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1)
         parts.append(torch.where(didx >= 0, -lq.clamp_min(-LOG_CLAMP * 5), torch.full_like(lq, LOG_CLAMP)))
-    per = sum(parts)
-    z = logq.sum() * 0.0
-    return StreamSums((per * w).sum(), float(w.sum()), z, 0.0, 0)
+    return sum(parts)
 
 
 @dataclass
@@ -227,7 +232,7 @@ class LossParts:
     n_acc: int
     n_rej: int
     w_rej: float
-    phase: str = ""  # the DVI schedule's phase of this step ("kl" | "rl"), "" for the other objectives
+    info: dict = field(default_factory=dict)  # the objective's own diagnostics for the step row (DVI: its phase)
 
 
 # --- DVI (arXiv 2510.05421): online KL, then reward-masked CE + policy gradient -----------------------------------
@@ -251,15 +256,18 @@ def dvi_samples(T: BlockTargets) -> torch.Tensor:
     return m & T.acc_block[..., None] if T.acc_block is not None else m
 
 
-def dvi_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, d: DVIConfig, step: int) -> tuple[StreamSums, str]:
+def dvi_sums(
+    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, d: DVIConfig, step: int, sample: torch.Tensor | None = None
+) -> tuple[StreamSums, str]:
     """DVI's per-sample loss summed over the samples (reward r = 1 accepted, 0 at the first rejection).
 
     kl phase: D(target || q) on the top-k + tail buckets (`cfg.acc_divergence`, forward KL by default).
     rl phase: kl_weight * D + ce_weight * (-r log q(d)) + pg_weight * (-(r - b) log q(d)), b = the mean reward of
     the batch's samples (detached). The policy-gradient term raises log q of an accepted draft (r - b > 0) and
     lowers that of a rejected one (r - b < 0); the baseline leaves its expectation unchanged and its variance lower.
+    `sample`: the samples' mask (`dvi_samples`), when the caller has it.
     """
-    sample = dvi_samples(T)
+    sample = dvi_samples(T) if sample is None else sample
     phase = dvi_phase(step, d)
     div = _clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T), cfg)
     if phase == "kl":
@@ -366,7 +374,7 @@ def finish(s: StreamSums, cfg: LossConfig, denom: float | None = None) -> LossPa
 
 
 def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, denom: float | None = None) -> LossParts:
-    """The Draft-OPD objective over both streams of verification blocks (cfg: `Config.effective_loss()`)."""
+    """The Draft-OPD objective over both streams of verification blocks (cfg: a resolved `Config.loss`)."""
     return finish(block_sums(logq, t2d, T, cfg), cfg, denom)
 
 

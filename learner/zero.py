@@ -1,34 +1,24 @@
-"""A learner rank: the drafter under a DeepSpeed ZeRO engine, fed from its own queue shard(s).
+"""The Ray runner's learner rank: the shared `Learner` (learner/learner.py) under a DeepSpeed ZeRO engine.
 
-`LearnerRank` is plain Python (one rank runs in a test process); the distributed job wraps it in a Ray actor and
-starts M of them in one torch.distributed group (gloo on CPU, NCCL on GPU). Each step a rank pulls a micro-batch
-of records from its shard, runs the same forward and loss as the in-process trainer (learner/objective.py), and
-DeepSpeed averages gradients across ranks (ZeRO stage 0-3 from the config; `learner.deepspeed` is merged into the
-generated DeepSpeed config). A rank holds only the drafter plus the target's frozen embedding and head (read
-straight from the target's safetensors), never the target body.
-
-Differences from the in-process trainer: the ranks all-reduce their token weights before the forward, so the
-averaged gradient is that of one token mean over every rank's micro-batch (as the official code does); records
-arrive asynchronously, up to `cluster.max_staleness` policy versions old.
+`make_rank` builds one rank in a torch.distributed group (plain Python: one rank runs in a test process);
+`LearnerActor` is the Ray actor around it, which pulls its micro-batches from its own queue shard(s) (records
+arriving up to `cluster.max_staleness` policy versions old), or trains the records the driver hands it
+(`cluster.rollout=sync`). ZeRO stage 0-3 comes from the config; `learner.deepspeed` is merged into the generated
+DeepSpeed config.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from dopd.common.config import Config
-from dopd.common.drafters import build_drafter, draft_vocab_from_counts, token_counts
 from dopd.common.models import load_frozen_io
-from dopd.common.errors import DopdError, RecordError
-from dopd.common.record import ExperienceRecord, TeacherRecord, decode_record, decode_teacher
+from dopd.common.errors import RecordError
 
-from .objective import compute_loss, denominator, make_batch
+from .learner import Learner
 from .optim import make_optimizer
 
 
@@ -51,167 +41,115 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     return ds
 
 
-@dataclass
-class RankState:
-    step: int = 0
-    sft_cursor: int = 0
-    sft_epoch: int = 0
-    extra: dict = field(default_factory=dict)
+class DeepSpeedEngine:
+    """The Ray runner's optimizer step: the drafter under a DeepSpeed ZeRO engine (stage 0-3 from the config) with
+    the same AdamW and schedule as the in-process `TorchEngine`; DeepSpeed clips and averages gradients across
+    ranks. `optimizer_state` / `load_optimizer_state` move the full (gathered) state per named parameter, so a
+    checkpoint does not depend on the world size or on DeepSpeed's own file layout."""
 
-
-class LearnerRank:
-    def __init__(self, cfg: Config, rank: int, world: int, master_addr: str, master_port: int, device: str = "cpu"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")  # Ray gives each rank its own visible GPU(s)
+    def __init__(self, module: torch.nn.Module, cfg: Config, world: int):
         import deepspeed
 
-        try:  # the shm all-reduce op compiles for a minute on first use and leaves /dev/shm files behind
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        except Exception:
-            pass
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.device = torch.device("cpu" if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
-        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", auto_mpi_discovery=False)
-        info, embed, head, hf_config = load_frozen_io(cfg.model.target)
-        # a reduced draft vocabulary is chosen from the SFT data (`set_teacher`) before the first step
-        self._drafter = build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed, placeholder_vocab=True).to(self.device)
-        self.info = info
-        self._engine = None
-        self.state = RankState()
-        self.rng = np.random.default_rng([cfg.seed, rank])
-        self.teacher: list[TeacherRecord] = []
-        self.teacher_refused: list[str] = []
+        opt, sched = make_optimizer(module, cfg)
+        self.engine, _, _, self.sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world))
+        self.module = module
+        self.zero_stage = cfg.learner.zero_stage
+        self.grad_norm = 0.0
 
-    @property
-    def engine(self):
-        """The DeepSpeed engine, created on first use: after `set_teacher` has chosen a reduced draft vocabulary
-        (ZeRO keeps its own master copy of the parameters from then on, so they must be final by then)."""
-        if self._engine is None:
-            import deepspeed
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
 
-            opt, sched = make_optimizer(self._drafter, self.cfg)
-            self._engine, _, _, self.sched = deepspeed.initialize(model=self._drafter, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(self.cfg, self.world))
-        return self._engine
-
-    @property
-    def drafter(self):
-        return self.engine.module
-
-    # --- steps ------------------------------------------------------------------------------------------------
-    def _train(self, batch, mode: str) -> dict:
-        t0 = time.perf_counter()
-        denom = self._global_denominator(batch, mode)
-        with FlopCounterMode(display=False) as fc:
-            parts = compute_loss(self.drafter, batch, self.cfg, mode, denom, step=self.state.step)
-            self.engine.backward(parts.loss)
+    def step(self) -> None:
         self.engine.step()
-        gnorm = self.engine.get_global_grad_norm()
-        self.state.step += 1
-        return {
-            "loss": float(parts.loss.detach()), "acc": parts.acc, "rej": parts.rej, "n_acc": parts.n_acc,
-            "n_rej": parts.n_rej, "grad_norm": float(gnorm) if gnorm is not None else 0.0,
-            "flops": float(fc.get_total_flops()), "seconds": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
-            **({"dvi_phase": parts.phase} if parts.phase else {}),
-        }  # fmt: skip
+        g = self.engine.get_global_grad_norm()
+        self.grad_norm = float(g) if g is not None else 0.0
 
-    def _global_denominator(self, batch, mode: str) -> float | None:
-        """Every rank's token weight, summed, over the world size: DeepSpeed averages gradients across ranks, so
-        dividing each rank's loss sum by this gives the gradient of one token mean over all ranks' batches (a rank
-        with few accepted tokens would otherwise weigh as much as one with many)."""
-        if self.world == 1:
+    @property
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def _inner(self) -> torch.optim.Optimizer:
+        """The torch AdamW DeepSpeed steps (ZeRO wraps it and points it at flat fp32 partitions; stage 0 does not)."""
+        opt = self.engine.optimizer
+        return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+    def _partitioned(self, p: torch.nn.Parameter) -> bool:
+        return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+    def optimizer_state(self) -> dict | None:
+        """Gathered on every rank (a collective under ZeRO); None before the first step."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        inner = self._inner()
+        steps = [s["step"] for s in inner.state.values() if "step" in s]
+        if not steps:
             return None
-        import torch.distributed as dist
-
-        local = denominator(self.drafter, batch, self.cfg, mode)
-        t = torch.tensor([local], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world
-
-    def decode(self, data: bytes) -> ExperienceRecord:
-        """A record's one full validation (its shard read only the header): RecordError if it must be refused."""
-        return decode_record(data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size)
-
-    def opd_step(self, records: list, learner_version: int) -> dict:
-        """Train on records already pulled from this rank's shard (the Ray wrapper pulls and decodes them)."""
-        recs = [r if isinstance(r, ExperienceRecord) else self.decode(r) for r in records]
-        batch = make_batch(recs, self.cfg, "opd", self.rng, self.device)
-        out = self._train(batch, "opd")
-        out["uids"] = [list(r.uid) for r in recs]
-        out["staleness"] = [learner_version - r.policy_version for r in recs]
-        out["records"] = len(recs)
-        return out
-
-    def set_teacher(self, data: list[bytes]) -> int:
-        """This rank's share of the SFT data; a fresh reduced-vocabulary drafter picks its vocabulary from ALL of it
-        (every rank sees the same data, so every rank picks the same ids)."""
-        c = self.cfg.drafter
-
-        def decode(b: bytes) -> TeacherRecord | None:
-            try:
-                return decode_teacher(b, vocab_size=self.info.vocab_size)
-            except RecordError as e:  # a bad record is left out (the same on every rank), never the end of the rank
-                self.teacher_refused.append(str(e))
-                return None
-
-        if c.draft_vocab_size is not None and not c.init and self.state.step == 0 and not self.state.extra.get("vocab"):
-            recs = [r for r in map(decode, data) if r is not None]
-            ids = draft_vocab_from_counts(token_counts([(r.token_ids, r.prompt_len) for r in recs], self.info.vocab_size), c.draft_vocab_size)
-            if self._engine is not None:
-                raise RuntimeError("the draft vocabulary must be chosen before the learner's first step")
-            self._drafter.set_draft_vocab(ids)
-            self.state.extra["vocab"] = True
-        self.teacher_refused = []
-        self.teacher = [r for r in map(decode, list(data)[self.rank :: self.world]) if r is not None]
-        if data and not self.teacher:
-            raise DopdError(f"learner rank {self.rank}: every SFT record of its share was refused: {self.teacher_refused[-1]}")
-        return len(self.teacher)
-
-    def sft_step(self) -> dict:
-        if not self.teacher:
-            raise RuntimeError("sft_step before set_teacher")
-        mb = self.cfg.learner.micro_batch_size
-        recs = []
-        while len(recs) < mb:
-            order = np.random.default_rng([self.cfg.seed, self.rank, self.state.sft_epoch]).permutation(len(self.teacher))
-            if self.state.sft_cursor >= len(order):
-                self.state.sft_epoch += 1
-                self.state.sft_cursor = 0
+        params = {}
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
                 continue
-            recs.append(self.teacher[order[self.state.sft_cursor]])
-            self.state.sft_cursor += 1
-        out = self._train(make_batch(recs, self.cfg, "sft", self.rng, self.device), "sft")
-        out["records"] = 0
-        return out
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if self._partitioned(p):
+                st = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone().reshape(shape) for k in ("exp_avg", "exp_avg_sq")}
+            else:
+                st = {k: v.detach().cpu().clone() for k, v in inner.state[p].items() if k != "step"}
+            params[name] = {"step": steps[0].detach().cpu().clone(), **st}
+        return {"params": params, "lr": [g["lr"] for g in inner.param_groups], "scheduler": self.sched.state_dict()}
 
-    # --- weights and checkpoints ------------------------------------------------------------------------------
-    def gather_weights(self) -> dict | None:
-        """The full drafter state (ZeRO-3 aware: parameters are gathered on every rank); returned by rank 0 only."""
-        module = self.drafter
-        if self.cfg.learner.zero_stage == 3:
-            import deepspeed
+    def load_optimizer_state(self, blob: dict) -> None:
+        """Scatter a full optimizer state into this rank's partitions (every rank calls it)."""
+        from deepspeed.utils import safe_set_full_optimizer_state
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        else:
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy() for k, v in state.items()} if self.rank == 0 else None
+        inner = self._inner()
+        step = next(iter(blob["params"].values()))["step"]
+        # the inner optimizer creates its state on its first step: create it now (zeros) for every tensor it steps
+        # (ZeRO-3: the flat fp32 partitions, out of its param groups between steps; ZeRO-1/2: the flat partitions;
+        # stage 0: the parameters), then fill it
+        zero = self.engine.optimizer
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", None)
+        if flats is None:
+            flats = [p for g in inner.param_groups for p in g["params"]]
+        for flat in flats:
+            st = inner.state[flat]
+            if not st:
+                st.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+            st["step"] = step.clone().to(st["step"].dtype)
+        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO 1/2: point each parameter's fragment at the new state
+            link()
+        for name, p in self.module.named_parameters():
+            if name not in blob["params"]:
+                continue
+            saved = blob["params"][name]
+            for k in ("exp_avg", "exp_avg_sq"):
+                if self._partitioned(p):
+                    safe_set_full_optimizer_state(p, saved[k], k)
+                else:
+                    inner.state[p][k].copy_(saved[k])
+        for g, lr in zip(inner.param_groups, blob["lr"]):
+            g["lr"] = lr
+        self.sched.load_state_dict(blob["scheduler"])
 
-    def save(self, directory: str, tag: str) -> bool:
-        client = {"rank_state": self.state.__dict__, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client)
-        return True
 
-    def load(self, directory: str, tag: str) -> int:
-        _, client = self.engine.load_checkpoint(directory, tag=tag)
-        if client:
-            self.state = RankState(**client["rank_state"])
-            self.rng.bit_generator.state = client["rng"]
-            torch.set_rng_state(client["torch_rng"])
-        return self.state.step
+def make_rank(cfg: Config, rank: int, world: int, master_addr: str, master_port: int, device: str = "cpu") -> Learner:
+    """A learner rank under DeepSpeed in a torch.distributed group (gloo on CPU, NCCL on GPU). It holds only the
+    drafter plus the target's frozen embedding and head (read straight from the target's safetensors)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")  # Ray gives each rank its own visible GPU(s)
+    import deepspeed
+
+    try:  # the shm all-reduce op compiles for a minute on first use and leaves /dev/shm files behind
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except Exception:
+        pass
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", auto_mpi_discovery=False)
+    dev = "cpu" if device == "cpu" else f"cuda:{torch.cuda.current_device()}"
+    info, embed, head, hf_config = load_frozen_io(cfg.model.target)
+    return Learner(cfg, rank, world, info, hf_config, embed, head, dev, lambda m: DeepSpeedEngine(m, cfg, world))
 
 
 class LearnerActor:
-    """Ray wrapper: one rank; pulls its micro-batches from its own shard(s).
+    """Ray wrapper: one rank; pulls its micro-batches from its own shard(s), or trains the records it is handed.
 
     A plain class at module level; dopd/fleet.py (LearnerGroup) applies `ray.remote` where it places the ranks, so
     importing this module never imports Ray.
@@ -224,7 +162,7 @@ class LearnerActor:
         self.cfg = config_from_dict(cfg_dict)
         self.shards = shards
         self.rank, self.world, self.device = rank, world, device
-        self.rank_obj: LearnerRank | None = None
+        self.learner: Learner | None = None
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port: rank 0's answer is the torch.distributed master."""
@@ -238,17 +176,23 @@ class LearnerActor:
             return ip, s.getsockname()[1]
 
     def init(self, master_addr: str, master_port: int) -> int:
-        self.rank_obj = LearnerRank(self.cfg, self.rank, self.world, master_addr, master_port, self.device)
+        self.learner = make_rank(self.cfg, self.rank, self.world, master_addr, master_port, self.device)
         return self.rank
 
-    def opd_step(self, learner_version: int, timeout_s: float = 600.0) -> dict:
-        """Pull a micro-batch from this rank's shard(s) and train on it. Each record is decoded and validated here,
-        once; a record that fails is reported back to its shard (counted there as rejected) and replaced by the
-        next one, so no input can stop the rank. A shard's `get` waits inside the shard for records to arrive."""
+    def opd_step(self, learner_version: int, records: list[bytes] | None = None, timeout_s: float = 600.0) -> dict:
+        """Train on a micro-batch: `records` handed over by the driver (cluster.rollout=sync), or pulled from this
+        rank's shard(s) (async; a shard's `get` waits inside the shard for records to arrive). Each record is decoded
+        and validated here, once; one that fails is refused (reported back to its shard, which counts it as rejected,
+        and replaced by the next one), so no input can stop the rank."""
         import ray
 
         need = self.cfg.learner.micro_batch_size
-        recs: list[ExperienceRecord] = []
+        recs, refused = [], []
+        for b in records or []:
+            try:
+                recs.append(self.learner.decode(b))
+            except RecordError as e:
+                refused.append(str(e))
         t0 = time.perf_counter()
         i = 0
         while len(recs) < need:
@@ -259,38 +203,49 @@ class LearnerActor:
             # one shard: wait for the whole micro-batch; several: a first pass that takes what is there, then turns
             wait = left if len(self.shards) == 1 else 0.0 if i < len(self.shards) else min(left, 0.5)
             i += 1
-            refused = []
+            bad = []
             for b in ray.get(shard.get.remote(need - len(recs), learner_version, wait)):
                 try:
-                    recs.append(self.rank_obj.decode(b))
+                    recs.append(self.learner.decode(b))
                 except RecordError as e:
-                    refused.append(str(e))
-            if refused:
-                ray.get(shard.refused_by_learner.remote(refused))
+                    bad.append(str(e))
+            if bad:
+                ray.get(shard.refused_by_learner.remote(bad))
+                refused += bad
         wait_s = time.perf_counter() - t0
-        out = self.rank_obj.opd_step(recs, learner_version)
+        out = self.learner.opd_step(recs, learner_version)
         out["wait_s"] = wait_s
+        out["refused"] = len(refused)
         return out
 
     def set_teacher(self, box: list) -> int:
         import ray
 
-        return self.rank_obj.set_teacher(ray.get(box[0]))
+        return self.learner.set_teacher(ray.get(box[0]))
 
     def sft_step(self) -> dict:
-        return self.rank_obj.sft_step()
+        return self.learner.sft_step()
 
     def gather_weights(self):
-        return self.rank_obj.gather_weights()
+        return self.learner.gather_weights()
 
-    def save(self, directory: str, tag: str) -> bool:
-        return self.rank_obj.save(directory, tag)
+    def spec(self) -> dict:
+        return self.learner.spec()
 
-    def load(self, directory: str, tag: str) -> int:
-        return self.rank_obj.load(directory, tag)
+    def vocab_chosen(self) -> bool:
+        return self.learner.vocab_chosen
+
+    def training_state(self) -> dict:
+        return self.learner.training_state()
+
+    def load(self, weights_box: list, state_box: list) -> int:
+        import ray
+
+        self.learner.load(ray.get(weights_box[0]), ray.get(state_box[0]))
+        return self.learner.step
 
     def num_parameters(self) -> int:
-        return self.rank_obj.drafter.num_parameters()
+        return self.learner.drafter.num_parameters()
 
     def pid(self) -> int:
         return os.getpid()

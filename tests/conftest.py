@@ -47,7 +47,8 @@ def tiny_prompts(tiny):
 def trained_tiny_drafter(tiny, tmp_path_factory):
     """A tiny EAGLE-3 drafter after a short SFT (partial acceptance: exercises accept and reject paths)."""
     from dopd.common.config import load_config
-    from dopd.local import Trainer
+    from dopd.local import InProcess
+    from dopd.train import train
 
     out = tmp_path_factory.mktemp("tiny_sft")
     cfg = load_config(None, [
@@ -55,9 +56,9 @@ def trained_tiny_drafter(tiny, tmp_path_factory):
         "sft.num_prompts=96", "sft.max_new_tokens=48", "learner.steps=120", "learner.lr=3e-3", "learner.eval_every=1000",
         "learner.checkpoint_every=1000", "eval.num_prompts=4", "eval.max_new_tokens=24", f"out_dir={out}",
     ])  # fmt: skip
-    tr = Trainer(cfg, target=tiny, log=lambda *a: None)
-    tr.run()
-    return tr.drafter.eval()
+    backend = InProcess(cfg, target=tiny, log=lambda *a: None)
+    train(cfg, backend)
+    return backend.drafter.eval()
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +70,8 @@ def trained_tiny_dflash(tiny, tmp_path_factory):
     import json
 
     from dopd.common.config import load_config
-    from dopd.local import Trainer
+    from dopd.local import InProcess
+    from dopd.train import train
 
     out = tmp_path_factory.mktemp("tiny_dflash_sft")
     with open(out / "prompts.jsonl", "w") as f:
@@ -80,9 +82,9 @@ def trained_tiny_dflash(tiny, tmp_path_factory):
         "drafter.kind=dflash", "sft.num_prompts=6", "sft.max_new_tokens=48", "learner.steps=60", "learner.lr=1e-2",
         "learner.eval_every=1000", "learner.checkpoint_every=1000", "eval.num_prompts=1", "eval.max_new_tokens=8", f"out_dir={out}",
     ])  # fmt: skip
-    tr = Trainer(cfg, target=tiny, log=lambda *a: None)
-    tr.run()
-    return tr.drafter.eval()
+    backend = InProcess(cfg, target=tiny, log=lambda *a: None)
+    train(cfg, backend)
+    return backend.drafter.eval()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import pytest
 from dopd.common.config import load_config
 from dopd.common.metrics import METRICS
 from dopd.common.record import decode_teacher
-from dopd.driver import DistributedJob
+from dopd.driver import RayFleet
+from dopd.train import train
 
 pytestmark = pytest.mark.ray
 
@@ -25,17 +26,17 @@ def test_ray_runner_teacher_forces_given_answers(ray_session, tmp_path):
         "model.target=tiny-random-llama", f"data.prompts={EXAMPLE}", "data.num_eval=8", "data.answers=as_is", "mode=opd",
         "sft.warmup_steps=2", "learner.steps=4", "rollout.max_new_tokens=16", "rollout.batch_size=2", "eval.max_new_tokens=12",
         "eval.num_prompts=4", "learner.micro_batch_size=2", "learner.refresh_every=2", "learner.eval_every=100",
-        "cluster.actors=1", "cluster.learners=1", "cluster.actor_num_cpus=1", "metrics.port=0", "metrics.tensorboard=true",
+        "runner=ray", "cluster.actors=1", "cluster.learners=1", "cluster.actor_num_cpus=1", "metrics.port=0", "metrics.tensorboard=true",
         f"out_dir={tmp_path}",
     ])  # fmt: skip
     seen: dict = {}
 
     def on_step(job, step):
         if step == 3:  # the Ray actor's SFT data for two training examples: prompt + the dataset's answer
-            seen["items"] = job.sft_prompts[:2]
+            seen["items"] = job.prompts.sft[:2]
             seen["teacher"] = [decode_teacher(b) for b in job.fleet.teacher_data(seen["items"])]
 
-    summary = DistributedJob(cfg, hooks={"on_step": on_step}, log=lambda *a: None).run()
+    summary = train(cfg, RayFleet(cfg, log=lambda *a: None), on_step=on_step)
     assert summary["steps"] == 6 and summary["records_trained"] == 4 * 2
     assert all(len(it) == 3 for it in seen["items"])
     assert [t.token_ids.tolist() for t in seen["teacher"]] == [ids + ans for _, ids, ans in seen["items"]]

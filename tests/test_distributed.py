@@ -10,13 +10,15 @@ import pytest
 
 from dopd.common.config import load_config
 from dopd.common.errors import DopdError
+from dopd import checkpoint
 from dopd.common.metrics import METRICS
-from dopd.driver import DistributedJob
+from dopd.driver import RayFleet
+from dopd.train import train
 
 pytestmark = pytest.mark.ray
 
 BASE = [
-    "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
+    "runner=ray", "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
     "sft.num_prompts=16", "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=2",
     "eval.max_new_tokens=12", "eval.num_prompts=4", "learner.micro_batch_size=2", "learner.refresh_every=2",
     "learner.lr=3e-3", "learner.zero_stage=2", "cluster.actors=2", "cluster.learners=2", "cluster.actor_num_cpus=1",
@@ -44,8 +46,9 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
             seen["incarnation"] = job.fleet.known[1]
             ray.kill(job.fleet.handles[1], no_restart=False)
 
-    job = DistributedJob(cfg_for(tmp_path, "sft.warmup_steps=2", "learner.steps=8", "learner.checkpoint_every=4"), hooks={"on_step": on_step}, log=lambda *a: None)
-    summary = job.run()
+    cfg = cfg_for(tmp_path, "sft.warmup_steps=2", "learner.steps=8", "learner.checkpoint_every=4")
+    job = RayFleet(cfg, log=lambda *a: None)
+    summary = train(cfg, job, on_step=on_step)
     assert summary["steps"] == 10
     assert summary["policy_version"] == 1 + 8 // 2  # warm-up publish + one per refresh
     assert summary["records_trained_twice"] == 0
@@ -58,7 +61,7 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
     assert summary["records_lost_in_flight"] == 1  # the one the test took
     assert summary["records_produced"] == summary["records_trained"] + summary["records_dropped_stale"] + summary["records_dropped_full"] + summary["records_queued"] + 1
     assert 0 < summary["queue_peak_bytes"] <= summary["queue_max_bytes"]
-    for key in ("records_dropped_stale", "final_tau", "wall_s"):
+    for key in ("records_dropped_stale", "tau", "wall_s"):
         assert key in summary
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"step"' in x and json.loads(x)["event"] == "step"]
     opd = [r for r in steps if r["phase"] == "opd"]
@@ -71,7 +74,7 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
         assert d.name in text, f"/metrics does not serve {name}"
     assert 'dopd_records_rejected_total{shard="0"}' in text
     assert (tmp_path / "drafter" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "run_summary.json").read_text())["steps"] == 10
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 10
 
 
 def test_learner_crash_resumes_at_the_same_step_and_version(ray_session, tmp_path):
@@ -90,11 +93,10 @@ def test_learner_crash_resumes_at_the_same_step_and_version(ray_session, tmp_pat
 
     cfg = cfg_for(tmp_path, "sft.warmup_steps=2", "learner.steps=6", "learner.checkpoint_every=4", "cluster.actors=1", "cluster.learners=2")
     with pytest.raises(RuntimeError, match="simulated"):
-        DistributedJob(cfg, hooks={"on_step": crash}, log=lambda *a: None).run()
-    saved = json.loads((tmp_path / "checkpoints" / "step_0000004" / "job_state.json").read_text())
+        train(cfg, RayFleet(cfg, log=lambda *a: None), on_step=crash)
+    saved = checkpoint.find(tmp_path).state()["run"]
     assert saved["step"] == 4 and saved["policy_version"] == 2
-    resumed = DistributedJob(cfg, resume=True, hooks={"on_step": after_resume}, log=lambda *a: None)
-    summary = resumed.run()
+    summary = train(cfg, RayFleet(cfg, log=lambda *a: None), resume=True, on_step=after_resume)
     assert weights["resumed"].keys() == weights["saved"].keys()
     for k, v in weights["saved"].items():
         np.testing.assert_array_equal(weights["resumed"][k], v, err_msg=k)
@@ -134,7 +136,7 @@ def test_sft_data_fans_out_over_every_actor_in_order(ray_session):
 
 def test_zero3_gathers_full_weights(ray_session, tmp_path):
     cfg = cfg_for(tmp_path, "sft.warmup_steps=1", "learner.steps=2", "learner.checkpoint_every=100", "learner.zero_stage=3", "cluster.actors=1", "drafter.kind=dflash")
-    summary = DistributedJob(cfg, log=lambda *a: None).run()
+    summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 3 and summary["zero_stage"] == 3
     from dopd.common.drafters import load_drafter
     from dopd.common.models import load_frozen_io
@@ -147,4 +149,4 @@ def test_zero3_gathers_full_weights(ray_session, tmp_path):
 def test_placement_that_cannot_fit_is_a_clear_error(ray_session, tmp_path):
     cfg = cfg_for(tmp_path, "cluster.actors=1", "cluster.actor_num_gpus=1", "learner.steps=1", "cluster.placement_timeout_s=2")
     with pytest.raises(DopdError, match="cannot place 1 actors"):
-        DistributedJob(cfg, log=lambda *a: None).run()
+        train(cfg, RayFleet(cfg, log=lambda *a: None))

@@ -11,7 +11,8 @@ import torch
 from helpers import assert_tau_consistent
 
 from dopd.common.config import load_config
-from dopd.driver import DistributedJob
+from dopd.driver import RayFleet
+from dopd.train import train
 
 pytestmark = pytest.mark.ray
 
@@ -28,17 +29,18 @@ BASE = [
 def test_reduced_draft_vocabulary_trains_in_the_distributed_runner(ray_session, tmp_path):
     from dopd.common.drafters import load_drafter
     from dopd.common.models import load_frozen_io, load_target
-    from dopd.local import Trainer
+    from dopd.local import InProcess
 
-    cfg = load_config(None, BASE + [f"out_dir={tmp_path / 'ray'}"])
-    summary = DistributedJob(cfg, log=lambda *a: None).run()
+    cfg = load_config(None, BASE + ["runner=ray", f"out_dir={tmp_path / 'ray'}"])
+    summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
-    assert_tau_consistent(summary["final_tau"], summary["final_alpha"], cfg.rollout.block_size)
+    assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
     info, embed, head, _ = load_frozen_io("tiny-random-llama")
     d = load_drafter(tmp_path / "ray" / "drafter", info, embed, head)
     assert d.draft_vocab == 48 and d.lm_head.weight.shape[0] == 48
     # the vocabulary is the one the in-process runner picks from the same SFT data, not the placeholder 0..47
-    local = Trainer(load_config(None, BASE + [f"out_dir={tmp_path / 'local'}"]), target=load_target("tiny-random-llama"), log=lambda *a: None)
+    local = InProcess(load_config(None, BASE + ["cluster.learners=1", f"out_dir={tmp_path / 'local'}"]), target=load_target("tiny-random-llama"), log=lambda *a: None)
+    local.sft_data(needed=False)  # the SFT data a fresh reduced-vocabulary drafter picks its vocabulary from
     assert torch.equal(d.draft_ids, local.drafter.draft_ids) and not torch.equal(d.draft_ids, torch.arange(48))
     rows = [json.loads(x) for x in open(tmp_path / "ray" / "metrics.jsonl")]
     evals = [r for r in rows if r["event"] == "eval"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -60,3 +62,15 @@ def test_plateau_refuses_unknown_arms_and_presets(tmp_path):
     assert r.exit_code != 0 and "unknown arms ['Z']" in r.output
     r = CliRunner().invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--preset", "laptop"])
     assert r.exit_code != 0 and "unknown preset 'laptop'" in r.output
+
+
+def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
+    """docs/plateau's summary.md and plot come back from its summary.json and results.csv through the code the
+    command runs (`dopd experiment render`): the experiment left the core without changing what it reports."""
+    src = Path(__file__).resolve().parents[1] / "docs" / "plateau"
+    for f in ("summary.json", "results.csv"):
+        shutil.copy(src / f, tmp_path / f)
+    r = CliRunner().invoke(app, ["experiment", "render", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
+    assert (tmp_path / "plot.png").stat().st_size > 10_000

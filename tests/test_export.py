@@ -283,7 +283,8 @@ def test_import_checks_shapes_vocabulary_and_embedding(tiny, tmp_path):
 @pytest.mark.heavy
 def test_imported_speculators_checkpoint_trains_one_opd_step(tiny, tmp_path):
     from dopd.common.config import load_config
-    from dopd.local import Trainer
+    from dopd.local import InProcess
+    from dopd.train import train
 
     d = random_drafter(tiny, reduced=True)
     export_drafter(d, "speculators", tmp_path / "spec")
@@ -294,9 +295,9 @@ def test_imported_speculators_checkpoint_trains_one_opd_step(tiny, tmp_path):
         "learner.micro_batch_size=2", "learner.eval_every=100", "learner.checkpoint_every=100", "eval.num_prompts=2",
         "eval.max_new_tokens=8", f"out_dir={tmp_path / 'run'}",
     ])  # fmt: skip
-    tr = Trainer(cfg, target=tiny, log=lambda *a: None)
+    tr = InProcess(cfg, target=tiny, log=lambda *a: None)
     assert tr.drafter.draft_vocab == 100
-    tr.run()
+    train(cfg, tr)
     steps = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if json.loads(x)["event"] == "step"]
     assert [s["phase"] for s in steps] == ["opd"] and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
     after = tr.drafter.state_dict()

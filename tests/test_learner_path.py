@@ -51,11 +51,18 @@ def setup(tiny, tmp_path_factory):
 
 
 def new_rank(cfg, teacher):
-    from dopd.learner.zero import LearnerRank
+    from dopd.learner.zero import make_rank
 
-    rank = LearnerRank(cfg, 0, 1, "127.0.0.1", free_port())
+    rank = make_rank(cfg, 0, 1, "127.0.0.1", free_port())
     rank.set_teacher(teacher)
     return rank
+
+
+def checkpoint_of(rank) -> tuple[dict, dict]:
+    """What a checkpoint holds for the learner: its full weights and its training state (dopd/checkpoint.py)."""
+    from dopd.learner.learner import merge_training_states
+
+    return copy.deepcopy(rank.gather_weights()), merge_training_states([rank.training_state()])
 
 
 def test_duplicates_through_the_real_path_are_refused_and_never_trained(setup, tiny):
@@ -103,7 +110,7 @@ def test_resume_continues_like_the_uninterrupted_run(setup, tmp_path):
     a = new_rank(cfg, teacher)
     for _ in range(2):
         a.sft_step()
-    a.save(str(tmp_path), "step2")
+    weights, state = checkpoint_of(a)
     worker.set_weights(a.gather_weights(), 1)
     batches = [worker.produce(2)[0] for _ in range(2)]
     losses_a = [a.opd_step(b, 1)["loss"] for b in batches]
@@ -111,7 +118,8 @@ def test_resume_continues_like_the_uninterrupted_run(setup, tmp_path):
     assert all(math.isfinite(x) for x in losses_a)
 
     b = new_rank(cfg, teacher)
-    assert b.load(str(tmp_path), "step2") == 2
+    b.load(weights, state)
+    assert b.step == 2
     rng_at_load, torch_rng_at_load = copy.deepcopy(b.rng.bit_generator.state), torch.get_rng_state()
     losses_b = [b.opd_step(x, 1)["loss"] for x in batches]
     w_b = b.gather_weights()
@@ -120,7 +128,7 @@ def test_resume_continues_like_the_uninterrupted_run(setup, tmp_path):
         np.testing.assert_allclose(w_b[k], w_a[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
     c = new_rank(cfg, teacher)  # the control: weights restored, optimizer state not
-    c.engine.load_checkpoint(str(tmp_path), tag="step2", load_optimizer_states=False, load_lr_scheduler_states=False, load_module_only=True)
+    c.load(weights, {**state, "optimizer": None})
     c.rng.bit_generator.state = rng_at_load  # the sampling is not what differs here
     torch.set_rng_state(torch_rng_at_load)
     for x in batches:

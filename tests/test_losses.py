@@ -24,7 +24,7 @@ V = 6
 
 
 def LC(**kw) -> LossConfig:
-    """An effective loss config (every recipe field set): top-k fKL accepted stream, no clamp, offsets from the
+    """A resolved loss config (every recipe field set): top-k fKL accepted stream, no clamp, offsets from the
     first rejection, unless overridden."""
     base = dict(response="blocks", acc_divergence="fkl", lambda_rej=1.0, clamp=None, gamma_offset="rejection")
     return LossConfig(**{**base, **kw})
@@ -200,11 +200,11 @@ def test_ranks_with_the_all_reduced_denominator_average_to_the_global_token_mean
 def test_official_defaults_per_drafter_kind():
     from dopd.common.config import load_config
 
-    d = load_config(None, ["drafter.kind=dflash"]).effective_loss()
+    d = load_config(None, ["drafter.kind=dflash"]).loss
     assert (d.response, d.acc_divergence, d.rej_divergence, d.lambda_rej, d.gamma, d.gamma_offset, d.clamp) == ("blocks", "bernoulli", "k3", 1.0, 0.8, "block", 10.0)
-    e = load_config(None, ["drafter.kind=eagle3"]).effective_loss()
+    e = load_config(None, ["drafter.kind=eagle3"]).loss
     assert (e.response, e.lambda_rej) == ("ttt", 0.0)  # the official EAGLE-3 recipe: full TTT, rejected stream off
-    assert load_config(None, ["drafter.kind=eagle3", "loss.lambda_rej=0.5"]).effective_loss().lambda_rej == 0.5
+    assert load_config(None, ["drafter.kind=eagle3", "loss.lambda_rej=0.5"]).loss.lambda_rej == 0.5
 
 
 def test_official_dflash_loss_by_hand():
@@ -232,7 +232,7 @@ def test_official_dflash_loss_by_hand():
 def load_official(kind: str) -> LossConfig:
     from dopd.common.config import load_config
 
-    return load_config(None, [f"drafter.kind={kind}"]).effective_loss()
+    return load_config(None, [f"drafter.kind={kind}"]).loss
 
 
 def test_clamp_and_log_prob_floor():

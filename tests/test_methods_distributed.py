@@ -11,12 +11,13 @@ import pytest
 from helpers import assert_tau_consistent
 
 from dopd.common.config import load_config
-from dopd.driver import DistributedJob
+from dopd.driver import RayFleet
+from dopd.train import train
 
 pytestmark = pytest.mark.ray
 
 BASE = [
-    "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
+    "runner=ray", "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
     "sft.num_prompts=16", "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=2",
     "eval.max_new_tokens=12", "eval.num_prompts=2", "learner.micro_batch_size=2", "learner.refresh_every=2",
     "learner.lr=3e-3", "learner.zero_stage=2", "cluster.actors=2", "cluster.learners=2", "cluster.actor_num_cpus=1",
@@ -33,9 +34,9 @@ def test_dvi_trains_in_the_distributed_runner(ray_session, tmp_path):
     from dopd.common.models import load_frozen_io
 
     cfg = load_config(None, BASE + ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=4", f"out_dir={tmp_path}"])
-    summary = DistributedJob(cfg, log=lambda *a: None).run()
+    summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
-    assert_tau_consistent(summary["final_tau"], summary["final_alpha"], cfg.rollout.block_size)
+    assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
     steps = [r for r in rows(tmp_path) if r["event"] == "step"]
     assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [("opd", "rl")] * 2
     assert all(math.isfinite(r["loss"]) for r in steps)
@@ -48,9 +49,9 @@ def test_bebop_expected_length_trains_in_the_distributed_runner(ray_session, tmp
     cfg = load_config(None, BASE + [
         "drafter.kind=eagle3", "loss.objective=expected_length", "rollout.temperature=1", "eval.temperature=1", f"out_dir={tmp_path}",
     ])  # fmt: skip
-    summary = DistributedJob(cfg, log=lambda *a: None).run()
+    summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
-    assert_tau_consistent(summary["final_tau"], summary["final_alpha"], cfg.rollout.block_size)
+    assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
     r = rows(tmp_path)
     evals = [x for x in r if x["event"] == "eval"]
     assert evals and not any(x["simulated"] for x in evals)  # T = 1: the engine measures tau
@@ -68,7 +69,7 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
     from dopd.actors.actor import RolloutWorker
     from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.common.record import encode_teacher
-    from dopd.learner.zero import LearnerRank
+    from dopd.learner.zero import make_rank
 
     extra = ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=3"] if method == "dvi" else [
         "drafter.kind=eagle3", "loss.objective=expected_length", "rollout.temperature=1"]  # fmt: skip
@@ -79,14 +80,14 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rank = LearnerRank(cfg, 0, 1, "127.0.0.1", port)
+    rank = make_rank(cfg, 0, 1, "127.0.0.1", port)
     rank.set_teacher([encode_teacher(r) for r in worker.maker.teacher(worker.drafter.feature_layers, worker.prompts[:4])])
     out = [rank.sft_step(), rank.sft_step()]
     for v in range(2):
         worker.set_weights(rank.gather_weights(), v + 1)
         data, _ = worker.produce(2)
         out.append(rank.opd_step(data, v + 1))
-    assert rank.state.step == 4 and all(math.isfinite(o["loss"]) for o in out)
+    assert rank.step == 4 and all(math.isfinite(o["loss"]) for o in out)
     if method == "dvi":
         assert [o.get("dvi_phase") for o in out] == [None, None, "kl", "rl"]
     else:

@@ -4,10 +4,14 @@ that skips what is finished."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from dopd.methods import ARMS, T1_ARMS, markdown, methods, tau_se
+from dopd.cli import app
+from dopd.experiments.methods import ARMS, T1_ARMS, markdown, methods, tau_se
 
 
 def test_tau_se_from_the_histogram():
@@ -78,3 +82,15 @@ def test_an_arm_another_live_process_runs_is_skipped_not_wiped(tmp_path):
     logs.clear()
     s = methods(tmp_path, "smoke", [], arms=("dvi_kl",), log=logs.append)
     assert "dvi_kl" in s["arms"] and "== arm dvi_kl" in logs and not (tmp_path / "dvi_kl.lock").exists()
+
+
+def test_committed_methods_reports_rerender_from_their_results(tmp_path):
+    """docs/methods' summary.md and results.csv come back from its results.json (`dopd experiment render`)."""
+    src = Path(__file__).resolve().parents[1] / "docs" / "methods"
+    shutil.copy(src / "results.json", tmp_path / "results.json")
+    r = CliRunner().invoke(app, ["experiment", "render", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    for f in ("summary.md", "results.csv"):
+        assert (tmp_path / f).read_text() == (src / f).read_text(), f
+    r = CliRunner().invoke(app, ["experiment", "render", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "holds no experiment results" in r.output

@@ -79,7 +79,8 @@ def test_dvi_schedule_switches_at_the_configured_step():
 @pytest.mark.heavy
 def test_dvi_phase_switches_in_the_in_process_runner(tmp_path, tiny):
     """DVI end to end on the tiny target: SFT warm-up, online KL, then RL from the configured learner step."""
-    from dopd.local import Trainer
+    from dopd.local import InProcess
+    from dopd.train import train
 
     cfg = load_config(None, [
         "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=16",
@@ -88,7 +89,7 @@ def test_dvi_phase_switches_in_the_in_process_runner(tmp_path, tiny):
         "mode=opd", "sft.warmup_steps=2", "learner.steps=4", "dvi.rl_start_step=4", "learner.eval_every=100",
         "learner.checkpoint_every=100", f"out_dir={tmp_path}",
     ])  # fmt: skip
-    Trainer(cfg, target=tiny, log=lambda *a: None).run()
+    train(cfg, InProcess(cfg, target=tiny, log=lambda *a: None))
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if json.loads(x)["event"] == "step"]
     assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [("opd", "rl")] * 2
     assert all(r["n_acc"] > 0 for r in steps[2:])
@@ -179,7 +180,7 @@ def test_expected_length_matches_monte_carlo_rejection_sampling(tiny, tiny_promp
 def test_method_config_rules():
     base = ["model.target=tiny-random-llama"]
     cfg = load_config(None, base + ["drafter.kind=dvi"])
-    lc = cfg.effective_loss()
+    lc = cfg.loss
     assert (lc.objective, lc.response, lc.acc_divergence, lc.lambda_rej) == ("dvi", "blocks", "fkl", 0.0)
     with pytest.raises(ConfigError, match="lambda_rej"):
         load_config(None, base + ["drafter.kind=dvi", "loss.lambda_rej=1"])
@@ -188,10 +189,10 @@ def test_method_config_rules():
     with pytest.raises(ConfigError, match="temperature=1"):
         load_config(None, base + ["loss.objective=expected_length"])
     cfg = load_config(None, base + ["loss.objective=expected_length", "rollout.temperature=1"])
-    assert cfg.effective_loss().response == "blocks" and cfg.effective_loss().lambda_rej == 0.0
+    assert cfg.loss.response == "blocks" and cfg.loss.lambda_rej == 0.0
     with pytest.raises(ConfigError, match="unknown config key 'dvi.rl_start'"):
         load_config(None, base + ["dvi.rl_start=3"])
-    assert load_config(None, base).effective_loss().objective == "opd"  # Draft-OPD unchanged by default
+    assert load_config(None, base).loss.objective == "opd"  # Draft-OPD unchanged by default
 
 
 def _exact_and_mc_gradients(score: bool, repeats: int = 24, n: int = 1500):

@@ -14,8 +14,9 @@ from dopd import prometheus
 from dopd.common.config import load_config
 from dopd.dashboards.check import missing_panels, missing_variables
 from dopd.dashboards.queries import HERE
-from dopd.driver import DistributedJob
+from dopd.driver import RayFleet
 from dopd.paths import prom_targets_dir
+from dopd.train import train
 
 pytestmark = pytest.mark.ray
 
@@ -34,17 +35,17 @@ def test_every_panel_has_data_from_a_real_training_job(ray_session, tmp_path, mo
     url = f"http://127.0.0.1:{port}"
     try:
         cfg = load_config(None, [
-            "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
+            "runner=ray", "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
             "sft.warmup_steps=2", "sft.num_prompts=8", "sft.max_new_tokens=12", "rollout.max_new_tokens=16",
             "rollout.batch_size=2", "eval.max_new_tokens=8", "eval.num_prompts=2", "learner.micro_batch_size=2",
             "learner.refresh_every=2", "learner.steps=8", "learner.eval_every=4", "learner.checkpoint_every=100",
             "cluster.actors=2", "cluster.learners=2", "metrics.port=0", "metrics.linger_s=4", f"out_dir={tmp_path / 'run'}",
         ])  # fmt: skip
-        summary = DistributedJob(cfg, log=lambda *a: None).run()
+        summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
         assert summary["steps"] == 10
-        # ask about the middle of the job's 4 s linger (it writes run_summary.json, then lingers, then unregisters
+        # ask about the middle of the job's 4 s linger (it writes summary.json, then lingers, then unregisters
         # its target): once Prometheus drops the target its series are marked stale, so "now" would be a race
-        at = (tmp_path / "run" / "run_summary.json").stat().st_mtime + 2.0
+        at = (tmp_path / "run" / "summary.json").stat().st_mtime + 2.0
         missing = missing_panels(url, HERE, rate_interval="1m", at=at)
         assert missing == [], missing
         assert missing_variables(url, HERE) == []

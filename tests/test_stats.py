@@ -1,9 +1,9 @@
-"""The experiment statistics (dopd/stats.py): SE over seeds, paired bootstrap contrasts that cover a known difference."""
+"""The experiment statistics (experiments/stats.py): SE over seeds, paired bootstrap contrasts that cover a known difference."""
 
 import numpy as np
 import pytest
 
-from dopd.stats import PerPrompt, arm_mean_se, contrast, seed_se
+from dopd.experiments.stats import PerPrompt, arm_mean_se, contrast, seed_se
 
 
 def _arm(rng: np.random.Generator, difficulty: np.ndarray, lift: float, K: int = 8, steps: int = 40) -> PerPrompt:

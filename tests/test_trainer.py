@@ -1,4 +1,4 @@
-"""The in-process trainer: SFT raises acceptance, OPD rounds stamp versions, resume is exact."""
+"""The in-process runner: SFT raises acceptance, OPD rounds stamp versions, resume is exact."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from dopd import checkpoint
 from dopd.common.config import load_config
-from dopd.local import Trainer, resume_config
+from dopd.local import InProcess
+from dopd.train import train
 
 pytestmark = pytest.mark.heavy  # trains drafters: left out of the fast subset
 
@@ -20,6 +22,10 @@ BASE = [
 
 def cfg_for(tmp_path, *extra):
     return load_config(None, BASE + [f"out_dir={tmp_path}"] + list(extra))
+
+
+def run(cfg, tiny, resume=False):
+    return train(cfg, InProcess(cfg, target=tiny, log=lambda *a: None), resume=resume)
 
 
 def rows(path, event):
@@ -40,8 +46,7 @@ def test_trained_drafter_beats_fresh(trained_tiny_drafter, tiny, tiny_prompts):
 
 def test_opd_rounds_versions_and_records(tmp_path, tiny):
     cfg = cfg_for(tmp_path, "mode=opd", "sft.warmup_steps=2", "learner.steps=4", "learner.eval_every=100", "learner.checkpoint_every=100")
-    tr = Trainer(cfg, target=tiny, log=lambda *a: None)
-    summary = tr.run()
+    summary = run(cfg, tiny)
     steps = rows(tmp_path, "step")
     assert [r["phase"] for r in steps] == ["sft", "sft", "opd", "opd", "opd", "opd"]
     # each round of refresh_every=2 steps trains records of the version right before it; versions go up
@@ -59,15 +64,14 @@ def test_opd_rounds_versions_and_records(tmp_path, tiny):
 def test_resume_gives_the_same_next_loss(tmp_path, tiny, mode):
     common = [f"mode={mode}", "sft.warmup_steps=2", "learner.eval_every=100"]
     a = tmp_path / "a"
-    Trainer(cfg_for(a, *common, "learner.steps=5", "learner.checkpoint_every=3"), target=tiny, log=lambda *x: None).run()
+    run(cfg_for(a, *common, "learner.steps=5", "learner.checkpoint_every=3"), tiny)
     straight = [r["loss"] for r in rows(a, "step")]
     # a second run that stops at step 3 (its checkpoint), then resumes to 5
     b = tmp_path / "b"
-    Trainer(cfg_for(b, *common, "learner.steps=3" if mode == "sft" else "learner.steps=1", "learner.checkpoint_every=3"), target=tiny, log=lambda *x: None).run()
-    cfg = resume_config(b, ["learner.steps=5"])
-    tr = Trainer(cfg, target=tiny, resume=True, log=lambda *x: None)
-    assert tr.state.step == 3
-    tr.run()
+    run(cfg_for(b, *common, "learner.steps=3" if mode == "sft" else "learner.steps=1", "learner.checkpoint_every=3"), tiny)
+    cfg = load_config(b / "config.yaml", ["learner.steps=5"])
+    assert checkpoint.find(b).step == 3
+    run(cfg, tiny, resume=True)
     resumed = [r["loss"] for r in rows(b, "step")]
     assert len(straight) == (7 if mode == "opd" else 5) and len(resumed) == len(straight)
     assert resumed[:3] == pytest.approx(straight[:3], rel=1e-6, abs=1e-7)
@@ -75,21 +79,17 @@ def test_resume_gives_the_same_next_loss(tmp_path, tiny, mode):
 
 
 def test_a_branch_evaluates_on_its_own_schedule(tmp_path, tiny):
-    """A run branched from another run's checkpoint at step 3 (`branch_from`) with eval_every 2 evaluates 2 and 4
+    """A run started from another run's checkpoint at step 3 (`resume_from`) with eval_every 2 evaluates 2 and 4
     steps after the branch point (steps 5 and 7), not at the parent's multiples of 2 (4 and 6); and an interrupted
     branch resumed from its own checkpoint keeps that schedule."""
-    from dopd.local import branch_from
-
     parent = tmp_path / "parent"
-    Trainer(cfg_for(parent, "mode=sft", "learner.steps=3", "learner.eval_every=100", "learner.checkpoint_every=100"), target=tiny, log=lambda *x: None).run()
+    run(cfg_for(parent, "mode=sft", "learner.steps=3", "learner.eval_every=100", "learner.checkpoint_every=100"), tiny)
     child = tmp_path / "child"
-    branch_from(parent / "checkpoints" / "step_0000003", child)
-    common = ["mode=sft", "learner.eval_every=2", "learner.checkpoint_every=5"]
-    tr = Trainer(cfg_for(child, *common, "learner.steps=5"), target=tiny, resume=True, log=lambda *x: None)
-    assert tr.state.step == 3 and tr.state.origin == 3
-    tr.run()
-    cfg = resume_config(child, ["learner.steps=7"])
-    tr = Trainer(cfg, target=tiny, resume=True, log=lambda *x: None)
-    assert tr.state.origin == 3
-    tr.run()
+    common = ["mode=sft", "learner.eval_every=2", "learner.checkpoint_every=5", f"resume_from={parent / 'checkpoints' / 'step_0000003'}"]
+    run(cfg_for(child, *common, "learner.steps=5"), tiny)
+    state = checkpoint.find(child).state()["run"]
+    assert rows(child, "step")[0]["step"] == 4 and state["start_step"] == 3
+    cfg = load_config(child / "config.yaml", ["learner.steps=7"])
+    run(cfg, tiny, resume=True)
+    assert checkpoint.find(child).state()["run"]["start_step"] == 3
     assert [r["step"] for r in rows(child, "eval")] == [5, 7]

@@ -1,4 +1,5 @@
-"""Drafter construction and loading. `KINDS` maps a config name to its class."""
+"""Drafter construction and loading. A drafter kind is one module here that registers itself (`register_kind`);
+importing it below is what makes `drafter.kind=<name>` known."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import torch
 from ..config import DrafterConfig
 from ..errors import ModelError
 from ..models import TargetInfo
-from .base import Drafter, DrafterSpec, DraftState, Proposal, default_feature_layers
-from .dflash import DFlashDrafter
-from .dvi import DVIDrafter
-from .eagle3 import Eagle3Drafter
-from .formats import EXPORT_FORMATS, detect_format, export_drafter, import_drafter
 
-KINDS: dict[str, type[Drafter]] = {"eagle3": Eagle3Drafter, "dflash": DFlashDrafter, "dvi": DVIDrafter}
+# the kinds: each module registers its class in KINDS (a new kind is a new module and one line here)
+from . import eagle3, dflash, dvi  # noqa: F401  isort: skip  (registration order: the order kinds are listed in)
+from .base import KINDS, Drafter, DrafterSpec, DraftState, Proposal, kind_class, write_drafter
+from .formats import EXPORT_FORMATS, detect_format, export_drafter, import_drafter
 
 __all__ = [
     "KINDS",
@@ -26,8 +25,11 @@ __all__ = [
     "build_drafter",
     "load_drafter",
     "draft_vocab_from_counts",
+    "draft_vocab_for",
+    "kind_class",
     "spec_for",
     "token_counts",
+    "write_drafter",
     "EXPORT_FORMATS",
     "detect_format",
     "export_drafter",
@@ -42,18 +44,14 @@ def _rope_theta(hf_config) -> float:
 
 def spec_for(cfg: DrafterConfig, info: TargetInfo, hf_config) -> DrafterSpec:
     """The drafter shapes for a target: width, heads and RoPE follow the target, depth follows the config."""
-    if cfg.kind not in KINDS:
-        raise ModelError(f"unknown drafter kind '{cfg.kind}' (known: {', '.join(KINDS)})")
+    kind = kind_class(cfg.kind)
     L = info.num_layers
-    layers = cfg.feature_layers or default_feature_layers(cfg.kind, L, cfg.num_layers)
+    layers = cfg.feature_layers or kind.default_feature_layers(L, cfg.num_layers)
     bad = [i for i in layers if not 0 <= i <= L]
     if bad:
         raise ModelError(f"drafter.feature_layers {bad} out of range for a {L}-layer target (hidden_states 0..{L})")
     heads = hf_config.num_attention_heads
-    if cfg.kind == "dvi" and (len(layers) != 1 or not 1 <= layers[0] <= L):
-        raise ModelError(f"a DVI drafter exits after the target's first k layers: drafter.feature_layers=[k] with 1 <= k <= {L} (got {layers})")
-    if cfg.kind == "dvi" and (cfg.draft_vocab_size is not None or cfg.train_lm_head):
-        raise ModelError("a DVI drafter drafts with the target's head plus a low-rank term: drafter.draft_vocab_size and drafter.train_lm_head are not supported")
+    kind.check_config(cfg, layers, L)
     if cfg.draft_vocab_size is not None and not 0 < cfg.draft_vocab_size <= info.vocab_size:
         raise ModelError(f"drafter.draft_vocab_size must be in 1..{info.vocab_size} (got {cfg.draft_vocab_size})")
     return DrafterSpec(
@@ -73,8 +71,7 @@ def spec_for(cfg: DrafterConfig, info: TargetInfo, hf_config) -> DrafterSpec:
         rms_eps=float(getattr(hf_config, "rms_norm_eps", 1e-6)),
         mask_token_id=cfg.mask_token_id,
         target=info.to_dict(),
-        lora_rank=cfg.lora_rank if cfg.kind == "dvi" else None,
-        lora_gamma=cfg.lora_gamma,
+        **kind.spec_extra(cfg),
     )
 
 
@@ -82,6 +79,15 @@ def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
     """The `size` most frequent target ids (ties broken by id), sorted ascending: the draft->target map."""
     order = torch.argsort(-counts.double() * (counts.numel() + 1) + torch.arange(counts.numel()).double())
     return order[:size].sort().values
+
+
+def draft_vocab_for(cfg: DrafterConfig, sequences, vocab_size: int) -> torch.Tensor | None:
+    """The reduced draft vocabulary a fresh drafter trains with: the `draft_vocab_size` most frequent answer tokens
+    of the SFT data's (token_ids, prompt_len) sequences; None when the drafter keeps the full vocabulary or comes
+    with its own map (`drafter.init`). The one place a run chooses it (the learner, before its first step)."""
+    if cfg.draft_vocab_size is None or cfg.init:
+        return None
+    return draft_vocab_from_counts(token_counts(sequences, vocab_size), cfg.draft_vocab_size)
 
 
 def token_counts(sequences, vocab_size: int) -> torch.Tensor:
@@ -132,7 +138,7 @@ def load_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tensor,
     saved = TargetInfo.from_dict(spec.target)
     info.check_compatible(saved, f"drafter {path}")
     if spec.kind not in KINDS:
-        raise ModelError(f"drafter {path} has unknown kind '{spec.kind}'")
+        raise ModelError(f"drafter {path} has unknown kind '{spec.kind}' (known: {', '.join(KINDS)})")
     from safetensors import safe_open
 
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
@@ -143,11 +149,13 @@ def load_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tensor,
 
 
 def drafter_for_target(name: str, target, cfg: DrafterConfig | None = None, seed: int = 0) -> Drafter:
-    """`init-eagle3` / `init-dflash` / `init-dvi` (fresh weights) or the path of a saved drafter, paired with a loaded target."""
+    """`init-<kind>` (fresh weights: init-eagle3, init-dflash, init-dvi) or the path of a saved drafter, paired with a
+    loaded target."""
+    inits = [f"init-{k}" for k in KINDS]
     if name.startswith("init-"):
         kind = name[len("init-") :]
         if kind not in KINDS:
-            raise ModelError(f"unknown drafter '{name}' (use init-eagle3, init-dflash, init-dvi, or a saved drafter directory)")
+            raise ModelError(f"unknown drafter '{name}' (use {', '.join(inits)}, or a saved drafter directory)")
         base = cfg or DrafterConfig()
         cfg = DrafterConfig(**{**base.__dict__, "kind": kind, "init": None})
         if cfg.draft_vocab_size is not None:
@@ -156,7 +164,7 @@ def drafter_for_target(name: str, target, cfg: DrafterConfig | None = None, seed
     else:
         if not Path(name).is_dir():
             raise ModelError(
-                f"drafter '{name}' is neither init-eagle3 / init-dflash / init-dvi nor a drafter directory (dopd, speculators, "
+                f"drafter '{name}' is neither {' / '.join(inits)} nor a drafter directory (dopd, speculators, "
                 "SGLang/SpecForge EAGLE-3, vLLM DFlash)"
             )
         d = load_drafter(name, target.info, target.embed_tokens.weight, target.lm_head.weight)

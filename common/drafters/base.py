@@ -16,8 +16,9 @@ import json
 from abc import abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -26,6 +27,10 @@ from torch import nn
 from ..errors import ModelError
 from ..models import TargetInfo
 from ..sampling import processed_probs, sample
+
+if TYPE_CHECKING:
+    from ..config import Config, DrafterConfig
+    from ..record import TeacherRecord
 
 SPEC_VERSION = 1
 
@@ -58,21 +63,22 @@ class DrafterSpec:
         return self.draft_vocab_size is not None or self.train_lm_head
 
 
-def default_feature_layers(kind: str, num_target_layers: int, num_draft_layers: int) -> list[int]:
-    """Indices into HF `hidden_states` (index i = output of layer i-1).
+KINDS: dict[str, type[Drafter]] = {}
 
-    EAGLE-3: low/mid/high = hidden_states[2], [L//2], [L-3] (SpecForge's layer outputs 1, L/2-1, L-4).
-    DFlash: one draft layer -> the output of layer L//2; n layers -> n outputs evenly spread over layers 1..L-3.
-    DVI: the exit layer k = max(1, L//4) (hidden_states[k] = the output of the shared layers 0..k-1).
-    """
-    L = num_target_layers
-    if kind == "dvi":
-        return [max(1, L // 4)]
-    if kind == "eagle3":
-        return [2, L // 2, L - 3]
-    if num_draft_layers == 1:
-        return [L // 2 + 1]
-    return [round(1 + i * (L - 4) / (num_draft_layers - 1)) + 1 for i in range(num_draft_layers)]
+
+def register_kind(cls: type[Drafter]) -> type[Drafter]:
+    """Class decorator: a drafter kind registers itself under `cls.kind` (the value of `drafter.kind`)."""
+    if cls.kind in KINDS and KINDS[cls.kind] is not cls:
+        raise ModelError(f"two drafter kinds named '{cls.kind}': {KINDS[cls.kind].__qualname__} and {cls.__qualname__}")
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def kind_class(kind: str) -> type[Drafter]:
+    """The registered class of a drafter kind, or an error that lists the known kinds."""
+    if kind not in KINDS:
+        raise ModelError(f"unknown drafter kind '{kind}' (known: {', '.join(KINDS)})")
+    return KINDS[kind]
 
 
 def read_drafter_config(path: str | Path) -> dict:
@@ -84,6 +90,17 @@ def read_drafter_config(path: str | Path) -> dict:
         return json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"drafter config {cfg} is not valid JSON: {e}") from None
+
+
+def write_drafter(path: str | Path, spec: DrafterSpec | dict, state: dict) -> None:
+    """A drafter directory (config.json + model.safetensors) from its spec and state dict: what `save_pretrained`
+    writes, also from weights gathered off a learner (no drafter module needed)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"dopd_spec_version": SPEC_VERSION, **(spec if isinstance(spec, dict) else asdict(spec))}
+    (path / "config.json").write_text(json.dumps(meta, indent=2))
+    tensors = {k: (v.detach().cpu() if torch.is_tensor(v) else torch.from_numpy(np.array(v))).contiguous() for k, v in state.items()}
+    save_file(tensors, str(path / "model.safetensors"))
 
 
 @dataclass
@@ -109,7 +126,53 @@ class Proposal:
 
 
 class Drafter(nn.Module):
+    """A drafter kind is one subclass in one file, registered with `@register_kind`. Besides its forwards it
+    declares its defaults: the feature layers it reads, its SFT plan, the loss settings of its official recipe and
+    the server formats it exports to; nothing else in dopd branches on the kind's name."""
+
     kind: str = "base"
+    # the loss settings of this kind's official recipe, filled into `loss.*` keys the config leaves unset (at load)
+    default_loss: ClassVar[dict[str, Any]] = {"objective": "opd"}
+    export_formats: ClassVar[tuple[str, ...]] = ()  # `dopd export --format` values this kind can be written in
+
+    # --- what a kind declares ---------------------------------------------------------------------------------
+    @classmethod
+    def default_feature_layers(cls, num_target_layers: int, num_draft_layers: int) -> list[int]:
+        """Indices into HF `hidden_states` (index i = output of layer i-1) the drafter reads by default."""
+        raise NotImplementedError(f"drafter kind '{cls.kind}' declares no default feature layers")
+
+    @classmethod
+    def check_config(cls, cfg: DrafterConfig, feature_layers: list[int], num_target_layers: int) -> None:
+        """Refuse settings this kind cannot build (ModelError naming the key)."""
+
+    @classmethod
+    def check_recipe(cls, cfg: Config) -> None:
+        """Refuse training settings this kind cannot train exactly (ConfigError naming the key), after resolution."""
+
+    @classmethod
+    def spec_extra(cls, cfg: DrafterConfig) -> dict[str, Any]:
+        """Kind-specific `DrafterSpec` fields taken from the config."""
+        return {}
+
+    # the SFT plan: teacher-forced blocks of `sft_depth` positions at `sft_anchors`, position j weighted
+    # `sft_step_weights[j]` (learner/batch.py `sft_batch`)
+    @classmethod
+    def sft_depth(cls, cfg: Config) -> int:
+        return cfg.rollout.block_size
+
+    @classmethod
+    def sft_step_weights(cls, cfg: Config) -> torch.Tensor:
+        return torch.ones(cls.sft_depth(cfg))
+
+    @classmethod
+    def sft_anchors(cls, rec: TeacherRecord, cfg: Config, rng: np.random.Generator) -> np.ndarray:
+        """Answer positions (prefix lengths) to start teacher-forced blocks at: every one by default."""
+        return np.arange(max(rec.prompt_len, 1), rec.token_ids.shape[0], dtype=np.int64)
+
+    @classmethod
+    def trainable_positions(cls, tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor, block_tokens: torch.Tensor) -> torch.Tensor | None:
+        """[B,M,K] where this kind's training forward equals its inference forward on rollout blocks (None: all)."""
+        return None
 
     def __init__(self, spec: DrafterSpec, embed_weight: torch.Tensor, head_weight: torch.Tensor, draft_ids=None):
         super().__init__()
@@ -273,12 +336,7 @@ class Drafter(nn.Module):
 
     # --- persistence ----------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"dopd_spec_version": SPEC_VERSION, **asdict(self.spec)}
-        (path / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"))
+        write_drafter(path, self.spec, self.state_dict())
 
     @staticmethod
     def read_spec(path: str | Path) -> DrafterSpec:

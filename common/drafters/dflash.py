@@ -11,10 +11,11 @@ rather than a reserved vocabulary row, so no unused token id is needed.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from .base import Drafter, DraftState, DrafterSpec, Proposal
+from .base import Drafter, DraftState, DrafterSpec, Proposal, register_kind
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, grouped_attention
 
 
@@ -39,8 +40,36 @@ class DFlashLayer(nn.Module):
         self.mlp = SwiGLU(H, spec.intermediate_size)
 
 
+@register_kind
 class DFlashDrafter(Drafter):
+    """Defaults: one draft layer reads the output of target layer L//2, n layers n outputs evenly spread over layers
+    1..L-3; SFT = blocks of K at random answer anchors (at most `loss.dflash_anchors_per_seq` per sequence), position
+    j weighted exp(-(j-1)/`loss.dflash_decay`) (SpecForge uses decay 7 for 16-token blocks); the official Draft-OPD
+    recipe for DFlash: the rollout's blocks, accepted stream = Bernoulli forward KL on the target's token, rejected
+    stream = k3 on the drafted tokens (lambda 1)."""
+
     kind = "dflash"
+    default_loss = {"objective": "opd", "response": "blocks", "acc_divergence": "bernoulli", "lambda_rej": 1.0}
+    export_formats = ("speculators", "vllm", "sglang")
+
+    @classmethod
+    def default_feature_layers(cls, num_target_layers: int, num_draft_layers: int) -> list[int]:
+        L = num_target_layers
+        if num_draft_layers == 1:
+            return [L // 2 + 1]
+        return [round(1 + i * (L - 4) / (num_draft_layers - 1)) + 1 for i in range(num_draft_layers)]
+
+    @classmethod
+    def sft_step_weights(cls, cfg) -> torch.Tensor:
+        j = torch.arange(cls.sft_depth(cfg), dtype=torch.float32)
+        return torch.ones_like(j) if cfg.loss.dflash_decay is None else torch.exp(-j / cfg.loss.dflash_decay)
+
+    @classmethod
+    def sft_anchors(cls, rec, cfg, rng) -> np.ndarray:
+        span = np.arange(max(rec.prompt_len, 1), rec.token_ids.shape[0], dtype=np.int64)
+        if span.size > cfg.loss.dflash_anchors_per_seq:
+            span = np.sort(rng.choice(span, size=cfg.loss.dflash_anchors_per_seq, replace=False))
+        return span
 
     def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
         super().__init__(spec, embed_weight, head_weight, draft_ids)

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
-from .base import Drafter, DraftState, DrafterSpec, Proposal
+from ..errors import ConfigError, ModelError
+from .base import Drafter, DraftState, DrafterSpec, Proposal, register_kind
 from .layers import RMSNorm, causal_attention, grouped_attention
 
 
@@ -59,8 +59,45 @@ def on_text_positions(tokens: torch.Tensor, lengths: torch.Tensor, anchors: torc
     return prefix_ok & has_feature & (anchors[..., None] >= 1)
 
 
+@register_kind
 class DVIDrafter(Drafter):
+    """Defaults: the exit layer k = max(1, L//4) (hidden_states[k] = the output of the shared layers 0..k-1); SFT =
+    one position per answer position (its teacher-forced early exit depends on nothing drafted, so a longer block
+    would only repeat positions); the recipe: DVI's online schedule (`loss.objective=dvi`) on the rollout's blocks."""
+
     kind = "dvi"
+    default_loss = {"objective": "dvi", "response": "blocks", "acc_divergence": "fkl", "lambda_rej": 0.0}
+
+    @classmethod
+    def default_feature_layers(cls, num_target_layers: int, num_draft_layers: int) -> list[int]:
+        return [max(1, num_target_layers // 4)]
+
+    @classmethod
+    def check_config(cls, cfg, feature_layers, num_target_layers) -> None:
+        L = num_target_layers
+        if len(feature_layers) != 1 or not 1 <= feature_layers[0] <= L:
+            raise ModelError(f"a DVI drafter exits after the target's first k layers: drafter.feature_layers=[k] with 1 <= k <= {L} (got {feature_layers})")
+        if cfg.draft_vocab_size is not None or cfg.train_lm_head:
+            raise ModelError("a DVI drafter drafts with the target's head plus a low-rank term: drafter.draft_vocab_size and drafter.train_lm_head are not supported")
+
+    @classmethod
+    def check_recipe(cls, cfg) -> None:
+        # the training forward is exact only on the committed text (up to each first rejection)
+        lc = cfg.loss
+        if cfg.loss.objective != "dvi" and (lc.response != "blocks" or lc.lambda_rej or cfg.replay.extra != "none"):
+            raise ConfigError("drafter.kind=dvi trains on the committed text only: loss.response=blocks, loss.lambda_rej=0, replay.extra=none")
+
+    @classmethod
+    def spec_extra(cls, cfg) -> dict:
+        return {"lora_rank": cfg.lora_rank, "lora_gamma": cfg.lora_gamma}
+
+    @classmethod
+    def sft_depth(cls, cfg) -> int:
+        return 1
+
+    @classmethod
+    def trainable_positions(cls, tokens, lengths, anchors, block_tokens) -> torch.Tensor:
+        return on_text_positions(tokens, lengths, anchors, block_tokens)
 
     def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
         if spec.own_head:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from .base import Drafter, DraftState, DrafterSpec, Proposal
+from .base import Drafter, DraftState, DrafterSpec, Proposal, register_kind
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, causal_attention, grouped_attention
 
 
@@ -43,8 +44,34 @@ class Eagle3Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@register_kind
 class Eagle3Drafter(Drafter):
+    """Defaults: feature layers low/mid/high = hidden_states[2], [L//2], [L-3] (SpecForge's layer outputs 1, L/2-1,
+    L-4); SFT = the training-time test (TTT): a block at every answer position unrolled `loss.ttt_depth` (default K)
+    steps exactly as at inference, step j weighted `loss.ttt_step_weight`^(j-1) (0.8 in EAGLE-3 / SpecForge); the
+    official Draft-OPD recipe for EAGLE-3: TTT over every response position as the accepted stream (forward KL),
+    rejected stream off."""
+
     kind = "eagle3"
+    default_loss = {"objective": "opd", "response": "ttt", "acc_divergence": "fkl", "lambda_rej": 0.0}
+    export_formats = ("speculators", "vllm", "sglang")
+
+    @classmethod
+    def default_feature_layers(cls, num_target_layers: int, num_draft_layers: int) -> list[int]:
+        L = num_target_layers
+        return [2, L // 2, L - 3]
+
+    @classmethod
+    def sft_depth(cls, cfg) -> int:
+        return max(cfg.loss.ttt_depth or cfg.rollout.block_size, 1)
+
+    @classmethod
+    def sft_step_weights(cls, cfg) -> torch.Tensor:
+        return cfg.loss.ttt_step_weight ** torch.arange(cls.sft_depth(cfg), dtype=torch.float32)
+
+    @classmethod
+    def sft_anchors(cls, rec, cfg, rng) -> np.ndarray:
+        return np.arange(max(rec.prompt_len, 2), rec.token_ids.shape[0], dtype=np.int64)  # entry 0 has no feature
 
     def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
         super().__init__(spec, embed_weight, head_weight, draft_ids)

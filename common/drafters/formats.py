@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
 from ..models import TargetInfo
-from .base import Drafter, DrafterSpec, default_feature_layers, read_drafter_config
+from .base import Drafter, DrafterSpec, kind_class, read_drafter_config
 
 EXPORT_FORMATS = ("speculators", "vllm", "sglang")
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -170,6 +170,8 @@ def export_drafter(d: Drafter, fmt: str, out: str | Path, verifier: str | None =
     if fmt not in EXPORT_FORMATS:
         raise ModelError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
     spec = d.spec
+    if fmt not in kind_class(spec.kind).export_formats:
+        raise ModelError(f"drafter kind '{spec.kind}' has no {fmt} export (its formats: {', '.join(kind_class(spec.kind).export_formats) or 'none'})")
     _check_feature_layers(spec, fmt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,7 +443,7 @@ def import_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tenso
         _check_target(c, info, where)
         if meta.get("target_hidden_size") not in (None, info.hidden_size):
             raise ModelError(f"{where}: target_hidden_size {meta['target_hidden_size']} vs the target's {info.hidden_size}")
-        layers = meta.get("eagle_aux_hidden_state_layer_ids") or default_feature_layers("eagle3", L, 1)
+        layers = meta.get("eagle_aux_hidden_state_layer_ids") or kind_class("eagle3").default_feature_layers(L, 1)
         Vd = int(meta.get("draft_vocab_size", V))
         body = {k: v for k, v in state.items() if k.startswith(("layers.", "fc.", "norm."))}
     elif fmt == "sglang-eagle3":
@@ -451,7 +453,7 @@ def import_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tenso
         if int(c.get("num_hidden_layers", 1)) != 1:
             raise ModelError(f"{where}: {c['num_hidden_layers']} layers; dopd imports the one-midlayer SGLang EAGLE-3")
         ids = (c.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        layers = [i + 1 for i in ids] if ids else default_feature_layers("eagle3", L, 1)
+        layers = [i + 1 for i in ids] if ids else kind_class("eagle3").default_feature_layers(L, 1)
         Vd = int(c.get("draft_vocab_size") or V)
         body = {k.replace("midlayer.", "layers.0.", 1): v for k, v in state.items() if k.startswith(("midlayer.", "fc.", "norm."))}
     elif fmt == "vllm-dflash":

@@ -11,15 +11,19 @@ Design (issue "[2 of 6]"), top to bottom:
    text whatever the drafter, generated once and cached on disk for every arm and seed:
      A  SFT on the rollout text (every position teacher-forced; DFlash: random anchors, as many per sequence as
         the warm-up drafter's verification steps, so supervised positions per step match B's)
-     B  Draft-OPD, the official recipe (`Config.effective_loss()`)
+     B  Draft-OPD, the official recipe (the drafter kind's `default_loss`, resolved into the config at load)
      C  B with the paper's random-anchor ablation (`replay.anchors=shuffled`)
      D  B with lambda_rej = 0        E  C with lambda_rej = 0        F  B with gamma = 1
 3. Evaluation: exact simulated greedy tau (`common/resegment.py`) on the preset's held-out prompts, per prompt,
-   for paired statistics (`dopd/stats.py`): per arm the mean and SE over seeds, paired bootstrap contrasts B-A,
+   for paired statistics (`experiments/stats.py`): per arm the mean and SE over seeds, paired bootstrap contrasts B-A,
    B-C, D-E, B-F, B-D (an effect counts beyond 3 SE of the difference), and the acceptance of a block started at
    every answer position (which an anchor-placement effect should move less than tau).
 4. Reports: summary.json, results.csv (every evaluation), plot.png (tau against learner FLOPs and against training
-   wall time), summary.md. Finished runs (their summary.json) are skipped on a rerun: the command is resumable.
+   wall time), summary.md (`render_report`: the last two from the first two, so a committed run's reports re-render).
+   Finished runs (their summary.json) are skipped on a rerun: the command is resumable.
+
+Every run goes through the public API: `dopd.train.train` on an `InProcess` backend, each arm started from the
+warm-up's checkpoint with `resume_from=`.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from pathlib import Path
 
 from dopd.common.config import load_config
 from dopd.common.errors import DopdError
-from dopd.preset import Preset, choose
-from dopd.stats import PerPrompt, arm_mean_se, contrast
+from dopd.experiments.preset import Preset, choose
+from dopd.experiments.stats import PerPrompt, arm_mean_se, contrast
 
 
 @dataclass(frozen=True)
@@ -115,10 +119,9 @@ def plateau(
     out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = tuple(ARMS), seeds: int | None = None,
     drafter: str = "dflash", report: Path | None = None, log=print,
 ) -> dict:  # fmt: skip
-    from dopd.actors.experience import ExperienceMaker
-    from dopd.common.drafters import load_drafter
     from dopd.common.models import load_target
-    from dopd.local import Trainer, branch_from
+    from dopd.local import InProcess
+    from dopd.train import train
 
     P = choose(PRESETS, preset)
     if drafter not in P.drafters:
@@ -146,24 +149,12 @@ def plateau(
     ckpt = wdir / "checkpoints" / f"step_{W:07d}"
     if not (wdir / "summary.json").is_file():
         log(f"== warm-up: {W} SFT steps on the target's answers to {n_sft} prompts")
-        Trainer(wcfg, target=target, log=log).run()
+        train(wcfg, InProcess(wcfg, target=target, log=log))
     wsum = json.loads((wdir / "summary.json").read_text())
-    eval_cache: dict = {}  # held-out texts and features, shared by every run in this process
-    weval = wdir / "eval.json"
-    if weval.is_file():
-        warm = json.loads(weval.read_text())
-    else:
-        maker = ExperienceMaker(target, wcfg)
-        maker.eval_cache = eval_cache
-        d = load_drafter(wdir / "drafter", target.info, target.embed_tokens.weight, target.lm_head.weight).to(target.device)
-        tr_ids = _eval_ids(wcfg, target)
-        t0 = time.perf_counter()
-        warm = {"step": W, "flops": wsum["flops"], "train_s": 0.0, **maker.evaluate(d, tr_ids)}
-        warm["eval_s"] = time.perf_counter() - t0
-        weval.write_text(json.dumps(warm))
+    warm = _rows(wdir / "metrics.jsonl", "eval")[-1]  # the warm-up's own final evaluation (its drafter, at step W)
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
     log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
-    warm_state = wsum["state"]
+    warm_state = wsum["time"]
 
     # arm A supervises as many positions per step as B: one random-anchor block per verification step of the
     # warm-up drafter on a rollout-length answer (the same number of K-token blocks B trains per sequence)
@@ -175,17 +166,14 @@ def plateau(
         rdir = out / "arms" / f"{arm}_{ARMS[arm].name}_s{seed}"
         ov = base + list(ARMS[arm].overrides) + [
             "mode=opd", f"seed={seed}", f"sft.warmup_steps={W}", f"learner.steps={N}",
-            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}",
+            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={ckpt}",
         ]  # fmt: skip
         if arm == "A" and drafter == "dflash":
             ov.append(f"loss.dflash_anchors_per_seq={blocks_per_seq}")
         cfg = load_config(None, ov)
         if not (rdir / "summary.json").is_file():
             log(f"== arm {arm} ({ARMS[arm].what}), seed {seed}: {N} steps")
-            branch_from(ckpt, rdir)
-            tr = Trainer(cfg, target=target, resume=True, log=log)
-            tr.worker.maker.eval_cache = eval_cache
-            tr.run()
+            train(cfg, InProcess(cfg, target=target, log=log))
         evals = _rows(rdir / "metrics.jsonl", "eval")
         steps = _rows(rdir / "metrics.jsonl", "step")
         runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text())}
@@ -196,15 +184,16 @@ def plateau(
         d.mkdir(parents=True, exist_ok=True)
         (d / "summary.json").write_text(json.dumps(summary, indent=1))
         _csv(d / "results.csv", warm, runs, warm_state)
-        _plot(d / "plot.png", warm, runs, warm_state, summary)
-        (d / "summary.md").write_text(_markdown(summary))
+        render_report(d)
     return summary
 
 
-def _eval_ids(cfg, target) -> list[list[int]]:
-    from dopd.common.prompts import run_prompts
-
-    return run_prompts(cfg, target.tokenizer).eval_ids[: cfg.eval.num_prompts]
+def render_report(d: Path) -> None:
+    """summary.md and plot.png from a report directory's summary.json and results.csv (what a run writes, and what
+    docs/plateau keeps: a committed run's reports re-render from them)."""
+    s = json.loads((d / "summary.json").read_text())
+    (d / "summary.md").write_text(_markdown(s))
+    _plot(d / "plot.png", list(csv.DictReader(open(d / "results.csv"))), s)
 
 
 def _train_s(e: dict, warm_state: dict) -> float:
@@ -255,10 +244,10 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
 
 def _wall_recorded(runs, warm, warm_state) -> dict:
     """Seconds spent per phase as the runs' own counters recorded them (rollout/replay/learner/eval)."""
-    w = sum(warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")) + warm.get("eval_s", 0.0)
+    w = sum(warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s"))
     arms = 0.0
     for r in runs.values():
-        st = r["summary"]["state"]
+        st = r["summary"]["time"]
         arms += sum(st[k] - warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s"))
     return {"warmup": w, "arms": arms, "total": w + arms}
 
@@ -273,19 +262,28 @@ def _csv(path: Path, warm, runs, warm_state) -> None:
         csv.writer(f).writerows(rows)
 
 
-def _plot(path: Path, warm, runs, warm_state, s: dict) -> None:
-    import matplotlib
-
+def _plot(path: Path, rows: list[dict], s: dict) -> None:
+    """tau against learner FLOPs and against training time after the warm-up, one curve per arm and seed (the rows
+    of results.csv)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise DopdError("the plateau experiment's plot needs matplotlib: pip install 'dopd[experiments]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     colors = dict(zip(ARMS, ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:olive", "tab:purple")))
+    warm = next(r for r in rows if r["arm"] == "warmup")
+    curves: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r["arm"] != "warmup":
+            curves.setdefault((r["arm"], int(r["seed"])), []).append(r)
     seen = set()
-    for (arm, seed), r in sorted(runs.items()):
-        xs_f = [0.0] + [e["flops"] - warm["flops"] for e in r["evals"]]
-        xs_t = [0.0] + [_train_s(e, warm_state) for e in r["evals"]]
-        ys = [warm["tau"]] + [e["tau"] for e in r["evals"]]
+    for (arm, seed), evals in sorted(curves.items()):
+        xs_f = [0.0] + [float(e["learner_flops_after_warmup"]) for e in evals]
+        xs_t = [0.0] + [float(e["train_s_after_warmup"]) for e in evals]
+        ys = [float(warm["tau"])] + [float(e["tau"]) for e in evals]
         label = None if arm in seen else f"{arm}: {ARMS[arm].what}"
         seen.add(arm)
         style = "-" if seed == 0 else ":"

@@ -15,7 +15,7 @@ T = 0 (greedy):
   eagle3_kl_rl  an EAGLE-3 drafter of similar trainable size with the same online KL -> RL schedule
 
 Held-out tau with two standard errors (steps treated as independent; the bootstrap over prompts) and paired
-contrasts between arms over the same prompts (`dopd/stats.py`): at T = 0
+contrasts between arms over the same prompts (`experiments/stats.py`): at T = 0
 exact from the cached greedy text (`dopd eval --simulate`); at T > 0 by the engine, repeated with new seeds until
 SE <= `se_target` (or `max_passes`), once with rejection sampling and once with greedy-match acceptance (the same
 drafter drafting greedily, accepted iff equal to the target's sample): Bebop's comparison. Resumable: an arm whose
@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dopd.common import evaluation
 from dopd.common.config import Config, load_config
 from dopd.common.errors import DopdError
-from dopd.preset import Preset, choose
-from dopd.stats import SIGNIFICANT_SE, PerPrompt, arm_mean_se, contrast
+from dopd.common.evaluation import tau_se  # noqa: F401  (the histogram's tau and SE; tests read it here)
+from dopd.experiments.preset import Preset, choose
+from dopd.experiments.stats import SIGNIFICANT_SE, PerPrompt, arm_mean_se, contrast
 
 T1_ARMS = ("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e")
 T0_ARMS = ("dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")
@@ -78,7 +79,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 T1 = ["rollout.temperature=1", "eval.temperature=1"]
-# paired by prompt (dopd/stats.py); at T = 1 on rejection-sampling tau. Every arm is also compared with its warm-up,
+# paired by prompt (experiments/stats.py); at T = 1 on rejection-sampling tau. Every arm is also compared with its warm-up,
 # and at T = 1 greedy-match acceptance with rejection sampling for the same drafter (Bebop's comparison).
 CONTRASTS = (
     ("opd_kl", "sft_kl"), ("bebop_tv", "sft_kl"), ("bebop_e2e", "sft_kl"), ("bebop_e2e", "bebop_tv"),
@@ -107,50 +108,16 @@ def kind_of(arm: str) -> str:
 # --- held-out measurement ---------------------------------------------------------------------------------------
 
 
-def tau_se(hist: list[int]) -> tuple[float, float, int]:
-    """(tau, its standard error, steps) from the histogram of accepted drafts per verification step."""
-    n = sum(hist)
-    if n == 0:
-        return 0.0, float("nan"), 0
-    mean = sum((i + 1) * c for i, c in enumerate(hist)) / n
-    var = sum((i + 1 - mean) ** 2 * c for i, c in enumerate(hist)) / max(n - 1, 1)
-    return mean, math.sqrt(var / n), n
-
-
 def heldout(target, drafter, prompt_ids: list[list[int]], cfg: Config, temperature: float, acceptance: str, se_target: float, max_passes: int) -> dict:
-    """Held-out tau +- SE: exact simulation at T = 0; the engine at T > 0, new seeds until SE <= se_target."""
-    from dopd.common.evaluation import simulated_segments
-    from dopd.common.specdec import DecodeSettings, SpecEngine
+    """Held-out tau +- SE (dopd.common.evaluation.heldout: exact simulation at T = 0; the engine at T > 0, new seeds
+    until SE <= se_target), plus its SE by the bootstrap over prompts."""
+    from dopd.common.specdec import DecodeSettings
 
     s = DecodeSettings(block_size=cfg.eval_block_size, temperature=temperature, max_new_tokens=cfg.eval.max_new_tokens,
                        batch_size=cfg.rollout.batch_size, seed=cfg.seed, acceptance=acceptance)  # fmt: skip
-    t0 = time.perf_counter()
-    drafter.eval()
-    P = len(prompt_ids)
-    steps, accepted = [0] * P, [0] * P  # per prompt, summed over passes: for paired contrasts (dopd/stats.py)
-    if temperature <= 0:
-        st, segs = simulated_segments(target, drafter, prompt_ids, s)
-        hist, passes = list(st.accepted_hist), 1
-        steps, accepted = [int(g.accepted.size) for g in segs], [int(g.accepted.sum()) for g in segs]
-    else:
-        hist, passes = [0] * (s.block_size + 1), 0
-        while passes < max_passes:
-            s.seed = cfg.seed + 1000 * passes
-            res, st = SpecEngine(target, drafter).generate(prompt_ids, s)
-            hist = [a + b for a, b in zip(hist, st.accepted_hist)]
-            for r in res:
-                steps[r.index] += len(r.accepted)
-                accepted[r.index] += int(sum(r.accepted))
-            passes += 1
-            if tau_se(hist)[1] <= se_target:
-                break
-    tau, se, n = tau_se(hist)
-    reached = [sum(hist[i:]) for i in range(len(hist))]
-    alpha = [reached[i] / reached[i - 1] if reached[i - 1] else 0.0 for i in range(1, len(hist))]
-    return {"tau": tau, "se": se, "steps": n, "alpha": alpha, "hist": hist, "passes": passes, "temperature": temperature,
-            "acceptance": acceptance if temperature > 0 else "greedy", "simulated": temperature <= 0,
-            "se_prompts": arm_mean_se([PerPrompt(steps, accepted)])[1], "per_prompt_steps": steps,
-            "per_prompt_accepted": accepted, "eval_s": time.perf_counter() - t0}  # fmt: skip
+    res = evaluation.heldout(target, drafter, prompt_ids, s, simulate=True, se_target=se_target, max_passes=max_passes)
+    res["se_prompts"] = arm_mean_se([PerPrompt(res["per_prompt_steps"], res["per_prompt_accepted"])])[1]
+    return res
 
 
 def _eval_prompts(cfg: Config, target) -> list[list[int]]:
@@ -201,7 +168,7 @@ def _claim(run_dir: Path):
     """Hold `<run_dir>.lock` (this process's pid) while training there; yields False when a live process holds it.
 
     Arms can be split over processes on one --out (`--arms`, a process per core): without the lock, a second
-    process reaching an arm another is still training would wipe its directory (`branch_from`). A lock whose
+    process reaching an arm another is still training would start it afresh (wiping its rows). A lock whose
     process is gone (killed, machine restarted) is taken over.
     """
     lock = run_dir.parent / f"{run_dir.name}.lock"
@@ -227,7 +194,8 @@ def _claim(run_dir: Path):
 def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
     """The shared SFT warm-up of a drafter kind (skipped when its checkpoint exists; waited for when another
     process is running it)."""
-    from dopd.local import Trainer
+    from dopd.local import InProcess
+    from dopd.train import train
 
     wdir = out / f"warmup_{kind}"
     ckpt = wdir / "checkpoints" / f"step_{W:07d}"
@@ -237,7 +205,7 @@ def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
                 if not ckpt.is_dir():
                     log(f"== warm-up ({kind}): {W} SFT steps")
                     cfg = load_config(None, base + [f"drafter.kind={kind}", "mode=sft", f"learner.steps={W}", f"learner.eval_every={W}", f"out_dir={wdir}"])
-                    Trainer(cfg, target=target, log=log).run()
+                    train(cfg, InProcess(cfg, target=target, log=log))
                 break
         log(f"   warm-up ({kind}) is being run by another process: waiting")
         time.sleep(10)
@@ -246,7 +214,8 @@ def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
 
 def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = ARMS, log=print) -> dict:
     from dopd.common.models import load_target
-    from dopd.local import Trainer, branch_from
+    from dopd.local import InProcess
+    from dopd.train import train
 
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -272,6 +241,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
         steps = W + B if "mode=sft" in ov else B  # mode sft counts every step, mode opd the steps after the warm-up
         cfg = load_config(None, base + ov + [
             f"sft.warmup_steps={W}", f"learner.steps={steps}", f"learner.eval_every={eval_every}", f"out_dir={adir}",
+            f"resume_from={ckpt}",
         ])  # fmt: skip
         temperature = cfg.eval.temperature
         if kind not in warm or temperature not in warm[kind]:
@@ -281,8 +251,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
             with _claim(adir) as mine:
                 if mine and not (adir / "summary.json").is_file():
                     log(f"== arm {arm}")
-                    branch_from(ckpt, adir)
-                    Trainer(cfg, target=target, resume=True, log=log).run()
+                    train(cfg, InProcess(cfg, target=target, log=log))
             if not (adir / "summary.json").is_file():
                 log(f"   arm {arm} is being run by another process ({adir}.lock): not in this call's results")
                 continue
@@ -303,14 +272,21 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
         "wall_s_this_call": time.time() - t_start,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    _csv(out / "results.csv", summary)
-    (out / "summary.md").write_text(markdown(summary))
+    render_report(out)
     return summary
+
+
+def render_report(d: Path) -> None:
+    """results.csv and summary.md from a report directory's results.json (what a run writes, and what docs/methods
+    keeps: a committed run's reports re-render from it)."""
+    s = json.loads((d / "results.json").read_text())
+    _csv(d / "results.csv", s)
+    (d / "summary.md").write_text(markdown(s))
 
 
 def _arm_time(arm: dict, warmup: dict) -> dict[str, float]:
     """Seconds the arm itself spent (its trainer's clocks carry on from the warm-up's), final evaluation excluded."""
-    return {k: arm["state"][k] - warmup["state"][k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")}
+    return {k: arm["time"][k] - warmup["time"][k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s")}
 
 
 def _main_result(final: dict) -> dict:

@@ -1,0 +1,157 @@
+"""What the one training loop (dopd/train.py) needs from the place it runs, and the run state it keeps.
+
+Two implementations: `InProcess` (dopd/local.py: one rollout worker and one learner rank in this process) and
+`RayFleet` (dopd/driver.py: N rollout actors, S queue shards, M DeepSpeed ZeRO learner ranks on Ray). The loop owns
+the schedule, the rows, the checkpoints and the summary; a backend owns placement, data movement and its own
+accounts. Both hand the loop the same things, so both write the same files, fields and rows.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dopd.common.config import Config
+from dopd.common.errors import ConfigError
+
+
+@dataclass
+class RunState:
+    """The run's own state: saved in every checkpoint's state.json, in the summary, the same from both runners."""
+
+    step: int = 0
+    start_step: int = 0  # the step this run started at (0, or the checkpoint `resume_from` names); eval_every counts from it
+    policy_version: int = 0
+    flops: float = 0.0  # learner FLOPs (forward + backward), summed over ranks
+    records_trained: int = 0  # rollout records in learner steps
+    rounds: int = 0  # rollout rounds (synchronous) or actor batches seen (asynchronous)
+    rollout_tokens: int = 0
+    replay_anchors: int = 0
+    rollout_s: float = 0.0
+    replay_s: float = 0.0
+    learner_s: float = 0.0
+    eval_s: float = 0.0
+    resumes: int = 0
+    history: list = field(default_factory=list)  # held-out evaluations (their rows)
+    runner: dict = field(default_factory=dict)  # the backend's own state (worker cursors; the Ray runner's accounts)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunState:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class Backend(ABC):
+    """Where a run executes. Methods are called by `dopd.train.train` in the order they are listed."""
+
+    name: str  # the value of `runner` it implements
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        if cfg.runner != self.name:
+            raise ConfigError(f"this config is for runner={cfg.runner}, not {self.name}: set runner={self.name} (or use the matching backend)")
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.out_dir)
+        self.target_info: dict = {}
+
+    def write_split(self, split: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "split.json").write_text(json.dumps(split, indent=1))
+
+    @abstractmethod
+    def start(self, state: RunState, ckpt, resumed: bool) -> None:
+        """Place the workers; with a checkpoint (dopd/checkpoint.py) load the learners' state and pending records."""
+
+    @abstractmethod
+    def sft_data(self, needed: bool) -> None:
+        """Hand the SFT data to the learners when the schedule still has SFT steps (`needed`) or a fresh reduced
+        draft vocabulary is still to be chosen from it."""
+
+    @abstractmethod
+    def rollout(self, state: RunState) -> list[dict]:
+        """Before an OPD step: produce what it needs (or collect what actors produced); one row per actor batch."""
+
+    @abstractmethod
+    def learn(self, phase: str, state: RunState) -> dict:
+        """One optimizer step over every learner rank; the step's result summed / averaged over ranks."""
+
+    @abstractmethod
+    def publish(self, version: int) -> None:
+        """The learners' weights -> every rollout copy, as policy `version`."""
+
+    def observe(self, row: dict, state: RunState) -> None:
+        """A row the loop just wrote to metrics.jsonl (the in-process runner feeds its TensorBoard / W&B sinks)."""
+
+    def rollouts_done(self) -> None:
+        """After the last learner step: nothing will train rollouts any more (the Ray runner stops its actors)."""
+
+    @abstractmethod
+    def evaluate(self) -> dict:
+        """Held-out tau of the learners' current weights."""
+
+    @abstractmethod
+    def spec(self) -> dict:
+        """The drafter's spec (its config.json)."""
+
+    @abstractmethod
+    def weights(self) -> dict:
+        """The learners' current full weights."""
+
+    @abstractmethod
+    def training_state(self) -> dict:
+        """Optimizer, schedule, every rank's RNGs and data position (learner/learner.py `merge_training_states`)."""
+
+    @abstractmethod
+    def drafter_params(self) -> int:
+        """The drafter's trainable parameters."""
+
+    def pending(self) -> list[bytes]:
+        """Records produced but not trained yet, that a resumed run must train (a synchronous round in progress)."""
+        return []
+
+    def save_state(self, state: RunState) -> None:
+        """Put the backend's own state into `state.runner` before a checkpoint."""
+
+    @abstractmethod
+    def accounts(self, state: RunState) -> dict:
+        """Where every record went and how the run was placed (the summary's runner fields; the same keys from both)."""
+
+    def finish(self, summary: dict) -> None:
+        """After the summary is written."""
+
+    def crashed(self, state: RunState, error: BaseException) -> BaseException | None:
+        """Record what a failure lost; return an error to raise instead (one that says how to continue), or None."""
+        return None
+
+    def close(self) -> None:
+        """Release what `start` placed."""
+
+
+# what every learner rank's step result holds (learner/learner.py); any other key is the objective's own diagnostic
+_RANK_KEYS = {"loss", "acc", "rej", "n_acc", "n_rej", "grad_norm", "lr", "flops", "seconds", "positions", "records", "staleness", "trained", "uids", "wait_s", "refused"}
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Learner ranks' results of one step -> one: loss, stream means averaged; counts, FLOPs and records summed."""
+    n = len(results)
+    out = {
+        "loss": sum(r["loss"] for r in results) / n, "acc_div": sum(r["acc"] for r in results) / n,
+        "rej_div": sum(r["rej"] for r in results) / n, "n_acc": sum(r["n_acc"] for r in results),
+        "n_rej": sum(r["n_rej"] for r in results), "grad_norm": max(r["grad_norm"] for r in results), "lr": results[0]["lr"],
+        "step_flops": sum(r["flops"] for r in results), "seconds": max(r["seconds"] for r in results),
+        "positions": sum(r["positions"] for r in results), "records": sum(r.get("records", 0) for r in results),
+        "staleness": [s for r in results for s in r.get("staleness", [])],
+        "refused": sum(r.get("refused", 0) for r in results),  # records a learner refused (counted at their shard)
+    }  # fmt: skip
+    info: dict = {}
+    for r in results:
+        for k, v in r.items():
+            if k not in _RANK_KEYS:
+                info.setdefault(k, []).append(v)
+    for k, vs in info.items():  # an objective's diagnostics: numbers averaged over ranks, labels joined
+        out[k] = sum(vs) / len(vs) if all(isinstance(v, (int, float)) for v in vs) else "/".join(sorted({str(v) for v in vs}))
+    out["trained"] = [t for r in results for t in r.get("trained", [])]
+    out["uids"] = [u for r in results for u in r.get("uids", [])]
+    return out

@@ -1,0 +1,203 @@
+"""The training loop: one for both runners. `train(cfg)` trains a drafter in one process or on Ray (`cfg.runner`).
+
+    state = backend.start(checkpoint)                   # placement; a resumed run loads the learners' state
+    evaluate (a fresh run: step 0)
+    for each step until learner.steps (or learner.flops_budget):
+        warm-up (SFT) steps, then Draft-OPD steps:
+            OPD begins: publish the warmed-up drafter as a new policy version
+            backend.rollout(): records for the step (a synchronous round, or what the actors produced meanwhile)
+        backend.learn(phase): one optimizer step on every learner rank -> a step row
+        every refresh_every OPD steps: publish (learners.gather_weights() -> fleet.set_weights())
+        every eval_every steps of this run: evaluate the learners' current weights
+        every checkpoint_every steps: checkpoint (dopd/checkpoint.py: one format, either runner resumes it)
+    evaluate, checkpoint, save the learners' final weights as drafter/, write summary.json
+
+Files in out_dir, the same from both runners: config.yaml (the resolved config), split.json, metrics.jsonl (rows:
+"step", "rollout", "eval"), opd_sequences.jsonl (every trained rollout record's text, by step), checkpoints/,
+drafter/ (the learners' final weights), summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dopd import checkpoint
+from dopd.backend import Backend, RunState
+from dopd.common.config import Config, dump_config
+from dopd.common.drafters import write_drafter
+
+
+def every(step: int, n: int, start: int = 0) -> bool:
+    """The one cadence test: True at start + n, start + 2n, ... (never at `start` itself)."""
+    return step > start and (step - start) % n == 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps [0, warmup) are SFT, [warmup, total) Draft-OPD (mode=sft: all `learner.steps` are SFT)."""
+
+    warmup: int
+    total: int
+    flops_budget: float | None = None
+
+    @classmethod
+    def of(cls, cfg: Config) -> Schedule:
+        if cfg.mode == "sft":
+            return cls(cfg.learner.steps, cfg.learner.steps, cfg.learner.flops_budget)
+        return cls(cfg.sft.warmup_steps, cfg.sft.warmup_steps + cfg.learner.steps, cfg.learner.flops_budget)
+
+    def phase(self, step: int) -> str:
+        return "sft" if step < self.warmup else "opd"
+
+    def done(self, state: RunState) -> bool:
+        return state.step >= self.total or (self.flops_budget is not None and state.flops >= self.flops_budget)
+
+
+def backend_for(cfg: Config, log: Callable[[str], None] = print, **kw) -> Backend:
+    """The backend `cfg.runner` names."""
+    if cfg.runner == "ray":
+        from dopd.driver import RayFleet
+
+        return RayFleet(cfg, log=log, **kw)
+    from dopd.local import InProcess
+
+    return InProcess(cfg, log=log, **kw)
+
+
+class Rows:
+    """metrics.jsonl (one JSON row per event) and opd_sequences.jsonl (the trained rollout records' text)."""
+
+    def __init__(self, out: Path, observe: Callable[[dict], None] | None = None):
+        self.out = out
+        self.observe = observe  # the backend's metrics sinks see every row
+
+    def clear(self) -> None:
+        for stale in ("metrics.jsonl", "opd_sequences.jsonl", "summary.json"):
+            (self.out / stale).unlink(missing_ok=True)
+
+    def write(self, row: dict) -> dict:
+        row = {"time": time.time(), **row}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.observe is not None:
+            self.observe(row)
+        return row
+
+    def sequences(self, step: int, trained: list[dict]) -> None:
+        if trained:
+            with open(self.out / "opd_sequences.jsonl", "a") as f:
+                for t in trained:
+                    f.write(json.dumps({"step": step, **t}) + "\n")
+
+
+def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_step: Callable[[Backend, int], None] | None = None) -> dict:
+    """Train to the schedule and return the summary (also written to out_dir/summary.json).
+
+    backend: where to run (default: the one `cfg.runner` names). resume: continue this out_dir from its newest good
+    checkpoint. on_step(backend, step): called after every learner step (a hook for tests and tools).
+    """
+    cfg.resolve()  # idempotent: a loaded config is already resolved
+    backend = backend if backend is not None else backend_for(cfg)
+    log = backend.log
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = Rows(out, lambda row: backend.observe(row, state))
+    sched = Schedule.of(cfg)
+    lc = cfg.learner
+    ckpt = checkpoint.find(out, log) if resume else checkpoint.find(Path(cfg.resume_from), log) if cfg.resume_from else None
+    state = RunState()
+    if ckpt is not None:
+        state = RunState.from_dict(ckpt.state()["run"])
+        if resume:
+            state.resumes += 1
+        else:  # a new run from another run's checkpoint: its own rows, its own evaluation cadence
+            state.start_step = state.step
+    if not resume:
+        rows.clear()
+    dump_config(cfg, out / "config.yaml")
+    t_start = time.time()
+
+    def evaluate() -> None:
+        t0 = time.perf_counter()
+        res = backend.evaluate()
+        state.eval_s += time.perf_counter() - t0
+        row = rows.write({"event": "eval", "step": state.step, "flops": state.flops, "train_s": state.rollout_s + state.replay_s + state.learner_s, **res})
+        state.history.append(row)
+        log(f"[step {state.step}] held-out tau {row['tau']:.3f} ({row['steps']} steps{', simulated' if row.get('simulated') else ''})  alpha {' '.join(f'{a:.2f}' for a in row['alpha'])}  flops {row['flops']:.3g}")
+
+    def save() -> None:
+        backend.save_state(state)
+        checkpoint.write(out / "checkpoints", state.step, backend.spec(), backend.weights(), backend.training_state(), backend.pending(), {"run": asdict(state)})
+
+    def publish(version: int) -> None:
+        state.policy_version = version
+        backend.publish(version)
+
+    try:
+        backend.start(state, ckpt, resume)
+        if ckpt is not None:
+            log(f"dopd: {'resumed' if resume else 'started from'} {ckpt.path} at step {state.step}, policy version {state.policy_version}")
+        backend.sft_data(needed=state.step < sched.warmup)
+        if state.step == 0 and not state.history:
+            evaluate()
+        if sched.phase(state.step) == "opd" and state.step > sched.warmup:
+            publish(state.policy_version)  # resumed inside the OPD phase: the rollout copies take the learners' weights
+        while not sched.done(state):
+            phase = sched.phase(state.step)
+            if phase == "opd":
+                if state.step == sched.warmup:
+                    publish(state.policy_version + 1)  # the first on-policy round rolls out the warmed-up drafter
+                for r in backend.rollout(state):
+                    state.rounds += 1
+                    state.rollout_s += r["rollout_s"]
+                    state.replay_s += r["replay_s"]
+                    state.rollout_tokens += r["rollout_tokens"]
+                    state.replay_anchors += r["replay_anchors"]
+                    r = rows.write({"event": "rollout", "round": state.rounds - 1, **r})
+                    log(f"[round {r['round']}] rollout tau {r['rollout_tau']:.3f} ({r['path']})  {r['rollout_tokens_per_s']:.1f} tok/s  replay {r['replay_anchors']} anchors")
+            res = backend.learn(phase, state)
+            state.step += 1
+            state.flops += res["step_flops"]
+            state.learner_s += res["seconds"]
+            state.records_trained += res["records"]
+            trained, _ = res.pop("trained"), res.pop("uids")
+            rows.sequences(state.step, trained)
+            row = rows.write({"event": "step", "step": state.step, "phase": phase, **res, "flops": state.flops, "policy_version": state.policy_version})
+            if state.step % 10 == 0 or state.step == 1 or state.step == sched.total:
+                log(f"[step {state.step}/{sched.total}] {phase} loss {row['loss']:.4f}  policy v{state.policy_version}  flops {state.flops:.3g}")
+            if phase == "opd" and every(state.step, lc.refresh_every, sched.warmup):
+                publish(state.policy_version + 1)
+            if every(state.step, lc.eval_every, state.start_step):
+                evaluate()
+            if every(state.step, lc.checkpoint_every):
+                save()
+            if on_step is not None:
+                on_step(backend, state.step)
+        backend.rollouts_done()
+        if not state.history or state.history[-1]["step"] != state.step:
+            evaluate()
+        save()
+        write_drafter(out / "drafter", backend.spec(), backend.weights())  # the learners' final weights
+        last = state.history[-1]
+        summary = {
+            "runner": cfg.runner, "steps": state.step, "steps_planned": sched.total, "policy_version": state.policy_version,
+            "flops": state.flops, "tau": last["tau"], "alpha": last["alpha"], "records_trained": state.records_trained,
+            "drafter_params": backend.drafter_params(), "target": backend.target_info, "wall_s": time.time() - t_start,
+            "time": {k: getattr(state, k) for k in ("rollout_s", "replay_s", "learner_s", "eval_s")},
+            "rollout_tokens": state.rollout_tokens, "replay_anchors": state.replay_anchors, "resumes": state.resumes,
+            **backend.accounts(state),
+        }  # fmt: skip
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        backend.finish(summary)
+        return summary
+    except BaseException as e:
+        instead = backend.crashed(state, e)
+        if instead is not None:
+            raise instead from None
+        raise
+    finally:
+        backend.close()
