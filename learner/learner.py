@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter, build_drafter, draft_vocab_for
 from dopd.common.errors import DopdError, RecordError
+from dopd.common.models import resolve_dtype
 from dopd.common.record import ExperienceRecord, decode_record, decode_teacher
 from dopd.common.sampler import EpochSampler
 
@@ -99,6 +100,9 @@ class Learner:
         self.sampler: EpochSampler | None = None
         self._sampler_state: dict | None = None  # a resumed position, applied when the SFT data arrives
         self.objectives = {"sft": objective_for(cfg, "sft"), "opd": objective_for(cfg, "opd")}
+        # the drafter's forward in bf16 where the hardware computes it natively (model.dtype=auto), its master
+        # weights, gradients and optimizer state in fp32; the losses themselves are computed in fp32 (logq upcasts)
+        self.bf16 = resolve_dtype(cfg.model.dtype, str(self.device)) == "bfloat16"
         self.log: Callable[[str], None] | None = None
 
     @property
@@ -170,7 +174,8 @@ class Learner:
         mask = obj.mask(batch, self.drafter.t2d)
         denom = self._global_weight(mask.weight)
         with FlopCounterMode(display=False) as fc:
-            parts = obj.loss(self.drafter, batch, mask, step=self.step, denom=denom)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                parts = obj.loss(self.drafter, batch, mask, step=self.step, denom=denom)
             engine.backward(parts.loss)
         engine.step()
         self.step += 1
