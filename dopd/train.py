@@ -170,7 +170,8 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
                     state.rollout_tokens += r["rollout_tokens"]
                     state.replay_anchors += r["replay_anchors"]
                     r = rows.write({"event": "rollout", "round": state.rounds - 1, **r})
-                    log(f"[round {r['round']}] rollout tau {r['rollout_tau']:.3f} ({r['path']})  {r['rollout_tokens_per_s']:.1f} tok/s  replay {r['replay_anchors']} anchors")
+                    if cfg.cluster.rollout == "sync" or state.rounds % 10 == 1:  # (async: every actor batch is a row)
+                        log(f"[round {r['round']}] actor {r['actor']} rollout tau {r['rollout_tau']:.3f} ({r['path']})  {r['rollout_tokens_per_s']:.1f} tok/s  replay {r['replay_anchors']} anchors")
             res = backend.learn(phase, state)
             state.step += 1
             state.flops += res["step_flops"]
