@@ -197,8 +197,8 @@ class SFTConfig:
     """Supervised warm-up / baseline on target-regenerated answers."""
 
     # SFT learner steps before the first OPD round (mode=opd)
-    warmup_steps: int = 240
-    num_prompts: int | None = 512  # training prompts the target answers once (cached on disk)
+    warmup_steps: int = 200
+    num_prompts: int | None = 256  # training prompts the target answers once (cached on disk)
     # answer tokens the target writes per SFT prompt (data.answers=regenerate)
     max_new_tokens: int = 128
     # must be 0: SFT data is the target's greedy text (cached)
