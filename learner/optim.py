@@ -16,6 +16,8 @@ def lr_factor(step: int, cfg: Config) -> float:
     OPD run, both warm-up + cosine: REFERENCES.md, the 69b03da / e81a8bc scripts): SFT steps [0, sft.warmup_steps),
     then Draft-OPD's learner.steps (mode=sft: one phase of learner.steps). Within a phase: linear warm-up over
     learner.warmup_steps, then (lr_schedule=cosine) a cosine down to learner.min_lr_ratio at the phase's last step.
+    The Draft-OPD phase peaks at learner.opd_lr where set (a drafter fresh from SFT ends its warm-up at a tenth of
+    the SFT peak; jumping back to that peak costs held-out tau before OPD's own signal shows).
     """
     c = cfg.learner
     if cfg.mode == "sft":
@@ -24,7 +26,13 @@ def lr_factor(step: int, cfg: Config) -> float:
         start, length = 0, cfg.sft.warmup_steps
     else:
         start, length = cfg.sft.warmup_steps, c.steps
-    s = step - start
+        if c.opd_lr is not None:
+            return c.opd_lr / c.lr * _shape(step - start, length, c)
+    return _shape(step - start, length, c)
+
+
+def _shape(s: int, length: int, c) -> float:
+    """Warm-up then cosine (or constant) over one phase of `length` steps, at its step `s`."""
     warm = max(c.warmup_steps, 0)
     if warm and s < warm:
         return (s + 1) / warm

@@ -43,3 +43,10 @@ def test_constant_keeps_the_peak_and_the_optimizer_follows_the_schedule():
 def test_a_floor_outside_zero_one_is_refused_by_name():
     with pytest.raises(ConfigError, match="min_lr_ratio"):
         cfg("learner.min_lr_ratio=1.5")
+
+
+def test_the_opd_phase_peaks_at_its_own_rate():
+    c = cfg("learner.lr=0.01", "learner.opd_lr=0.002")
+    assert lr_factor(3, c) == pytest.approx(1.0) and lr_factor(23, c) == pytest.approx(0.2) and lr_factor(30, c) == pytest.approx(0.02)
+    with pytest.raises(ConfigError, match="opd_lr"):
+        cfg("learner.opd_lr=0")
