@@ -88,6 +88,9 @@ def _split(prompt: list[int], cont: list[int], max_new_tokens: int, eos: set[int
 
 # rows decoded together when the target writes text alone: a decode step costs little more at 64 rows than at 1
 # (bench/engine_throughput.py)
+# part of every teacher-data cache key: raised when the rows a cached entry holds were computed wrongly, so that no
+# run trains on them again (2: decode-time top-k rows of a prompt that left its batch slot were overwritten)
+ROWS_REVISION = 2
 TEXT_BATCH = 64
 PREFILL_BATCH = 8  # sequences per teacher-forced forward
 
@@ -232,7 +235,7 @@ def teacher_data(
     paths = []
 
     def path_of(p: list[int], lookahead: bool):
-        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), lookahead, SCHEMA_VERSION]
+        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), lookahead, SCHEMA_VERSION, ROWS_REVISION]
         return root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
 
     for (pid, p), g in zip(prompts, texts):

@@ -316,8 +316,9 @@ class SpecEngine:
                     res.finish = "eos" if eos_list[j] else "length"
                     if top_ids is not None:
                         rows_ = slice(plen[slot] - 1, plen[slot] - 1 + len(res.output_ids))
-                        res.topk_ids = top_ids[slot, rows_].cpu().numpy()
-                        res.topk_probs = top_p[slot, rows_].cpu().numpy()
+                        # copies: the slot's buffers are overwritten by the next prompt refilled into it
+                        res.topk_ids = top_ids[slot, rows_].cpu().numpy().copy()
+                        res.topk_probs = top_p[slot, rows_].cpu().numpy().copy()
                     if settings.keep_features:
                         total = plen[slot] + len(res.output_ids)
                         res.features = feats[slot, : total - 1].cpu().clone()
