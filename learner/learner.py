@@ -35,6 +35,7 @@ from dopd.common.record import ExperienceRecord, decode_record, decode_teacher
 from dopd.common.sampler import EpochSampler
 
 from .batch import opd_batch, sft_batch
+from .diagnostics import grad_norm_split, trained_alpha
 from .objectives import objective_for
 from .optim import make_optimizer
 
@@ -50,6 +51,10 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def full_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """A parameter's whole gradient after `backward`, before `step` (the diagnostics' head / body norms)."""
+        return p.grad
 
     def step(self) -> None:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -90,6 +95,9 @@ class Learner:
         self.device = torch.device(device)
         # a reduced draft vocabulary is chosen from the SFT data (`set_teacher`) before the first step
         self.drafter: Drafter = build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed, placeholder_vocab=True).to(self.device).train()
+        mask_vec = getattr(self.drafter, "mask_embedding", None)
+        if mask_vec is not None and not cfg.drafter.train_mask:  # a fixed MASK input, as the official frozen embedding row
+            mask_vec.weight.requires_grad_(False)
         self.vocab_chosen = cfg.drafter.draft_vocab_size is None or bool(cfg.drafter.init)
         self._make_engine = engine
         self._engine = None
@@ -116,7 +124,7 @@ class Learner:
         good, refused = [], []
         for b in data:  # validated once here (the same on every rank): a bad record is left out, never the end of a rank
             try:
-                good.append((b, decode_teacher(b, vocab_size=self.info.vocab_size)))
+                good.append((b, decode_teacher(b, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size)))
             except RecordError as e:
                 refused.append(str(e))
         if data and not good:
@@ -149,7 +157,7 @@ class Learner:
 
     def decode(self, data: bytes) -> ExperienceRecord:
         """A rollout record's one full validation (its shard read only the header): RecordError if it must be refused."""
-        return decode_record(data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size)
+        return decode_record(data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size)
 
     def opd_step(self, records: list, learner_version: int) -> dict:
         """Train on rollout records: decoded ones, or wire bytes (decoded and validated here)."""
@@ -172,12 +180,15 @@ class Learner:
         with FlopCounterMode(display=False) as fc:
             parts = obj.loss(self.drafter, batch, mask, step=self.step, denom=denom)
             engine.backward(parts.loss)
+        diag = grad_norm_split(self.drafter.named_parameters(), engine.full_grad)
+        if phase == "opd":
+            diag["alpha_trained"] = trained_alpha(batch.targets)
         engine.step()
         self.step += 1
         return {
             "loss": float(parts.loss.detach()), "acc": parts.acc, "rej": parts.rej, "n_acc": parts.n_acc, "n_rej": parts.n_rej,
             "grad_norm": engine.grad_norm, "lr": engine.lr, "flops": float(fc.get_total_flops()),
-            "seconds": time.perf_counter() - t0, "positions": batch.num_positions, **parts.info,
+            "seconds": time.perf_counter() - t0, "positions": batch.num_positions, **diag, **parts.info,
         }  # fmt: skip
 
     def _global_weight(self, local: float) -> float | None:
