@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # the main job: local embedded Ray, SmolLM2-135M target, 2 rollout actors, 2 ZeRO-2 learner ranks, small budget
-# (the config defaults, plus an 8192-token draft vocabulary with its own trained head)
+# (the config defaults, plus an 8192-token draft vocabulary with its own trained head, and OPD rounds that revisit the
+# warm-up's prompts, whose target text is cached: a round then costs drafter forwards, not new target text)
 run: setup
-	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo drafter.draft_vocab_size=8192
+	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo drafter.draft_vocab_size=8192 data.rollout_prompts=sft
 
 test: setup test-deps
 	$(PY) -m pytest -q

@@ -112,9 +112,10 @@ class RolloutWorker:
 
     def teacher_data(self, items: list[tuple]) -> list[bytes]:
         """SFT warm-up data, teacher-forced (encoded TeacherRecords): the target's greedy answers to (id, prompt ids)
-        items, or (id, token ids, prompt length) sequences written elsewhere (`sft.sequences`) scored as they are."""
+        items, the dataset's own answers of (id, prompt ids, answer ids) items (data.answers=as_is), or
+        (id, token ids, prompt length) sequences written elsewhere (`sft.sequences`) scored as they are."""
         layers = self.drafter.feature_layers
-        if items and len(items[0]) == 3:
+        if items and len(items[0]) == 3 and isinstance(items[0][2], int):  # sft.sequences: a prompt length, not answer ids
             recs = prefill(self.target, layers, items, self.cfg.rollout.topk, feature_dtype=torch.bfloat16)
         else:
             recs = self.maker.teacher(layers, items)
@@ -135,7 +136,9 @@ class RolloutActor:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, int(os.environ.get("DOPD_ACTOR_THREADS", "1"))))
         self.cfg = config_from_dict(cfg_dict)
-        self.worker = RolloutWorker(self.cfg, actor_id, prompts)
+        self.notes: list[str] = []  # the worker's log lines (target work's progress), relayed by the driver
+        self.notes_lock = threading.Lock()
+        self.worker = RolloutWorker(self.cfg, actor_id, prompts, log=self._note)
         self.shards = shards
         self.lock = threading.Lock()  # the worker: held by the loop for a whole rollout batch
         # new weights wait here for the next batch boundary; their own lock, so that publishing never waits for
@@ -152,6 +155,17 @@ class RolloutActor:
 
     def ready(self) -> dict:
         return {"actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation}
+
+    def _note(self, line: str) -> None:
+        with self.notes_lock:
+            self.notes.append(line)
+            del self.notes[:-50]  # bounded: nobody may be asking
+
+    def progress(self) -> list[str]:
+        """The log lines since the last call (the driver prints them while it waits on this actor's target work)."""
+        with self.notes_lock:
+            out, self.notes = self.notes, []
+        return out
 
     def state(self) -> dict:
         """A snapshot for a checkpoint, not waiting for the batch in progress (with cluster.rollout=async that batch's

@@ -75,9 +75,10 @@ class DataConfig:
     seed: int = 0  # the split's seed (recorded next to every checkpoint)
     # the longest context (prompt) in tokens; longer ones follow data.too_long
     max_prompt_tokens: int = 384
-    # which training prompts OPD rounds roll out: all of them, or only those the SFT warm-up did not answer
-    # (`after_sft`: the first sft.num_prompts are the warm-up's; experiments train on prompts new to the drafter)
-    rollout_prompts: Literal["all", "after_sft"] = "all"
+    # which training prompts OPD rounds roll out: "all"; "after_sft" = only those the warm-up (the first
+    # sft.num_prompts) did not answer, prompts new to the drafter (experiments); "sft" = only the warm-up's, whose
+    # target text is cached, so a round costs drafter forwards only (make run)
+    rollout_prompts: Literal["all", "after_sft", "sft"] = "all"
     # the target text a training example is trained on: "regenerate" = the target's greedy answer to its context
     # (decoded once, cached); "as_is" = the dataset's own answer, teacher-forced (one prefill, no decoding)
     answers: Literal["regenerate", "as_is"] = "regenerate"
@@ -98,7 +99,7 @@ class RolloutConfig:
     # nucleus sampling of rollouts at T > 0 (1 = off)
     top_p: float = 1.0
     # answer tokens per rollout (the target's greedy answers are this long at most)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     batch_size: int = 4  # sequences decoded together (per actor)
     topk: int = 16  # target top-k kept per draft position in records
     # "auto": at T = 0 the target's greedy text is decoded once (cached) and the current drafter re-segments it
@@ -221,10 +222,10 @@ class SFTConfig:
     """Supervised warm-up / baseline on target-regenerated answers."""
 
     # SFT learner steps before the first OPD round (mode=opd)
-    warmup_steps: int = 160
-    num_prompts: int | None = 128  # training prompts the target answers once (cached on disk)
+    warmup_steps: int = 240
+    num_prompts: int | None = 512  # training prompts the target answers once (cached on disk)
     # answer tokens the target writes per SFT prompt (data.answers=regenerate)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     # must be 0: SFT data is the target's greedy text (cached)
     temperature: float = 0.0
     sequences: str | None = None  # JSONL of target-written sequences to train on instead (e.g. an OPD run's rollouts)

@@ -226,7 +226,7 @@ def run_prompts(cfg, tokenizer) -> RunPrompts:
         raise PromptError(f"{d.eval_prompts or d.prompts}: no held-out prompt fits in {d.max_prompt_tokens} tokens ({dict(ev.counts)})")
     pairs = tr.items[: d.num_train]  # the cap counts examples that fit
     n_sft = len(pairs) if cfg.sft.num_prompts is None else min(cfg.sft.num_prompts, len(pairs))
-    rollout = pairs
+    rollout = pairs[:n_sft] if d.rollout_prompts == "sft" else pairs
     if d.rollout_prompts == "after_sft":
         rollout = pairs[n_sft:]
         if not rollout:

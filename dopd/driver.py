@@ -59,6 +59,7 @@ class RayFleet(Backend):
         self.ray_mode = ""
         self.pg = None
         self.started = False
+        self.sink_step = 0
         self._spec: dict | None = None
         self._last_shards: list[dict] | None = None
         self.peak_before = 0
@@ -72,7 +73,8 @@ class RayFleet(Backend):
         self._place()
         self._serve_metrics()
         # TensorBoard / W&B (when on) under the Prometheus names, fed by the same typed updates
-        self.metrics.attach(make_sinks(c, fresh=not resumed, step=state.step), step=lambda: state.step)
+        # a learner step's series are written at the step it makes (the loop counts it after `learn` returns)
+        self.metrics.attach(make_sinks(c, fresh=not resumed, step=state.step), step=lambda: max(state.step, self.sink_step))
         if ckpt is None:
             return
         import ray
@@ -194,6 +196,7 @@ class RayFleet(Backend):
         else:
             res = self.learners.opd_step(state.policy_version, wait=self._watch_actors)
         out = aggregate(res)
+        self.sink_step = state.step + 1
         self.acc["records_consumed"] += out["records"]
         for uid in out["uids"]:
             if not self.ledger.add(tuple(uid)):
@@ -206,6 +209,7 @@ class RayFleet(Backend):
         t0 = time.perf_counter()
         ref = self.learners.gather_weights()
         self.fleet.set_weights(ref, version)
+        self.policy_version = version  # the newest the actors hold (what a learner asks a shard for)
         self.metrics["dopd_publish_latency_seconds"].observe(time.perf_counter() - t0)
         self.metrics["dopd_policy_version"].set(version)
         if not self.sync and not self.started:

@@ -150,12 +150,35 @@ class RolloutFleet:
         for i in sorted(refs):
             while True:
                 try:
-                    out.append(ray.get(refs[i]))
+                    out.append(self._get(refs[i]))
                     break
                 except _actor_gone():  # a killed actor's share is produced again by its next incarnation
                     self.recover(i)
                     refs[i] = self.handles[i].produce.remote(counts[i])
         return out
+
+    PROGRESS_S = 10.0  # how often the driver relays the actors' progress lines while it waits on their target work
+
+    def _get(self, ref):
+        """`ray.get(ref)`, printing meanwhile what the actors report of long target work (progress with a rate and
+        an ETA): an actor's output does not reach the driver's console otherwise."""
+        import ray
+
+        while not ray.wait([ref], timeout=self.PROGRESS_S)[0]:
+            self.relay()
+        self.relay()
+        return ray.get(ref)
+
+    def relay(self) -> None:
+        import ray
+
+        try:
+            notes = ray.get([a.progress.remote() for a in self.handles], timeout=self.PROGRESS_S)
+        except Exception:  # an actor restarting: its lines are lost, the work is not
+            return
+        for i, lines in enumerate(notes):
+            for line in lines:
+                self.log(f"actor {i}: {line}" if len(self.handles) > 1 else line)
 
     def _each(self, method: str) -> list:
         import ray
@@ -183,7 +206,7 @@ class RolloutFleet:
                 continue
             while True:
                 try:
-                    out += ray.get(refs[i])
+                    out += self._get(refs[i])
                     break
                 except _actor_gone():  # a killed actor's chunk is answered again by its next incarnation
                     self.recover(i, start=False)
@@ -196,7 +219,7 @@ class RolloutFleet:
 
         for i, a in enumerate(self.handles):
             try:
-                return ray.get(a.evaluate.remote([ref], prompt_ids))
+                return self._get(a.evaluate.remote([ref], prompt_ids))
             except _actor_gone():
                 self.recover(i)
         raise DopdError("no rollout actor could run the held-out evaluation")

@@ -29,6 +29,7 @@ from dopd import checkpoint
 from dopd.backend import Backend, RunState
 from dopd.common.config import Config, dump_config
 from dopd.common.drafters import write_drafter
+from dopd.common.models import resolve_dtype
 
 
 def every(step: int, n: int, start: int = 0) -> bool:
@@ -121,6 +122,10 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
     dump_config(cfg, out / "config.yaml")
     t_start = time.time()
 
+    def log_phase(what: str) -> None:
+        """A line per phase, with the time since the start: a newcomer can tell a slow run from a hung one."""
+        log(f"== [{time.time() - t_start:6.0f}s] {what}")
+
     def evaluate() -> None:
         t0 = time.perf_counter()
         res = backend.evaluate()
@@ -138,18 +143,25 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
         backend.publish(version)
 
     try:
+        dtype = resolve_dtype(cfg.model.dtype, cfg.model.device)
+        log_phase(f"start: {cfg.runner} runner, target {cfg.model.target} ({dtype} on {cfg.model.device}), drafter {cfg.drafter.kind}")
         backend.start(state, ckpt, resume)
         if ckpt is not None:
             log(f"dopd: {'resumed' if resume else 'started from'} {ckpt.path} at step {state.step}, policy version {state.policy_version}")
+        if state.step < sched.warmup:
+            log_phase(f"SFT data: the target's answers to the warm-up prompts ({cfg.sft.max_new_tokens} tokens each; cached ones are read)")
         backend.sft_data(needed=state.step < sched.warmup)
         if state.step == 0 and not state.history:
             evaluate()
         if sched.phase(state.step) == "opd" and state.step > sched.warmup:
             publish(state.policy_version)  # resumed inside the OPD phase: the rollout copies take the learners' weights
+        if state.step < sched.warmup:
+            log_phase(f"warm-up: {sched.warmup - state.step} SFT steps")
         while not sched.done(state):
             phase = sched.phase(state.step)
             if phase == "opd":
                 if state.step == sched.warmup:
+                    log_phase(f"Draft-OPD: {sched.total - state.step} steps ({cfg.loss.objective}), new rollouts every {lc.refresh_every} steps")
                     publish(state.policy_version + 1)  # the first on-policy round rolls out the warmed-up drafter
                 for r in backend.rollout(state):
                     state.rounds += 1
@@ -158,7 +170,8 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
                     state.rollout_tokens += r["rollout_tokens"]
                     state.replay_anchors += r["replay_anchors"]
                     r = rows.write({"event": "rollout", "round": state.rounds - 1, **r})
-                    log(f"[round {r['round']}] rollout tau {r['rollout_tau']:.3f} ({r['path']})  {r['rollout_tokens_per_s']:.1f} tok/s  replay {r['replay_anchors']} anchors")
+                    if cfg.cluster.rollout == "sync" or state.rounds % 10 == 1:  # (async: every actor batch is a row)
+                        log(f"[round {r['round']}] actor {r['actor']} rollout tau {r['rollout_tau']:.3f} ({r['path']})  {r['rollout_tokens_per_s']:.1f} tok/s  replay {r['replay_anchors']} anchors")
             res = backend.learn(phase, state)
             state.step += 1
             state.flops += res["step_flops"]
@@ -178,6 +191,7 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
             if on_step is not None:
                 on_step(backend, state.step)
         backend.rollouts_done()
+        log_phase("final evaluation, checkpoint and drafter")
         if not state.history or state.history[-1]["step"] != state.step:
             evaluate()
         save()
@@ -193,6 +207,8 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
         }  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         backend.finish(summary)
+        first = state.history[0]["tau"] if state.history else float("nan")
+        log_phase(f"done: held-out tau {first:.3f} -> {last['tau']:.3f} ({last['steps']} verification steps); drafter in {out / 'drafter'}")
         return summary
     except BaseException as e:
         instead = backend.crashed(state, e)

@@ -12,7 +12,9 @@ else is shared, so the two runners train the same function the same way:
   (DeepSpeed averages gradients across ranks, so dividing each rank's loss sum by the global weight / world gives
   the gradient of one token mean over every rank's micro-batch, as the official code does), and trains its loss;
 - learner FLOPs are counted by PyTorch's FlopCounterMode around forward and backward (matmuls, attention,
-  convolutions: everything that scales with model size; elementwise ops are not counted);
+  convolutions: everything that scales with model size; elementwise ops are not counted) on the first steps of
+  each phase and one step in `FLOP_COUNT_EVERY`; the others are scaled from the last counted step of their phase
+  by their positions (the counter intercepts every op in Python: counting every step cost ~30% of a step);
 - `training_state` / `load` move the full optimizer state per named parameter (world-size independent), the
   schedule and each rank's RNG and data position: the one checkpoint format (dopd/checkpoint.py) either runner
   resumes.
@@ -20,6 +22,7 @@ else is shared, so the two runners train the same function the same way:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -31,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter, build_drafter, draft_vocab_for
 from dopd.common.errors import DopdError, RecordError
+from dopd.common.models import resolve_dtype
 from dopd.common.record import ExperienceRecord, decode_record, decode_teacher
 from dopd.common.sampler import EpochSampler
 
@@ -38,6 +42,8 @@ from .batch import opd_batch, sft_batch
 from .diagnostics import grad_norm_split, trained_alpha
 from .objectives import objective_for
 from .optim import make_optimizer
+
+FLOP_COUNT_EVERY = 16
 
 
 class TorchEngine:
@@ -107,6 +113,10 @@ class Learner:
         self.sampler: EpochSampler | None = None
         self._sampler_state: dict | None = None  # a resumed position, applied when the SFT data arrives
         self.objectives = {"sft": objective_for(cfg, "sft"), "opd": objective_for(cfg, "opd")}
+        # the drafter's forward in bf16 where the hardware computes it natively (model.dtype=auto), its master
+        # weights, gradients and optimizer state in fp32; the losses themselves are computed in fp32 (logq upcasts)
+        self.bf16 = resolve_dtype(cfg.model.dtype, str(self.device)) == "bfloat16"
+        self.flops_counted: dict[str, tuple[float, int]] = {}  # phase -> (FLOPs per position of the last counted step, counted steps)
         self.log: Callable[[str], None] | None = None
 
     @property
@@ -177,17 +187,24 @@ class Learner:
         t0 = time.perf_counter()
         mask = obj.mask(batch, self.drafter.t2d)
         denom = self._global_weight(mask.weight)
-        with FlopCounterMode(display=False) as fc:
-            parts = obj.loss(self.drafter, batch, mask, step=self.step, denom=denom)
+        count = self.step % FLOP_COUNT_EVERY == 0 or self.flops_counted.get(phase, (0, 0))[1] < 2
+        with FlopCounterMode(display=False) if count else contextlib.nullcontext() as fc:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                parts = obj.loss(self.drafter, batch, mask, step=self.step, denom=denom)
             engine.backward(parts.loss)
         diag = grad_norm_split(self.drafter.named_parameters(), engine.full_grad)
         if phase == "opd":
             diag["alpha_trained"] = trained_alpha(batch.targets)
+        if count:
+            flops = float(fc.get_total_flops())
+            self.flops_counted[phase] = (flops / max(batch.num_positions, 1), self.flops_counted.get(phase, (0, 0))[1] + 1)
+        else:
+            flops = self.flops_counted[phase][0] * batch.num_positions
         engine.step()
         self.step += 1
         return {
             "loss": float(parts.loss.detach()), "acc": parts.acc, "rej": parts.rej, "n_acc": parts.n_acc, "n_rej": parts.n_rej,
-            "grad_norm": engine.grad_norm, "lr": engine.lr, "flops": float(fc.get_total_flops()),
+            "grad_norm": engine.grad_norm, "lr": engine.lr, "flops": flops,
             "seconds": time.perf_counter() - t0, "positions": batch.num_positions, **diag, **parts.info,
         }  # fmt: skip
 

@@ -39,7 +39,7 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
             assert ray.get(job.shards[0].put.remote(b"definitely not a record")) == "rejected"
             # a record taken from a shard (as a learner takes it) and offered again: a duplicate, refused and
             # counted there (the test consumed it, so it is "lost in flight" below, never trained)
-            taken = ray.get(job.shards[0].get.remote(1, job.state.policy_version, 60.0))
+            taken = ray.get(job.shards[0].get.remote(1, job.policy_version, 60.0))
             assert len(taken) == 1 and ray.get(job.shards[0].put_many.remote([taken[0], taken[0]])) == ["rejected", "rejected"]
             seen["metrics"] = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
         if step == 4:  # kill a rollout actor mid-run: Ray restarts it, the driver re-sends weights

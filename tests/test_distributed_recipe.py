@@ -17,7 +17,7 @@ from dopd.train import train
 pytestmark = pytest.mark.ray
 
 BASE = [
-    "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
+    "model.target=tiny-random-llama", "model.dtype=float32", "data.prompts=champ-problems", "data.num_eval=4", "mode=opd",
     "sft.num_prompts=16", "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=2",
     "eval.max_new_tokens=12", "eval.num_prompts=4", "learner.micro_batch_size=2", "learner.refresh_every=2",
     "learner.lr=3e-3", "learner.zero_stage=2", "cluster.actors=1", "cluster.learners=2", "cluster.actor_num_cpus=1",

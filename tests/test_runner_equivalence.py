@@ -32,7 +32,7 @@ TAU_ABS = 1e-6
 WEIGHT_ABS = 1e-4
 
 SAME = [
-    "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "seed=3", "mode=opd",
+    "model.target=tiny-random-llama", "model.dtype=float32", "data.prompts=champ-problems", "data.num_eval=4", "seed=3", "mode=opd",
     "sft.num_prompts=16", "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=2",
     "eval.max_new_tokens=12", "eval.num_prompts=4", "learner.micro_batch_size=2", "learner.refresh_every=2",
     "learner.lr=3e-3", "sft.warmup_steps=2", "learner.steps=4", "learner.eval_every=3", "learner.checkpoint_every=3",
