@@ -58,7 +58,7 @@ class ExactTV(Objective):
         blocks = mask.streams["tv"]
         info = {}
         if bool(pos.any()):
-            info = {"tv_distance": float(d[pos].mean()), "tv_expected_accept": float((E * blocks).sum() / blocks.sum()), "tv_positions": int(pos.sum())}
+            info = {"tv_distance": float(d.detach()[pos].mean()), "tv_expected_accept": float((E.detach() * blocks).sum() / blocks.sum()), "tv_positions": int(pos.sum())}
         if self.cfg.metrics.replay_kl:
             info.update(replay_split(drafter, batch, h=h.detach()))
         return {"tv": (loss_b * blocks).sum()}, info
