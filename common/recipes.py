@@ -111,15 +111,16 @@ class Recipe:
 
 
 _DFLASH_DIFFERENCES = (
-    Difference("starting drafter", "a converged DFlash drafter (z-lab/Qwen3-4B-DFlash-b16)", "drafter.init / sft.warmup_steps"),
+    Difference("starting drafter", "a converged DFlash drafter (z-lab/Qwen3-4B-DFlash-b16; dopd: its own SFT warm-up)", "drafter.init"),
     Difference("block size", "16 = 1 anchor + 15 drafts", "rollout.block_size"),
     Difference("drafter depth", "several layers (not confirmed: configs not readable)", "drafter.num_layers"),
     Difference("learning rate", "3e-4", "learner.lr"),
+    Difference("warm-up", "5% of the steps", "learner.warmup_steps"),
     Difference("schedule", "cosine", "learner.lr_schedule"),
-    Difference("optimizer batch", "21 prompts x 10 accumulation steps", "learner.micro_batch_size (x cluster.learners)"),
+    Difference("optimizer batch", "21 prompts x 10 accumulation steps", "learner.micro_batch_size"),
     Difference("response length", "4096 tokens", "rollout.max_new_tokens"),
-    Difference("MASK input", "a token's embedding row, frozen", "drafter.mask_token_id (drafter.train_mask=false by the recipe)"),
-    Difference("policy lag", "one rollout batch per optimizer pass", "learner.refresh_every, cluster.rollout"),
+    Difference("MASK input: the embedding row of this token, frozen", "the drafter checkpoint's mask token", "drafter.mask_token_id"),
+    Difference("policy lag", "one rollout batch per optimizer pass", "learner.refresh_every"),
 )
 
 
@@ -214,12 +215,13 @@ class OfficialEagle3(Recipe):
     }  # fmt: skip
     required = ("drafter.kind", "loss.objective", "loss.response")
     differences = (
-        Difference("starting drafter", "a trained EAGLE-3 drafter", "drafter.init / sft.warmup_steps"),
+        Difference("starting drafter", "a trained EAGLE-3 drafter", "drafter.init"),
         Difference("draft vocabulary", "SpecForge's (32,000 ids for Qwen3)", "drafter.draft_vocab_size"),
         Difference("chain length", "7 drafts (num_draft_tokens 8)", "rollout.block_size"),
-        Difference("learning rate", "1e-4, warm-up ratio 0.015", "learner.lr, learner.warmup_steps"),
+        Difference("learning rate", "1e-4", "learner.lr"),
+        Difference("warm-up", "1.5% of the steps", "learner.warmup_steps"),
         Difference("schedule", "cosine", "learner.lr_schedule"),
-        Difference("optimizer batch", "24 prompts x 10 accumulation steps", "learner.micro_batch_size (x cluster.learners)"),
+        Difference("optimizer batch", "24 prompts x 10 accumulation steps", "learner.micro_batch_size"),
         Difference("response length", "3583 tokens", "rollout.max_new_tokens"),
     )
 
@@ -264,7 +266,7 @@ class Dopd2511(Recipe):
         Difference("denominator: the supervised positions", "every response token", "loss.acc_denominator"),
         Difference("positions past the answer's end trained", "segments end at the response's end", "loss.train_past_end"),
         Difference("a learned MASK vector", "a frozen embedding row", "drafter.train_mask"),
-        Difference("a reduced vocabulary with a trained head allowed (v2: 8,192 ids)", "the frozen full-vocabulary head", "drafter.draft_vocab_size"),
+        Difference("a reduced vocabulary with its own trained head allowed (v2: 8,192 ids)", "the frozen full-vocabulary head", "drafter.draft_vocab_size"),
     ) + _DFLASH_DIFFERENCES[:-2] + _DFLASH_DIFFERENCES[-1:]
 
 
@@ -276,11 +278,11 @@ def apply_recipe_tree(tree: dict[str, Any]) -> None:
 
 
 def recipe_table() -> str:
-    """The README's recipe table (recipe -> source -> each remaining difference and its key), from the recipes."""
-    lines = ["| recipe | reproduces | what still differs (official value) | key |", "|---|---|---|---|"]
+    """The README's recipe table (recipe, what it reproduces, each remaining difference with the official value and
+    the key that controls it), generated from the recipes (tests/test_recipes.py keeps the README current)."""
+    lines = ["| recipe | reproduces | what still differs here | official | key |", "|---|---|---|---|---|"]
     for r in RECIPES.values():
         for i, d in enumerate(r.differences):
             head = f"`{r.name}` | {r.source}" if i == 0 else " | "
-            official = f" ({d.official})" if d.official else ""
-            lines.append(f"| {head} | {d.what}{official} | {('`' + d.key + '`') if d.key else ''} |")
+            lines.append(f"| {head} | {d.what} | {d.official} | {('`' + d.key + '`') if d.key else ''} |")
     return "\n".join(lines)

@@ -10,11 +10,15 @@ with the target's p(d), and whether verification accepted it; each block says wh
   on the target's top-1 token (the official DFlash recipe);
 - rejected stream (blocks flagged STREAM_REJ): the drafted tokens from the first rejection to the block end, a
   divergence on the drafted token (k3 = the sampled reverse-KL estimator exp(r) - 1 - r, r = log p(d) - log q(d),
-  both log-probs floored at -10, as the official code; or Bernoulli forward KL), weighted gamma^(offset-1), offset
+  with verl's clips (`k3_verl`, the official form) or on log-probs floored at -10 (`k3_floored`, dopd-2511); or
+  Bernoulli forward KL), weighted gamma^(offset-1) (or only the first rejected token, `rej_first_only`), offset
   counted from the block's first draft (`gamma_offset="block"`, official) or from the first rejection;
 - each position's loss is clamped at `clamp` (official: 10), then
   L = (lambda_acc * sum L_acc + lambda_rej * sum w * L_rej) / (lambda_acc * N_acc + lambda_rej * sum w),
-  the joint token mean of the official implementation, so a batch with few rejections is not up-weighted.
+  the joint token mean of the official implementation, so a batch with few rejections is not up-weighted (the
+  objective sets N_acc: every response token, officially, or the supervised positions);
+- exact full-vocabulary targets (`full_soft_ce`, `full_tv`) from the target's final hidden state the records
+  carry, through the frozen head (`loss.targets=full`).
 - the EAGLE-3 recipe's accepted stream is the training-time test over every response position instead (`sft_sums`
   on teacher-forced blocks, 0.8^step), joining the same joint mean.
 

@@ -309,3 +309,12 @@ def test_recipe_refuses_what_defines_it(recipe, bad):
 def test_unknown_recipe_is_named():
     with pytest.raises(ConfigError, match="loss.recipe"):
         cfg_of("official-2099")
+
+
+def test_readme_lists_every_recipe_difference():
+    """The README's recipe table is the recipes' own (regenerate it with `common.recipes.recipe_table()`)."""
+    from pathlib import Path
+
+    from dopd.common.recipes import recipe_table
+
+    assert recipe_table() in (Path(__file__).parents[1] / "README.md").read_text()
