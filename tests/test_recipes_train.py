@@ -36,7 +36,10 @@ EXPECT = {
 def test_recipe_trains_with_diagnostics(tmp_path, tiny, recipe):
     extra, fields = EXPECT[recipe]
     cfg = load_config(None, BASE + [f"out_dir={tmp_path}", f"loss.recipe={recipe}", *extra])
-    train(cfg, InProcess(cfg, target=tiny, log=lambda *a: None))
+    lines: list[str] = []
+    train(cfg, InProcess(cfg, target=tiny, log=lambda *a: lines.append(" ".join(map(str, a)))))
+    said = [x for x in lines if x.startswith(f"dopd: loss.recipe={recipe}")]
+    assert len(said) == 1 and said[0].endswith("no deviation"), said
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     steps = [r for r in rows if r["event"] == "step" and r["phase"] == "opd"]
     assert len(steps) == 2
