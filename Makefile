@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 # (the config defaults, plus an 8192-token draft vocabulary with its own trained head, and OPD rounds that revisit the
 # warm-up's prompts, whose target text is cached: a round then costs drafter forwards, not new target text)
 run: setup
-	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo drafter.draft_vocab_size=8192 data.rollout_prompts=sft
+	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo drafter.draft_vocab_size=8192 data.rollout_prompts=sft learner.steps=16
 
 test: setup test-deps
 	$(PY) -m pytest -q

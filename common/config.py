@@ -222,8 +222,8 @@ class SFTConfig:
     """Supervised warm-up / baseline on target-regenerated answers."""
 
     # SFT learner steps before the first OPD round (mode=opd)
-    warmup_steps: int = 240
-    num_prompts: int | None = 512  # training prompts the target answers once (cached on disk)
+    warmup_steps: int = 200
+    num_prompts: int | None = 256  # training prompts the target answers once (cached on disk)
     # answer tokens the target writes per SFT prompt (data.answers=regenerate)
     max_new_tokens: int = 128
     # must be 0: SFT data is the target's greedy text (cached)
@@ -243,10 +243,11 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     # gradient-norm clip
     grad_clip: float = 1.0
-    # linear learning-rate warm-up steps
+    # linear learning-rate warm-up steps (at the start of each phase: SFT, then Draft-OPD)
     warmup_steps: int = 10
-    # after the warm-up: "constant", or "cosine" to 0 at the end of the run (sft.warmup_steps + learner.steps)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # after the warm-up: "cosine" down to lr x min_lr_ratio at each phase's last step, or "constant"
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
@@ -434,6 +435,8 @@ class Config:
             raise ConfigError("replay.num_blocks > 1 needs replay.temperature > 0 (greedy replay blocks would be identical)")
         if self.learner.micro_batch_size < 1:
             raise ConfigError("learner.micro_batch_size must be >= 1")
+        if not 0.0 <= self.learner.min_lr_ratio <= 1.0:
+            raise ConfigError(f"learner.min_lr_ratio must be in [0, 1] (got {self.learner.min_lr_ratio}): the cosine's floor as a share of learner.lr")
         if self.learner.refresh_every < 1:
             raise ConfigError("learner.refresh_every must be >= 1")
         for key in ("eval_every", "checkpoint_every"):

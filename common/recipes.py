@@ -116,7 +116,7 @@ _DFLASH_DIFFERENCES = (
     Difference("drafter depth", "several layers (not confirmed: configs not readable)", "drafter.num_layers"),
     Difference("learning rate", "3e-4", "learner.lr"),
     Difference("warm-up", "5% of the steps", "learner.warmup_steps"),
-    Difference("schedule", "cosine", "learner.lr_schedule"),
+    Difference("the cosine's floor (dopd: 0.1 x lr)", "not set in the scripts (not confirmed)", "learner.min_lr_ratio"),
     Difference("optimizer batch", "21 prompts x 10 accumulation steps", "learner.micro_batch_size"),
     Difference("response length", "4096 tokens", "rollout.max_new_tokens"),
     Difference("MASK input: the embedding row of this token, frozen", "the drafter checkpoint's mask token", "drafter.mask_token_id"),
@@ -220,7 +220,7 @@ class OfficialEagle3(Recipe):
         Difference("chain length", "7 drafts (num_draft_tokens 8)", "rollout.block_size"),
         Difference("learning rate", "1e-4", "learner.lr"),
         Difference("warm-up", "1.5% of the steps", "learner.warmup_steps"),
-        Difference("schedule", "cosine", "learner.lr_schedule"),
+        Difference("the cosine's floor (dopd: 0.1 x lr)", "not set in the scripts (not confirmed)", "learner.min_lr_ratio"),
         Difference("optimizer batch", "24 prompts x 10 accumulation steps", "learner.micro_batch_size"),
         Difference("response length", "3583 tokens", "rollout.max_new_tokens"),
     )

@@ -9,21 +9,35 @@ import torch
 from dopd.common.config import Config
 
 
-def lr_factor(step: int, warm: int, total: int, schedule: str) -> float:
-    """The learning rate at optimizer step `step` as a fraction of `learner.lr`: linear warm-up over `warm` steps,
-    then constant, or cosine to 0 at `total` (the official recipes' schedule)."""
-    f = min(1.0, (step + 1) / warm) if warm else 1.0
-    if schedule == "cosine" and step >= warm and total > warm:
-        f *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
-    return f
+def lr_factor(step: int, cfg: Config) -> float:
+    """The learning rate at optimizer step `step`, as a share of `learner.lr`.
+
+    Each phase is its own schedule, as the official pipeline runs them as two jobs (SpecForge's SFT, then the verl
+    OPD run, both warm-up + cosine: REFERENCES.md, the 69b03da / e81a8bc scripts): SFT steps [0, sft.warmup_steps),
+    then Draft-OPD's learner.steps (mode=sft: one phase of learner.steps). Within a phase: linear warm-up over
+    learner.warmup_steps, then (lr_schedule=cosine) a cosine down to learner.min_lr_ratio at the phase's last step.
+    """
+    c = cfg.learner
+    if cfg.mode == "sft":
+        start, length = 0, c.steps
+    elif step < cfg.sft.warmup_steps:
+        start, length = 0, cfg.sft.warmup_steps
+    else:
+        start, length = cfg.sft.warmup_steps, c.steps
+    s = step - start
+    warm = max(c.warmup_steps, 0)
+    if warm and s < warm:
+        return (s + 1) / warm
+    if c.lr_schedule == "constant":
+        return 1.0
+    span = max(length - 1 - warm, 1)
+    progress = min(max((s - warm) / span, 0.0), 1.0)
+    return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(module: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters, linear warm-up to `learner.lr` over `learner.warmup_steps`, then
-    `learner.lr_schedule` over the whole run (a run resumed from another's checkpoint continues the step count)."""
+    """AdamW over the trainable parameters, on the per-phase schedule of `lr_factor`."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learner.lr, betas=tuple(cfg.learner.betas), weight_decay=cfg.learner.weight_decay)
-    warm = max(cfg.learner.warmup_steps, 0)
-    total = cfg.learner.steps + (cfg.sft.warmup_steps if cfg.mode == "opd" else 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, total, cfg.learner.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
