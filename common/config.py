@@ -247,7 +247,7 @@ class LearnerConfig:
     warmup_steps: int = 10
     # after the warm-up: "cosine" down to lr x min_lr_ratio at each phase's last step, or "constant"
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the cosine's floor, as a share of learner.lr
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
