@@ -85,9 +85,9 @@ def shuffled_blocks(seq: Rolled, K: int, topk: int, rng: np.random.Generator) ->
     )  # fmt: skip
 
 
-def prefill_rolled(target: Target, feature_layers: list[int], seqs: list[Rolled], topk: int) -> None:
-    """Engine rollouts: the per-position teacher from one prefill of the committed text (in place)."""
-    recs = prefill(target, feature_layers, [(s.prompt_id, s.tokens, s.prompt_len) for s in seqs], topk)
+def prefill_rolled(target: Target, feature_layers: list[int], seqs: list[Rolled], topk: int, hidden: bool = False) -> None:
+    """Engine rollouts: the per-position teacher (and the target's hidden state) from one prefill of the committed text (in place)."""
+    recs = prefill(target, feature_layers, [(s.prompt_id, s.tokens, s.prompt_len) for s in seqs], topk, hidden=hidden)
     for s, r in zip(seqs, recs):
         s.teacher = r
 
@@ -115,20 +115,26 @@ class ExperienceMaker:
     def needs_teacher(self) -> bool:
         return self.loss.response == "ttt" or self.cfg.replay.anchors == "shuffled"
 
+    @property
+    def needs_hidden(self) -> bool:
+        """Records carry the target's final hidden state along the answer: exact full-vocabulary targets
+        (`loss.targets=full`) or the replay-mismatch diagnostic (`metrics.replay_kl`)."""
+        return self.loss.targets == "full" or self.cfg.metrics.replay_kl
+
     def rollout(self, drafter: Drafter, prompts: list[tuple], seed: int) -> tuple[list[Rolled], RoundStats]:
         cfg = self.cfg
         t0 = time.perf_counter()
         if any(len(p) == 3 for p in prompts) and not self.resegment:  # config validation refuses this; a direct caller too
             raise ValueError("items with given answers (data.answers=as_is) are re-segmented, not decoded: rollout.path=auto at T = 0")
         if self.resegment:
-            seqs, rs = resegmented_rollout(self.target, drafter, prompts, cfg, score=self.needs_rejected, log=self.log)
+            seqs, rs = resegmented_rollout(self.target, drafter, prompts, cfg, score=self.needs_rejected, log=self.log, hidden=self.needs_hidden)
             accepted, tokens, path = rs.accepted, rs.new_tokens, "resegment"
         else:
             seqs, st = engine_rollout(self.target, drafter, prompts, cfg.rollout, seed)
             accepted = [int(a) for s in seqs for a in s.accepted]
             tokens, path = st.new_tokens, "engine"
-            if self.needs_teacher:
-                prefill_rolled(self.target, drafter.feature_layers, seqs, cfg.rollout.topk)
+            if self.needs_teacher or self.needs_hidden:
+                prefill_rolled(self.target, drafter.feature_layers, seqs, cfg.rollout.topk, hidden=self.needs_hidden)
         tau, alpha = tau_alpha(accepted, cfg.rollout.block_size)
         return seqs, RoundStats(tau, alpha, tokens, time.perf_counter() - t0, 0, 0.0, path)
 
@@ -162,6 +168,7 @@ class ExperienceMaker:
                     teacher_topk_ids=None if t is None else t.topk_ids[: n - 1],
                     teacher_topk_probs=None if t is None else t.topk_probs[: n - 1],
                     teacher_tail=None if t is None else t.tail[: n - 1],
+                    target_hidden=s.teacher.hidden[: n - s.prompt_len] if self.needs_hidden else None,
                 )  # fmt: skip
             )
         return out, stats

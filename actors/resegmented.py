@@ -116,15 +116,16 @@ def score_tails(target: Target, texts: list[GreedyText], blocks: list[Blocks], t
 
 
 def resegmented_rollout(
-    target: Target, drafter: Drafter, prompts: list[tuple], cfg: Config, score: bool, log=None
+    target: Target, drafter: Drafter, prompts: list[tuple], cfg: Config, score: bool, log=None, hidden: bool = False
 ) -> tuple[list[Rolled], ResegStats]:
-    """Greedy rollout by re-segmentation: records equal to the engine's at T = 0 (scored tails when `score`)."""
+    """Greedy rollout by re-segmentation: records equal to the engine's at T = 0 (scored tails when `score`; the
+    target's final hidden state along its text in `Rolled.teacher` when `hidden`)."""
     r = cfg.rollout
     K, topk = r.block_size, r.topk
     t0 = time.perf_counter()
     texts, pre = text_data(  # the target's greedy text, or the dataset's answer for (id, prompt, answer) items
         target, drafter.feature_layers, prompts, r.max_new_tokens, topk,
-        feature_dtype=target.dtype, with_lookahead=True, log=log,
+        feature_dtype=target.dtype, with_lookahead=True, log=log, hidden=hidden,
     )  # fmt: skip
     t1 = time.perf_counter()
     segs = segment(drafter, texts, [p.features for p in pre], K, batch_size=r.batch_size, dtype=target.dtype)

@@ -55,6 +55,9 @@ class DrafterConfig:
     feature_layers: list[int] | None = None  # indices into the target's hidden_states; None = the kind's default
     draft_vocab_size: int | None = None  # None = the full target vocabulary (frozen target head)
     train_lm_head: bool = False  # with a reduced vocabulary the head is the drafter's own and always trained
+    # DFlash: train the MASK input vector (dopd's learned mask); false = a fixed vector, the embedding row of
+    # drafter.mask_token_id (or the mean embedding row), as the official DFlash drafter's frozen embedding gives it
+    train_mask: bool = True
     intermediate_size: int | None = None  # None = the target's
     mask_token_id: int | None = None  # DFlash only; None = an unused/special token of the tokenizer
     lora_rank: int = 16  # DVI only: rank r of the head's low-rank term gamma * A B (A [V, r], B [r, H])
@@ -134,6 +137,9 @@ class LossConfig:
     off (lambda 0).
     """
 
+    # a named recipe (common/recipes.py: official-2605, official-tv, official-eagle3, dopd-2511): its settings fill
+    # every key the config leaves unset, at load; a key set anyway is a deviation (logged at the start of a run)
+    recipe: str | None = None
     # what the learner optimises on rollout records, a registered objective (learner/objectives/): "opd" =
     # Draft-OPD's streams (below); "dvi" = DVI's online schedule (section `dvi`: KL, then reward-masked CE + policy
     # gradient, on every drafted position up to and including the first rejection); "expected_length" = Bebop's
@@ -149,6 +155,25 @@ class LossConfig:
     response: Literal["blocks", "ttt"] | None = None  # accepted stream: verification blocks | TTT at every position
     acc_divergence: Literal["fkl", "tv", "jsd", "bernoulli"] | None = None  # bernoulli: on the target's top-1 token
     rej_divergence: Literal["k3", "bernoulli", "fkl", "tv", "jsd"] = "k3"  # k3 / bernoulli: on the drafted token
+    # k3's form: "verl" = verl's kl_penalty (delta = clip(log p - log q, +-20), k3 = clip(e^delta - delta - 1, -10, 10),
+    # no floor on its inputs: a draft with log p - log q < ~-11 gets no gradient); "floored" = both log-probs
+    # floored at -10 first, so every rejected token is pushed down (dopd-2511)
+    k3: Literal["verl", "floored"] = "verl"
+    # floor on both log-probs of the Bernoulli forward KL (official -10: a drafter log q below it gets no gradient)
+    log_floor: float = -10.0
+    # the rejected stream keeps only each block's first rejected token, weight 1 (no decay): no label after a wrong
+    # draft (the official `rejected_draft_first_token_only`)
+    rej_first_only: bool = False
+    # the accepted stream's share of the joint mean's denominator: "response_tokens" = every answer token of the
+    # batch, supervised or not (the official code: verl's loss_mask = response_mask); "supervised" = the stream's
+    # own position weights
+    acc_denominator: Literal["response_tokens", "supervised"] = "response_tokens"
+    # train block positions past the record's committed answer (its greedy lookahead); the official segments end
+    # at the response's end
+    train_past_end: bool = False
+    # OPD targets: "topk" = the records' top-k (+ tail bucket); "full" = the exact full-vocabulary distribution,
+    # from the target's final hidden state the records carry (the learner applies the frozen head)
+    targets: Literal["topk", "full"] = "topk"
     # weight of the accepted stream in the joint token mean
     lambda_acc: float = 1.0
     # weight of the rejected stream; None = the recipe's (DFlash 1, EAGLE-3 0)
@@ -222,7 +247,7 @@ class LearnerConfig:
     warmup_steps: int = 10
     # after the warm-up: "cosine" down to lr x min_lr_ratio at each phase's last step, or "constant"
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the cosine's floor, as a share of learner.lr
     opd_lr: float | None = None  # the Draft-OPD phase's peak learning rate (None = lr)
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
@@ -299,6 +324,9 @@ class MetricsConfig:
     linger_s: float = 0.0  # keep /metrics up this long after the job ends (a last scrape)
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
     wandb: bool = False  # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
+    # every OPD step: the official replay-mismatch split, KL(q || p) over the full vocabulary on matched / accepted /
+    # first-rejected / post-rejection block positions (records then carry the target's final hidden state: docs/scale.md)
+    replay_kl: bool = True
 
 
 @dataclass
@@ -332,13 +360,20 @@ class Config:
         return dataclasses.asdict(self)
 
     def resolve(self) -> Config:
-        """Fill every default that depends on other keys, then check the whole: the drafter kind must be registered,
-        so must the objective; a None loss setting takes the objective's default, then the kind's official recipe;
+        """Fill every default that depends on other keys, then check the whole: a named recipe's settings fill the
+        keys left unset (where the config was read; in code: fields still at their default), the drafter kind must
+        be registered, so must the objective; a None loss setting takes the objective's default, then the kind's;
         the runner-dependent keys take the runner's values (a value the runner cannot honour is an error naming it).
         Idempotent: a resolved config (config.yaml) resolves to itself."""
         from dopd.common.drafters import KINDS  # noqa: PLC0415  (the registries import this module)
         from dopd.learner.objectives import OBJECTIVES  # noqa: PLC0415
 
+        from .recipes import recipe_named  # noqa: PLC0415
+
+        recipe = recipe_named(self.loss.recipe) if self.loss.recipe is not None else None
+        if recipe is not None and not getattr(self, "_recipe_filled", False):
+            recipe.fill_config(self)  # built in code: no tree to fill (load_config filled its tree before building)
+            self._recipe_filled = True
         if self.drafter.kind not in KINDS:
             raise ConfigError(f"config key 'drafter.kind' must be one of {list(KINDS)} (got {self.drafter.kind!r})")
         kind = KINDS[self.drafter.kind]
@@ -355,6 +390,8 @@ class Config:
         self.validate()
         OBJECTIVES[lc.objective].check(self)
         kind.check_recipe(self)
+        if recipe is not None:
+            recipe.check(self)
         return self
 
     def _resolve_runner(self) -> None:
@@ -419,6 +456,8 @@ class Config:
             raise ConfigError("replay.anchors=shuffled moves the accepted stream's blocks, but loss.response=ttt trains every position (no blocks): use loss.response=blocks")
         if lc.clamp is not None and lc.clamp <= 0:
             raise ConfigError(f"loss.clamp must be > 0 or null (got {lc.clamp})")
+        if not lc.log_floor < 0:
+            raise ConfigError(f"loss.log_floor must be a negative log-probability (got {lc.log_floor})")
         d = self.dvi
         if d.rl_start_step is not None and d.rl_start_step < 0:
             raise ConfigError(f"dvi.rl_start_step must be >= 0 or null (got {d.rl_start_step})")
@@ -587,12 +626,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override '{ov}' must look like section.key=value")
         key, raw = ov.split("=", 1)
         _set_path(tree, key.strip(), raw.strip())
-    return _build(Config, tree, "").resolve()
+    return _from_tree(tree)
+
+
+def _from_tree(tree: dict[str, Any]) -> Config:
+    """A named recipe fills the keys the tree leaves unset (common/recipes.py), then the config is built and resolved."""
+    from .recipes import apply_recipe_tree  # noqa: PLC0415
+
+    apply_recipe_tree(tree)
+    cfg = _build(Config, tree, "")
+    cfg._recipe_filled = True
+    return cfg.resolve()
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `to_dict` (checkpoints, run directories)."""
-    return _build(Config, data, "").resolve()
+    import copy  # noqa: PLC0415
+
+    return _from_tree(copy.deepcopy(data))
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

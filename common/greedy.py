@@ -97,13 +97,14 @@ PREFILL_BATCH = 8  # sequences per teacher-forced forward
 
 def greedy_texts(
     target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int | None = None, log=None,
-    capture: tuple[list[int], int] | None = None,
+    capture: tuple | None = None,
 ) -> list[GreedyText]:
     """The target's greedy answer (+ lookahead) to every prompt, decoded only for prompts not cached yet.
 
-    `capture=(feature_layers, topk)`: texts decoded by this call also keep the features of those layers and the
-    target's top-k at every answer-predicting position (`GreedyText.decoded`): a teacher-forced prefill computes the
-    same rows, so `teacher_data` need not read the text again. Decoding that takes longer than ~10 s reports
+    `capture=(feature_layers, topk[, hidden])`: texts decoded by this call also keep the features of those layers and
+    the target's top-k (and with `hidden` its final normed hidden state) at every answer-predicting position
+    (`GreedyText.decoded`): a teacher-forced prefill computes the same rows, so `teacher_data` need not read the
+    text again. Decoding that takes longer than ~10 s reports
     progress (tokens, rate, ETA) through `log` (default stderr)."""
     total = max_new_tokens + LOOKAHEAD
     root = cache_dir() / "greedy"
@@ -124,6 +125,7 @@ def greedy_texts(
     settings = DecodeSettings(
         block_size=0, temperature=0.0, max_new_tokens=total, batch_size=B, stop_at_eos=False, keep_features=capture is not None,
         feature_layers=capture[0] if capture else None, keep_topk=capture is not None, topk=capture[1] if capture else 16,
+        keep_hidden=bool(capture and len(capture) > 2 and capture[2]),
     )  # fmt: skip
     decoded: dict[int, SeqResult] = {}
     chunk = 4 * B  # written to disk chunk by chunk: an interrupted run keeps what it decoded
@@ -161,6 +163,7 @@ def _teacher_from_decode(pid: str, g: GreedyText, with_lookahead: bool, fdt: tor
     return TeacherRecord(
         prompt_id=pid, token_ids=np.asarray(toks, dtype=np.int32), prompt_len=P, features=r.features[: n - 1].to(fdt),
         topk_ids=ids, topk_probs=probs, tail=np.clip(1 - probs.sum(-1), 0, None).astype(np.float32),
+        hidden=None if r.hidden is None else r.hidden[: n - P].to(torch.bfloat16),
     )  # fmt: skip
 
 
@@ -173,9 +176,11 @@ def prefill(
     batch_size: int | None = None,
     feature_dtype: torch.dtype | None = None,
     log=None,
+    hidden: bool = False,
 ) -> list[TeacherRecord]:
     """One teacher-forced forward per batch over (id, token_ids, prompt_len) sequences: at every position t the
-    drafter's input features f_t and the target's top-k (+ tail mass) for token t+1 given x_0..x_t."""
+    drafter's input features f_t and the target's top-k (+ tail mass) for token t+1 given x_0..x_t; with `hidden`
+    also the final normed hidden state at the answer-predicting rows (bf16)."""
     dev = target.device
     fdt = feature_dtype or target.dtype
     B = batch_size or PREFILL_BATCH
@@ -204,6 +209,7 @@ def prefill(
                     topk_ids=tk.indices.cpu().numpy().astype(np.int32),
                     topk_probs=p.cpu().numpy(),
                     tail=(1 - p.sum(-1)).clamp_min(0).cpu().numpy(),
+                    hidden=o.last_hidden[j, plen - 1 : n - 1].to(torch.bfloat16).cpu() if hidden else None,
                 )
             prog.update(sum(len(t) for _, t, _ in chunk))
     return [done[i] for i in range(len(items))]
@@ -219,8 +225,10 @@ def teacher_data(
     feature_dtype: torch.dtype = torch.bfloat16,
     with_lookahead: bool = False,
     log=None,
+    hidden: bool = False,
 ) -> tuple[list[GreedyText], list[TeacherRecord]]:
-    """Greedy texts and their prefill for (id, prompt ids) pairs, both cached on disk.
+    """Greedy texts and their prefill for (id, prompt ids) pairs, both cached on disk (`hidden`: the records also
+    carry the target's final hidden state at the answer-predicting rows; a separate cache entry).
 
     The prefill cache is keyed by the texts' own cache keys plus the feature layers, top-k and feature dtype, so a
     prompt revisited in a later epoch, by another actor or by another run on the same target costs no target work.
@@ -228,21 +236,23 @@ def teacher_data(
     answer (SFT data).
     """
     t0 = time.perf_counter()
-    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size, log=log, capture=(feature_layers, topk))
+    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size, log=log, capture=(feature_layers, topk, hidden))
     t1 = time.perf_counter()
     root = cache_dir() / "prefill"
     recs: list[TeacherRecord | None] = []
     paths = []
 
     def path_of(p: list[int], lookahead: bool):
-        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), lookahead, SCHEMA_VERSION, ROWS_REVISION]
+        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), lookahead, SCHEMA_VERSION, ROWS_REVISION] + (["hidden"] if hidden else [])
         return root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
 
     for (pid, p), g in zip(prompts, texts):
         path = path_of(p, with_lookahead)
         paths.append(path)
         try:
-            rec = decode_teacher(path.read_bytes(), vocab_size=target.info.vocab_size)
+            rec = decode_teacher(path.read_bytes(), vocab_size=target.info.vocab_size, hidden_size=target.info.hidden_size)
+            if hidden and rec.hidden is None:
+                raise RecordError("the cache entry carries no hidden state")
             rec.prompt_id = pid
             recs.append(rec)
         except (OSError, RecordError):  # a missing or unreadable cache entry is recomputed
@@ -258,7 +268,7 @@ def teacher_data(
             g = texts[i]
             toks = g.tokens if with_lookahead else g.prompt_ids + g.answer
             items.append((prompts[i][0], toks, g.prompt_len))
-        for i, rec in zip(to_read, prefill(target, feature_layers, items, topk, feature_dtype=feature_dtype, log=log)):
+        for i, rec in zip(to_read, prefill(target, feature_layers, items, topk, feature_dtype=feature_dtype, log=log, hidden=hidden)):
             recs[i] = rec
     if missing:
         root.mkdir(parents=True, exist_ok=True)

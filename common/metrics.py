@@ -41,6 +41,9 @@ _DEFS = [
     MetricDef("dopd_record_staleness", "histogram", "Policy versions between a record's producer and the learner that trains on it"),
     MetricDef("dopd_learner_loss", "gauge", "Learner loss per stream (total, accepted, rejected)", ("stream",)),
     MetricDef("dopd_learner_grad_norm", "gauge", "Gradient norm before clipping"),
+    MetricDef("dopd_learner_grad_norm_part", "gauge", "Gradient norm before clipping of the drafter's own head vs the rest", ("part",)),
+    MetricDef("dopd_learner_silenced_share", "gauge", "Share of a stream's positions whose gradient a floor, clip or the loss clamp zeroes", ("stream",)),
+    MetricDef("dopd_replay_kl", "gauge", "Replay mismatch: KL(drafter || target) over the full vocabulary per group of block positions", ("group",)),
     MetricDef("dopd_learner_step_seconds", "histogram", "Wall time of one learner optimizer step"),
     MetricDef("dopd_learner_steps", "counter", "Learner optimizer steps"),
     MetricDef("dopd_learner_flops", "counter", "Learner FLOPs (forward + backward, counted by PyTorch)"),
@@ -157,6 +160,33 @@ class JobMetrics:
         for s in staleness:
             self.m["dopd_record_staleness"].observe(s)
         self._emit(("dopd_learner_loss", "dopd_learner_grad_norm", "dopd_learner_step_seconds", "dopd_learner_steps", "dopd_learner_flops", "dopd_records_consumed", "dopd_record_staleness") + _EVERY_STEP)
+
+    def diagnostics(self, row: dict) -> None:
+        """A learner step's diagnostics (learner/diagnostics.py), those the row has: head / body gradient norms,
+        silenced shares per stream, replay-mismatch KL per group, acceptance per draft position of the trained blocks."""
+        names = []
+        for part in ("head", "body"):
+            if f"grad_norm_{part}" in row:
+                self.m["dopd_learner_grad_norm_part"].labels(part=part).set(row[f"grad_norm_{part}"])
+                names.append("dopd_learner_grad_norm_part")
+        for stream, key in (("accepted", "acc_silenced"), ("rejected", "rej_silenced")):
+            if row.get(key) is not None:
+                self.m["dopd_learner_silenced_share"].labels(stream=stream).set(row[key])
+                names.append("dopd_learner_silenced_share")
+        for group in ("matched", "accepted", "first_rejected", "post_rejection"):
+            if row.get(f"replay_kl_{group}") is not None:
+                self.m["dopd_replay_kl"].labels(group=group).set(row[f"replay_kl_{group}"])
+                names.append("dopd_replay_kl")
+        if names:
+            self._emit(tuple(set(names)))
+        alpha = row.get("alpha_trained")
+        if alpha and all(a is not None for a in alpha):
+            self.acceptance("trained", alpha)
+        elif alpha:
+            for i, a in enumerate(alpha, 1):
+                if a is not None:
+                    self.m["dopd_acceptance_rate"].labels(source="trained", position=str(i)).set(a)
+            self._emit(("dopd_acceptance_rate",), source="trained")
 
     def heldout(self, tau: float, alpha: list[float]) -> None:
         self.m["dopd_heldout_tau"].set(tau)

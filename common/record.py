@@ -43,6 +43,7 @@ import torch
 from .errors import RecordError
 
 SCHEMA_VERSION = 3  # 3: a binary header (ids, version, size, CRC) before the msgpack body; typed `meta`
+# (an optional trailing field, `hidden`, is written only when present: records and caches without it stay valid)
 MAGIC = b"DOPD"
 KIND_EXPERIENCE, KIND_TEACHER = 1, 2
 _KIND_NAMES = {KIND_EXPERIENCE: "an experience", KIND_TEACHER: "a teacher"}
@@ -133,6 +134,11 @@ class ExperienceRecord:
     teacher_topk_ids: np.ndarray | None = None  # [n-1, k] int32
     teacher_topk_probs: np.ndarray | None = None  # [n-1, k] float32
     teacher_tail: np.ndarray | None = None  # [n-1] float32
+    # the target's final normed hidden state (the LM head's input) at rows prompt_len-1 .. n-2, i.e. at every
+    # position that predicts an answer token, on the target's own text; bf16. The learner applies the frozen head
+    # it shares with the drafter: exact full-vocabulary targets (`loss.targets=full`, the replay-mismatch split)
+    # for H values per position instead of V (docs/scale.md). None when the recipe needs neither
+    target_hidden: torch.Tensor | None = None  # [n - prompt_len, H]
 
     @property
     def uid(self) -> tuple[int, int, int]:
@@ -148,7 +154,7 @@ class ExperienceRecord:
             raise RecordError(f"record {self.uid} carries no per-position teacher top-k (the recipe needs loss.response=ttt data)")
         return TeacherRecord(
             self.prompt_id, self.token_ids, self.prompt_len, self.features, self.teacher_topk_ids,
-            self.teacher_topk_probs, self.teacher_tail,
+            self.teacher_topk_probs, self.teacher_tail, self.target_hidden,
         )  # fmt: skip
 
 
@@ -426,23 +432,25 @@ def encode_record(rec: ExperienceRecord, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         "features": None if rec.features is None else _pack_array(rec.features),
         "blocks": {f: _pack_array(getattr(rec.blocks, f)) for f in Blocks.FIELDS},
         "teacher": None if rec.teacher_topk_ids is None else {f: _pack_array(getattr(rec, f"teacher_{f}")) for f in _TEACHER},
+        **({} if rec.target_hidden is None else {"hidden": _pack_array(rec.target_hidden)}),
     }
     body = msgpack.packb(msg, use_bin_type=True)
     return _frame(KIND_EXPERIENCE, body, (rec.actor_id, rec.incarnation, rec.seq_no, rec.policy_version), max_bytes)
 
 
-_RECORD_FIELDS = ("prompt_id", "prompt_len", "meta", "token_ids", "features", "blocks", "teacher")
+_RECORD_FIELDS = ("prompt_id", "prompt_len", "meta", "token_ids", "features", "blocks", "teacher", "hidden")
 
 
-def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: int | None = None) -> ExperienceRecord:
+def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: int | None = None, hidden_size: int | None = None) -> ExperienceRecord:
     """Bytes -> a fully validated record, or RecordError naming what is wrong with the bytes (and nothing else).
 
-    `vocab_size`, when given (the learner gives its target's), bounds every token id."""
+    `vocab_size`, when given (the learner gives its target's), bounds every token id; `hidden_size` (the target's)
+    is the width the carried hidden states must have."""
     h, body = _body_of(data, max_bytes, KIND_EXPERIENCE)
     r = _Body(body, max_bytes)
     out: dict[str, Any] = {}
     try:
-        for k in r.keys(_RECORD_FIELDS, _RECORD_FIELDS):
+        for k in r.keys(_RECORD_FIELDS, _RECORD_FIELDS[:-1]):
             if k == "prompt_id":
                 out[k] = r.str_()
             elif k == "prompt_len":
@@ -451,7 +459,7 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: i
                 out[k] = r.meta()
             elif k == "token_ids":
                 out[k] = r.array(max_bytes)
-            elif k == "features":
+            elif k in ("features", "hidden"):
                 out[k] = None if r.is_nil() else r.array(max_bytes)
             elif k == "blocks":
                 out[k] = Blocks(**{f: r.array(max_bytes) for f in r.keys(Blocks.FIELDS, Blocks.FIELDS)})
@@ -462,10 +470,12 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: i
         raise r.fail(f"does not decode ({type(e).__name__}: {str(e)[:120]})") from None
     del r  # its copy of the body: the arrays own their data from here on
     teacher = out.pop("teacher") or {}
+    hidden = out.pop("hidden", None)
     rec = ExperienceRecord(
-        actor_id=h.actor_id, incarnation=h.incarnation, seq_no=h.seq_no, policy_version=h.policy_version, **out, **teacher
-    )
-    validate_record(rec, vocab_size)
+        actor_id=h.actor_id, incarnation=h.incarnation, seq_no=h.seq_no, policy_version=h.policy_version, **out, **teacher,
+        target_hidden=hidden,
+    )  # fmt: skip
+    validate_record(rec, vocab_size, hidden_size)
     return rec
 
 
@@ -522,6 +532,11 @@ def check_structure(rec: ExperienceRecord) -> None:
         f = rec.features
         if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] != n - 1 or f.dtype not in _TORCH_DTYPES.values():
             raise RecordError(f"malformed record: features must be [{n - 1}, F] (one row per position but the last) of bf16, fp16 or fp32")
+    if rec.target_hidden is not None:
+        h, a = rec.target_hidden, n - rec.prompt_len
+        if not isinstance(h, torch.Tensor) or h.ndim != 2 or h.shape[0] != a or h.shape[1] < 1 or h.dtype not in _TORCH_DTYPES.values():
+            got = (tuple(h.shape), str(h.dtype)) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise RecordError(f"malformed record: field 'hidden' must be [{a}, H] (one row per answer token) of bf16, fp16 or fp32, got {got}")
 
 
 _CHUNK = 1 << 20  # elements per vectorised step: temporaries stay a constant, not a multiple of the record
@@ -561,7 +576,7 @@ def _probabilities(p: np.ndarray, tail: np.ndarray, what: str) -> None:
         raise RecordError(f"malformed record: {what} top-k plus tail sums above 1")
 
 
-def check_values(rec: ExperienceRecord, vocab_size: int | None = None) -> None:
+def check_values(rec: ExperienceRecord, vocab_size: int | None = None, hidden_size: int | None = None) -> None:
     """The values that mean something, as vectorised checks (the structure is already checked)."""
     n = rec.num_tokens
     _ids_in_range(rec.token_ids, "token_ids", vocab_size)
@@ -588,12 +603,17 @@ def check_values(rec: ExperienceRecord, vocab_size: int | None = None) -> None:
         _probabilities(rec.teacher_topk_probs, rec.teacher_tail, "teacher")
     if rec.features is not None and not _finite(rec.features):
         raise RecordError("malformed record: features hold NaN or inf")
+    if rec.target_hidden is not None:
+        if hidden_size is not None and rec.target_hidden.shape[1] != hidden_size:
+            raise RecordError(f"malformed record: field 'hidden' has width {rec.target_hidden.shape[1]}, the target's hidden size is {hidden_size}")
+        if not _finite(rec.target_hidden):
+            raise RecordError("malformed record: field 'hidden' holds NaN or inf")
 
 
-def validate_record(rec: ExperienceRecord, vocab_size: int | None = None) -> None:
+def validate_record(rec: ExperienceRecord, vocab_size: int | None = None, hidden_size: int | None = None) -> None:
     """Structure and values: what a learner may train on."""
     check_structure(rec)
-    check_values(rec, vocab_size)
+    check_values(rec, vocab_size, hidden_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -614,26 +634,27 @@ class TeacherRecord:
     topk_ids: np.ndarray  # [n-1, k] int32
     topk_probs: np.ndarray  # [n-1, k] float32
     tail: np.ndarray  # [n-1] float32
+    hidden: torch.Tensor | None = None  # [n - prompt_len, H] the target's final hidden state (ExperienceRecord.target_hidden)
 
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
 
 
-_TEACHER_FIELDS = ("prompt_id", "prompt_len", "token_ids", "features", "topk_ids", "topk_probs", "tail")
+_TEACHER_FIELDS = ("prompt_id", "prompt_len", "token_ids", "features", "topk_ids", "topk_probs", "tail", "hidden")
 
 
-def validate_teacher(rec: TeacherRecord, vocab_size: int | None = None) -> None:
+def validate_teacher(rec: TeacherRecord, vocab_size: int | None = None, hidden_size: int | None = None) -> None:
     """A teacher record is the per-position half of an experience record: the same checks, minus the blocks."""
     if not isinstance(rec.features, torch.Tensor):
         raise RecordError("malformed teacher record: features are required")
     k = rec.topk_ids.shape[1] if isinstance(rec.topk_ids, np.ndarray) and rec.topk_ids.ndim == 2 else 1
     as_exp = ExperienceRecord(
         rec.prompt_id, rec.token_ids, rec.prompt_len, Blocks.empty(1, k), rec.features,
-        teacher_topk_ids=rec.topk_ids, teacher_topk_probs=rec.topk_probs, teacher_tail=rec.tail,
+        teacher_topk_ids=rec.topk_ids, teacher_topk_probs=rec.topk_probs, teacher_tail=rec.tail, target_hidden=rec.hidden,
     )  # fmt: skip
     try:
-        validate_record(as_exp, vocab_size)
+        validate_record(as_exp, vocab_size, hidden_size)
     except RecordError as e:
         raise RecordError(str(e).replace("malformed record", "malformed teacher record", 1)) from None
     if as_exp.teacher_topk_ids is None:
@@ -650,22 +671,26 @@ def encode_teacher(rec: TeacherRecord, max_bytes: int = TEACHER_MAX_BYTES) -> by
         "prompt_id": rec.prompt_id,
         "prompt_len": int(rec.prompt_len),
         **{f: _pack_array(getattr(rec, f)) for f in ("token_ids", "features", "topk_ids", "topk_probs", "tail")},
+        **({} if rec.hidden is None else {"hidden": _pack_array(rec.hidden)}),
     }
     return _frame(KIND_TEACHER, msgpack.packb(msg, use_bin_type=True), (0, 0, 0, 0), max_bytes)
 
 
-def decode_teacher(data: bytes, max_bytes: int = TEACHER_MAX_BYTES, vocab_size: int | None = None) -> TeacherRecord:
+def decode_teacher(data: bytes, max_bytes: int = TEACHER_MAX_BYTES, vocab_size: int | None = None, hidden_size: int | None = None) -> TeacherRecord:
     """Bytes (from an actor, or the prefill cache on disk) -> a validated TeacherRecord, or RecordError."""
     _, body = _body_of(data, max_bytes, KIND_TEACHER)
     r = _Body(body, max_bytes)
     out: dict[str, Any] = {}
     try:
-        for k in r.keys(_TEACHER_FIELDS, _TEACHER_FIELDS):
-            out[k] = r.str_() if k == "prompt_id" else r.int_() if k == "prompt_len" else r.array(max_bytes)
+        for k in r.keys(_TEACHER_FIELDS, _TEACHER_FIELDS[:-1]):
+            if k == "hidden":
+                out[k] = None if r.is_nil() else r.array(max_bytes)
+            else:
+                out[k] = r.str_() if k == "prompt_id" else r.int_() if k == "prompt_len" else r.array(max_bytes)
         r.end()
     except (ValueError, msgpack.UnpackException) as e:
         raise r.fail(f"does not decode ({type(e).__name__}: {str(e)[:120]})") from None
     del r
     rec = TeacherRecord(**out)
-    validate_teacher(rec, vocab_size)
+    validate_teacher(rec, vocab_size, hidden_size)
     return rec

@@ -128,6 +128,7 @@ class RowMetrics:
                 row["loss"], row["acc_div"], row["rej_div"], row["grad_norm"], st.learner_s - self.learner_s, row["flops"] - self.flops,
                 mb, [0] * mb if row["phase"] == "opd" else [],  # in-process records are trained by the next version: 0 stale
             )  # fmt: skip
+            m.diagnostics(row)
             self.flops, self.learner_s = row["flops"], st.learner_s
         elif ev == "rollout":
             n = self.cfg.learner.refresh_every * self.cfg.learner.micro_batch_size  # one round's records

@@ -45,6 +45,9 @@ class DecodeSettings:
     # plain decoding (K = 0): return the target's top-k for the next token at every answer-predicting position, the
     # same rows a teacher-forced prefill gives (`SeqResult.topk_*`), so decoding a text can also write its teacher data
     keep_topk: bool = False
+    # plain decoding (K = 0): also return the target's final normed hidden state at those positions (`SeqResult.hidden`:
+    # exact full-vocabulary teacher data through the frozen head, H values per position instead of V)
+    keep_hidden: bool = False
     seed: int = 0
     stop_at_eos: bool = True  # False: decode past EOS to max_new_tokens (the greedy-text cache's lookahead)
     # T > 0 only: "rejection" = drafts sampled from q, accepted with min(1, p/q); "match" = greedy drafts, accepted
@@ -78,6 +81,7 @@ class SeqResult:
     features: torch.Tensor | None = None  # [len(prompt)+len(output)-1, F] target features
     topk_ids: np.ndarray | None = None  # [len(output), k] rows plen-1.. (keep_topk): the target's top-k for token t+1
     topk_probs: np.ndarray | None = None  # [len(output), k]
+    hidden: torch.Tensor | None = None  # [len(output), H] rows plen-1.. (keep_hidden): the final normed hidden state
     finish: str = "length"
 
 
@@ -168,8 +172,8 @@ class SpecEngine:
             raise PromptError("keep_features needs feature layers (a drafter's, or settings.feature_layers)")
         layers = layers if need_feat else None
         F = len(layers) * self.target.info.hidden_size if layers else 0
-        if settings.keep_topk and K > 0:
-            raise PromptError("keep_topk is for plain decoding (block_size 0): speculative steps record their own top-k")
+        if (settings.keep_topk or settings.keep_hidden) and K > 0:
+            raise PromptError("keep_topk and keep_hidden are for plain decoding (block_size 0): speculative steps record their own top-k")
         if settings.acceptance not in ("rejection", "match"):
             raise PromptError(f"unknown acceptance rule '{settings.acceptance}' (rejection | match)")
         gen = torch.Generator(device=dev).manual_seed(settings.seed)
@@ -180,6 +184,7 @@ class SpecEngine:
         kt = min(settings.topk, self.target.info.vocab_size)
         top_ids = torch.zeros(B, S, kt, dtype=torch.int32, device=dev) if settings.keep_topk else None
         top_p = torch.zeros(B, S, kt, dtype=torch.float32, device=dev) if settings.keep_topk else None
+        hid = torch.zeros(B, S, self.target.info.hidden_size, dtype=self.target.dtype, device=dev) if settings.keep_hidden else None
         n = torch.zeros(B, dtype=torch.long, device=dev)
         plen = [0] * B
         slot_prompt = [-1] * B
@@ -245,6 +250,8 @@ class SpecEngine:
                 tk = torch.log_softmax(logits[:, 0], dim=-1).topk(kt, dim=-1)
                 top_ids[act, pos[:, 0]] = tk.indices.to(torch.int32)
                 top_p[act, pos[:, 0]] = tk.values.exp()
+            if hid is not None:
+                hid[act, pos[:, 0]] = out.last_hidden[:, 0].to(hid.dtype)
             greedy = settings.temperature <= 0
             p = logits if greedy else processed_probs(logits, settings.temperature, settings.top_p)
             verdict = verify(prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen, settings.acceptance)
@@ -319,6 +326,8 @@ class SpecEngine:
                         # copies: the slot's buffers are overwritten by the next prompt refilled into it
                         res.topk_ids = top_ids[slot, rows_].cpu().numpy().copy()
                         res.topk_probs = top_p[slot, rows_].cpu().numpy().copy()
+                    if hid is not None:
+                        res.hidden = hid[slot, plen[slot] - 1 : plen[slot] - 1 + len(res.output_ids)].cpu().clone()
                     if settings.keep_features:
                         total = plen[slot] + len(res.output_ids)
                         res.features = feats[slot, : total - 1].cpu().clone()

@@ -53,7 +53,7 @@ def given_texts(target: Target, items: list[tuple]) -> list[GivenText]:
 
 def given_data(
     target: Target, feature_layers: list[int], items: list[tuple], topk: int, batch_size: int | None = None,
-    feature_dtype: torch.dtype = torch.bfloat16, with_lookahead: bool = False, log=None,
+    feature_dtype: torch.dtype = torch.bfloat16, with_lookahead: bool = False, log=None, hidden: bool = False,
 ) -> tuple[list[GivenText], list[TeacherRecord]]:  # fmt: skip
     """Given texts and their prefill (cached on disk, keyed by the answer's tokens too, so a regenerated answer to
     the same prompt never collides with a given one)."""
@@ -67,11 +67,14 @@ def given_data(
             "given": True, "weights": target.fingerprint, "name": target.info.to_dict(), "dtype": str(target.dtype),
             "device": target.device.type, "prompt": list(map(int, p)), "answer": list(map(int, ans)), "pad": LOOKAHEAD,
             "layers": list(feature_layers), "topk": topk, "feature_dtype": str(feature_dtype), "lookahead": with_lookahead,
+            **({"hidden": True} if hidden else {}),
         }  # fmt: skip
         path = root / (hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24] + ".msgpack")
         paths.append(path)
         try:
-            rec = decode_teacher(path.read_bytes())
+            rec = decode_teacher(path.read_bytes(), hidden_size=target.info.hidden_size)
+            if hidden and rec.hidden is None:
+                raise RecordError("the cache entry carries no hidden state")
             rec.prompt_id = pid
             recs.append(rec)
         except (OSError, RecordError):
@@ -79,7 +82,7 @@ def given_data(
     missing = [i for i, r in enumerate(recs) if r is None]
     if missing:
         todo = [(items[i][0], texts[i].tokens if with_lookahead else texts[i].prompt_ids + texts[i].answer, texts[i].prompt_len) for i in missing]
-        fresh = prefill(target, feature_layers, todo, topk, batch_size=batch_size, feature_dtype=feature_dtype)
+        fresh = prefill(target, feature_layers, todo, topk, batch_size=batch_size, feature_dtype=feature_dtype, hidden=hidden)
         root.mkdir(parents=True, exist_ok=True)
         for i, rec in zip(missing, fresh):
             recs[i] = rec
@@ -93,7 +96,7 @@ def given_data(
 
 def text_data(
     target: Target, feature_layers: list[int], items: list[tuple], max_new_tokens: int, topk: int, batch_size: int | None = None,
-    feature_dtype: torch.dtype = torch.bfloat16, with_lookahead: bool = False, log=None,
+    feature_dtype: torch.dtype = torch.bfloat16, with_lookahead: bool = False, log=None, hidden: bool = False,
 ) -> tuple[list[GreedyText], list[TeacherRecord]]:  # fmt: skip
     """`greedy.teacher_data` for items of either kind, in the items' order: (id, prompt) items get the target's
     greedy answer, (id, prompt, answer) items their given answer."""
@@ -104,12 +107,12 @@ def text_data(
     if greedy:
         t, r = teacher_data(
             target, feature_layers, [items[i] for i in greedy], max_new_tokens, topk, batch_size=batch_size,
-            feature_dtype=feature_dtype, with_lookahead=with_lookahead, log=log,
+            feature_dtype=feature_dtype, with_lookahead=with_lookahead, log=log, hidden=hidden,
         )  # fmt: skip
         for i, a, b in zip(greedy, t, r):
             texts[i], recs[i] = a, b
     if given:
-        t, r = given_data(target, feature_layers, [items[i] for i in given], topk, batch_size, feature_dtype, with_lookahead, log)
+        t, r = given_data(target, feature_layers, [items[i] for i in given], topk, batch_size, feature_dtype, with_lookahead, log, hidden)
         for i, a, b in zip(given, t, r):
             texts[i], recs[i] = a, b
     return texts, recs

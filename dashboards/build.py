@@ -197,6 +197,18 @@ def training_overview() -> Dashboard:
             .calculate(False)
             .color(_colors("Oranges", "dark-orange", hm_models.HeatmapColorScale.EXPONENTIAL))
         ),
+        _row(19, "Learner diagnostics", 58),
+        _ts(20, "Gradient norm: own head vs body", _pos(0, 59, 8, 8), [
+            _q(f"{_s('dopd_learner_grad_norm_part')}{{{JOB}}}", "{{part}}"),
+        ], desc="Before clipping. A head shared by every block position is how a loss on one position moves the others."),
+        _ts(21, "Silenced share per stream", _pos(8, 59, 8, 8), [
+            _q(f"{_s('dopd_learner_silenced_share')}{{{JOB}}}", "{{stream}}"),
+        ], "percentunit", desc="Positions whose gradient a floor, clip or the loss clamp sets to zero (verl's k3: confidently wrong drafts)."),
+        _ts(22, "Replay mismatch KL(drafter || target)", _pos(16, 59, 8, 8), [
+            _q(f"{_s('dopd_replay_kl')}{{{JOB}}}", "{{group}}"),
+        ], desc="Full-vocabulary KL at the rollout's block positions: matched (all), accepted, first rejected, after the rejection."),
+        _bars(23, "Per-position acceptance (blocks trained on)", _pos(0, 67, 24, 7),
+              _q(f'{acc}{{{JOB}, source="trained"}}', "pos {{position}}"), "percentunit", 0, 1),
     ]
     return _add(d, panels)
 

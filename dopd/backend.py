@@ -150,8 +150,14 @@ def aggregate(results: list[dict]) -> dict:
         for k, v in r.items():
             if k not in _RANK_KEYS:
                 info.setdefault(k, []).append(v)
-    for k, vs in info.items():  # an objective's diagnostics: numbers averaged over ranks, labels joined
-        out[k] = sum(vs) / len(vs) if all(isinstance(v, (int, float)) for v in vs) else "/".join(sorted({str(v) for v in vs}))
+    for k, vs in info.items():  # diagnostics: numbers averaged over ranks (lists elementwise, None = no data), labels joined
+        if all(isinstance(v, (int, float)) for v in vs):
+            out[k] = sum(vs) / len(vs)
+        elif all(isinstance(v, list) for v in vs):
+            cols = [[x for x in col if x is not None] for col in zip(*vs)]
+            out[k] = [sum(c) / len(c) if c else None for c in cols]
+        else:
+            out[k] = "/".join(sorted({str(v) for v in vs}))
     out["trained"] = [t for r in results for t in r.get("trained", [])]
     out["uids"] = [u for r in results for u in r.get("uids", [])]
     return out

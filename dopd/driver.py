@@ -202,6 +202,7 @@ class RayFleet(Backend):
             if not self.ledger.add(tuple(uid)):
                 self.acc["records_trained_twice"] += 1
         self.metrics.learner(out["loss"], out["acc_div"], out["rej_div"], out["grad_norm"], out["seconds"], out["step_flops"], out["records"], out["staleness"])
+        self.metrics.diagnostics(out)
         self._shard_stats()
         return out
 

@@ -120,6 +120,11 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
     if not resume:
         rows.clear()
     dump_config(cfg, out / "config.yaml")
+    if cfg.loss.recipe is not None:  # a named recipe's keys this run changes: deliberate, and said at the start
+        from dopd.common.recipes import recipe_named  # noqa: PLC0415
+
+        dev = recipe_named(cfg.loss.recipe).deviations(cfg)
+        log(f"dopd: loss.recipe={cfg.loss.recipe}" + (", deviating in " + ", ".join(f"{k}={v!r} (recipe: {w!r})" for k, v, w in dev) if dev else ", no deviation"))
     t_start = time.time()
 
     def log_phase(what: str) -> None:

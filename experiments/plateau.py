@@ -8,15 +8,19 @@ Design (issue "[2 of 6]"), top to bottom:
 2. Arms, each resumed from that checkpoint (drafter, optimizer, RNG), each taking the same number of optimizer
    steps on the same new prompts (`data.rollout_prompts=after_sft`, a pool of exactly steps x micro-batch prompts),
    in the same order for a given seed (seeds change the order). At T = 0 the rollout text is the target's greedy
-   text whatever the drafter, generated once and cached on disk for every arm and seed:
-     A  SFT on the rollout text (every position teacher-forced; DFlash: random anchors, as many per sequence as
-        the warm-up drafter's verification steps, so supervised positions per step match B's)
-     B  Draft-OPD, the official recipe (the drafter kind's `default_loss`, resolved into the config at load)
-     C  B with the paper's random-anchor ablation (`replay.anchors=shuffled`)
-     D  B with lambda_rej = 0        E  C with lambda_rej = 0        F  B with gamma = 1
+   text whatever the drafter, generated once and cached on disk for every arm and seed. DFlash arms train a named
+   recipe (common/recipes.py):
+     A  SFT on the rollout text (DFlash: random anchors, as many supervised positions per sequence as B's accepted
+        stream trained in the same seed's run, which runs first)
+     B  official-2605                 G  official-tv (exact TV up to the first rejection)
+     C  B with the paper's random anchors (`replay.anchors=shuffled`)
+     D  B with lambda_rej = 0          H  B with the rejected stream on the first rejection only
+     P  dopd's previous B (dopd-2511 with a reduced vocabulary and its own trained head: its own warm-up, as the
+        shared one has the frozen full-vocabulary head; its curve starts from that warm-up)
+     E  C with lambda_rej = 0          F  B with gamma = 1   (v2's ablations, run when asked for)
 3. Evaluation: exact simulated greedy tau (`common/resegment.py`) on the preset's held-out prompts, per prompt,
    for paired statistics (`experiments/stats.py`): per arm the mean and SE over seeds, paired bootstrap contrasts B-A,
-   B-C, D-E, B-F, B-D (an effect counts beyond 3 SE of the difference), and the acceptance of a block started at
+   G-A, B-C, G-B, B-H, B-D, B-P (and D-E, B-F when run; an effect counts beyond 3 SE of the difference), and the acceptance of a block started at
    every answer position (which an anchor-placement effect should move less than tau).
 4. Reports: summary.json, results.csv (every evaluation), plot.png (tau against learner FLOPs and against training
    wall time), summary.md (`render_report`: the last two from the first two, so a committed run's reports re-render).
@@ -46,23 +50,44 @@ class Arm:
     name: str
     what: str
     overrides: tuple[str, ...]
+    # DFlash: the named recipe the arm trains (common/recipes.py); other kinds keep their default loss
+    recipe: str | None = None
+    # a warm-up of its own (e.g. another head): these keys also change the warm-up, run once per distinct tuple
+    warm: tuple[str, ...] = ()
 
 
+_PREV_VOCAB = "drafter.draft_vocab_size={vocab}"  # dopd's previous B: a reduced vocabulary, its own trained head
 ARMS: dict[str, Arm] = {
-    "A": Arm("sft", "SFT on the rollout text", ("loss.response=ttt", "loss.lambda_rej=0")),
-    "B": Arm("opd", "Draft-OPD (official recipe)", ()),
-    "C": Arm("opd_random_anchors", "B, random anchors (paper's ablation)", ("replay.anchors=shuffled",)),
-    "D": Arm("opd_no_rejected", "B, lambda_rej = 0", ("loss.lambda_rej=0",)),
-    "E": Arm("random_anchors_no_rejected", "C, lambda_rej = 0", ("replay.anchors=shuffled", "loss.lambda_rej=0")),
-    "F": Arm("opd_gamma1", "B, gamma = 1", ("loss.gamma=1.0",)),
+    "A": Arm("sft", "SFT on the rollout text, as many supervised positions per step as B's accepted stream", ("loss.response=ttt", "loss.lambda_rej=0")),
+    "B": Arm("opd", "Draft-OPD, official-2605 (69b03da)", (), "official-2605"),
+    "G": Arm("opd_tv", "official-tv: exact TV up to the first rejection (e81a8bc)", (), "official-tv"),
+    "C": Arm("opd_random_anchors", "B, random anchors (paper's ablation)", ("replay.anchors=shuffled",), "official-2605"),
+    "D": Arm("opd_no_rejected", "B, lambda_rej = 0", ("loss.lambda_rej=0",), "official-2605"),
+    "H": Arm("opd_first_rejection", "B, rejected stream on the first rejection only", ("loss.rej_first_only=true",), "official-2605"),
+    "P": Arm("opd_dopd2511", "dopd's previous B (dopd-2511: floored k3, trained head over a reduced vocabulary)", (), "dopd-2511", (_PREV_VOCAB,)),
+    "E": Arm("random_anchors_no_rejected", "C, lambda_rej = 0", ("replay.anchors=shuffled", "loss.lambda_rej=0"), "official-2605"),
+    "F": Arm("opd_gamma1", "B, gamma = 1", ("loss.gamma=1.0",), "official-2605"),
 }
-CONTRASTS = (("B", "A"), ("B", "C"), ("D", "E"), ("B", "F"), ("B", "D"))  # B-D: the rejected stream's own effect
-PRIMARY = ("A", "B", "C")  # the arms that get `seeds` seeds; the ablations D, E, F run seed 0
+DEFAULT_ARMS = ("A", "B", "G", "C", "D", "H", "P")  # E and F (the v2 ablations) run when asked for
+# B-A, G-A: each recipe against matched SFT; B-C: anchors; G-B: the newer recipe; B-H, B-D: the rejected stream
+CONTRASTS = (("B", "A"), ("G", "A"), ("B", "C"), ("G", "B"), ("B", "H"), ("B", "D"), ("B", "P"), ("D", "E"), ("B", "F"))
+PRIMARY = ("A", "B", "G", "C")  # the arms that get `seeds` seeds; the others run seed 0
+_PREV_VOCAB_SIZE = {"cpu": 8192, "gpu": 32000, "smoke": 200}
+
+
+def arm_overrides(arm: str, drafter: str, preset: str) -> tuple[list[str], list[str]]:
+    """(the arm's own overrides, the overrides its warm-up needs beyond the shared one) for this drafter kind."""
+    a = ARMS[arm]
+    if drafter != "dflash" and arm in ("G", "H", "P"):
+        raise DopdError(f"arm {arm} is a DFlash recipe: run it with --drafter dflash")
+    warm = [w.format(vocab=_PREV_VOCAB_SIZE[preset]) for w in a.warm]
+    own = ([f"loss.recipe={a.recipe}"] if a.recipe and drafter == "dflash" else []) + list(a.overrides)
+    return own + warm, warm
 
 
 _DRAFTERS_CPU = {
     "dflash": ["drafter.kind=dflash", "rollout.block_size=8"],
-    "eagle3": ["drafter.kind=eagle3", "rollout.block_size=4"],
+    "eagle3": ["drafter.kind=eagle3", "rollout.block_size=4", "drafter.draft_vocab_size=8192"],
 }
 PRESETS: dict[str, Preset] = {
     # SmolLM2-135M fp32 on 2 CPU cores (see docs/plateau/README.md for the measured time)
@@ -70,7 +95,7 @@ PRESETS: dict[str, Preset] = {
         overrides=[
             "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=384", "sft.num_prompts=384",
             "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8",
-            "drafter.draft_vocab_size=8192", "learner.micro_batch_size=4", "learner.refresh_every=2", "learner.lr=1e-3",
+            "learner.micro_batch_size=4", "learner.refresh_every=2", "learner.lr=1e-3",
             "learner.warmup_steps=10", "eval.num_prompts=64", "eval.max_new_tokens=512", "learner.checkpoint_every=1000000",
         ],  # fmt: skip
         warmup_steps=300, gate=2.5, arm_steps=32, evals=2, seeds=2, drafters=_DRAFTERS_CPU,
@@ -92,10 +117,10 @@ PRESETS: dict[str, Preset] = {
             "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=6", "sft.num_prompts=16",
             "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=4", "learner.micro_batch_size=2",
             "learner.refresh_every=2", "learner.lr=3e-3", "eval.num_prompts=6", "eval.max_new_tokens=24",
-            "learner.checkpoint_every=1000000", "drafter.draft_vocab_size=200",
+            "learner.checkpoint_every=1000000",
         ],  # fmt: skip
         warmup_steps=6, gate=1.5, arm_steps=4, evals=2, seeds=2,
-        drafters={"dflash": ["drafter.kind=dflash", "rollout.block_size=4"], "eagle3": ["drafter.kind=eagle3", "rollout.block_size=3"]},
+        drafters={"dflash": ["drafter.kind=dflash", "rollout.block_size=4"], "eagle3": ["drafter.kind=eagle3", "rollout.block_size=3", "drafter.draft_vocab_size=200"]},
     ),
 }
 
@@ -110,13 +135,13 @@ def _per_prompt(row: dict) -> PerPrompt:
 
 def plan(arms: tuple[str, ...], seeds: int) -> list[tuple[str, int]]:
     """Run order: seed 0 of every arm first (a partial run already answers the main question), then more seeds."""
-    order = [(a, 0) for a in ("B", "A", "C", "D", "E", "F") if a in arms]
-    order += [(a, s) for s in range(1, seeds) for a in ("B", "A", "C") if a in arms]
+    order = [(a, 0) for a in ("B", "A", "G", "C", "D", "H", "P", "E", "F") if a in arms]
+    order += [(a, s) for s in range(1, seeds) for a in ("B", "A", "G", "C") if a in arms]
     return order
 
 
 def plateau(
-    out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = tuple(ARMS), seeds: int | None = None,
+    out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = DEFAULT_ARMS, seeds: int | None = None,
     drafter: str = "dflash", report: Path | None = None, log=print,
 ) -> dict:  # fmt: skip
     from dopd.common.models import load_target
@@ -140,36 +165,49 @@ def plateau(
     n_sft = cfg0.sft.num_prompts
     pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on: every seed sees the same set
     base += [f"data.num_train={n_sft + pool}", "data.rollout_prompts=after_sft"]
-    command = " ".join(["dopd experiment plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"] + ([f"--seeds {seeds}"] if seeds != P.seeds else []) + ([f"--arms {','.join(arms)}"] if set(arms) != set(ARMS) else []) + list(extra))
+    command = " ".join(["dopd experiment plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"] + ([f"--seeds {seeds}"] if seeds != P.seeds else []) + ([f"--arms {','.join(arms)}"] if set(arms) != set(DEFAULT_ARMS) else []) + list(extra))
 
-    # 1. the shared warm-up, its held-out evaluation and the gate
-    wdir = out / "warmup"
-    wcfg = load_config(None, base + ["mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}", f"out_dir={wdir}"])
-    target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype, forward=wcfg.model.forward)
-    ckpt = wdir / "checkpoints" / f"step_{W:07d}"
-    if not (wdir / "summary.json").is_file():
-        log(f"== warm-up: {W} SFT steps on the target's answers to {n_sft} prompts")
-        train(wcfg, InProcess(wcfg, target=target, log=log))
-    wsum = json.loads((wdir / "summary.json").read_text())
-    warm = _rows(wdir / "metrics.jsonl", "eval")[-1]  # the warm-up's own final evaluation (its drafter, at step W)
+    # 1. the shared warm-up, its held-out evaluation and the gate (an arm that needs another head gets its own)
+    target = None
+    warmups: dict[tuple[str, ...], tuple[Path, dict, dict]] = {}
+
+    def warmup(extra_warm: tuple[str, ...]) -> tuple[Path, dict, dict]:
+        nonlocal target
+        if extra_warm in warmups:
+            return warmups[extra_warm]
+        wdir = out / ("warmup" if not extra_warm else "warmup_" + "_".join(x.split(".")[-1].replace("=", "") for x in extra_warm))
+        wcfg = load_config(None, base + list(extra_warm) + ["mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}", f"out_dir={wdir}"])
+        if target is None:
+            target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype, forward=wcfg.model.forward)
+        if not (wdir / "summary.json").is_file():
+            log(f"== warm-up{' (' + ', '.join(extra_warm) + ')' if extra_warm else ''}: {W} SFT steps on the target's answers to {n_sft} prompts")
+            train(wcfg, InProcess(wcfg, target=target, log=log))
+        wsum = json.loads((wdir / "summary.json").read_text())
+        warmups[extra_warm] = (wdir / "checkpoints" / f"step_{W:07d}", _rows(wdir / "metrics.jsonl", "eval")[-1], wsum["time"])
+        return warmups[extra_warm]
+
+    _, warm, warm_state = warmup(())  # the warm-up's own final evaluation (its drafter, at step W)
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
     log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
-    warm_state = wsum["time"]
-
-    # arm A supervises as many positions per step as B: one random-anchor block per verification step of the
-    # warm-up drafter on a rollout-length answer (the same number of K-token blocks B trains per sequence)
-    blocks_per_seq = max(1, round(cfg0.rollout.max_new_tokens / warm["tau"]))
+    K = cfg0.rollout.block_size
 
     # 2. the arms
     runs: dict[tuple[str, int], dict] = {}
     for arm, seed in plan(arms, seeds):
         rdir = out / "arms" / f"{arm}_{ARMS[arm].name}_s{seed}"
-        ov = base + list(ARMS[arm].overrides) + [
+        own, extra_warm = arm_overrides(arm, drafter, preset)
+        a_ckpt = warmup(tuple(extra_warm))[0]
+        ov = base + own + [
             "mode=opd", f"seed={seed}", f"sft.warmup_steps={W}", f"learner.steps={N}",
-            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={ckpt}",
+            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={a_ckpt}",
         ]  # fmt: skip
         if arm == "A" and drafter == "dflash":
-            ov.append(f"loss.dflash_anchors_per_seq={blocks_per_seq}")
+            # as many supervised positions per sequence as B's accepted stream trained (B of this seed, run first;
+            # without it, one block per verification step of the warm-up drafter on a rollout-length answer)
+            b = runs.get(("B", seed)) or runs.get(("B", 0))
+            per_seq = sum(r["n_acc"] for r in b["steps"]) / max(1, sum(r.get("records", cfg0.learner.micro_batch_size) for r in b["steps"])) if b else None
+            blocks = round(per_seq / K) if per_seq else round(cfg0.rollout.max_new_tokens / warm["tau"])
+            ov.append(f"loss.dflash_anchors_per_seq={max(1, blocks)}")
         cfg = load_config(None, ov)
         if not (rdir / "summary.json").is_file():
             log(f"== arm {arm} ({ARMS[arm].what}), seed {seed}: {N} steps")
@@ -216,7 +254,7 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
     for arm in final:
         rs = [r for (a, _), r in sorted(runs.items()) if a == arm]
         per_arm[arm] = {
-            "what": ARMS[arm].what, "overrides": list(ARMS[arm].overrides), "seeds": len(rs),
+            "what": ARMS[arm].what, "overrides": list(arm_overrides(arm, drafter, preset)[0]), "seeds": len(rs),
             "tau_per_seed": [r["evals"][-1]["tau"] for r in rs],
             "position_accepted": sum(e["position_accepted"] for e in final_rows[arm]) / len(rs),
             "alpha1": sum(e["alpha"][0] for e in final_rows[arm]) / len(rs),
@@ -273,7 +311,7 @@ def _plot(path: Path, rows: list[dict], s: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colors = dict(zip(ARMS, ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:olive", "tab:purple")))
+    colors = dict(zip(ARMS, ("tab:blue", "tab:red", "tab:cyan", "tab:green", "tab:orange", "tab:pink", "tab:gray", "tab:olive", "tab:purple")))
     warm = next(r for r in rows if r["arm"] == "warmup")
     curves: dict[tuple[str, int], list[dict]] = {}
     for r in rows:

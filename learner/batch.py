@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dopd.common.drafters import kind_class
-from dopd.common.record import STREAM_ACC, STREAM_REJ, ExperienceRecord, TeacherRecord
+from dopd.common.record import SOURCE_ROLLOUT, STREAM_ACC, STREAM_REJ, ExperienceRecord, TeacherRecord
 
 from .losses import BlockTargets
 
@@ -29,6 +29,7 @@ class TrainBatch:
     step_weight: torch.Tensor | None = None  # [K] (SFT)
     num_records: int = 0
     ttt: TrainBatch | None = None  # teacher-forced blocks at every response position (EAGLE-3's recipe)
+    response_tokens: int = 0  # answer tokens of the batch's records, supervised or not (the official denominator)
 
     @property
     def num_positions(self) -> int:
@@ -57,6 +58,24 @@ def _block_buffers(B: int, M: int, K: int, k: int) -> tuple[torch.Tensor, ...]:
     )  # fmt: skip
 
 
+def _hidden_rows(hiddens: list[torch.Tensor | None], prompt_lens: list[int], rows: torch.Tensor, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The records' target hidden states (rows prompt_len-1 .. n-2 of each record) at the sequence rows `rows`
+    [B,...] (the row predicting each position): ([B,...,H], available [B,...]), or (None, None) if none carries them."""
+    if all(h is None for h in hiddens):
+        return None, None
+    H = next(h for h in hiddens if h is not None).shape[1]
+    out = torch.zeros(*rows.shape, H, dtype=torch.bfloat16)
+    ok = torch.zeros(rows.shape, dtype=torch.bool)
+    for i, (h, P) in enumerate(zip(hiddens, prompt_lens)):
+        if h is None:
+            continue
+        idx = rows[i] - (P - 1)
+        have = (idx >= 0) & (idx < h.shape[0])
+        out[i][have] = h[idx[have]].to(torch.bfloat16)
+        ok[i] = have
+    return out.to(device), ok.to(device)
+
+
 def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32) -> TrainBatch:
     """Experience records' blocks -> a batch for the block objective (each block keeps its stream flags)."""
     if any(r.features is None for r in records):
@@ -64,8 +83,10 @@ def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32
     blocks = [r.blocks for r in records]
     tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
     M = max(1, max(len(b) for b in blocks))
-    anchors, draft, ids, probs, tail, pd, acc, valid = _block_buffers(len(records), M, records[0].blocks.block_size, records[0].blocks.target_topk_ids.shape[2])
+    K = records[0].blocks.block_size
+    anchors, draft, ids, probs, tail, pd, acc, valid = _block_buffers(len(records), M, K, records[0].blocks.target_topk_ids.shape[2])
     streams = torch.zeros(len(records), M, dtype=torch.long)
+    rollout = torch.zeros(len(records), M, dtype=torch.bool)
     for i, b in enumerate(blocks):
         m = len(b)
         if not m:
@@ -79,8 +100,12 @@ def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32
         acc[i, :m] = torch.from_numpy(b.accept_mask)
         valid[i, :m] = True
         streams[i, :m] = torch.from_numpy(b.streams.astype(np.int64))
-    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid, (streams & STREAM_ACC) > 0, (streams & STREAM_REJ) > 0).to(device)
-    return TrainBatch(tokens, features, lengths, anchors.to(device), draft.to(device), T, None, len(records))
+        rollout[i, :m] = torch.from_numpy(b.source == SOURCE_ROLLOUT)
+    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid, (streams & STREAM_ACC) > 0, (streams & STREAM_REJ) > 0, rollout_block=rollout).to(device)
+    rows = anchors[..., None] + torch.arange(K) - 1  # the sequence row predicting block position j (0-based)
+    T.hidden, T.hidden_ok = _hidden_rows([r.target_hidden for r in records], [r.prompt_len for r in records], rows, device)
+    n_resp = sum(r.num_tokens - r.prompt_len for r in records)
+    return TrainBatch(tokens, features, lengths, anchors.to(device), draft.to(device), T, None, len(records), response_tokens=n_resp)
 
 
 def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: int, step_weight: torch.Tensor, device, dtype=torch.float32) -> TrainBatch:
@@ -109,7 +134,12 @@ def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: 
         pd[i, :m] = torch.from_numpy((r.topk_probs[dist] * hit).sum(-1).astype(np.float32))
         valid[i, :m] = torch.from_numpy(ok)
     T = BlockTargets(ids, probs, tail, draft, pd, valid.clone(), valid).to(device)
-    return TrainBatch(tokens, features, lengths, anc.to(device), draft.to(device), T, step_weight, len(records))
+    rows = anc[..., None] + torch.arange(K) - 2  # teacher row predicting block position j (token a+j-1)
+    T.hidden, T.hidden_ok = _hidden_rows([r.hidden for r in records], [r.prompt_len for r in records], rows, device)
+    if T.hidden_ok is not None:
+        T.hidden_ok &= T.valid
+    n_resp = sum(r.num_tokens - r.prompt_len for r in records)
+    return TrainBatch(tokens, features, lengths, anc.to(device), draft.to(device), T, step_weight, len(records), response_tokens=n_resp)
 
 
 def sft_batch(records: list[TeacherRecord], cfg, rng: np.random.Generator, device) -> TrainBatch:
@@ -120,9 +150,18 @@ def sft_batch(records: list[TeacherRecord], cfg, rng: np.random.Generator, devic
 
 
 def opd_batch(records: list[ExperienceRecord], cfg, device) -> TrainBatch:
-    """Experience records' blocks, restricted to the positions where the kind's training forward is exact."""
+    """Experience records' blocks, restricted to the positions where the kind's training forward is exact and,
+    unless `loss.train_past_end`, to positions inside each record's committed answer (the official segments end at
+    the response's end; what follows is the greedy lookahead exact acceptance is measured against)."""
     batch = collate_records(records, device)
+    T = batch.targets
     keep = kind_class(cfg.drafter.kind).trainable_positions(batch.tokens, batch.lengths, batch.anchors, batch.block_tokens)
     if keep is not None:
-        batch.targets.valid &= keep
+        T.valid &= keep
+    if not cfg.loss.train_past_end:
+        K = T.valid.shape[-1]
+        pos = batch.anchors[..., None] + torch.arange(K, device=batch.anchors.device)  # token index of position j
+        T.valid &= pos < batch.lengths[:, None, None]
+    if T.hidden_ok is not None:
+        T.hidden_ok &= T.valid
     return batch

@@ -39,6 +39,7 @@ from dopd.common.record import ExperienceRecord, decode_record, decode_teacher
 from dopd.common.sampler import EpochSampler
 
 from .batch import opd_batch, sft_batch
+from .diagnostics import grad_norm_split, trained_alpha
 from .objectives import objective_for
 from .optim import make_optimizer
 
@@ -56,6 +57,10 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def full_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """A parameter's whole gradient after `backward`, before `step` (the diagnostics' head / body norms)."""
+        return p.grad
 
     def step(self) -> None:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -96,6 +101,9 @@ class Learner:
         self.device = torch.device(device)
         # a reduced draft vocabulary is chosen from the SFT data (`set_teacher`) before the first step
         self.drafter: Drafter = build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed, placeholder_vocab=True).to(self.device).train()
+        mask_vec = getattr(self.drafter, "mask_embedding", None)
+        if mask_vec is not None and not cfg.drafter.train_mask:  # a fixed MASK input, as the official frozen embedding row
+            mask_vec.weight.requires_grad_(False)
         self.vocab_chosen = cfg.drafter.draft_vocab_size is None or bool(cfg.drafter.init)
         self._make_engine = engine
         self._engine = None
@@ -126,7 +134,7 @@ class Learner:
         good, refused = [], []
         for b in data:  # validated once here (the same on every rank): a bad record is left out, never the end of a rank
             try:
-                good.append((b, decode_teacher(b, vocab_size=self.info.vocab_size)))
+                good.append((b, decode_teacher(b, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size)))
             except RecordError as e:
                 refused.append(str(e))
         if data and not good:
@@ -159,7 +167,7 @@ class Learner:
 
     def decode(self, data: bytes) -> ExperienceRecord:
         """A rollout record's one full validation (its shard read only the header): RecordError if it must be refused."""
-        return decode_record(data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size)
+        return decode_record(data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size)
 
     def opd_step(self, records: list, learner_version: int) -> dict:
         """Train on rollout records: decoded ones, or wire bytes (decoded and validated here)."""
@@ -184,6 +192,9 @@ class Learner:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 parts = obj.loss(self.drafter, batch, mask, step=self.step, denom=denom)
             engine.backward(parts.loss)
+        diag = grad_norm_split(self.drafter.named_parameters(), engine.full_grad)
+        if phase == "opd":
+            diag["alpha_trained"] = trained_alpha(batch.targets)
         if count:
             flops = float(fc.get_total_flops())
             self.flops_counted[phase] = (flops / max(batch.num_positions, 1), self.flops_counted.get(phase, (0, 0))[1] + 1)
@@ -194,7 +205,7 @@ class Learner:
         return {
             "loss": float(parts.loss.detach()), "acc": parts.acc, "rej": parts.rej, "n_acc": parts.n_acc, "n_rej": parts.n_rej,
             "grad_norm": engine.grad_norm, "lr": engine.lr, "flops": flops,
-            "seconds": time.perf_counter() - t0, "positions": batch.num_positions, **parts.info,
+            "seconds": time.perf_counter() - t0, "positions": batch.num_positions, **diag, **parts.info,
         }  # fmt: skip
 
     def _global_weight(self, local: float) -> float | None:

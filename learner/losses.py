@@ -10,11 +10,15 @@ with the target's p(d), and whether verification accepted it; each block says wh
   on the target's top-1 token (the official DFlash recipe);
 - rejected stream (blocks flagged STREAM_REJ): the drafted tokens from the first rejection to the block end, a
   divergence on the drafted token (k3 = the sampled reverse-KL estimator exp(r) - 1 - r, r = log p(d) - log q(d),
-  both log-probs floored at -10, as the official code; or Bernoulli forward KL), weighted gamma^(offset-1), offset
+  with verl's clips (`k3_verl`, the official form) or on log-probs floored at -10 (`k3_floored`, dopd-2511); or
+  Bernoulli forward KL), weighted gamma^(offset-1) (or only the first rejected token, `rej_first_only`), offset
   counted from the block's first draft (`gamma_offset="block"`, official) or from the first rejection;
 - each position's loss is clamped at `clamp` (official: 10), then
   L = (lambda_acc * sum L_acc + lambda_rej * sum w * L_rej) / (lambda_acc * N_acc + lambda_rej * sum w),
-  the joint token mean of the official implementation, so a batch with few rejections is not up-weighted.
+  the joint token mean of the official implementation, so a batch with few rejections is not up-weighted (the
+  objective sets N_acc: every response token, officially, or the supervised positions);
+- exact full-vocabulary targets (`full_soft_ce`, `full_tv`) from the target's final hidden state the records
+  carry, through the frozen head (`loss.targets=full`).
 - the EAGLE-3 recipe's accepted stream is the training-time test over every response position instead (`sft_sums`
   on teacher-forced blocks, 0.8^step), joining the same joint mean.
 
@@ -23,6 +27,7 @@ Target ids outside a reduced draft vocabulary cannot be produced by the drafter:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +52,11 @@ class BlockTargets:
     valid: torch.Tensor  # [B,M,K] bool (padding blocks / positions False)
     acc_block: torch.Tensor | None = None  # [B,M] bool: the block feeds the accepted stream (None = all do)
     rej_block: torch.Tensor | None = None  # [B,M] bool: the block feeds the rejected stream (None = all do)
+    # the target's final normed hidden state on its own text at the row predicting each block position (exact
+    # full-vocabulary targets: the learner applies the frozen head), where the record carries it
+    hidden: torch.Tensor | None = None  # [B,M,K,H]
+    hidden_ok: torch.Tensor | None = None  # [B,M,K] bool
+    rollout_block: torch.Tensor | None = None  # [B,M] bool: a verification step of the rollout (not shuffled/replayed)
 
     def to(self, device) -> BlockTargets:
         return BlockTargets(**{k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()})
@@ -90,36 +100,98 @@ def bucket_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: Block
     raise ValueError(f"unknown bucket divergence '{kind}'")
 
 
-def token_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor) -> torch.Tensor:
-    """Per-position divergence on one token per position (its target probability p): k3 | bernoulli."""
+K3_DELTA_CLIP = 20.0  # verl's kl_penalty: delta = clip(log p - log q, -20, 20)
+K3_VALUE_CLIP = 10.0  # ... then k3 = clip(e^delta - delta - 1, -10, 10)
+LOG1M_EPS = math.log1p(-torch.finfo(torch.float32).eps)  # the Bernoulli KL's upper log-prob clamp (log(1 - eps))
+
+
+def _token_logprobs(logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log q(token), log p(token)) per position, unfloored: a token outside the draft vocabulary has log q = -100
+    (q = 0 up to float32), a zero recorded p has log p = log(float32 tiny) (its k3 is clipped either way)."""
     didx = t2d[tokens]
-    inv = didx >= 0
-    lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1).masked_fill(~inv, -LOG_CLAMP)
-    lq = lq.clamp(-LOG_CLAMP, 0)
-    p = p_tokens.float().clamp(0, 1)
-    lp = torch.log(p.clamp_min(EPS)).clamp_min(-LOG_CLAMP)
+    lq = logq.gather(-1, didx.clamp_min(0)[..., None]).squeeze(-1).masked_fill(didx < 0, -5 * LOG_CLAMP)
+    lp = torch.log(p_tokens.float().clamp(torch.finfo(torch.float32).tiny, 1.0))
+    return lq, lp
+
+
+def k3_verl(lq: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """verl's kl_penalty "k3"/"low_var_kl" (verl/trainer/ppo/core_algos.py @68227b907, `kl_penalty_forward`):
+    delta = clip(log p - log q, -20, 20), k3 = clip(e^delta - delta - 1, -10, 10). Its gradient in log q is
+    1 - e^delta inside the clips and exactly 0 where a clip binds: delta < -10.99998 (a confidently wrong draft)
+    or delta > 2.61087."""
+    delta = (lp - lq).clamp(-K3_DELTA_CLIP, K3_DELTA_CLIP)
+    return (torch.exp(delta) - delta - 1).clamp(-K3_VALUE_CLIP, K3_VALUE_CLIP)
+
+
+def k3_floored(lq: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """dopd-2511's k3: both log-probs floored at -10 first (r = max(log p, -10) - max(log q, -10) >= -10, so k3 <= 9
+    and every rejected token with log q > -10 is pushed down with a gradient of about 1)."""
+    r = lp.clamp_min(-K3_LOG_FLOOR) - lq.clamp(-LOG_CLAMP, 0).clamp_min(-K3_LOG_FLOOR)
+    return torch.exp(r) - 1 - r
+
+
+def bernoulli_fkl(lq: torch.Tensor, lp: torch.Tensor, floor: float) -> torch.Tensor:
+    """Bernoulli forward KL on one token, as the official `_local_bernoulli_forward_kl` (losses.py @69b03da): both
+    log-probs clamped to [floor, log(1 - eps)] in fp32, then p (log p - log q) + (1-p) (log(1-p) - log(1-q)).
+    A drafter log q below the floor gets no gradient (a dead zone, not a bound)."""
+    ls = lq.float().clamp_min(floor).clamp(max=LOG1M_EPS)
+    lt = lp.float().clamp_min(floor).clamp(max=LOG1M_EPS)
+    p, q = lt.exp(), ls.exp()
+    return p * (lt - ls) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))
+
+
+def token_divergence(
+    kind: str, logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor, k3: str = "verl", floor: float = -K3_LOG_FLOOR
+) -> torch.Tensor:
+    """Per-position divergence on one token per position (its target probability p): k3 (`k3`: "verl" or
+    "floored") | bernoulli (log-probs floored at `floor`)."""
+    lq, lp = _token_logprobs(logq, t2d, tokens, p_tokens)
     if kind == "k3":
-        # log(p/q) at d ~ q, with both log-probs floored at -10 as in the official code
-        r = lp.clamp_min(-K3_LOG_FLOOR) - lq.clamp_min(-K3_LOG_FLOOR)
-        return torch.exp(r) - 1 - r
+        return k3_verl(lq, lp) if k3 == "verl" else k3_floored(lq, lp)
     if kind == "bernoulli":
-        q = lq.exp().clamp(EPS, 1 - 1e-6)
-        pc = p.clamp(0, 1 - 1e-6)
-        return _xlogy_div(pc, lp, torch.log(q)) + _xlogy_div(1 - pc, torch.log1p(-pc), torch.log1p(-q))
+        return bernoulli_fkl(lq, lp, floor)
     raise ValueError(f"unknown token divergence '{kind}'")
 
 
-def acc_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets) -> torch.Tensor:
+def token_silenced(
+    kind: str, logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor, k3: str, floor: float, clamp: float | None
+) -> torch.Tensor:
+    """[...] bool: where a clip, floor or the loss clamp makes the token's gradient in log q exactly zero (the
+    official metrics' `loss_clamp_fraction`, plus the floors that silence without clamping the value)."""
+    with torch.no_grad():
+        lq, lp = _token_logprobs(logq, t2d, tokens, p_tokens)
+        if kind == "k3" and k3 == "verl":
+            delta = lp - lq
+            raw = torch.exp(delta.clamp(-K3_DELTA_CLIP, K3_DELTA_CLIP)) - delta.clamp(-K3_DELTA_CLIP, K3_DELTA_CLIP) - 1
+            out = (delta.abs() > K3_DELTA_CLIP) | (raw > K3_VALUE_CLIP)
+            value = raw.clamp(max=K3_VALUE_CLIP)
+        elif kind == "k3":
+            out = lq < -K3_LOG_FLOOR
+            value = k3_floored(lq, lp)
+        elif kind == "bernoulli":
+            out = (lq < floor) | (lq > LOG1M_EPS)
+            value = bernoulli_fkl(lq, lp, floor)
+        else:
+            return torch.zeros_like(lq, dtype=torch.bool)
+        return out | (value > clamp) if clamp is not None else out
+
+
+def token_args(cfg: LossConfig) -> dict:
+    """The loss settings `token_divergence` reads."""
+    return {"k3": cfg.k3, "floor": cfg.log_floor}
+
+
+def acc_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, **tok) -> torch.Tensor:
     """The accepted stream's divergence: on the buckets, or Bernoulli on the target's top-1 token."""
     if kind == "bernoulli":
-        return token_divergence("bernoulli", logq, t2d, T.topk_ids[..., 0], T.topk_probs[..., 0])
+        return token_divergence("bernoulli", logq, t2d, T.topk_ids[..., 0], T.topk_probs[..., 0], **tok)
     return bucket_divergence(kind, logq, t2d, T)
 
 
-def rej_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets) -> torch.Tensor:
+def rej_divergence(kind: str, logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, **tok) -> torch.Tensor:
     """The rejected stream's divergence: on the drafted token (k3, bernoulli), or on the buckets."""
     if kind in ("k3", "bernoulli"):
-        return token_divergence(kind, logq, t2d, T.draft_tokens, T.p_draft)
+        return token_divergence(kind, logq, t2d, T.draft_tokens, T.p_draft, **tok)
     return bucket_divergence(kind, logq, t2d, T)
 
 
@@ -149,7 +221,10 @@ def opd_masks(T: BlockTargets, cfg: LossConfig) -> tuple[torch.Tensor, torch.Ten
         acc_mask = acc_mask | first_rejection(T.accept, T.valid)
     if T.acc_block is not None:
         acc_mask = acc_mask & T.acc_block[..., None]
-    w = rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
+    if cfg.rej_first_only:  # the official first-token-only filter: weight 1, no decay
+        w = first_rejection(T.accept, T.valid).float()
+    else:
+        w = rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
     if T.rej_block is not None:
         w = w * T.rej_block[..., None]
     if not cfg.lambda_rej:
@@ -175,15 +250,17 @@ class StreamSums:
 
 
 def _clamped(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    return x.clamp(max=cfg.clamp) if cfg.clamp is not None else x
+    """The per-token loss clamp (official `loss_max_clamp`: clamp(min=-c, max=c); the divergences here are >= 0)."""
+    return x.clamp(-cfg.clamp, cfg.clamp) if cfg.clamp is not None else x
 
 
 def block_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig) -> StreamSums:
     """Both streams over verification blocks (logq: draft-vocab log-softmax [B,M,K,Vd]); cfg: a resolved `Config.loss`."""
     acc_mask, w_rej = opd_masks(T, cfg)
     zero = logq.sum() * 0.0
-    s_acc = (_clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T), cfg) * acc_mask).sum() if bool(acc_mask.any()) else zero
-    s_rej = (_clamped(rej_divergence(cfg.rej_divergence, logq, t2d, T), cfg) * w_rej).sum() if bool((w_rej > 0).any()) else zero
+    tok = token_args(cfg)
+    s_acc = (_clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T, **tok), cfg) * acc_mask).sum() if bool(acc_mask.any()) else zero
+    s_rej = (_clamped(rej_divergence(cfg.rej_divergence, logq, t2d, T, **tok), cfg) * w_rej).sum() if bool((w_rej > 0).any()) else zero
     return StreamSums(s_acc, float(acc_mask.sum()), s_rej, float(w_rej.sum()), int((w_rej > 0).sum()))
 
 
@@ -269,7 +346,7 @@ def dvi_sums(
     """
     sample = dvi_samples(T) if sample is None else sample
     phase = dvi_phase(step, d)
-    div = _clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T), cfg)
+    div = _clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T, **token_args(cfg)), cfg)
     if phase == "kl":
         per = div
     else:
@@ -385,3 +462,57 @@ def sft_loss(
     s = sft_sums(logq, t2d, T, step_weight, objective)
     loss = s.acc / (max(s.n_acc, EPS) if denom is None else max(denom, EPS))
     return LossParts(loss=loss, acc=float(loss.detach()), rej=0.0, n_acc=int(T.valid.sum()), n_rej=0, w_rej=0.0)
+
+
+# --- exact full-vocabulary targets (records carrying the target's final hidden state) --------------------------
+
+
+def full_soft_ce(logq: torch.Tensor, T: BlockTargets, head: torch.Tensor, draft_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """[B,M,K] soft cross-entropy -sum_d p_d log q_d to p = softmax(target logits over the draft vocabulary) at T = 1
+    (EAGLE-3's native loss: `softmax(target_logits[:, t2d])`, eagle3_student.py @a737810), the target logits being
+    the frozen head applied to the record's hidden state; 0 where a position has none (`T.hidden_ok`)."""
+    out = logq.new_zeros(logq.shape[:-1])
+    sel = T.hidden_ok
+    if T.hidden is None or not bool(sel.any()):
+        return out
+    lq, hid = logq[sel], T.hidden[sel]
+    w = head[draft_ids]
+    parts = []
+    for i in range(0, lq.shape[0], chunk):
+        with torch.no_grad():
+            p = torch.softmax(torch.nn.functional.linear(hid[i : i + chunk].to(w.dtype), w).float(), -1)
+        parts.append(-(p * lq[i : i + chunk]).sum(-1))
+    out[sel] = torch.cat(parts)
+    return out
+
+
+def tv_positions(T: BlockTargets) -> torch.Tensor:
+    """[B,M,K] the exact-TV objective's positions: in each accepted-stream block, offsets 1..r with r the first
+    rejection (a block without one: all of its positions; never a bonus token, which has no block position), inside
+    the answer and with the target's hidden state known (`_build_tv_position_plan`, first-token-only)."""
+    K = T.accept.shape[-1]
+    acc = (T.accept & T.valid).long().cumprod(-1).sum(-1, keepdim=True)
+    j = torch.arange(K, device=T.accept.device)
+    pos = T.valid & (j <= acc) & e2e_blocks(T)[..., None]
+    return pos & T.hidden_ok if T.hidden_ok is not None else torch.zeros_like(pos)
+
+
+def full_tv(q_logits: torch.Tensor, target_hidden: torch.Tensor, head: torch.Tensor, draft_ids: torch.Tensor | None) -> torch.Tensor:
+    """[N] exact total variation 1/2 sum_v |q(v) - p(v)| over the FULL vocabulary at T = 1 in fp32
+    (`full_vocab_tv_distance`, dflash_student.py @a737810): q = softmax of the drafter's logits [N, Vd] (a reduced
+    vocabulary puts no mass elsewhere), p = softmax of the frozen head on the target's hidden state (no gradient)."""
+    q = torch.softmax(q_logits.float(), -1)
+    with torch.no_grad():
+        p = torch.softmax(torch.nn.functional.linear(target_hidden.to(head.dtype), head).float(), -1)
+    if draft_ids is not None and q.shape[-1] != p.shape[-1]:
+        q = q.new_zeros(p.shape).index_copy(1, draft_ids, q)
+    return 0.5 * (q - p).abs().sum(-1)
+
+
+def tv_block_loss(d: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block (d, pos [B,M,K], positions a prefix of the block): (1 - E/n, E) with E = sum_k prod_{j<=k}
+    clip(1 - d_j, 0, 1), the block's expected accepted positions, and n its number of positions (0 where n = 0)."""
+    a = (1 - d).clamp(0, 1) * pos
+    E = torch.cumprod(a, -1).sum(-1)
+    n = pos.sum(-1)
+    return torch.where(n > 0, 1 - E / n.clamp_min(1), torch.zeros_like(E)), E

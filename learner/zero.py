@@ -59,6 +59,13 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
+    def full_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The parameter's whole (averaged) gradient between backward and step: gathered from the ZeRO partitions,
+        so every rank must call it for the same parameters in the same order."""
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(p)
+
     def step(self) -> None:
         self.engine.step()
         g = self.engine.get_global_grad_norm()

@@ -23,19 +23,19 @@ def test_plateau_smoke(tmp_path):
     for key in ("preset", "drafter", "block_size", "gate", "eval_steps", "seeds", "tau_final", "tau_se", "contrasts"):
         assert key in s, key
     assert set(s["gate"]) == {"tau", "required", "met"} and s["gate"]["met"] == (s["gate"]["tau"] >= s["gate"]["required"])
-    assert set(s["tau_final"]) == set("ABCDEF")
-    assert s["seeds"] == {"A": 2, "B": 2, "C": 2, "D": 1, "E": 1, "F": 1}
-    assert set(s["contrasts"]) == {"B-A", "B-C", "D-E", "B-F", "B-D"}
+    assert set(s["tau_final"]) == set("ABGCDHP")
+    assert s["seeds"] == {"A": 2, "B": 2, "G": 2, "C": 2, "D": 1, "H": 1, "P": 1}
+    assert set(s["contrasts"]) == {"B-A", "G-A", "B-C", "G-B", "B-H", "B-D", "B-P"}
     c = s["contrasts"]["B-A"]
     assert c["seeds_paired"] == 2 and c["se_seeds"] is not None and c["ci95"][0] <= c["diff"] <= c["ci95"][1]
-    assert s["contrasts"]["D-E"]["se_seeds"] is None  # one seed each: training noise not measured, and said so
+    assert s["contrasts"]["B-H"]["se_seeds"] is None  # H has one seed: training noise not measured, and said so
     # matched optimizer steps and, for A vs B, about the same supervised positions per step
     rows = list(csv.DictReader(open(rep / "results.csv")))
     last = {}
     for row in rows:
         if row["arm"] != "warmup":
             last[(row["arm"], row["seed"])] = int(row["arm_step"])
-    assert set(last.values()) == {4} and len(last) == 9
+    assert set(last.values()) == {4} and len(last) == 11
     assert s["eval_steps"] == int(rows[0]["eval_steps"]) > 0
     # every arm and seed rolled out the same prompt set: seed 0 in one order, seed 1 in another
     def prompts(arm, seed):
@@ -47,6 +47,13 @@ def test_plateau_smoke(tmp_path):
     assert split["num_rollout"] == 8 and not set(b0) & set(split["eval_ids"])
     cfg_a = yaml.safe_load((next((out / "arms").glob("A_*_s0")) / "config.yaml").read_text())
     assert cfg_a["loss"]["response"] == "ttt" and cfg_a["loss"]["lambda_rej"] == 0
+    # A supervises about as many positions per step as B's accepted stream; B and G train the official recipes
+    steps_of = lambda arm: [json.loads(x) for x in open(next((out / "arms").glob(f"{arm}_*_s0")) / "metrics.jsonl") if '"step"' in x]  # noqa: E731
+    n_a = sum(r["n_acc"] for r in steps_of("A") if r.get("phase") == "opd")
+    n_b = sum(r["n_acc"] for r in steps_of("B") if r.get("phase") == "opd")
+    assert 0.5 * n_b <= n_a <= 1.5 * n_b
+    for arm, recipe in (("B", "official-2605"), ("G", "official-tv"), ("H", "official-2605"), ("P", "dopd-2511")):
+        assert yaml.safe_load((next((out / "arms").glob(f"{arm}_*_s0")) / "config.yaml").read_text())["loss"]["recipe"] == recipe
     assert (rep / "plot.png").stat().st_size > 10_000 and "| B-C |" in (rep / "summary.md").read_text()
 
     # resumable: a rerun trains nothing (every run's summary exists) and writes the same contrasts

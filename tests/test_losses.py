@@ -235,21 +235,22 @@ def load_official(kind: str) -> LossConfig:
     return load_config(None, [f"drafter.kind={kind}"]).loss
 
 
-def test_clamp_and_log_prob_floor():
-    """k3 with p(d) ~ 0 and q(d) ~ 1: r is floored at log p = -10, so the estimator is e^-10 + 9 (not e^-30 + 29);
-    the official loss clamp then caps a position's loss at 10."""
+def test_dopd_2511_floored_k3_and_the_loss_clamp():
+    """dopd-2511's k3 (`loss.k3=floored`) with p(d) ~ 0 and q(d) ~ 1: r is floored at log p = -10, so the estimator
+    is e^-10 + 9 (not e^-30 + 29: the official verl form clips that to 10, tests/test_recipes.py); the loss clamp
+    then caps a position's loss at 10."""
     T = targets([False], [[1, 2]], [[0.9, 0.1]], [0.0], [0], [1e-13])
     q = [[1 - 5e-6, 1e-6, 1e-6, 1e-6, 1e-6, 1e-6]]
-    got = token_divergence("k3", logq_of(q), T2D, T.draft_tokens, T.p_draft)[0, 0, 0].item()
+    got = token_divergence("k3", logq_of(q), T2D, T.draft_tokens, T.p_draft, k3="floored")[0, 0, 0].item()
     assert got == pytest.approx(math.exp(-10) + 10 - 1 - 0.0, rel=1e-4)
     big = targets([False], [[1, 2]], [[0.9, 0.1]], [0.0], [0], [0.999])
     q_small = [[1e-9, 0.5, 0.5 - 1e-9, 0, 0, 0]]
     lq = torch.log(torch.tensor(q_small).clamp_min(1e-30))[None, None]
-    raw = token_divergence("k3", lq, T2D, big.draft_tokens, big.p_draft)[0, 0, 0].item()
+    raw = token_divergence("k3", lq, T2D, big.draft_tokens, big.p_draft, k3="floored")[0, 0, 0].item()
     assert raw > 10  # p/q ~ e^10 before the clamp
-    cfg = LC(rej_divergence="k3", clamp=10.0, acc_at_first_rejection=False)
+    cfg = LC(rej_divergence="k3", k3="floored", clamp=10.0, acc_at_first_rejection=False)
     assert opd_loss(lq, T2D, big, cfg).loss.item() == pytest.approx(10.0)
-    assert opd_loss(lq, T2D, big, LC(rej_divergence="k3", clamp=None, acc_at_first_rejection=False)).loss.item() == pytest.approx(raw, rel=1e-5)
+    assert opd_loss(lq, T2D, big, LC(rej_divergence="k3", k3="floored", clamp=None, acc_at_first_rejection=False)).loss.item() == pytest.approx(raw, rel=1e-5)
 
 
 def test_stream_flags_route_blocks():

@@ -52,6 +52,9 @@ def feed(jm: JobMetrics, stop: threading.Event) -> None:
         jm.heldout(2.5 + 0.01 * version, [0.9, 0.7, 0.5, 0.3])
         jm.learner(loss=1.0 / version, acc=0.6 / version, rej=0.4 / version, grad_norm=rng.random(),
                    seconds=rng.uniform(0.05, 2.0), flops=1e12, records=4, staleness=[rng.randint(0, 4) for _ in range(4)])
+        jm.diagnostics({"grad_norm_head": 0.0, "grad_norm_body": rng.random(), "acc_silenced": 0.1 * rng.random(),
+                        "rej_silenced": rng.random(), "alpha_trained": [0.8, 0.6, 0.4, 0.2],
+                        **{f"replay_kl_{g}": rng.random() for g in ("matched", "accepted", "first_rejected", "post_rejection")}})
         jm["dopd_policy_version"].set(version)
         jm["dopd_publish_latency_seconds"].observe(rng.uniform(0.01, 1.0))
         for s in SHARDS:

@@ -311,3 +311,31 @@ def test_teacher_values_are_validated(tamper, match):
     tamper(msg)
     with pytest.raises(RecordError, match=match):
         decode_teacher(frame(msg, kind=KIND_TEACHER, ids=(0, 0, 0, 0)), vocab_size=50)
+
+
+def test_target_hidden_round_trips_and_is_checked():
+    """The target's final hidden state (exact full-vocabulary targets): bit-exact round trip in bf16, one row per
+    answer token; a record without it has no `hidden` field at all (older readers and caches stay valid)."""
+    rec = make_record()
+    a = rec.num_tokens - rec.prompt_len
+    rec.target_hidden = torch.randn(a, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    data = encode_record(rec)
+    out = decode_record(data, hidden_size=16)
+    assert out.target_hidden.dtype == torch.bfloat16 and out.target_hidden.shape == (a, 16)
+    assert torch.equal(out.target_hidden.view(torch.int16), rec.target_hidden.view(torch.int16))
+    assert len(data) - len(encode_record(make_record())) >= a * 16 * 2  # bf16: 2 bytes per value
+    assert "hidden" not in msgpack.unpackb(encode_record(make_record())[HEADER.size :])
+    assert decode_record(encode_record(make_record())).target_hidden is None
+    with pytest.raises(RecordError, match="hidden size is 32"):
+        decode_record(data, hidden_size=32)
+    bad = make_record()
+    bad.target_hidden = rec.target_hidden[:-1]
+    with pytest.raises(RecordError, match="field 'hidden' must be"):
+        decode_record(encode_record(bad))
+    bad.target_hidden = torch.full((a, 16), float("inf")).to(torch.bfloat16)
+    with pytest.raises(RecordError, match="'hidden' holds NaN or inf"):
+        decode_record(encode_record(bad))
+    t = make_teacher()
+    t.hidden = torch.randn(t.num_tokens - t.prompt_len, 8).to(torch.bfloat16)
+    back = decode_teacher(encode_teacher(t), hidden_size=8)
+    assert torch.equal(back.hidden.view(torch.int16), t.hidden.view(torch.int16))

@@ -36,6 +36,8 @@ def _feed(jm: JobMetrics, state: dict) -> None:
     jm.learner(1.5, 1.25, 0.75, grad_norm=3.0, seconds=0.4, flops=1e9, records=4, staleness=[0, 1])
     state["step"] = 2
     jm.learner(1.0, 0.5, 0.25, grad_norm=2.0, seconds=0.6, flops=1e9, records=4, staleness=[1])
+    jm.diagnostics({"grad_norm_head": 0.0, "grad_norm_body": 2.0, "acc_silenced": 0.1, "rej_silenced": 0.4,
+                    "replay_kl_matched": 3.0, "replay_kl_first_rejected": 5.0, "alpha_trained": [0.3, None]})
     jm.heldout(1.75, [0.5, 0.25])
 
 
@@ -68,6 +70,10 @@ def test_tensorboard_has_every_prometheus_series(tmp_path):
     assert got["dopd_acceptance_rate/source=heldout,position=1"] == [(2, 0.5)]
     assert got["dopd_rollout_tokens_total/actor=1"] == [(0, 100.0)]
     assert got["dopd_queue_depth/shard=0"] == [(1, 5.0), (2, 5.0)]
+    assert got["dopd_learner_silenced_share/stream=rejected"] == [(2, pytest.approx(0.4))]
+    assert got["dopd_replay_kl/group=first_rejected"] == [(2, 5.0)]
+    assert got["dopd_acceptance_rate/source=trained,position=1"] == [(2, pytest.approx(0.3))]
+    assert "dopd_acceptance_rate/source=trained,position=2" not in got  # no block reached it: no value
     assert got["dopd_records_rejected_total/shard=0"][-1] == (2, 2.0)
 
 

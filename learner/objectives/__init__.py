@@ -20,7 +20,7 @@ def register(cls: type[Objective]) -> type[Objective]:
 
 
 # the objectives (registration order = the order they are listed in errors)
-from . import opd, dvi, expected_length  # noqa: E402, F401  isort: skip
+from . import opd, dvi, expected_length, e2e_tv  # noqa: E402, F401  isort: skip
 from .sft import SFT  # noqa: E402
 
 

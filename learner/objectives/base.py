@@ -18,7 +18,7 @@ it cannot train. `source` names what it reproduces (paper, or file and commit of
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -36,16 +36,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class Mask:
-    """Per-stream position weights (0 = not trained; any shape per stream) and each stream's lambda. Streams named
-    "acc" and "rej" feed the step row's acc_div / n_acc and rej_div / n_rej; any other stream is logged by name."""
+    """Per-stream position weights (0 = not trained; any shape per stream: positions [B,M,K], or blocks [B,M] for
+    an objective normalised per block) and each stream's lambda. Streams named "acc" and "rej" feed the step row's
+    acc_div / n_acc and rej_div / n_rej; any other stream is logged by name. `counts` replaces a stream's share of
+    the normaliser where it is not the sum of its weights (the official accepted stream counts every response token
+    of the batch, supervised or not). Whatever the unit, `weight` is one number a learner group all-reduces."""
 
     streams: dict[str, torch.Tensor]
     lambdas: dict[str, float]
+    counts: dict[str, float] = field(default_factory=dict)
 
     @property
     def weight(self) -> float:
-        """The normaliser of the joint token mean: sum over streams of lambda * (sum of the stream's weights)."""
-        return sum(self.lambdas[s] * float(w.sum()) for s, w in self.streams.items())
+        """The normaliser of the joint mean: sum over streams of lambda * (the stream's count, by default the sum of
+        its weights)."""
+        return sum(self.lambdas[s] * self.counts.get(s, float(w.sum())) for s, w in self.streams.items())
 
 
 class Objective(ABC):
