@@ -243,6 +243,9 @@ class Learner:
         mine = {
             "step": self.step, "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "sampler": self.sampler.state() if self.sampler is not None else self._sampler_state,
+            # which steps count FLOPs: a resumed run counts the same ones (counting runs the step under a dispatch
+            # mode, which may round bf16 differently)
+            "flops_counted": dict(self.flops_counted),
         }  # fmt: skip
         return {"rank": self.rank, "world": self.world, "optimizer": opt if self.rank == 0 else None, "self": mine}
 
@@ -263,6 +266,7 @@ class Learner:
             self.rng.bit_generator.state = mine["rng"]
             torch.set_rng_state(mine["torch_rng"])
             self._sampler_state = mine["sampler"]
+            self.flops_counted = {k: tuple(v) for k, v in mine.get("flops_counted", {}).items()}
         elif log is not None and self.rank == 0:
             log(f"dopd: the checkpoint was written by {len(ranks)} learner rank(s), this run has {self.world}: data order and RNG of each rank start afresh")
 

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dopd.cli import app
-from dopd.common.config import Config, load_config
+from dopd.common.config import Config, SFTConfig, load_config
 from dopd.common.config_help import field_comments, key_docs
 
 runner = CliRunner()
@@ -92,7 +92,7 @@ def test_data_inspect(tmp_path):
     assert (c["conversations"], c["assistant_turns"], c["skipped_tool_call"], c["tool_messages"]) == (38, 54, 2, 2)
     assert rep["train"]["examples"] + rep["held_out"]["examples"] == c["examples"] == 52 and rep["held_out"]["groups"] == 8
     ex = rep["examples"][0]
-    assert ex["context"].endswith("<|im_start|>assistant\n") and ex["answer"].endswith("<|im_end|>") or ex["answer_tokens"] == 64
+    assert ex["context"].endswith("<|im_start|>assistant\n") and ex["answer"].endswith("<|im_end|>") or ex["answer_tokens"] == SFTConfig().max_new_tokens
     for line in ("conversations      38  (sharegpt 38)", "skipped            tool_call 2", "answer, teacher-forced"):
         assert line in r.output, line
     r = runner.invoke(app, ["data", "inspect", str(tmp_path / "missing.jsonl"), "--target", "tiny-random-llama"])

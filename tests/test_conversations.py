@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dopd.common.config import load_config
+from dopd.common.config import SFTConfig, load_config
 from dopd.common.conversations import Limits, conversation_turns, encode_turns, read_conversations
 from dopd.common.errors import ConfigError, PromptError
 from dopd.common.prompts import load_examples, run_prompts
@@ -206,7 +206,7 @@ def test_held_out_split_is_by_conversation_and_as_is_items_carry_answers(tiny):
     assert d["examples"] == len(regen.train) + len(regen.eval_ids)
     assert "38 conversations" in as_is.summary() and "skipped_tool_call 2" in as_is.summary()
     for pid, ids, ans in as_is.train:
-        assert ans[-1] == tiny.tokenizer.eos_token_id or len(ans) == 64  # end of turn, or cut at the answer limit
+        assert ans[-1] == tiny.tokenizer.eos_token_id or len(ans) == SFTConfig().max_new_tokens  # end of turn, or cut at the answer limit
     # a separate eval file: every turn of its first num_eval conversations
     ev = run_prompts(_cfg(f"data.eval_prompts={EXAMPLE}", "data.num_eval=2"), tiny.tokenizer)
     first_two = [c["id"] for c in map(json.loads, EXAMPLE.read_text().splitlines()[:2])]
