@@ -40,6 +40,8 @@ def test_every_panel_has_data_from_a_real_training_job(ray_session, tmp_path, mo
             "rollout.batch_size=2", "eval.max_new_tokens=8", "eval.num_prompts=2", "learner.micro_batch_size=2",
             "learner.refresh_every=2", "learner.steps=8", "learner.eval_every=4", "learner.checkpoint_every=100",
             "cluster.actors=2", "cluster.learners=2", "metrics.port=0", "metrics.linger_s=4", f"out_dir={tmp_path / 'run'}",
+            # a recipe that trains verification blocks with both streams: every diagnostics panel has a series
+            "drafter.kind=dflash", "loss.recipe=official-2605",
         ])  # fmt: skip
         summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
         assert summary["steps"] == 10
