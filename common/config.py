@@ -79,6 +79,8 @@ class DataConfig:
     # sft.num_prompts) did not answer, prompts new to the drafter (experiments); "sft" = only the warm-up's, whose
     # target text is cached, so a round costs drafter forwards only (make run)
     rollout_prompts: Literal["all", "after_sft", "sft"] = "all"
+    # with rollout_prompts=after_sft: skip this many more (an experiment's seeds roll out disjoint prompt samples)
+    rollout_skip: int = 0
     # the target text a training example is trained on: "regenerate" = the target's greedy answer to its context
     # (decoded once, cached); "as_is" = the dataset's own answer, teacher-forced (one prefill, no decoding)
     answers: Literal["regenerate", "as_is"] = "regenerate"
@@ -253,6 +255,8 @@ class LearnerConfig:
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
     eval_every: int = 40  # learner steps of this run between held-out evaluations (counted from where it started)
+    # further steps (global, counted from step 0) to evaluate at, e.g. log-spaced points of a learning curve
+    eval_at: list[int] = field(default_factory=list)
     checkpoint_every: int = 40  # learner steps between checkpoints (the last two are kept)
     zero_stage: Literal[0, 1, 2, 3] = 2  # how the Ray runner's ranks partition optimizer state (the same update)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the Ray runner's DeepSpeed config
@@ -434,6 +438,8 @@ class Config:
             raise ConfigError(f"replay.num_blocks must be >= 1 (got {self.replay.num_blocks})")
         if self.replay.num_blocks > 1 and self.replay.temperature <= 0:
             raise ConfigError("replay.num_blocks > 1 needs replay.temperature > 0 (greedy replay blocks would be identical)")
+        if self.data.rollout_skip < 0 or (self.data.rollout_skip and self.data.rollout_prompts != "after_sft"):
+            raise ConfigError(f"data.rollout_skip must be >= 0 and needs data.rollout_prompts=after_sft (got {self.data.rollout_skip}, {self.data.rollout_prompts})")
         if self.learner.micro_batch_size < 1:
             raise ConfigError("learner.micro_batch_size must be >= 1")
         if self.learner.opd_lr is not None and not self.learner.opd_lr > 0:
@@ -445,6 +451,8 @@ class Config:
         for key in ("eval_every", "checkpoint_every"):
             if getattr(self.learner, key) < 1:
                 raise ConfigError(f"learner.{key} must be >= 1 (got {getattr(self.learner, key)})")
+        if any(not isinstance(s, int) or s < 1 for s in self.learner.eval_at):
+            raise ConfigError(f"learner.eval_at must list steps >= 1 (got {self.learner.eval_at})")
         if self.cluster.actors < 1 or self.cluster.learners < 1:
             raise ConfigError(f"cluster.actors and cluster.learners must be >= 1 (got {self.cluster.actors}, {self.cluster.learners})")
         if self.cluster.shards is not None and self.cluster.shards < 1:

@@ -228,9 +228,9 @@ def run_prompts(cfg, tokenizer) -> RunPrompts:
     n_sft = len(pairs) if cfg.sft.num_prompts is None else min(cfg.sft.num_prompts, len(pairs))
     rollout = pairs[:n_sft] if d.rollout_prompts == "sft" else pairs
     if d.rollout_prompts == "after_sft":
-        rollout = pairs[n_sft:]
+        rollout = pairs[n_sft + d.rollout_skip :]
         if not rollout:
-            raise PromptError(f"data.rollout_prompts=after_sft: all {len(pairs)} training prompts are the SFT warm-up's (sft.num_prompts={cfg.sft.num_prompts})")
+            raise PromptError(f"data.rollout_prompts=after_sft: none of the {len(pairs)} training prompts is left after the SFT warm-up's {n_sft} and data.rollout_skip={d.rollout_skip}")
     split["num_train_encoded"] = len(pairs)
     split["num_rollout"] = len(rollout)
     split["data"] = {"answers": d.answers, "too_long": d.too_long, **ex.counts, "train": dict(tr.counts), "eval": dict(ev.counts)}

@@ -8,7 +8,7 @@
             backend.rollout(): records for the step (a synchronous round, or what the actors produced meanwhile)
         backend.learn(phase): one optimizer step on every learner rank -> a step row
         every refresh_every OPD steps: publish (learners.gather_weights() -> fleet.set_weights())
-        every eval_every steps of this run: evaluate the learners' current weights
+        every eval_every steps of this run, and at the steps in eval_at: evaluate the learners' current weights
         every checkpoint_every steps: checkpoint (dopd/checkpoint.py: one format, either runner resumes it)
     evaluate, checkpoint, save the learners' final weights as drafter/, write summary.json
 
@@ -189,7 +189,7 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
                 log(f"[step {state.step}/{sched.total}] {phase} loss {row['loss']:.4f}  policy v{state.policy_version}  flops {state.flops:.3g}")
             if phase == "opd" and every(state.step, lc.refresh_every, sched.warmup):
                 publish(state.policy_version + 1)
-            if every(state.step, lc.eval_every, state.start_step):
+            if every(state.step, lc.eval_every, state.start_step) or state.step in lc.eval_at:
                 evaluate()
             if every(state.step, lc.checkpoint_every):
                 save()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -90,15 +91,15 @@ _DRAFTERS_CPU = {
     "eagle3": ["drafter.kind=eagle3", "rollout.block_size=4", "drafter.draft_vocab_size=8192"],
 }
 PRESETS: dict[str, Preset] = {
-    # SmolLM2-135M fp32 on 2 CPU cores (see docs/plateau/README.md for the measured time)
+    # SmolLM2-135M (bf16 on an AMX CPU) on 2 cores (docs/plateau/README.md: the measured time, the depth pilot)
     "cpu": Preset(
         overrides=[
-            "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=384", "sft.num_prompts=384",
+            "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=384", "sft.num_prompts=640",
             "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8",
             "learner.micro_batch_size=4", "learner.refresh_every=2", "learner.lr=1e-3",
             "learner.warmup_steps=10", "eval.num_prompts=64", "eval.max_new_tokens=512", "learner.checkpoint_every=1000000",
         ],  # fmt: skip
-        warmup_steps=300, gate=2.5, arm_steps=32, evals=2, seeds=2, drafters=_DRAFTERS_CPU,
+        warmup_steps=1000, gate=2.5, arm_steps=32, evals=1, seeds=2, drafters=_DRAFTERS_CPU,
     ),
     # an H100/H200: bf16, longer blocks, more of everything
     "gpu": Preset(
@@ -163,8 +164,8 @@ def plateau(
     base = P.overrides + P.drafters[drafter] + list(extra)
     cfg0 = load_config(None, base)
     n_sft = cfg0.sft.num_prompts
-    pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on: every seed sees the same set
-    base += [f"data.num_train={n_sft + pool}", "data.rollout_prompts=after_sft"]
+    pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on; seed s takes the s-th such sample
+    base += [f"data.num_train={n_sft + seeds * pool}", "data.rollout_prompts=after_sft"]
     command = " ".join(["dopd experiment plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"] + ([f"--seeds {seeds}"] if seeds != P.seeds else []) + ([f"--arms {','.join(arms)}"] if set(arms) != set(DEFAULT_ARMS) else []) + list(extra))
 
     # 1. the shared warm-up, its held-out evaluation and the gate (an arm that needs another head gets its own)
@@ -176,7 +177,8 @@ def plateau(
         if extra_warm in warmups:
             return warmups[extra_warm]
         wdir = out / ("warmup" if not extra_warm else "warmup_" + "_".join(x.split(".")[-1].replace("=", "") for x in extra_warm))
-        wcfg = load_config(None, base + list(extra_warm) + ["mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}", f"out_dir={wdir}"])
+        curve = sorted({W >> k for k in range(1, 5)} - {0})  # the SFT curve: held-out tau at W/16, W/8, W/4, W/2, W
+        wcfg = load_config(None, base + list(extra_warm) + ["mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}", f"learner.eval_at={curve}", f"out_dir={wdir}"])
         if target is None:
             target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype, forward=wcfg.model.forward)
         if not (wdir / "summary.json").is_file():
@@ -187,6 +189,7 @@ def plateau(
         return warmups[extra_warm]
 
     _, warm, warm_state = warmup(())  # the warm-up's own final evaluation (its drafter, at step W)
+    sft_curve = [{k: e[k] for k in ("step", "flops", "tau", "steps", "position_accepted")} for e in _rows(out / "warmup" / "metrics.jsonl", "eval")]
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
     log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
     K = cfg0.rollout.block_size
@@ -198,7 +201,7 @@ def plateau(
         own, extra_warm = arm_overrides(arm, drafter, preset)
         a_ckpt = warmup(tuple(extra_warm))[0]
         ov = base + own + [
-            "mode=opd", f"seed={seed}", f"sft.warmup_steps={W}", f"learner.steps={N}",
+            "mode=opd", f"seed={seed}", f"data.num_train={n_sft + (seed + 1) * pool}", f"data.rollout_skip={seed * pool}", f"sft.warmup_steps={W}", f"learner.steps={N}",
             f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={a_ckpt}",
         ]  # fmt: skip
         if arm == "A" and drafter == "dflash":
@@ -217,11 +220,11 @@ def plateau(
         runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text())}
 
     # 3. statistics and reports
-    summary = _summarize(P, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, time.time() - t_call)
+    summary = _summarize(P, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, time.time() - t_call, sft_curve)
     for d in {out} | ({report} if report else set()):
         d.mkdir(parents=True, exist_ok=True)
         (d / "summary.json").write_text(json.dumps(summary, indent=1))
-        _csv(d / "results.csv", warm, runs, warm_state)
+        _csv(d / "results.csv", warm, runs, warm_state, sft_curve)
         render_report(d)
     return summary
 
@@ -238,7 +241,17 @@ def _train_s(e: dict, warm_state: dict) -> float:
     return e["train_s"] - (warm_state["rollout_s"] + warm_state["replay_s"] + warm_state["learner_s"])
 
 
-def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, wall) -> dict:
+def sft_plateau(curve: list[dict]) -> dict:
+    """Where the SFT curve flattens: held-out tau gained per doubling of learner FLOPs between its evaluations
+    (the curve's points are log-spaced in steps, so each is about one doubling), and the last doubling's gain."""
+    pts = [c for c in curve if c["flops"] > 0]
+    gains = [{"from_step": a["step"], "to_step": b["step"], "doublings": math.log2(b["flops"] / a["flops"]), "tau_gain": b["tau"] - a["tau"]} for a, b in zip(pts, pts[1:])]
+    for g in gains:
+        g["tau_gain_per_doubling"] = g["tau_gain"] / g["doublings"] if g["doublings"] > 0 else float("nan")
+    return {"gains": gains, "last_gain_per_doubling": gains[-1]["tau_gain_per_doubling"] if gains else None}
+
+
+def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, wall, sft_curve=()) -> dict:
     final: dict[str, list[PerPrompt]] = {}
     final_rows: dict[str, list[dict]] = {}
     for (arm, _seed), r in sorted(runs.items()):
@@ -262,6 +275,7 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
             "train_s": sum(_train_s(r["evals"][-1], warm_state) for r in rs) / len(rs),
             "n_acc_per_step": sum(sum(s["n_acc"] for s in r["steps"]) / max(1, len(r["steps"])) for r in rs) / len(rs),
             "n_rej_per_step": sum(sum(s["n_rej"] for s in r["steps"]) / max(1, len(r["steps"])) for r in rs) / len(rs),
+            "diagnostics": _diagnostics([s for r in rs for s in r["steps"]]),
         }  # fmt: skip
     powered = gate["met"]
     return {
@@ -271,6 +285,7 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
         "seeds": {arm: v["seeds"] for arm, v in per_arm.items()}, "seeds_requested": seeds,
         "tau_warmup": warm["tau"], "tau_warmup_position_accepted": warm["position_accepted"],
         "tau_warmup_se_prompts": arm_mean_se([warm_pp])[1],
+        "sft_curve": list(sft_curve), "sft_plateau": sft_plateau(list(sft_curve)),
         "tau_final": tau_final, "tau_se": tau_se,
         "tau_se_kind": "SE over seeds (>= 2 seeds); bootstrap over prompts for single-seed arms",
         "contrasts": contrasts, "significance": "|diff| > 3 SE of the difference (SE = sqrt(se_prompts^2 + se_seeds^2))",
@@ -278,6 +293,20 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
         "micro_batch_size": cfg0.learner.micro_batch_size, "command": command, "wall_s_this_call": wall,
         "wall_s_recorded": _wall_recorded(runs, warm, warm_state),
     }  # fmt: skip
+
+
+DIAGNOSTICS = ("acc_silenced", "rej_silenced", "replay_kl_matched", "replay_kl_accepted", "replay_kl_first_rejected", "replay_kl_post_rejection", "grad_norm_head", "grad_norm_body")
+
+
+def _diagnostics(steps: list[dict]) -> dict:
+    """The learner's per-step diagnostics (learner/diagnostics.py), averaged over an arm's steps (and seeds): the
+    share of each stream's positions a clip silences, the replay-mismatch KL split, the gradient norms."""
+    out = {}
+    for k in DIAGNOSTICS:
+        xs = [float(s[k]) for s in steps if s.get(k) is not None]
+        if xs:
+            out[k] = sum(xs) / len(xs)
+    return out
 
 
 def _wall_recorded(runs, warm, warm_state) -> dict:
@@ -290,9 +319,11 @@ def _wall_recorded(runs, warm, warm_state) -> dict:
     return {"warmup": w, "arms": arms, "total": w + arms}
 
 
-def _csv(path: Path, warm, runs, warm_state) -> None:
+def _csv(path: Path, warm, runs, warm_state, sft_curve=()) -> None:
     head = ("arm", "seed", "step", "arm_step", "learner_flops_after_warmup", "train_s_after_warmup", "tau", "alpha1", "position_accepted", "eval_steps")
     rows = [head, ("warmup", 0, warm["step"], 0, 0.0, 0.0, warm["tau"], warm["alpha"][0], warm["position_accepted"], warm["steps"])]
+    # the SFT curve (the warm-up's own evaluations): learner FLOPs counted from step 0, arm_step = steps before the end
+    rows += [("sft_curve", 0, c["step"], c["step"] - warm["step"], c["flops"], "", c["tau"], "", c["position_accepted"], c["steps"]) for c in sft_curve]
     for (arm, seed), r in sorted(runs.items()):
         for e in r["evals"]:
             rows.append((arm, seed, e["step"], e["step"] - warm["step"], e["flops"] - warm["flops"], _train_s(e, warm_state), e["tau"], e["alpha"][0], e["position_accepted"], e["steps"]))
@@ -310,12 +341,13 @@ def _plot(path: Path, rows: list[dict], s: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    sft = [r for r in rows if r["arm"] == "sft_curve" and float(r["learner_flops_after_warmup"]) > 0]
+    fig, axes = plt.subplots(1, 3 if sft else 2, figsize=(18 if sft else 12, 4.5), sharey=not sft)
     colors = dict(zip(ARMS, ("tab:blue", "tab:red", "tab:cyan", "tab:green", "tab:orange", "tab:pink", "tab:gray", "tab:olive", "tab:purple")))
     warm = next(r for r in rows if r["arm"] == "warmup")
     curves: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
-        if r["arm"] != "warmup":
+        if r["arm"] not in ("warmup", "sft_curve"):
             curves.setdefault((r["arm"], int(r["seed"])), []).append(r)
     seen = set()
     for (arm, seed), evals in sorted(curves.items()):
@@ -333,6 +365,16 @@ def _plot(path: Path, rows: list[dict], s: dict) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    if sft:  # the SFT curve to its plateau: the shared warm-up's own evaluations, FLOPs from step 0 on a log axis
+        ax = axes[2]
+        ax.plot([float(r["learner_flops_after_warmup"]) for r in sft], [float(r["tau"]) for r in sft], "-o", color="black")
+        for r in sft:
+            ax.annotate(f"step {r['step']}", (float(r["learner_flops_after_warmup"]), float(r["tau"])), fontsize=7, textcoords="offset points", xytext=(4, -10))
+        ax.axhline(s["gate"]["required"], ls="--", color="gray", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("learner FLOPs of the SFT warm-up (log)")
+        ax.set_ylabel("held-out tau")
+        ax.set_title(f"SFT curve (dashed: gate {s['gate']['required']})", fontsize=9)
     gate = "gate met" if s["gate"]["met"] else f"gate {s['gate']['required']} NOT met: underpowered"
     fig.suptitle(f"{s['drafter']} K={s['block_size']} on {s['target']} ({s['preset']} preset; warm-up tau {s['tau_warmup']:.3f}, {gate}); dotted = seed >= 1")
     fig.tight_layout()
@@ -354,6 +396,18 @@ def _markdown(s: dict) -> str:
     ]  # fmt: skip
     for arm, v in s["arms"].items():
         lines.append(f"| {arm} | {v['what']} | {v['seeds']} | {s['tau_final'][arm]:.4f} | {s['tau_se'][arm]:.4f} | {v['position_accepted']:.4f} | {v['n_acc_per_step']:.0f} / {v['n_rej_per_step']:.0f} |")
+    diag = {arm: v["diagnostics"] for arm, v in s["arms"].items() if v.get("diagnostics")}
+    if diag:  # learner diagnostics, mean over the arm's steps (a blank: the arm's loss has no such stream)
+        lines += ["", "Learner diagnostics (mean over steps): the share of each stream's positions a clip silences, the replay-mismatch KL(q || p) by position group, gradient norms:", "",
+                  "| arm | " + " | ".join(DIAGNOSTICS) + " |", "|---|" + "---|" * len(DIAGNOSTICS)]  # fmt: skip
+        for arm, d in diag.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{d[k]:.4g}" if k in d else "" for k in DIAGNOSTICS) + " |")
+    if s.get("sft_curve"):  # the warm-up's own evaluations: the SFT curve and the tau it gained per doubling of FLOPs
+        gain = {g["to_step"]: g["tau_gain_per_doubling"] for g in s["sft_plateau"]["gains"]}
+        lines += ["", "SFT curve (the shared warm-up's held-out evaluations):", "", "| step | learner FLOPs | tau | verification steps | tau gained per doubling of FLOPs since the previous point |", "|---|---|---|---|---|"]
+        for c in s["sft_curve"]:
+            g = f"{gain[c['step']]:+.4f}" if c["step"] in gain else ""
+            lines.append(f"| {c['step']} | {c['flops']:.3g} | {c['tau']:.4f} | {c['steps']} | {g} |")
     lines += ["", "| contrast | diff | SE (prompts, seeds) | 95% CI | counts (> 3 SE) |", "|---|---|---|---|---|"]
     for k, c in s["contrasts"].items():
         seeds = "n/a (1 seed)" if c["se_seeds"] is None else f"{c['se_seeds']:.4f}"

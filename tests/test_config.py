@@ -41,6 +41,11 @@ def test_bad_values_name_the_field():
         load_config(None, ["learner.lr"])
     with pytest.raises(ConfigError, match="num_blocks > 1 needs"):
         load_config(None, ["replay.num_blocks=2"])
+    with pytest.raises(ConfigError, match="data.rollout_skip must be >= 0 and needs data.rollout_prompts=after_sft"):
+        load_config(None, ["data.rollout_skip=8"])
+    with pytest.raises(ConfigError, match="learner.eval_at must list steps >= 1"):
+        load_config(None, ["learner.eval_at=[0, 5]"])
+    assert load_config(None, ["data.rollout_prompts=after_sft", "data.rollout_skip=8", "learner.eval_at=[5, 10]"]).learner.eval_at == [5, 10]
 
 
 def test_bad_files(tmp_path):

@@ -33,18 +33,24 @@ def test_plateau_smoke(tmp_path):
     rows = list(csv.DictReader(open(rep / "results.csv")))
     last = {}
     for row in rows:
-        if row["arm"] != "warmup":
+        if row["arm"] not in ("warmup", "sft_curve"):
             last[(row["arm"], row["seed"])] = int(row["arm_step"])
     assert set(last.values()) == {4} and len(last) == 11
     assert s["eval_steps"] == int(rows[0]["eval_steps"]) > 0
-    # every arm and seed rolled out the same prompt set: seed 0 in one order, seed 1 in another
+    # the arms of one seed roll out the same prompts in the same order; seed 1 rolls out another sample, disjoint
     def prompts(arm, seed):
         return [json.loads(x)["prompt_id"] for x in open(next((out / "arms").glob(f"{arm}_*_s{seed}")) / "opd_sequences.jsonl")]
 
     b0, b1, a0 = prompts("B", 0), prompts("B", 1), prompts("A", 0)
-    assert b0 == a0 and sorted(b0) == sorted(b1) and b0 != b1
+    assert b0 == a0 and len(set(b0)) == len(set(b1)) == 8 and not set(b0) & set(b1)
     split = json.loads((out / "warmup" / "split.json").read_text())
-    assert split["num_rollout"] == 8 and not set(b0) & set(split["eval_ids"])
+    assert split["num_rollout"] == 16 and not (set(b0) | set(b1)) & set(split["eval_ids"])
+    for seed in (0, 1):
+        assert json.loads((next((out / "arms").glob(f"B_*_s{seed}")) / "split.json").read_text())["num_rollout"] == 8
+    # the SFT curve: the warm-up evaluated at step 0 and at log-spaced steps up to its last
+    assert [c["step"] for c in s["sft_curve"]] == [0, 1, 3, 6] and s["sft_curve"][-1]["tau"] == s["tau_warmup"]
+    assert [(g["from_step"], g["to_step"]) for g in s["sft_plateau"]["gains"]] == [(1, 3), (3, 6)]
+    assert sum(r["arm"] == "sft_curve" for r in rows) == 4
     cfg_a = yaml.safe_load((next((out / "arms").glob("A_*_s0")) / "config.yaml").read_text())
     assert cfg_a["loss"]["response"] == "ttt" and cfg_a["loss"]["lambda_rej"] == 0
     # A supervises about as many positions per step as B's accepted stream; B and G train the official recipes
@@ -72,12 +78,14 @@ def test_plateau_refuses_unknown_arms_and_presets(tmp_path):
 
 
 def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
-    """docs/plateau's summary.md and plot come back from its summary.json and results.csv through the code the
+    """docs/plateau's (and docs/plateau/v2's) summary.md and plot come back from its summary.json and results.csv through the code the
     command runs (`dopd experiment render`): the experiment left the core without changing what it reports."""
-    src = Path(__file__).resolve().parents[1] / "docs" / "plateau"
-    for f in ("summary.json", "results.csv"):
-        shutil.copy(src / f, tmp_path / f)
-    r = CliRunner().invoke(app, ["experiment", "render", str(tmp_path)])
-    assert r.exit_code == 0, r.output
-    assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
-    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    for src in (Path(__file__).resolve().parents[1] / "docs" / "plateau" / v for v in ("", "v2")):
+        d = tmp_path / (src.name or "v3")
+        d.mkdir()
+        for f in ("summary.json", "results.csv"):
+            shutil.copy(src / f, d / f)
+        r = CliRunner().invoke(app, ["experiment", "render", str(d)])
+        assert r.exit_code == 0, r.output
+        assert (d / "summary.md").read_text() == (src / "summary.md").read_text(), src
+        assert (d / "plot.png").stat().st_size > 10_000
