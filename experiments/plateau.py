@@ -172,7 +172,7 @@ def plateau(
     target = None
     warmups: dict[tuple[str, ...], tuple[Path, dict, dict]] = {}
 
-    def warmup(extra_warm: tuple[str, ...]) -> tuple[Path, dict, dict]:
+    def warmup(extra_warm: tuple[str, ...]) -> tuple[Path, list[dict], dict]:
         nonlocal target
         if extra_warm in warmups:
             return warmups[extra_warm]
@@ -185,11 +185,12 @@ def plateau(
             log(f"== warm-up{' (' + ', '.join(extra_warm) + ')' if extra_warm else ''}: {W} SFT steps on the target's answers to {n_sft} prompts")
             train(wcfg, InProcess(wcfg, target=target, log=log))
         wsum = json.loads((wdir / "summary.json").read_text())
-        warmups[extra_warm] = (wdir / "checkpoints" / f"step_{W:07d}", _rows(wdir / "metrics.jsonl", "eval")[-1], wsum["time"])
+        warmups[extra_warm] = (wdir / "checkpoints" / f"step_{W:07d}", _rows(wdir / "metrics.jsonl", "eval"), wsum["time"])
         return warmups[extra_warm]
 
-    _, warm, warm_state = warmup(())  # the warm-up's own final evaluation (its drafter, at step W)
-    sft_curve = [{k: e[k] for k in ("step", "flops", "tau", "steps", "position_accepted")} for e in _rows(out / "warmup" / "metrics.jsonl", "eval")]
+    _, warm_evals, warm_state = warmup(())
+    warm = warm_evals[-1]  # the warm-up's own final evaluation (its drafter, at step W)
+    sft_curve = [{k: e[k] for k in ("step", "flops", "tau", "steps", "position_accepted")} for e in warm_evals]
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
     log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
     K = cfg0.rollout.block_size
