@@ -5,7 +5,7 @@ Design (issue "[2 of 6]"), top to bottom:
    held-out tau is compared with the preset's gate. A warm-up under the gate makes the run UNDERPOWERED (said in
    the summary): at low tau most positions are block starts, so error and random anchors train nearly the same
    states and a null would mean nothing.
-2. Arms, each resumed from that checkpoint (drafter, optimizer, RNG), each taking the same number of optimizer
+2. Arms, each resumed from that checkpoint (drafter, optimizer, RNG), at the preset's `learner.opd_lr`, each taking the same number of optimizer
    steps on the same new prompts (`data.rollout_prompts=after_sft`, a pool of exactly steps x micro-batch prompts),
    in the same order for a given seed (seeds change the order). At T = 0 the rollout text is the target's greedy
    text whatever the drafter, generated once and cached on disk for every arm and seed. DFlash arms train a named
@@ -91,13 +91,16 @@ _DRAFTERS_CPU = {
     "eagle3": ["drafter.kind=eagle3", "rollout.block_size=4", "drafter.draft_vocab_size=8192"],
 }
 PRESETS: dict[str, Preset] = {
-    # SmolLM2-135M (bf16 on an AMX CPU) on 2 cores (docs/plateau/README.md: the measured time, the depth pilot)
+    # SmolLM2-135M (bf16 on an AMX CPU) on 2 cores (docs/plateau/README.md: the measured time, the depth pilot).
+    # The arms peak at the warm-up's final rate (opd_lr = lr x min_lr_ratio): restarting at lr itself cost every arm,
+    # SFT included, held-out tau within its 32 steps (docs/plateau/v3/)
     "cpu": Preset(
         overrides=[
             "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=384", "sft.num_prompts=640",
             "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8",
             "learner.micro_batch_size=4", "learner.refresh_every=2", "learner.lr=1e-3",
-            "learner.warmup_steps=10", "eval.num_prompts=64", "eval.max_new_tokens=512", "learner.checkpoint_every=1000000",
+            "learner.warmup_steps=10", "learner.opd_lr=1e-4", "eval.num_prompts=64", "eval.max_new_tokens=512",
+            "learner.checkpoint_every=1000000",
         ],  # fmt: skip
         warmup_steps=1000, gate=2.5, arm_steps=32, evals=1, seeds=2, drafters=_DRAFTERS_CPU,
     ),
@@ -106,7 +109,7 @@ PRESETS: dict[str, Preset] = {
         overrides=[
             "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=512", "sft.num_prompts=4096",
             "sft.max_new_tokens=256", "rollout.max_new_tokens=256", "rollout.batch_size=32", "learner.micro_batch_size=16",
-            "learner.refresh_every=2", "learner.lr=5e-4", "learner.warmup_steps=50", "eval.num_prompts=64",
+            "learner.refresh_every=2", "learner.lr=5e-4", "learner.warmup_steps=50", "learner.opd_lr=5e-5", "eval.num_prompts=64",
             "eval.max_new_tokens=512", "model.device=cuda", "model.dtype=bfloat16", "learner.checkpoint_every=1000000",
         ],  # fmt: skip
         warmup_steps=3000, gate=3.5, arm_steps=200, evals=4, seeds=3,
@@ -200,7 +203,7 @@ def plateau(
     for arm, seed in plan(arms, seeds):
         rdir = out / "arms" / f"{arm}_{ARMS[arm].name}_s{seed}"
         own, extra_warm = arm_overrides(arm, drafter, preset)
-        a_ckpt = warmup(tuple(extra_warm))[0]
+        a_ckpt, a_evals, a_state = warmup(tuple(extra_warm))
         ov = base + own + [
             "mode=opd", f"seed={seed}", f"data.num_train={n_sft + (seed + 1) * pool}", f"data.rollout_skip={seed * pool}", f"sft.warmup_steps={W}", f"learner.steps={N}",
             f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={a_ckpt}",
@@ -218,14 +221,16 @@ def plateau(
             train(cfg, InProcess(cfg, target=target, log=log))
         evals = _rows(rdir / "metrics.jsonl", "eval")
         steps = _rows(rdir / "metrics.jsonl", "step")
-        runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text())}
+        # where the arm started: its FLOPs, time and tau are counted from its own warm-up (P has another head)
+        start = {"flops": a_evals[-1]["flops"], "tau": a_evals[-1]["tau"], "steps": a_evals[-1]["steps"], "state": a_state, "own": bool(extra_warm), "overrides": list(extra_warm)}
+        runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text()), "start": start}
 
     # 3. statistics and reports
     summary = _summarize(P, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, time.time() - t_call, sft_curve)
     for d in {out} | ({report} if report else set()):
         d.mkdir(parents=True, exist_ok=True)
         (d / "summary.json").write_text(json.dumps(summary, indent=1))
-        _csv(d / "results.csv", warm, runs, warm_state, sft_curve)
+        _csv(d / "results.csv", warm, runs, sft_curve)
         render_report(d)
     return summary
 
@@ -263,7 +268,6 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
         tau_final[arm], tau_se[arm] = arm_mean_se(pp)
     contrasts = {f"{x}-{y}": contrast(final[x], final[y]) for x, y in CONTRASTS if x in final and y in final}
     warm_pp = _per_prompt(warm)
-    w_flops = warm["flops"]
     per_arm = {}
     for arm in final:
         rs = [r for (a, _), r in sorted(runs.items()) if a == arm]
@@ -272,12 +276,14 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
             "tau_per_seed": [r["evals"][-1]["tau"] for r in rs],
             "position_accepted": sum(e["position_accepted"] for e in final_rows[arm]) / len(rs),
             "alpha1": sum(e["alpha"][0] for e in final_rows[arm]) / len(rs),
-            "learner_flops": sum(r["summary"]["flops"] - w_flops for r in rs) / len(rs),
-            "train_s": sum(_train_s(r["evals"][-1], warm_state) for r in rs) / len(rs),
+            "learner_flops": sum(r["summary"]["flops"] - r["start"]["flops"] for r in rs) / len(rs),
+            "train_s": sum(_train_s(r["evals"][-1], r["start"]["state"]) for r in rs) / len(rs),
             "n_acc_per_step": sum(sum(s["n_acc"] for s in r["steps"]) / max(1, len(r["steps"])) for r in rs) / len(rs),
             "n_rej_per_step": sum(sum(s["n_rej"] for s in r["steps"]) / max(1, len(r["steps"])) for r in rs) / len(rs),
             "diagnostics": _diagnostics([s for r in rs for s in r["steps"]]),
         }  # fmt: skip
+        if rs[0]["start"]["own"]:  # its own warm-up: the start its change is measured from (not the shared one's)
+            per_arm[arm]["own_warmup"] = {k: rs[0]["start"][k] for k in ("overrides", "tau", "steps", "flops")}
     powered = gate["met"]
     return {
         "preset": preset, "drafter": drafter, "block_size": cfg0.rollout.block_size, "target": cfg0.model.target,
@@ -292,7 +298,7 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
         "contrasts": contrasts, "significance": "|diff| > 3 SE of the difference (SE = sqrt(se_prompts^2 + se_seeds^2))",
         "arms": per_arm, "warmup_steps": P.warmup_steps, "arm_steps": P.arm_steps,
         "micro_batch_size": cfg0.learner.micro_batch_size, "command": command, "wall_s_this_call": wall,
-        "wall_s_recorded": _wall_recorded(runs, warm, warm_state),
+        "wall_s_recorded": _wall_recorded(runs, warm_state),
     }  # fmt: skip
 
 
@@ -310,24 +316,30 @@ def _diagnostics(steps: list[dict]) -> dict:
     return out
 
 
-def _wall_recorded(runs, warm, warm_state) -> dict:
-    """Seconds spent per phase as the runs' own counters recorded them (rollout/replay/learner/eval)."""
-    w = sum(warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s"))
+def _wall_recorded(runs, warm_state) -> dict:
+    """Seconds spent per phase as the runs' own counters recorded them (rollout/replay/learner/eval): every warm-up
+    once (the shared one and any arm's own), each arm from its own warm-up's counters."""
+    phases = ("rollout_s", "replay_s", "learner_s", "eval_s")
+    own = {json.dumps(r["start"]["state"], sort_keys=True): r["start"]["state"] for r in runs.values() if r["start"]["own"]}
+    w = sum(st[k] for st in [warm_state, *own.values()] for k in phases)
     arms = 0.0
     for r in runs.values():
         st = r["summary"]["time"]
-        arms += sum(st[k] - warm_state[k] for k in ("rollout_s", "replay_s", "learner_s", "eval_s"))
+        arms += sum(st[k] - r["start"]["state"][k] for k in phases)
     return {"warmup": w, "arms": arms, "total": w + arms}
 
 
-def _csv(path: Path, warm, runs, warm_state, sft_curve=()) -> None:
+def _csv(path: Path, warm, runs, sft_curve=()) -> None:
     head = ("arm", "seed", "step", "arm_step", "learner_flops_after_warmup", "train_s_after_warmup", "tau", "alpha1", "position_accepted", "eval_steps")
     rows = [head, ("warmup", 0, warm["step"], 0, 0.0, 0.0, warm["tau"], warm["alpha"][0], warm["position_accepted"], warm["steps"])]
     # the SFT curve (the warm-up's own evaluations): learner FLOPs counted from step 0, arm_step = steps before the end
     rows += [("sft_curve", 0, c["step"], c["step"] - warm["step"], c["flops"], "", c["tau"], "", c["position_accepted"], c["steps"]) for c in sft_curve]
     for (arm, seed), r in sorted(runs.items()):
+        st = r["start"]
+        if st["own"]:  # an arm with its own warm-up: its start is its first row (arm_step 0), not the shared warm-up
+            rows.append((arm, seed, warm["step"], 0, 0.0, 0.0, st["tau"], "", "", st["steps"]))
         for e in r["evals"]:
-            rows.append((arm, seed, e["step"], e["step"] - warm["step"], e["flops"] - warm["flops"], _train_s(e, warm_state), e["tau"], e["alpha"][0], e["position_accepted"], e["steps"]))
+            rows.append((arm, seed, e["step"], e["step"] - warm["step"], e["flops"] - st["flops"], _train_s(e, st["state"]), e["tau"], e["alpha"][0], e["position_accepted"], e["steps"]))
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
 
@@ -352,16 +364,18 @@ def _plot(path: Path, rows: list[dict], s: dict) -> None:
             curves.setdefault((r["arm"], int(r["seed"])), []).append(r)
     seen = set()
     for (arm, seed), evals in sorted(curves.items()):
-        xs_f = [0.0] + [float(e["learner_flops_after_warmup"]) for e in evals]
-        xs_t = [0.0] + [float(e["train_s_after_warmup"]) for e in evals]
-        ys = [float(warm["tau"])] + [float(e["tau"]) for e in evals]
+        if evals[0]["arm_step"] != "0":  # the arm started from the shared warm-up (else its first row is its own start)
+            evals = [{"learner_flops_after_warmup": 0.0, "train_s_after_warmup": 0.0, "tau": warm["tau"]}, *evals]
+        xs_f = [float(e["learner_flops_after_warmup"]) for e in evals]
+        xs_t = [float(e["train_s_after_warmup"]) for e in evals]
+        ys = [float(e["tau"]) for e in evals]
         label = None if arm in seen else f"{arm}: {ARMS[arm].what}"
         seen.add(arm)
         style = "-" if seed == 0 else ":"
         axes[0].plot(xs_f, ys, style, marker="o", ms=3, color=colors[arm], label=label)
         axes[1].plot(xs_t, ys, style, marker="o", ms=3, color=colors[arm])
-    axes[0].set_xlabel("learner FLOPs after the shared warm-up")
-    axes[1].set_xlabel("training wall time after the warm-up, s (rollout + scoring + learner)")
+    axes[0].set_xlabel("learner FLOPs after the arm's warm-up")
+    axes[1].set_xlabel("training wall time after the arm's warm-up, s (rollout + scoring + learner)")
     axes[0].set_ylabel(f"held-out tau ({s['eval_prompts']} prompts x {s['eval_max_new_tokens']} tokens)")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -397,6 +411,10 @@ def _markdown(s: dict) -> str:
     ]  # fmt: skip
     for arm, v in s["arms"].items():
         lines.append(f"| {arm} | {v['what']} | {v['seeds']} | {s['tau_final'][arm]:.4f} | {s['tau_se'][arm]:.4f} | {v['position_accepted']:.4f} | {v['n_acc_per_step']:.0f} / {v['n_rej_per_step']:.0f} |")
+    for arm, v in s["arms"].items():
+        if v.get("own_warmup"):  # its tau moved from its own start, not from the shared warm-up's
+            w = v["own_warmup"]
+            lines.append(f"\n{arm} starts from its own warm-up ({', '.join(w['overrides'])}; otherwise the shared one's steps and prompts): held-out tau {w['tau']:.4f} ({w['steps']} verification steps), so the arm moved tau by {s['tau_final'][arm] - w['tau']:+.4f}.")
     diag = {arm: v["diagnostics"] for arm, v in s["arms"].items() if v.get("diagnostics")}
     if diag:  # learner diagnostics, mean over the arm's steps (a blank: the arm's loss has no such stream)
         lines += ["", "Learner diagnostics (mean over steps): the share of each stream's positions a clip silences, the replay-mismatch KL(q || p) by position group, gradient norms:", "",

@@ -61,6 +61,15 @@ def test_plateau_smoke(tmp_path):
     for arm, recipe in (("B", "official-2605"), ("G", "official-tv"), ("H", "official-2605"), ("P", "dopd-2511")):
         assert yaml.safe_load((next((out / "arms").glob(f"{arm}_*_s0")) / "config.yaml").read_text())["loss"]["recipe"] == recipe
     assert (rep / "plot.png").stat().st_size > 10_000 and "| B-C |" in (rep / "summary.md").read_text()
+    # P has its own warm-up (another head): its FLOPs, time and change are counted from that start, not the shared one
+    for arm, v in s["arms"].items():
+        assert v["learner_flops"] > 0 and v["train_s"] > 0, arm
+        assert ("own_warmup" in v) == (arm == "P"), arm
+    own = s["arms"]["P"]["own_warmup"]
+    assert own["overrides"] == ["drafter.draft_vocab_size=200"] and own["steps"] > 0
+    start = next(r for r in rows if r["arm"] == "P")
+    assert start["arm_step"] == "0" and float(start["tau"]) == own["tau"]
+    assert f"P starts from its own warm-up (drafter.draft_vocab_size=200" in (rep / "summary.md").read_text()
 
     # resumable: a rerun trains nothing (every run's summary exists) and writes the same contrasts
     before = {p: p.stat().st_mtime for p in (out / "arms").glob("*/summary.json")}
@@ -78,9 +87,9 @@ def test_plateau_refuses_unknown_arms_and_presets(tmp_path):
 
 
 def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
-    """docs/plateau's (and docs/plateau/v2's) summary.md and plot come back from its summary.json and results.csv through the code the
+    """docs/plateau's (and its earlier runs' v3/, v2/) summary.md and plot come back from its summary.json and results.csv through the code the
     command runs (`dopd experiment render`): the experiment left the core without changing what it reports."""
-    for src in (Path(__file__).resolve().parents[1] / "docs" / "plateau" / v for v in ("", "v2")):
+    for src in (Path(__file__).resolve().parents[1] / "docs" / "plateau" / v for v in ("", "v3", "v2")):
         d = tmp_path / (src.name or "v3")
         d.mkdir()
         for f in ("summary.json", "results.csv"):
@@ -89,3 +98,15 @@ def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
         assert r.exit_code == 0, r.output
         assert (d / "summary.md").read_text() == (src / "summary.md").read_text(), src
         assert (d / "plot.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_real_presets_start_the_arms_at_the_warmups_final_learning_rate(preset):
+    """The arms resume a warm-up that annealed to lr x min_lr_ratio: a preset whose OPD phase peaks anywhere else
+    restarts every arm, SFT included, at another step size (docs/plateau/v3: at 10x, all arms fell below the warm-up)."""
+    from dopd.common.config import load_config
+    from dopd.experiments.plateau import PRESETS
+
+    P = PRESETS[preset]
+    c = load_config(None, P.overrides + P.drafters["dflash"]).learner
+    assert c.opd_lr == pytest.approx(c.lr * c.min_lr_ratio)
