@@ -251,6 +251,10 @@ class LearnerConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1  # the cosine's floor, as a share of learner.lr
     opd_lr: float | None = None  # the Draft-OPD phase's peak learning rate (None = lr)
+    # a run that starts the Draft-OPD phase from another run's checkpoint (resume_from at its last SFT step):
+    # "continue" its AdamW moments, or start them "fresh" (zero, step 0), as the official pipeline does by running
+    # OPD as a separate job from a saved drafter (REFERENCES.md: the e81a8bc script starts from a model directory)
+    opd_optimizer: Literal["continue", "fresh"] = "continue"
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
     refresh_every: int = 4  # learner steps between drafter refreshes of the rollout copy (= publish_every)
@@ -444,6 +448,11 @@ class Config:
             raise ConfigError("learner.micro_batch_size must be >= 1")
         if self.learner.opd_lr is not None and not self.learner.opd_lr > 0:
             raise ConfigError(f"learner.opd_lr must be > 0 or null (got {self.learner.opd_lr})")
+        if self.learner.opd_optimizer == "fresh" and (self.mode != "opd" or self.resume_from is None):
+            raise ConfigError(
+                "learner.opd_optimizer=fresh applies to a Draft-OPD run (mode=opd) that starts from another run's checkpoint at its"
+                " last SFT step (resume_from=...): within one run both phases step one optimizer"
+            )
         if not 0.0 <= self.learner.min_lr_ratio <= 1.0:
             raise ConfigError(f"learner.min_lr_ratio must be in [0, 1] (got {self.learner.min_lr_ratio}): the cosine's floor as a share of learner.lr")
         if self.learner.refresh_every < 1:

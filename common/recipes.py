@@ -110,6 +110,9 @@ class Recipe:
         return [(k, _get(cfg, k), v) for k, v in cls.settings.items() if _get(cfg, k) != v]
 
 
+# OPD runs as its own verl job from a saved drafter (a model directory: no optimizer state); dopd's one run keeps
+# the SFT warm-up's AdamW moments unless a run that starts from the warm-up's checkpoint sets it fresh
+_FRESH_OPTIMIZER = Difference("AdamW moments at the Draft-OPD start: the SFT warm-up's", "fresh (a new job from a saved drafter)", "learner.opd_optimizer")
 _DFLASH_DIFFERENCES = (
     Difference("starting drafter", "a converged DFlash drafter (z-lab/Qwen3-4B-DFlash-b16; dopd: its own SFT warm-up)", "drafter.init"),
     Difference("block size", "16 = 1 anchor + 15 drafts", "rollout.block_size"),
@@ -121,6 +124,7 @@ _DFLASH_DIFFERENCES = (
     Difference("response length", "4096 tokens", "rollout.max_new_tokens"),
     Difference("MASK input: the embedding row of this token, frozen", "the drafter checkpoint's mask token", "drafter.mask_token_id"),
     Difference("policy lag", "one rollout batch per optimizer pass", "learner.refresh_every"),
+    _FRESH_OPTIMIZER,
 )
 
 
@@ -223,6 +227,7 @@ class OfficialEagle3(Recipe):
         Difference("the cosine's floor (dopd: 0.1 x lr)", "not set in the scripts (not confirmed)", "learner.min_lr_ratio"),
         Difference("optimizer batch", "24 prompts x 10 accumulation steps", "learner.micro_batch_size"),
         Difference("response length", "3583 tokens", "rollout.max_new_tokens"),
+        _FRESH_OPTIMIZER,
     )
 
     @classmethod

@@ -42,6 +42,8 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 @dataclass
 class Checkpoint:
     path: Path
+    # the learner state without the optimizer's moments (learner.opd_optimizer=fresh): a new phase starts from zero
+    fresh_optimizer: bool = False
 
     @property
     def step(self) -> int:
@@ -55,7 +57,8 @@ class Checkpoint:
         return json.loads((self.path / "state.json").read_text())
 
     def learner(self) -> dict:
-        return torch.load(self.path / "learner.pt", weights_only=False)
+        state = torch.load(self.path / "learner.pt", weights_only=False)
+        return without_moments(state) if self.fresh_optimizer else state
 
     def weights(self) -> dict:
         from safetensors.torch import load_file
@@ -64,6 +67,17 @@ class Checkpoint:
 
     def records(self) -> list[bytes]:
         return list(msgpack.unpackb((self.path / "records.msgpack").read_bytes(), raw=False))
+
+
+def without_moments(state: dict) -> dict:
+    """A learner state (learner.pt) whose AdamW moments and step counts are zero, as a freshly built optimizer's
+    are after its first step creates them; the schedule (learning rates, scheduler position), weights, RNGs and data
+    position are kept. Both engines load it as they load any state (per named parameter)."""
+    opt = state.get("optimizer")
+    if opt is None:
+        return state
+    params = {n: {k: torch.zeros_like(v) for k, v in st.items()} for n, st in opt["params"].items()}
+    return {**state, "optimizer": {**opt, "params": params}}
 
 
 def _fsync(path: Path) -> None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dopd import checkpoint
 from dopd.backend import Backend, RunState
 from dopd.common.config import Config, dump_config
 from dopd.common.drafters import write_drafter
+from dopd.common.errors import DopdError
 from dopd.common.models import resolve_dtype
 
 
@@ -110,6 +111,10 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
     sched = Schedule.of(cfg)
     lc = cfg.learner
     ckpt = checkpoint.find(out, log) if resume else checkpoint.find(Path(cfg.resume_from), log) if cfg.resume_from else None
+    if ckpt is not None and not resume and lc.opd_optimizer == "fresh":
+        if ckpt.step != sched.warmup:
+            raise DopdError(f"learner.opd_optimizer=fresh starts the Draft-OPD phase afresh: {ckpt.path} is at step {ckpt.step}, the phase starts at sft.warmup_steps={sched.warmup}")
+        ckpt = replace(ckpt, fresh_optimizer=True)
     state = RunState()
     if ckpt is not None:
         state = RunState.from_dict(ckpt.state()["run"])

@@ -41,7 +41,7 @@ from dopd.common.sampler import EpochSampler
 from .batch import opd_batch, sft_batch
 from .diagnostics import grad_norm_split, trained_alpha
 from .objectives import objective_for
-from .optim import make_optimizer
+from .optim import make_optimizer, restore_schedule
 
 FLOP_COUNT_EVERY = 16
 
@@ -86,9 +86,7 @@ class TorchEngine:
         for name, s in blob["params"].items():
             p = params[name]
             self.opt.state[p] = {k: (v.to(p.device) if k != "step" else v.clone()) for k, v in s.items()}
-        for g, lr in zip(self.opt.param_groups, blob["lr"]):
-            g["lr"] = lr
-        self.sched.load_state_dict(blob["scheduler"])
+        restore_schedule(self.sched, self.opt.param_groups, blob["scheduler"])
 
 
 class Learner:

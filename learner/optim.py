@@ -49,3 +49,15 @@ def make_optimizer(module: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Op
     opt = torch.optim.AdamW(params, lr=cfg.learner.lr, betas=tuple(cfg.learner.betas), weight_decay=cfg.learner.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
+
+
+def restore_schedule(sched: torch.optim.lr_scheduler.LambdaLR, groups: list[dict], saved: dict) -> None:
+    """Continue a checkpoint's schedule at its position (the optimizer steps taken), with the learning rates THIS
+    run's schedule gives there: a run started from another run's checkpoint (resume_from) may change learner.lr,
+    opd_lr or the phase lengths, and its first step must already follow them (a resumed run gets the same rates)."""
+    sched.last_epoch = int(saved["last_epoch"])
+    sched._step_count = int(saved.get("_step_count", sched.last_epoch + 1))
+    lrs = [base * lam(sched.last_epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+    for g, lr in zip(groups, lrs):
+        g["lr"] = lr
+    sched._last_lr = lrs

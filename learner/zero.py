@@ -19,7 +19,7 @@ from dopd.common.models import load_frozen_io
 from dopd.common.errors import RecordError
 
 from .learner import Learner
-from .optim import make_optimizer
+from .optim import make_optimizer, restore_schedule
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
@@ -133,9 +133,7 @@ class DeepSpeedEngine:
                     safe_set_full_optimizer_state(p, saved[k], k)
                 else:
                     inner.state[p][k].copy_(saved[k])
-        for g, lr in zip(inner.param_groups, blob["lr"]):
-            g["lr"] = lr
-        self.sched.load_state_dict(blob["scheduler"])
+        restore_schedule(self.sched, inner.param_groups, blob["scheduler"])
 
 
 def make_rank(cfg: Config, rank: int, world: int, master_addr: str, master_port: int, device: str = "cpu") -> Learner:

@@ -93,3 +93,44 @@ def test_a_branch_evaluates_on_its_own_schedule(tmp_path, tiny):
     run(cfg, tiny, resume=True)
     assert checkpoint.find(child).state()["run"]["start_step"] == 3
     assert [r["step"] for r in rows(child, "eval")] == [5, 7]
+
+
+def test_a_fresh_opd_optimizer_starts_adam_from_zero_moments(tmp_path, tiny):
+    """`learner.opd_optimizer=fresh` (the official pipeline's separate OPD job): the first Draft-OPD step from an SFT
+    checkpoint is a first AdamW step (step count 1; each weight moves by lr x g / |g| = lr), while `continue` keeps
+    the warm-up's moments (step count 4, steps of another size). A checkpoint away from the phase start, or no
+    checkpoint at all, is refused by name."""
+    import numpy as np
+
+    from dopd.common.config import ConfigError
+    from dopd.common.errors import DopdError
+
+    parent = tmp_path / "parent"
+    run(cfg_for(parent, "mode=sft", "learner.steps=3", "learner.eval_every=100", "learner.checkpoint_every=100"), tiny)
+    ckpt = parent / "checkpoints" / "step_0000003"
+    before = checkpoint.Checkpoint(ckpt).weights()
+    seen = {}
+
+    def child(how: str, *extra: str) -> None:
+        lr = 1e-3
+        c = cfg_for(tmp_path / how, "mode=opd", "sft.warmup_steps=3", "learner.steps=1", "learner.warmup_steps=0", f"learner.opd_lr={lr}",
+                    "learner.weight_decay=0", "learner.eval_every=100", f"resume_from={ckpt}", f"learner.opd_optimizer={how}", *extra)  # fmt: skip
+
+        def on_step(backend, step):
+            opt = backend.training_state()["optimizer"]["params"]
+            w = backend.weights()
+            moved = np.concatenate([np.abs(w[k] - before[k].float().numpy()).ravel() for k in opt]) / lr
+            seen[how] = ({float(s["step"]) for s in opt.values()}, moved[moved > 0])
+
+        train(c, InProcess(c, target=tiny, log=lambda *a: None), on_step=on_step)
+
+    child("fresh")
+    child("continue")
+    steps, moved = seen["fresh"]
+    assert steps == {1.0} and np.median(moved) == pytest.approx(1.0, rel=0.02)
+    steps, moved = seen["continue"]
+    assert steps == {4.0} and not np.median(moved) == pytest.approx(1.0, rel=0.02)
+    with pytest.raises(DopdError, match="step 3, the phase starts at sft.warmup_steps=2"):
+        child("fresh", "sft.warmup_steps=2")
+    with pytest.raises(ConfigError, match="opd_optimizer=fresh"):
+        cfg_for(tmp_path / "x", "mode=opd", "learner.opd_optimizer=fresh")
