@@ -448,10 +448,10 @@ class Config:
             raise ConfigError("learner.micro_batch_size must be >= 1")
         if self.learner.opd_lr is not None and not self.learner.opd_lr > 0:
             raise ConfigError(f"learner.opd_lr must be > 0 or null (got {self.learner.opd_lr})")
-        if self.learner.opd_optimizer == "fresh" and (self.mode != "opd" or self.resume_from is None):
+        if self.learner.opd_optimizer == "fresh" and self.mode == "opd" and self.resume_from is None:
             raise ConfigError(
-                "learner.opd_optimizer=fresh applies to a Draft-OPD run (mode=opd) that starts from another run's checkpoint at its"
-                " last SFT step (resume_from=...): within one run both phases step one optimizer"
+                "learner.opd_optimizer=fresh applies to a Draft-OPD run that starts from another run's checkpoint at its last SFT"
+                " step (resume_from=...): within one run both phases step one optimizer (mode=sft runs ignore the key, like opd_lr)"
             )
         if not 0.0 <= self.learner.min_lr_ratio <= 1.0:
             raise ConfigError(f"learner.min_lr_ratio must be in [0, 1] (got {self.learner.min_lr_ratio}): the cosine's floor as a share of learner.lr")
