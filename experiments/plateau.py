@@ -165,7 +165,7 @@ def plateau(
     t_call = time.time()
     W, N = P.warmup_for(drafter), P.arm_steps
     base = P.overrides + P.drafters[drafter] + list(extra)
-    cfg0 = load_config(None, base)
+    cfg0 = load_config(None, base + ["mode=sft"])  # the settings every run shares, read as the warm-up's (no OPD phase)
     n_sft = cfg0.sft.num_prompts
     pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on; seed s takes the s-th such sample
     base += [f"data.num_train={n_sft + seeds * pool}", "data.rollout_prompts=after_sft"]
