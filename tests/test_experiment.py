@@ -87,9 +87,9 @@ def test_plateau_refuses_unknown_arms_and_presets(tmp_path):
 
 
 def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
-    """docs/plateau's (and its earlier runs' v3/, v2/) summary.md and plot come back from its summary.json and results.csv through the code the
+    """docs/plateau's (and its side run fresh/ and earlier runs v3/, v2/) summary.md and plot come back from its summary.json and results.csv through the code the
     command runs (`dopd experiment render`): the experiment left the core without changing what it reports."""
-    for src in (Path(__file__).resolve().parents[1] / "docs" / "plateau" / v for v in ("", "v3", "v2")):
+    for src in (Path(__file__).resolve().parents[1] / "docs" / "plateau" / v for v in ("", "fresh", "v3", "v2")):
         d = tmp_path / (src.name or "v3")
         d.mkdir()
         for f in ("summary.json", "results.csv"):
