@@ -222,7 +222,7 @@ def plateau(
         evals = _rows(rdir / "metrics.jsonl", "eval")
         steps = _rows(rdir / "metrics.jsonl", "step")
         # where the arm started: its FLOPs, time and tau are counted from its own warm-up (P has another head)
-        start = {"flops": a_evals[-1]["flops"], "tau": a_evals[-1]["tau"], "steps": a_evals[-1]["steps"], "state": a_state, "own": bool(extra_warm), "overrides": list(extra_warm)}
+        start = {"flops": a_evals[-1]["flops"], "tau": a_evals[-1]["tau"], "steps": a_evals[-1]["steps"], "state": a_state, "overrides": list(extra_warm)}
         runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text()), "start": start}
 
     # 3. statistics and reports
@@ -282,7 +282,7 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
             "n_rej_per_step": sum(sum(s["n_rej"] for s in r["steps"]) / max(1, len(r["steps"])) for r in rs) / len(rs),
             "diagnostics": _diagnostics([s for r in rs for s in r["steps"]]),
         }  # fmt: skip
-        if rs[0]["start"]["own"]:  # its own warm-up: the start its change is measured from (not the shared one's)
+        if rs[0]["start"]["overrides"]:  # its own warm-up: the start its change is measured from (not the shared one's)
             per_arm[arm]["own_warmup"] = {k: rs[0]["start"][k] for k in ("overrides", "tau", "steps", "flops")}
     powered = gate["met"]
     return {
@@ -320,7 +320,7 @@ def _wall_recorded(runs, warm_state) -> dict:
     """Seconds spent per phase as the runs' own counters recorded them (rollout/replay/learner/eval): every warm-up
     once (the shared one and any arm's own), each arm from its own warm-up's counters."""
     phases = ("rollout_s", "replay_s", "learner_s", "eval_s")
-    own = {json.dumps(r["start"]["state"], sort_keys=True): r["start"]["state"] for r in runs.values() if r["start"]["own"]}
+    own = {tuple(r["start"]["overrides"]): r["start"]["state"] for r in runs.values() if r["start"]["overrides"]}
     w = sum(st[k] for st in [warm_state, *own.values()] for k in phases)
     arms = 0.0
     for r in runs.values():
@@ -336,7 +336,7 @@ def _csv(path: Path, warm, runs, sft_curve=()) -> None:
     rows += [("sft_curve", 0, c["step"], c["step"] - warm["step"], c["flops"], "", c["tau"], "", c["position_accepted"], c["steps"]) for c in sft_curve]
     for (arm, seed), r in sorted(runs.items()):
         st = r["start"]
-        if st["own"]:  # an arm with its own warm-up: its start is its first row (arm_step 0), not the shared warm-up
+        if st["overrides"]:  # an arm with its own warm-up: its start is its first row (arm_step 0), not the shared warm-up
             rows.append((arm, seed, warm["step"], 0, 0.0, 0.0, st["tau"], "", "", st["steps"]))
         for e in r["evals"]:
             rows.append((arm, seed, e["step"], e["step"] - warm["step"], e["flops"] - st["flops"], _train_s(e, st["state"]), e["tau"], e["alpha"][0], e["position_accepted"], e["steps"]))
