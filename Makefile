@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test test-fast test-deps bench clean
+.PHONY: setup run test test-fast test-deps lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,8 +26,13 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo drafter.draft_vocab_size=8192 data.rollout_prompts=sft learner.steps=16 learner.opd_lr=2e-4
 
-test: setup test-deps
+test: setup test-deps lint
 	$(PY) -m pytest -q
+
+# ruff (config in pyproject.toml): the tree stays formatted and lint-clean; `make test` runs it before pytest
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 # the fast subset for development: no SmolLM2 (slow), no Ray (ray), no drafter training (heavy); `make test` is the full run
 test-fast: setup test-deps

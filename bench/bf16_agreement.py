@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 
-
 from dopd.common.drafters import drafter_for_target
 from dopd.common.evaluation import simulated_tau
 from dopd.common.models import load_target

@@ -151,7 +151,7 @@ def main() -> None:
             ref, hf_tps = hf_generate(target, ps, b, a.max_new_tokens)
             lim = limit_tok_s(target, hw, b, ctx)
 
-            def add(method, tps, tau=None, match=1.0, extra=None):
+            def add(method, tps, tau=None, match=1.0, extra=None, dt=dt, b=b, hf_tps=hf_tps, lim=lim):
                 rows.append({"dtype": dt, "method": method, "batch": b, "tokens_per_s": tps, "vs_hf": tps / hf_tps,
                              "vs_limit": tps / lim, "tau": tau, "same_as_hf": match, **(extra or {})})  # fmt: skip
 

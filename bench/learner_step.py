@@ -66,7 +66,7 @@ def main() -> None:
                 times[("sft", dt)].append(time.perf_counter() - t0)
         worker.set_weights(learners["float32"].gather_weights(), 1)
         records = [worker.produce(a.micro_batch)[0] for _ in range(a.steps + 1)]
-        for dt, ln in learners.items():
+        for ln in learners.values():
             ln.opd_step(records[0], 1)
         for batch in records[1:]:
             for dt, ln in learners.items():

@@ -78,7 +78,7 @@ def main() -> None:
             drafter = drafter_for_target(init, target, seed=0)
             maker = ExperienceMaker(target, cfg)
             rng = np.random.default_rng(0)
-            go = lambda: maker.records(drafter, prompts, 1, 0, 0, 0, 0, rng)  # noqa: E731
+            go = lambda maker=maker, drafter=drafter, rng=rng: maker.records(drafter, prompts, 1, 0, 0, 0, 0, rng)  # noqa: E731
             go()  # warm-up: fills the greedy-text and prefill caches (the "seen before" state)
             sec, (recs, st) = timed(go, a.repeats)
             rows[path] = {"seconds": sec, "records_per_s": len(recs) / sec, "tau": st.tau, "path": st.path}

@@ -45,9 +45,7 @@ def main_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
     """
     out = []
     for p in walk(dash["panels"]):
-        if p["type"] == "timeseries":
-            out.append(p)
-        elif p["type"] == "heatmap" and all(t.get("format") != "heatmap" for t in p.get("targets", [])):
+        if p["type"] == "timeseries" or p["type"] == "heatmap" and all(t.get("format") != "heatmap" for t in p.get("targets", [])):
             out.append(p)
     return out
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import RecordError
 from .models import Target
 from .progress import Progress
 from .pypi import cache_dir
-from .errors import RecordError
 from .record import SCHEMA_VERSION, TeacherRecord, decode_teacher, encode_teacher
 from .specdec import DecodeSettings, SeqResult, SpecEngine
 
@@ -246,7 +246,7 @@ def teacher_data(
         ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), lookahead, SCHEMA_VERSION, ROWS_REVISION] + (["hidden"] if hidden else [])
         return root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
 
-    for (pid, p), g in zip(prompts, texts):
+    for (pid, p), _text in zip(prompts, texts):
         path = path_of(p, with_lookahead)
         paths.append(path)
         try:

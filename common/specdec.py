@@ -229,7 +229,7 @@ class SpecEngine:
         while bool(active.any()):
             act = active.nonzero().squeeze(1)
             rows = None if len(act) == B else act
-            sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+            sel = (lambda t: t) if rows is None else (lambda t, rows=rows: t[rows])
             nb = sel(n).clone()
             t0 = time.perf_counter()
             prop = None

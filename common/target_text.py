@@ -62,7 +62,7 @@ def given_data(
     root = cache_dir() / "prefill"
     recs: list[TeacherRecord | None] = []
     paths = []
-    for (pid, p, ans), g in zip(items, texts):
+    for (pid, p, ans), _text in zip(items, texts):
         ident = {
             "given": True, "weights": target.fingerprint, "name": target.info.to_dict(), "dtype": str(target.dtype),
             "device": target.device.type, "prompt": list(map(int, p)), "answer": list(map(int, ans)), "pad": LOOKAHEAD,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -97,9 +96,9 @@ def eval_cmd(
     max_prompt_tokens: int = typer.Option(1024),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     dtype: str = typer.Option("auto", help="auto (bf16 where the device computes it natively, else float32) | float32 | bfloat16 | float16"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here"),
-    dump_outputs: Optional[Path] = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
+    threads: int | None = typer.Option(None, help="torch CPU threads"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the report as JSON here"),
+    dump_outputs: Path | None = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
     no_baseline: bool = typer.Option(False, help="skip plain target decoding (no speedup / identity check)"),
     simulate: bool = typer.Option(False, help="T = 0 only: exact tau/alpha from the target's cached greedy text with drafter forwards only (no decoding, no speeds)"),
     compare_match: bool = typer.Option(True, help="T > 0: also decode with greedy-match acceptance (greedy drafts, accepted iff equal to the target's sample) and report its tau next to rejection sampling's"),
@@ -192,9 +191,9 @@ def export_cmd(
     drafter_dir: Path = typer.Argument(..., help="a drafter directory (dopd's, or a speculators / SGLang / vLLM one)"),
     format: str = typer.Option(..., "--format", "-f", help="speculators (vLLM) | vllm (DFlash alias) | sglang"),
     out: Path = typer.Option(..., "--out", "-o", help="directory to write the server checkpoint to"),
-    verifier: Optional[str] = typer.Option(None, help="target written into the config as the verifier (a local directory "
+    verifier: str | None = typer.Option(None, help="target written into the config as the verifier (a local directory "
                                            "or hub id; default: the drafter's own target, as a local directory)"),
-    target: Optional[str] = typer.Option(None, help="target whose embedding/head the drafter uses (default: the drafter's "
+    target: str | None = typer.Option(None, help="target whose embedding/head the drafter uses (default: the drafter's "
                                          "own target; for a drafter not saved by dopd: --verifier)"),
     speculative_tokens: int = typer.Option(3, "--speculative-tokens", "-k", help="draft tokens per step written into the config"),
 ) -> None:
@@ -229,13 +228,13 @@ def export_cmd(
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train_cmd(
     ctx: typer.Context,
-    mode: Optional[str] = typer.Option(None, help="sft | opd (default: the config's, opd)"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; key=value arguments override it"),
-    actors: Optional[int] = typer.Option(None, help="rollout actors; given (>= 1) -> the Ray runner (runner=ray)"),
-    learners: Optional[int] = typer.Option(None, help="DeepSpeed ZeRO learner ranks (Ray runner)"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this directory from its newest good checkpoint"),
-    out: Optional[Path] = typer.Option(None, help="output directory (= out_dir=...)"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (in-process runner)"),
+    mode: str | None = typer.Option(None, help="sft | opd (default: the config's, opd)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config; key=value arguments override it"),
+    actors: int | None = typer.Option(None, help="rollout actors; given (>= 1) -> the Ray runner (runner=ray)"),
+    learners: int | None = typer.Option(None, help="DeepSpeed ZeRO learner ranks (Ray runner)"),
+    resume: Path | None = typer.Option(None, help="continue the run in this directory from its newest good checkpoint"),
+    out: Path | None = typer.Option(None, help="output directory (= out_dir=...)"),
+    threads: int | None = typer.Option(None, help="torch CPU threads (in-process runner)"),
 ) -> None:
     """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks."""
     _setup_torch(threads)
@@ -280,14 +279,14 @@ def _next_steps(cfg) -> None:
 
 @cluster_app.command("up")
 def cluster_up(
-    address: Optional[str] = typer.Option(None, help="join the cluster at HOST:PORT instead of starting a head"),
-    num_cpus: Optional[int] = typer.Option(None),
-    num_gpus: Optional[int] = typer.Option(None),
+    address: str | None = typer.Option(None, help="join the cluster at HOST:PORT instead of starting a head"),
+    num_cpus: int | None = typer.Option(None),
+    num_gpus: int | None = typer.Option(None),
     port: int = typer.Option(6379, help="head GCS port"),
     host: str = typer.Option("127.0.0.1", help="address this node binds and advertises"),
     with_prometheus: bool = typer.Option(False, help="also start a local Prometheus scraping dopd jobs and Ray"),
     prometheus_port: int = typer.Option(9090),
-    object_store_memory: Optional[int] = typer.Option(None, help="bytes"),
+    object_store_memory: int | None = typer.Option(None, help="bytes"),
 ) -> None:
     """Start a Ray head on loopback (or join one) and record its address for dopd train."""
     from dopd.cluster import up
@@ -328,10 +327,10 @@ def experiment_plateau(
     out: Path = typer.Option(..., help="output directory (a rerun skips the warm-up and every finished arm and seed)"),
     preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
     arms: str = typer.Option("A,B,G,C,D,H,P", help="comma-separated arms of A B G C D H P E F (experiments/plateau.py)"),
-    seeds: Optional[int] = typer.Option(None, help="seeds of arms A, B, G, C (default: the preset's)"),
+    seeds: int | None = typer.Option(None, help="seeds of arms A, B, G, C (default: the preset's)"),
     drafter: str = typer.Option("dflash", help="dflash | eagle3"),
-    report: Optional[Path] = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    report: Path | None = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
+    threads: int | None = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """SFT vs Draft-OPD vs its ablations from one gated warm-up, with seeds and paired bootstrap contrasts."""
     _setup_torch(threads)
@@ -351,7 +350,7 @@ def experiment_methods(
     out: Path = typer.Option(..., help="output directory (re-running skips finished arms and evaluations)"),
     preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
     arms: str = typer.Option(",".join(("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e", "dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")), help="comma-separated subset of the arms"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    threads: int | None = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
     _setup_torch(threads)
@@ -379,7 +378,7 @@ def _overrides(ctx: typer.Context) -> list[str]:
 @config_app.command("show", context_settings={"allow_extra_args": True})
 def config_show(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="show this file's values (key=value arguments override them) instead of the defaults"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="show this file's values (key=value arguments override them) instead of the defaults"),
 ) -> None:
     """Every config key with its value (the defaults unless --config) and its meaning, as YAML to edit."""
     from dopd.common.config import load_config
@@ -427,10 +426,10 @@ def config_check(
 def data_inspect(
     ctx: typer.Context,
     file: str = typer.Argument(..., help="conversation file (.jsonl, .json, .parquet, .arrow), saved dataset directory, or a builtin set"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="the run's config (data.*, model.target); key=value arguments override it"),
-    target: Optional[str] = typer.Option(None, help="whose chat template (default: the config's model.target)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="the run's config (data.*, model.target); key=value arguments override it"),
+    target: str | None = typer.Option(None, help="whose chat template (default: the config's model.target)"),
     show: int = typer.Option(1, help="examples to print through the template"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON here"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON here"),
 ) -> None:
     """What training would use: conversations, turns, tokens per turn, skips and why, one example templated."""
     from transformers import AutoTokenizer

@@ -142,7 +142,6 @@ class RolloutFleet:
 
     def produce(self, n: int) -> list[tuple[list[bytes], dict]]:
         """One synchronous round of n records, split over the actors in order (cluster.rollout=sync)."""
-        import ray
 
         counts = [len(c) for c in split_even(list(range(n)), len(self.handles))]
         refs = {i: self.handles[i].produce.remote(k) for i, k in enumerate(counts) if k}
@@ -196,7 +195,6 @@ class RolloutFleet:
     def teacher_data(self, items: list) -> list[bytes]:
         """SFT warm-up data from every actor at once: `items` split in N contiguous chunks, answers concatenated
         in the same order (deterministic for a given N: each chunk is answered with the config's seed)."""
-        import ray
 
         chunks = split_even(items, len(self.handles))
         refs = {i: self.handles[i].teacher_data.remote(ch) for i, ch in enumerate(chunks) if ch}
@@ -215,7 +213,6 @@ class RolloutFleet:
 
     def evaluate(self, ref, prompt_ids: list) -> dict:
         """The held-out evaluation of the weights `ref` (the learners'), on the first actor that answers."""
-        import ray
 
         for i, a in enumerate(self.handles):
             try:

@@ -15,8 +15,8 @@ import time
 import torch
 
 from dopd.common.config import Config
-from dopd.common.models import load_frozen_io
 from dopd.common.errors import RecordError
+from dopd.common.models import load_frozen_io
 
 from .learner import Learner
 from .optim import make_optimizer, restore_schedule

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dopd.common.drafters.base import Drafter, DraftState, DrafterSpec, Proposal
+from dopd.common.drafters.base import Drafter, DrafterSpec, DraftState, Proposal
 from dopd.common.sampling import processed_probs
 
 

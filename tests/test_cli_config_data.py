@@ -121,9 +121,10 @@ def test_train_on_the_example_in_both_answer_modes(tmp_path):
         runs[mode] = (out, split)
     assert runs["regenerate"][1]["eval_ids"] == runs["as_is"][1]["eval_ids"]  # one held-out set for both modes
     # what the OPD rounds rolled out: the dataset's answers (as_is), the target's own text (regenerate)
+    from transformers import AutoTokenizer
+
     from dopd.common.models import resolve_target
     from dopd.common.prompts import run_prompts
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_target("tiny-random-llama", quiet=True))
     given = {pid: ids + ans for pid, ids, ans in run_prompts(load_config(runs["as_is"][0] / "config.yaml"), tok).train}

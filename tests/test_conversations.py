@@ -205,7 +205,7 @@ def test_held_out_split_is_by_conversation_and_as_is_items_carry_answers(tiny):
     assert d["answers"] == "as_is" and d["skipped_tool_call"] == 2 and d["tool_messages"] == 2 and d["conversations"] == 38
     assert d["examples"] == len(regen.train) + len(regen.eval_ids)
     assert "38 conversations" in as_is.summary() and "skipped_tool_call 2" in as_is.summary()
-    for pid, ids, ans in as_is.train:
+    for _pid, _ids, ans in as_is.train:
         assert ans[-1] == tiny.tokenizer.eos_token_id or len(ans) == SFTConfig().max_new_tokens  # end of turn, or cut at the answer limit
     # a separate eval file: every turn of its first num_eval conversations
     ev = run_prompts(_cfg(f"data.eval_prompts={EXAMPLE}", "data.num_eval=2"), tiny.tokenizer)
@@ -229,7 +229,7 @@ def test_walk_accepts_nothing_past_a_given_answer():
     from dopd.common.resegment import walk
     from dopd.common.target_text import GivenText
 
-    K, pad = 4, 2
+    pad = 2
     prompt, answer = [5, 6], [7, 8, 9]
     blocks = np.array([[7, 8, 9, pad], [8, 9, pad, pad], [9, pad, pad, pad]])  # the text and its padding, everywhere
     given = walk(GivenText(prompt, answer, [pad] * 16, "eos"), blocks, np.zeros(blocks.shape, np.float32))

@@ -8,9 +8,9 @@ import urllib.request
 import numpy as np
 import pytest
 
+from dopd import checkpoint
 from dopd.common.config import load_config
 from dopd.common.errors import DopdError
-from dopd import checkpoint
 from dopd.common.metrics import METRICS
 from dopd.driver import RayFleet
 from dopd.train import train

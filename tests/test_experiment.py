@@ -69,7 +69,7 @@ def test_plateau_smoke(tmp_path):
     assert own["overrides"] == ["drafter.draft_vocab_size=200"] and own["steps"] > 0
     start = next(r for r in rows if r["arm"] == "P")
     assert start["arm_step"] == "0" and float(start["tau"]) == own["tau"]
-    assert f"P starts from its own warm-up (drafter.draft_vocab_size=200" in (rep / "summary.md").read_text()
+    assert "P starts from its own warm-up (drafter.draft_vocab_size=200" in (rep / "summary.md").read_text()
 
     # resumable: a rerun trains nothing (every run's summary exists) and writes the same contrasts
     before = {p: p.stat().st_mtime for p in (out / "arms").glob("*/summary.json")}

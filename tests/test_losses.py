@@ -78,7 +78,7 @@ def test_tv_and_jsd():
         Qb = [q[i] for i in TOPK_IDS[j]] + [1 - sum(q[i] for i in TOPK_IDS[j])]
         assert tv[j].item() == pytest.approx(0.5 * sum(abs(a - b) for a, b in zip(P, Qb)), rel=1e-5)
         M = [(a + b) / 2 for a, b in zip(P, Qb)]
-        kl = lambda X: sum(x * math.log(x / m) for x, m in zip(X, M) if x > 0)  # noqa: E731
+        kl = lambda X, M=M: sum(x * math.log(x / m) for x, m in zip(X, M) if x > 0)  # noqa: E731
         assert jsd[j].item() == pytest.approx(0.5 * kl(P) + 0.5 * kl(Qb), rel=1e-5)
 
 

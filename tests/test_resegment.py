@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import HashOracleDrafter
 
 from dopd.actors.experience import shuffled_plan
 from dopd.actors.resegmented import resegmented_rollout
@@ -14,7 +15,6 @@ from dopd.common.drafters import drafter_for_target
 from dopd.common.errors import PromptError
 from dopd.common.evaluation import quick_tau, simulated_tau
 from dopd.common.specdec import DecodeSettings
-from helpers import HashOracleDrafter
 
 TEXTS = ["hi", "write a function that sums a list", "2+2=?", "tell me a long story about a dragon and a knight"]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Drafter, DraftState, DrafterSpec, Proposal, register_kind
+from .base import Drafter, DrafterSpec, DraftState, Proposal, register_kind
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, grouped_attention
 
 

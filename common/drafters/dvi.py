@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from .base import Drafter, DraftState, DrafterSpec, Proposal, register_kind
+from .base import Drafter, DrafterSpec, DraftState, Proposal, register_kind
 from .layers import RMSNorm, causal_attention, grouped_attention
 
 
@@ -197,7 +197,6 @@ class DVIDrafter(Drafter):
         layers = self.shared_layers()
         rotary = self._target.model.rotary_emb
         dev = tokens.device
-        tdt = state.k[0].dtype
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
         tok, n = sel(tokens), sel(lengths)
         c = sel(state.ctx_end).clone()

@@ -20,7 +20,17 @@ from dopd.common.errors import ConfigError
 
 from ..batch import sft_batch
 from ..diagnostics import replay_split
-from ..losses import _clamped, acc_divergence, full_soft_ce, opd_masks, rej_divergence, sft_per_position, sft_valid, token_args, token_silenced
+from ..losses import (
+    _clamped,
+    acc_divergence,
+    full_soft_ce,
+    opd_masks,
+    rej_divergence,
+    sft_per_position,
+    sft_valid,
+    token_args,
+    token_silenced,
+)
 from . import register
 from .base import Mask, Objective, logq
 
