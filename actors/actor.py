@@ -45,7 +45,9 @@ class RolloutWorker:
         self.cfg = cfg
         self.actor_id = actor_id
         self.incarnation = incarnation if incarnation is not None else uuid.uuid4().int & 0x7FFFFFFF
-        self.target = target or load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True, forward=cfg.model.forward)
+        self.target = target or load_target(
+            cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True, forward=cfg.model.forward
+        )
         t = self.target
         # a reduced draft vocabulary is chosen by the learner side from the SFT data; until the first weights
         # arrive this copy holds a placeholder map (it drafts nothing before then)
@@ -61,7 +63,15 @@ class RolloutWorker:
 
     def _copy(self) -> Drafter:
         t = self.target
-        d = build_drafter(self.cfg.drafter, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, seed=self.cfg.seed, placeholder_vocab=True)
+        d = build_drafter(
+            self.cfg.drafter,
+            t.info,
+            t.model.config,
+            t.embed_tokens.weight,
+            t.lm_head.weight,
+            seed=self.cfg.seed,
+            placeholder_vocab=True,
+        )
         return d.to(t.device).eval().requires_grad_(False)
 
     def set_weights(self, state: dict, version: int) -> None:
@@ -70,7 +80,12 @@ class RolloutWorker:
 
     def state(self) -> dict:
         """What a checkpoint keeps of this worker: record numbering, the prompt order's position, its RNG."""
-        return {"seq_no": self.seq_no, "batch_no": self.batch_no, "sampler": self.sampler.state(), "rng": self.rng.bit_generator.state}
+        return {
+            "seq_no": self.seq_no,
+            "batch_no": self.batch_no,
+            "sampler": self.sampler.state(),
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state(self, state: dict) -> bool:
         """Continue a checkpoint's numbering, RNG and prompt order; False (the order starts afresh) when the order was
@@ -91,7 +106,15 @@ class RolloutWorker:
         batch = self._next_prompts(n or cfg.rollout.batch_size)
         seed = int(self.rng.integers(1 << 31))
         recs, st = self.maker.records(
-            self.drafter, batch, self.policy_version, self.actor_id, self.incarnation, self.seq_no, seed, self.rng, {"batch": self.batch_no}
+            self.drafter,
+            batch,
+            self.policy_version,
+            self.actor_id,
+            self.incarnation,
+            self.seq_no,
+            seed,
+            self.rng,
+            {"batch": self.batch_no},
         )
         self.seq_no += len(recs)
         self.batch_no += 1
@@ -115,7 +138,9 @@ class RolloutWorker:
         items, the dataset's own answers of (id, prompt ids, answer ids) items (data.answers=as_is), or
         (id, token ids, prompt length) sequences written elsewhere (`sft.sequences`) scored as they are."""
         layers = self.drafter.feature_layers
-        if items and len(items[0]) == 3 and isinstance(items[0][2], int):  # sft.sequences: a prompt length, not answer ids
+        if (
+            items and len(items[0]) == 3 and isinstance(items[0][2], int)
+        ):  # sft.sequences: a prompt length, not answer ids
             recs = prefill(self.target, layers, items, self.cfg.rollout.topk, feature_dtype=torch.bfloat16)
         else:
             recs = self.maker.teacher(layers, items)
@@ -148,7 +173,15 @@ class RolloutActor:
         self.weights_arrived = threading.Event()
         self.stop_flag = threading.Event()
         self.thread: threading.Thread | None = None
-        self.totals = {"records": 0, "tokens": 0, "anchors": 0, "batches": 0, "full_waits": 0, "dropped": 0, "rejected": 0}
+        self.totals = {
+            "records": 0,
+            "tokens": 0,
+            "anchors": 0,
+            "batches": 0,
+            "full_waits": 0,
+            "dropped": 0,
+            "rejected": 0,
+        }
         self.last: dict = {}
         self.error = ""
         self.put_error = ""  # the last failed put call (its records are counted as rejected)
@@ -249,7 +282,9 @@ class RolloutActor:
                     if res == "full":
                         retry.setdefault(s, []).append(d)
                     else:
-                        self.totals["dropped" if res == "dropped" else "rejected" if res == "rejected" else "records"] += 1
+                        self.totals[
+                            "dropped" if res == "dropped" else "rejected" if res == "rejected" else "records"
+                        ] += 1
                 if s in retry:
                     self.totals["full_waits"] += 1
             pending = retry

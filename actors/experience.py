@@ -51,15 +51,23 @@ class RoundStats:
     path: str  # "resegment" | "engine"
 
 
-def shuffled_plan(seg_lens: np.ndarray, prompt_len: int, response_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def shuffled_plan(
+    seg_lens: np.ndarray, prompt_len: int, response_len: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """The paper's random-anchor ablation: the segment lengths in random order, laid over the response with the
     leftover tokens spread as random gaps (token count preserved). Returns (anchors as prefix lengths, lengths)."""
     lens = rng.permutation(np.asarray(seg_lens, dtype=np.int64))
     spare = response_len - int(lens.sum())
     if spare < 0:
         raise ValueError(f"segments cover {int(lens.sum())} tokens, more than the response's {response_len}")
-    gaps = np.bincount(rng.integers(0, lens.size + 1, size=spare), minlength=lens.size + 1) if spare else np.zeros(lens.size + 1, dtype=np.int64)
-    starts = gaps[0] + np.concatenate([[0], np.cumsum(lens[:-1] + gaps[1:-1])]) if lens.size else np.zeros(0, dtype=np.int64)
+    gaps = (
+        np.bincount(rng.integers(0, lens.size + 1, size=spare), minlength=lens.size + 1)
+        if spare
+        else np.zeros(lens.size + 1, dtype=np.int64)
+    )
+    starts = (
+        gaps[0] + np.concatenate([[0], np.cumsum(lens[:-1] + gaps[1:-1])]) if lens.size else np.zeros(0, dtype=np.int64)
+    )
     return prompt_len + starts.astype(np.int64), lens
 
 
@@ -85,7 +93,9 @@ def shuffled_blocks(seq: Rolled, K: int, topk: int, rng: np.random.Generator) ->
     )  # fmt: skip
 
 
-def prefill_rolled(target: Target, feature_layers: list[int], seqs: list[Rolled], topk: int, hidden: bool = False) -> None:
+def prefill_rolled(
+    target: Target, feature_layers: list[int], seqs: list[Rolled], topk: int, hidden: bool = False
+) -> None:
     """Engine rollouts: the per-position teacher (and the target's hidden state) from one prefill of the committed text (in place)."""
     recs = prefill(target, feature_layers, [(s.prompt_id, s.tokens, s.prompt_len) for s in seqs], topk, hidden=hidden)
     for s, r in zip(seqs, recs):
@@ -124,10 +134,16 @@ class ExperienceMaker:
     def rollout(self, drafter: Drafter, prompts: list[tuple], seed: int) -> tuple[list[Rolled], RoundStats]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        if any(len(p) == 3 for p in prompts) and not self.resegment:  # config validation refuses this; a direct caller too
-            raise ValueError("items with given answers (data.answers=as_is) are re-segmented, not decoded: rollout.path=auto at T = 0")
+        if (
+            any(len(p) == 3 for p in prompts) and not self.resegment
+        ):  # config validation refuses this; a direct caller too
+            raise ValueError(
+                "items with given answers (data.answers=as_is) are re-segmented, not decoded: rollout.path=auto at T = 0"
+            )
         if self.resegment:
-            seqs, rs = resegmented_rollout(self.target, drafter, prompts, cfg, score=self.needs_rejected, log=self.log, hidden=self.needs_hidden)
+            seqs, rs = resegmented_rollout(
+                self.target, drafter, prompts, cfg, score=self.needs_rejected, log=self.log, hidden=self.needs_hidden
+            )
             accepted, tokens, path = rs.accepted, rs.new_tokens, "resegment"
         else:
             seqs, st = engine_rollout(self.target, drafter, prompts, cfg.rollout, seed)
@@ -149,7 +165,10 @@ class ExperienceMaker:
         extra: list[Blocks] = [Blocks.empty(K, topk) for _ in seqs]
         if cfg.replay.extra != "none":
             t0 = time.perf_counter()
-            anchors = [choose_anchors(s, cfg.replay.extra, drafter.context_start() + 1, cfg.replay.max_anchors_per_seq, rng) for s in seqs]
+            anchors = [
+                choose_anchors(s, cfg.replay.extra, drafter.context_start() + 1, cfg.replay.max_anchors_per_seq, rng)
+                for s in seqs
+            ]
             extra, rep = self.replayer.replay(drafter, seqs, anchors, seed)
             stats.replay_anchors, stats.replay_s = rep.anchors, time.perf_counter() - t0
         out = []
@@ -161,9 +180,15 @@ class ExperienceMaker:
             t = s.teacher if self.needs_teacher else None
             out.append(
                 ExperienceRecord(
-                    prompt_id=s.prompt_id, token_ids=np.asarray(s.tokens, dtype=np.int32), prompt_len=s.prompt_len,
-                    blocks=Blocks.concat(parts), features=s.features[: n - 1].to(torch.bfloat16), actor_id=actor_id,
-                    incarnation=incarnation, seq_no=seq_no + i, policy_version=version,
+                    prompt_id=s.prompt_id,
+                    token_ids=np.asarray(s.tokens, dtype=np.int32),
+                    prompt_len=s.prompt_len,
+                    blocks=Blocks.concat(parts),
+                    features=s.features[: n - 1].to(torch.bfloat16),
+                    actor_id=actor_id,
+                    incarnation=incarnation,
+                    seq_no=seq_no + i,
+                    policy_version=version,
                     meta={"block_size": K, "temperature": cfg.rollout.temperature, "path": stats.path, **(meta or {})},
                     teacher_topk_ids=None if t is None else t.topk_ids[: n - 1],
                     teacher_topk_probs=None if t is None else t.topk_probs[: n - 1],

@@ -66,7 +66,9 @@ class Replayer:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def replay(self, drafter: Drafter, seqs: list[Rolled], anchors: list[np.ndarray], seed: int) -> tuple[list[Blocks], ReplayStats]:
+    def replay(
+        self, drafter: Drafter, seqs: list[Rolled], anchors: list[np.ndarray], seed: int
+    ) -> tuple[list[Blocks], ReplayStats]:
         K, R, topk = self.rollout_cfg.block_size, self.cfg.num_blocks, self.rollout_cfg.topk
         stats = ReplayStats()
         out: list[Blocks] = [Blocks.empty(K, topk) for _ in seqs]
@@ -107,7 +109,9 @@ class Replayer:
         anc = torch.zeros(len(seqs), M, dtype=torch.long, device=dev)
         for i, a in enumerate(anchors):
             anc[i, : a.size] = torch.as_tensor(a, device=dev)
-        ids, lp, q_tok = drafter.draft_blocks(tokens, feats, torch.tensor(lens, device=dev), anc, K, self.cfg.temperature, gen)
+        ids, lp, q_tok = drafter.draft_blocks(
+            tokens, feats, torch.tensor(lens, device=dev), anc, K, self.cfg.temperature, gen
+        )
         return dict(seqs=seqs, anchors=anchors, ids=ids, lp=lp, q=q_tok, scored=0)
 
     def _score(self, ch: dict, K: int, topk: int, gen) -> list[Blocks]:
@@ -123,7 +127,9 @@ class Replayer:
         for i in range(len(seqs)):
             a = torch.as_tensor(anchors[i], device=dev)
             M = a.numel()
-            h = torch.stack([torch.cat([seq_h[i][int(x) - 1 : int(x)], br_h[i][m]], 0) for m, x in enumerate(anchors[i])])  # [M,K,H]
+            h = torch.stack(
+                [torch.cat([seq_h[i][int(x) - 1 : int(x)], br_h[i][m]], 0) for m, x in enumerate(anchors[i])]
+            )  # [M,K,H]
             logits = head(h).float()
             lsm = torch.log_softmax(logits, -1)
             d = ids[i, :M]
@@ -133,7 +139,11 @@ class Replayer:
             if greedy:
                 ok = d == logits.argmax(-1)
             else:
-                pp = processed_probs(logits, self.rollout_cfg.temperature, self.rollout_cfg.top_p).gather(-1, d[..., None]).squeeze(-1)
+                pp = (
+                    processed_probs(logits, self.rollout_cfg.temperature, self.rollout_cfg.top_p)
+                    .gather(-1, d[..., None])
+                    .squeeze(-1)
+                )
                 u = torch.rand(pp.shape, generator=gen, device=dev)
                 ok = u * ch["q"][i, :M] < pp
             accept = ok.long().cumprod(-1).bool()

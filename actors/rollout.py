@@ -47,7 +47,9 @@ def rollout_settings(cfg: RolloutConfig, seed: int) -> DecodeSettings:
     )  # fmt: skip
 
 
-def rollout(target: Target, drafter: Drafter, prompt_ids: list[list[int]], cfg: RolloutConfig, seed: int) -> tuple[list[SeqResult], EngineStats]:
+def rollout(
+    target: Target, drafter: Drafter, prompt_ids: list[list[int]], cfg: RolloutConfig, seed: int
+) -> tuple[list[SeqResult], EngineStats]:
     """Speculative decoding to completion for every prompt (continuous batching), with records and features."""
     was = drafter.training
     drafter.eval()
@@ -104,4 +106,6 @@ def error_positions(seq: Rolled) -> np.ndarray:
 
 def acc_only(b: Blocks) -> Blocks:
     """The same blocks feeding only the accepted stream (their post-rejection targets were not scored)."""
-    return Blocks(**{**{f: getattr(b, f) for f in Blocks.FIELDS}, "streams": np.full(len(b), STREAM_ACC, dtype=np.uint8)})
+    return Blocks(
+        **{**{f: getattr(b, f) for f in Blocks.FIELDS}, "streams": np.full(len(b), STREAM_ACC, dtype=np.uint8)}
+    )

@@ -52,7 +52,9 @@ def score_branches(
             r += m
         if L[i] < Lmax:  # padding rows see themselves only (no NaN rows)
             mask[i, L[i] :, L[i] :] = torch.eye(Lmax - L[i], dtype=torch.bool, device=dev)
-    hidden = target.model.model(input_ids=inp, attention_mask=mask[:, None], position_ids=pos, use_cache=False).last_hidden_state
+    hidden = target.model.model(
+        input_ids=inp, attention_mask=mask[:, None], position_ids=pos, use_cache=False
+    ).last_hidden_state
     seq_h, br_h = [], []
     for i in range(B):
         n = lens[i]

@@ -42,8 +42,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     out = {"args": vars(a), "rows": []}
-    print(f"target {a.target}, drafter {a.drafter}, {a.num_prompts} held-out champ-problems prompts x {a.max_new_tokens} tokens, K={a.block_size}, greedy")
-    print(f"{'dtype':9s} {'identical':>9s} {'agreeing prefix':>15s} {'engine tau':>10s} {'simulated':>9s} {'diff':>8s} {'steps':>6s}")
+    print(
+        f"target {a.target}, drafter {a.drafter}, {a.num_prompts} held-out champ-problems prompts x {a.max_new_tokens} tokens, K={a.block_size}, greedy"
+    )
+    print(
+        f"{'dtype':9s} {'identical':>9s} {'agreeing prefix':>15s} {'engine tau':>10s} {'simulated':>9s} {'diff':>8s} {'steps':>6s}"
+    )
     for dt in a.dtypes:
         t = load_target(a.target, a.device, dt, quiet=True)
         sp = split_prompts(load_prompt_set("champ-problems"), a.num_prompts, 0, "champ-problems")
@@ -61,7 +65,9 @@ def main() -> None:
             "engine_tau": eng.tau, "simulated_tau": sim.tau, "engine_steps": eng.num_steps, "simulated_steps": sim.num_steps,
         }  # fmt: skip
         out["rows"].append(row)
-        print(f"{dt:9s} {row['identical']:9.3f} {row['agreeing_prefix']:15.3f} {eng.tau:10.4f} {sim.tau:9.4f} {sim.tau - eng.tau:+8.4f} {eng.num_steps:6d}")
+        print(
+            f"{dt:9s} {row['identical']:9.3f} {row['agreeing_prefix']:15.3f} {eng.tau:10.4f} {sim.tau:9.4f} {sim.tau - eng.tau:+8.4f} {eng.num_steps:6d}"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -73,7 +73,9 @@ def build(case: str, size: int) -> bytes:
     if case == "attack: meta one list of empty lists":
         return with_meta(b"\xdd" + size.to_bytes(4, "big") + b"\x90" * size)
     if case == "attack: meta map of nested maps":
-        return with_meta(b"\xde\x00\x10" + b"".join(bytes([0xA1, 65 + i]) + b"\x81\xa0" * (size // 32) + b"\xc0" for i in range(16)))
+        return with_meta(
+            b"\xde\x00\x10" + b"".join(bytes([0xA1, 65 + i]) + b"\x81\xa0" * (size // 32) + b"\xc0" for i in range(16))
+        )
     if case == "attack: huge bytes under a wrong shape":
         msg = msgpack.unpackb(encode_record(record(8, 4))[46:])
         msg["features"] = {"t": "bfloat16", "s": [7, 4], "b": b"\x00" * size}
@@ -125,7 +127,9 @@ def measure(case: str, size: int, out) -> None:
         result = result or "RecordError: " + str(e)[:90]
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    out.put({"case": case, "bytes": len(data), "traced_peak": traced, "rss_peak": rss_peak, "seconds": dt, "result": result})
+    out.put(
+        {"case": case, "bytes": len(data), "traced_peak": traced, "rss_peak": rss_peak, "seconds": dt, "result": result}
+    )
 
 
 def main() -> None:
@@ -136,7 +140,9 @@ def main() -> None:
     size = int(a.mib * 2**20)
     ctx = mp.get_context("spawn")
     rows = []
-    print(f"{'case':<50} {'input MiB':>9} {'traced peak':>12} {'ratio':>6} {'RSS peak':>10} {'ratio':>6} {'s':>6}  result")
+    print(
+        f"{'case':<50} {'input MiB':>9} {'traced peak':>12} {'ratio':>6} {'RSS peak':>10} {'ratio':>6} {'s':>6}  result"
+    )
     for case in CASES:
         q = ctx.Queue()
         p = ctx.Process(target=measure, args=(case, size, q))
@@ -145,10 +151,14 @@ def main() -> None:
         p.join()
         rows.append(r)
         mib = r["bytes"] / 2**20
-        print(f"{case:<50} {mib:9.1f} {r['traced_peak'] / 2**20:9.1f} MiB {r['traced_peak'] / r['bytes']:6.2f} {r['rss_peak'] / 2**20:7.1f} MiB {r['rss_peak'] / r['bytes']:6.2f} {r['seconds']:6.3f}  {r['result']}")
+        print(
+            f"{case:<50} {mib:9.1f} {r['traced_peak'] / 2**20:9.1f} MiB {r['traced_peak'] / r['bytes']:6.2f} {r['rss_peak'] / 2**20:7.1f} MiB {r['rss_peak'] / r['bytes']:6.2f} {r['seconds']:6.3f}  {r['result']}"
+        )
     worst = max(rows, key=lambda r: max(r["traced_peak"], r["rss_peak"]) / r["bytes"])
     ratio = max(worst["traced_peak"], worst["rss_peak"]) / worst["bytes"]
-    print(f"worst ratio of decoded memory to input bytes: {ratio:.2f} ({worst['case']}); limit per record {LIMIT / 2**20:.0f} MiB")
+    print(
+        f"worst ratio of decoded memory to input bytes: {ratio:.2f} ({worst['case']}); limit per record {LIMIT / 2**20:.0f} MiB"
+    )
     print(f"(peak RSS of this parent process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
     if a.json:
         with open(a.json, "w") as f:

@@ -45,7 +45,14 @@ def hf_generate(target, prompts, batch, max_new):
         ids = torch.tensor([[pad] * (L - len(p)) + p for p in chunk], device=target.device)
         am = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in chunk], device=target.device)
         with torch.no_grad():
-            g = target.model.generate(input_ids=ids, attention_mask=am, max_new_tokens=max_new, do_sample=False, eos_token_id=target.eos_token_ids, pad_token_id=pad)
+            g = target.model.generate(
+                input_ids=ids,
+                attention_mask=am,
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=target.eos_token_ids,
+                pad_token_id=pad,
+            )
         for row in g[:, L:].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in target.eos_token_ids), len(row))
             outs.append(row[:cut])
@@ -117,11 +124,20 @@ def same(out, ref) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m")
-    ap.add_argument("--drafter", default="init-eagle3", help="a saved drafter directory (e.g. `make run`'s runs/demo/drafter) or init-eagle3")
+    ap.add_argument(
+        "--drafter",
+        default="init-eagle3",
+        help="a saved drafter directory (e.g. `make run`'s runs/demo/drafter) or init-eagle3",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--prompts-per-row", type=int, default=2, help="prompts decoded per batch row (continuous batching refills rows)")
+    ap.add_argument(
+        "--prompts-per-row",
+        type=int,
+        default=2,
+        help="prompts decoded per batch row (continuous batching refills rows)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--prefill-texts", type=int, default=32)
@@ -163,7 +179,13 @@ def main() -> None:
             for name, t in (("", lean), ("_hf_fwd", variants["engine_hf_fwd"])):
                 engine(t, drafter, ps[:b], b, 4, a.block_size)
                 out, st = engine(t, drafter, ps, b, a.max_new_tokens, a.block_size)
-                add(f"spec_K{a.block_size}{name}", st.tokens_per_s, st.tau, same(out, ref), {"draft_s": st.draft_s, "target_s": st.target_s})
+                add(
+                    f"spec_K{a.block_size}{name}",
+                    st.tokens_per_s,
+                    st.tau,
+                    same(out, ref),
+                    {"draft_s": st.draft_s, "target_s": st.target_s},
+                )
         # teacher-forced prefill over target-length texts (prompt + answer), features of the drafter's layers
         texts = [(str(i), p + p[: a.max_new_tokens], len(p)) for i, p in enumerate(prompts[: a.prefill_texts])]
         ntok = sum(len(t) for _, t, _ in texts)
@@ -172,18 +194,37 @@ def main() -> None:
             t0 = time.perf_counter()
             prefill(t, drafter.feature_layers, texts, 16)
             tps = ntok / (time.perf_counter() - t0)
-            rows.append({"dtype": dt, "method": name, "batch": 8, "tokens_per_s": tps, "vs_hf": None, "vs_limit": None, "tau": None, "same_as_hf": None})
-    print(f"target {a.target} on {a.device}, {torch.get_num_threads()} threads, drafter {a.drafter}, {a.max_new_tokens} new tokens, greedy, K={a.block_size}")
+            rows.append(
+                {
+                    "dtype": dt,
+                    "method": name,
+                    "batch": 8,
+                    "tokens_per_s": tps,
+                    "vs_hf": None,
+                    "vs_limit": None,
+                    "tau": None,
+                    "same_as_hf": None,
+                }
+            )
+    print(
+        f"target {a.target} on {a.device}, {torch.get_num_threads()} threads, drafter {a.drafter}, {a.max_new_tokens} new tokens, greedy, K={a.block_size}"
+    )
     for dt in a.dtypes:
         hw = meta[dt]
-        print(f"{dt}: measured matmul peak {hw['matmul_gflops']:.0f} GFLOP/s, memory bandwidth {hw['bandwidth_gbs']:.1f} GB/s")
-    print(f"{'dtype':9s} {'method':20s} {'batch':>5s} {'tok/s':>9s} {'vs HF':>7s} {'of limit':>8s} {'tau':>6s} {'same':>5s}")
+        print(
+            f"{dt}: measured matmul peak {hw['matmul_gflops']:.0f} GFLOP/s, memory bandwidth {hw['bandwidth_gbs']:.1f} GB/s"
+        )
+    print(
+        f"{'dtype':9s} {'method':20s} {'batch':>5s} {'tok/s':>9s} {'vs HF':>7s} {'of limit':>8s} {'tau':>6s} {'same':>5s}"
+    )
     for r in rows:
         tau = f"{r['tau']:.2f}" if r["tau"] else "-"
         vs = f"{r['vs_hf']:6.2f}x" if r["vs_hf"] is not None else "      -"
         lim = f"{r['vs_limit']:7.0%}" if r["vs_limit"] is not None else "      -"
         sm = f"{r['same_as_hf']:.2f}" if r["same_as_hf"] is not None else "-"
-        print(f"{r['dtype']:9s} {r['method']:20s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {vs} {lim:>8s} {tau:>6s} {sm:>5s}")
+        print(
+            f"{r['dtype']:9s} {r['method']:20s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {vs} {lim:>8s} {tau:>6s} {sm:>5s}"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({**meta, "rows": rows}, f, indent=1)

@@ -35,7 +35,9 @@ def main() -> None:
 
     ov = [f"model.target={a.target}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.batch_size=4"]
     if a.drafter:
-        ov.append(f"drafter.init={os.path.abspath(a.drafter)}")  # actors build it (reduced vocab included) from the directory
+        ov.append(
+            f"drafter.init={os.path.abspath(a.drafter)}"
+        )  # actors build it (reduced vocab included) from the directory
     cfg = load_config(None, ov)
     tok = AutoTokenizer.from_pretrained(resolve_target(a.target))
     sp = split_prompts(load_prompt_set("champ"), 16, 0)
@@ -48,11 +50,23 @@ def main() -> None:
         from dopd.common.models import load_frozen_io
 
         info, embed, head, hf = load_frozen_io(a.target)
-        state = {k: v.numpy() for k, v in build_drafter(cfg.drafter, info, hf, embed, head, seed=cfg.seed).state_dict().items()}
-    ray.init(address="local", num_cpus=max(a.actors) + 1, object_store_memory=1 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        state = {
+            k: v.numpy()
+            for k, v in build_drafter(cfg.drafter, info, hf, embed, head, seed=cfg.seed).state_dict().items()
+        }
+    ray.init(
+        address="local",
+        num_cpus=max(a.actors) + 1,
+        object_store_memory=1 << 30,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     Actor, Shard = remote_class("rollout"), remote_class("shard")
-    print(f"target {a.target}, drafter {a.drafter or 'fresh'}, {a.max_new_tokens} new tokens per prompt, window {a.seconds:.0f}s")
+    print(
+        f"target {a.target}, drafter {a.drafter or 'fresh'}, {a.max_new_tokens} new tokens per prompt, window {a.seconds:.0f}s"
+    )
     for n in a.actors:
         shard = Shard.remote(0, 2**34)
         actors = [Actor.remote(cfg.to_dict(), i, prompts[i::n], [shard]) for i in range(n)]
@@ -66,7 +80,9 @@ def main() -> None:
         s1 = ray.get(shard.get_stats.remote())["accepted"]
         t1 = [ray.get(x.stats.remote())["totals"]["tokens"] for x in actors]
         ray.get([x.stop.remote() for x in actors])
-        print(f"{n} actor(s): {(s1 - s0) / a.seconds:6.2f} records/s  {(sum(t1) - sum(t0)) / a.seconds:7.1f} rollout tokens/s")
+        print(
+            f"{n} actor(s): {(s1 - s0) / a.seconds:6.2f} records/s  {(sum(t1) - sum(t0)) / a.seconds:7.1f} rollout tokens/s"
+        )
         for x in actors + [shard]:
             ray.kill(x)
     ray.shutdown()

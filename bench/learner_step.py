@@ -28,7 +28,9 @@ from dopd.learner.learner import Learner, TorchEngine
 
 def learner_for(cfg, target):
     t = target
-    return Learner(cfg, 0, 1, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, "cpu", lambda m: TorchEngine(m, cfg))
+    return Learner(
+        cfg, 0, 1, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, "cpu", lambda m: TorchEngine(m, cfg)
+    )
 
 
 def main() -> None:
@@ -75,8 +77,19 @@ def main() -> None:
                 times[("opd", dt)].append(time.perf_counter() - t0)
         for phase in ("sft", "opd"):
             f32, b16 = statistics.median(times[(phase, "float32")]), statistics.median(times[(phase, "bfloat16")])
-            rows.append({"kind": kind, "phase": phase, "fp32_s": f32, "bf16_s": b16, "bf16_over_fp32": b16 / f32, "steps": a.steps})
-    print(f"target {a.target}, {torch.get_num_threads()} threads, micro-batch {a.micro_batch} sequences of 128 answer tokens, median of {a.steps} alternating steps")
+            rows.append(
+                {
+                    "kind": kind,
+                    "phase": phase,
+                    "fp32_s": f32,
+                    "bf16_s": b16,
+                    "bf16_over_fp32": b16 / f32,
+                    "steps": a.steps,
+                }
+            )
+    print(
+        f"target {a.target}, {torch.get_num_threads()} threads, micro-batch {a.micro_batch} sequences of 128 answer tokens, median of {a.steps} alternating steps"
+    )
     print(f"{'drafter':8s} {'step':5s} {'fp32 s':>8s} {'bf16 s':>8s} {'bf16/fp32':>9s}")
     for r in rows:
         print(f"{r['kind']:8s} {r['phase']:5s} {r['fp32_s']:8.3f} {r['bf16_s']:8.3f} {r['bf16_over_fp32']:9.2f}")

@@ -63,9 +63,18 @@ def main() -> None:
     train_ids, train_p = encode_all(target.tokenizer, sp.train[: a.prompts], 384, drop_long=True)
     prompts = [(p.id, ids) for p, ids in zip(train_p, train_ids)]
     eval_ids, _ = encode_all(target.tokenizer, sp.eval, 384, drop_long=True)
-    report: dict = {"target": a.target, "device": str(target.device), "dtype": a.dtype, "prompts": len(prompts), "max_new_tokens": a.max_new, "rounds": {}}
+    report: dict = {
+        "target": a.target,
+        "device": str(target.device),
+        "dtype": a.dtype,
+        "prompts": len(prompts),
+        "max_new_tokens": a.max_new,
+        "rounds": {},
+    }
 
-    print(f"Part 1: one OPD round of {len(prompts)} prompts x {a.max_new} new tokens (records/s, median of {a.repeats})")
+    print(
+        f"Part 1: one OPD round of {len(prompts)} prompts x {a.max_new} new tokens (records/s, median of {a.repeats})"
+    )
     print(f"{'recipe':46s} {'engine':>10s} {'resegment':>10s} {'ratio':>7s} {'tau':>6s}")
     for kind, K in (("eagle3", 4), ("dflash", 8)):
         init = a.drafter if (kind == "eagle3" and a.drafter) else f"init-{kind}"
@@ -84,7 +93,9 @@ def main() -> None:
             rows[path] = {"seconds": sec, "records_per_s": len(recs) / sec, "tau": st.tau, "path": st.path}
         ratio = rows["auto"]["records_per_s"] / rows["engine"]["records_per_s"]
         name = f"{kind} K={K} ({'TTT, rejected stream off' if kind == 'eagle3' else 'blocks, rejected stream scored'})"
-        print(f"{name:46s} {rows['engine']['records_per_s']:10.2f} {rows['auto']['records_per_s']:10.2f} {ratio:6.1f}x {rows['auto']['tau']:6.2f}")
+        print(
+            f"{name:46s} {rows['engine']['records_per_s']:10.2f} {rows['auto']['records_per_s']:10.2f} {ratio:6.1f}x {rows['auto']['tau']:6.2f}"
+        )
         report["rounds"][kind] = {**rows, "ratio": ratio, "block_size": K, "drafter": init}
 
     if not a.skip_eval:
@@ -97,9 +108,13 @@ def main() -> None:
         first = time.perf_counter() - t0
         sec_sim, sim = timed(lambda: simulated_tau(target, d, ids, s, cache=cache), a.repeats)
         sec_eng, eng = timed(lambda: quick_tau(target, d, ids, s), 1)
-        print(f"\nPart 2: held-out tau on {len(ids)} prompts x {a.eval_max_new} tokens, K=4 ({sim.num_steps} verification steps)")
+        print(
+            f"\nPart 2: held-out tau on {len(ids)} prompts x {a.eval_max_new} tokens, K=4 ({sim.num_steps} verification steps)"
+        )
         print(f"{'dopd eval (engine)':34s} {sec_eng:9.1f}s  tau {eng.tau:.4f}")
-        print(f"{'dopd eval --simulate (cached text)':34s} {sec_sim:9.1f}s  tau {sim.tau:.4f}   {sec_eng / sec_sim:.1f}x faster (first call, text not cached yet: {first:.1f}s)")
+        print(
+            f"{'dopd eval --simulate (cached text)':34s} {sec_sim:9.1f}s  tau {sim.tau:.4f}   {sec_eng / sec_sim:.1f}x faster (first call, text not cached yet: {first:.1f}s)"
+        )
         report["eval"] = {"prompts": len(ids), "max_new_tokens": a.eval_max_new, "steps": sim.num_steps, "engine_s": sec_eng, "simulate_s": sec_sim,
                           "simulate_first_s": first, "ratio": sec_eng / sec_sim, "tau_engine": eng.tau, "tau_simulated": sim.tau}  # fmt: skip
     if a.json:

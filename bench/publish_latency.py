@@ -39,9 +39,18 @@ def main() -> None:
     eagle_state = {k: v.numpy() for k, v in d.state_dict().items()}
     sizes = {
         f"SmolLM2 EAGLE-3 drafter ({sum(v.size for v in eagle_state.values()) / 1e6:.1f}M params)": eagle_state,
-        "100M-parameter drafter": {f"w{i}": np.random.default_rng(i).standard_normal(10_000_000, dtype=np.float32) for i in range(10)},
+        "100M-parameter drafter": {
+            f"w{i}": np.random.default_rng(i).standard_normal(10_000_000, dtype=np.float32) for i in range(10)
+        },
     }
-    ray.init(address="local", num_cpus=a.actors + 1, object_store_memory=2 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=a.actors + 1,
+        object_store_memory=2 << 30,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
 
     @ray.remote(num_cpus=0)
     class Learner:
@@ -74,7 +83,9 @@ def main() -> None:
             if v:  # the first is a warm-up
                 lat.append(time.perf_counter() - t0)
         mb = sum(x.nbytes for x in state.values()) / 2**20
-        print(f"{name:45s} {mb:8.1f} MiB -> {a.actors} actors: median {statistics.median(lat):.3f} s, max {max(lat):.3f} s")
+        print(
+            f"{name:45s} {mb:8.1f} MiB -> {a.actors} actors: median {statistics.median(lat):.3f} s, max {max(lat):.3f} s"
+        )
         ray.kill(learner)
     ray.shutdown()
 

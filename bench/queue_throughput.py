@@ -31,7 +31,11 @@ from dopd.common import record as new_record
 
 def load_checkout(root: str):
     """Another checkout's common/record.py and common/queue.py, imported as the package `baseline_common`."""
-    spec = importlib.util.spec_from_file_location("baseline_common", Path(root) / "common" / "__init__.py", submodule_search_locations=[str(Path(root) / "common")])
+    spec = importlib.util.spec_from_file_location(
+        "baseline_common",
+        Path(root) / "common" / "__init__.py",
+        submodule_search_locations=[str(Path(root) / "common")],
+    )
     pkg = importlib.util.module_from_spec(spec)
     sys.modules["baseline_common"] = pkg
     spec.loader.exec_module(pkg)
@@ -78,7 +82,11 @@ def codec_rounds(rec_mod, q_mod, objs: list, records: int) -> dict[str, float]:
     return {"encode": t1 - t0, "decode": t2 - t1, "shard": time.perf_counter() - t3}
 
 
-WHAT = {"encode": "record -> bytes, on the actor", "decode": "bytes -> validated record", "shard": "shard put + get, in process"}
+WHAT = {
+    "encode": "record -> bytes, on the actor",
+    "decode": "bytes -> validated record",
+    "shard": "shard put + get, in process",
+}
 
 
 def main() -> None:
@@ -93,7 +101,10 @@ def main() -> None:
         sides["baseline"] = load_checkout(a.baseline)
     objs = {name: [smollm2_like(r, i) for i in range(20)] for name, (r, _) in sides.items()}
     size = sum(len(new_record.encode_record(o)) for o in objs["this"]) / 20
-    print(f"record size {size / 2**20:.2f} MiB; {a.rounds} rounds of {a.records} records per phase" + (" (this, baseline interleaved)" if a.baseline else ""))
+    print(
+        f"record size {size / 2**20:.2f} MiB; {a.rounds} rounds of {a.records} records per phase"
+        + (" (this, baseline interleaved)" if a.baseline else "")
+    )
     times: dict[str, list[dict]] = {name: [] for name in sides}
     for _ in range(a.rounds):
         for name, (r, q) in sides.items():
@@ -101,10 +112,14 @@ def main() -> None:
     for phase in ("encode", "decode", "shard"):
         for name in sides:
             dt = statistics.median(t[phase] for t in times[name])
-            print(f"{phase:<7} {name:<9}: {a.records / dt:9.1f} records/s {a.records * size / dt / 2**20:9.1f} MiB/s  (median round; {WHAT[phase]})")
+            print(
+                f"{phase:<7} {name:<9}: {a.records / dt:9.1f} records/s {a.records * size / dt / 2**20:9.1f} MiB/s  (median round; {WHAT[phase]})"
+            )
         if a.baseline:
             ratios = [b[phase] / t[phase] for t, b in zip(times["this"], times["baseline"])]
-            print(f"{phase:<7} speed-up : {statistics.median(ratios):9.2f}x median of paired rounds (min {min(ratios):.2f}, max {max(ratios):.2f})")
+            print(
+                f"{phase:<7} speed-up : {statistics.median(ratios):9.2f}x median of paired rounds (min {min(ratios):.2f}, max {max(ratios):.2f})"
+            )
     recs = [new_record.decode_record(new_record.encode_record(o)) for o in objs["this"]]
     t0 = time.perf_counter()
     for i in range(a.records * a.rounds):
@@ -119,7 +134,14 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    ray.init(address="local", num_cpus=3, object_store_memory=1 << 30, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=3,
+        object_store_memory=1 << 30,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     QueueShard, encode_record, decode_record = new_queue.QueueShard, new_record.encode_record, new_record.decode_record
     Shard = ray.remote(**QueueShard.RAY_OPTIONS)(QueueShard)
     shard = Shard.remote(0, 2**34)
@@ -147,7 +169,9 @@ def main() -> None:
     t0 = time.perf_counter()
     ray.get([produce.remote(shard, objs["this"], n), consume.remote(shard, n)])
     dt = time.perf_counter() - t0
-    print(f"Ray        : {n / dt:9.1f} records/s {n * size / dt / 2**20:9.1f} MiB/s  (encode, batched put -> shard actor -> waiting get, decode)")
+    print(
+        f"Ray        : {n / dt:9.1f} records/s {n * size / dt / 2**20:9.1f} MiB/s  (encode, batched put -> shard actor -> waiting get, decode)"
+    )
     ray.shutdown()
 
 

@@ -30,7 +30,10 @@ def main() -> None:
     from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.common.record import decode_record
 
-    cfg = load_config(None, [f"model.target={a.target}", f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.batch_size={a.prompts}"])
+    cfg = load_config(
+        None,
+        [f"model.target={a.target}", f"rollout.max_new_tokens={a.max_new_tokens}", f"rollout.batch_size={a.prompts}"],
+    )
     tok = AutoTokenizer.from_pretrained(resolve_target(a.target, quiet=True))
     ids, ps = encode_all(tok, load_prompt_set("champ")[: a.prompts * 4], cfg.data.max_prompt_tokens, drop_long=True)
     w = RolloutWorker(cfg, 0, [(p.id, i) for p, i in zip(ps, ids)][: a.prompts])
@@ -50,14 +53,20 @@ def main() -> None:
         tot["positions"] += len(r.blocks) * r.blocks.block_size
         tot["hidden"] += 0 if r.target_hidden is None else r.target_hidden.numel() * r.target_hidden.element_size()
         tot["answer"] += r.num_tokens - r.prompt_len
-        print(f"record {r.prompt_id:>10s}: {len(d) / 1024:8.1f} KiB, {r.num_tokens} tokens ({r.num_tokens - r.prompt_len} new), {len(r.blocks)} blocks x K={r.blocks.block_size}; features {feats / 1024:.1f} KiB, blocks {blocks / 1024:.1f} KiB")
+        print(
+            f"record {r.prompt_id:>10s}: {len(d) / 1024:8.1f} KiB, {r.num_tokens} tokens ({r.num_tokens - r.prompt_len} new), {len(r.blocks)} blocks x K={r.blocks.block_size}; features {feats / 1024:.1f} KiB, blocks {blocks / 1024:.1f} KiB"
+        )
     n = len(data)
     print(f"target {a.target}: feature width F = {F} ({cfg.drafter.kind}, bf16), top-k {cfg.rollout.topk}")
     print(f"mean record: {tot['bytes'] / n / 1024:.1f} KiB, {tot['tokens'] / n:.0f} tokens")
-    print(f"bytes per token: {tot['bytes'] / tot['tokens']:.0f} total = features {tot['features'] / tot['tokens']:.0f} + blocks {tot['blocks'] / tot['tokens']:.0f} + other {(tot['bytes'] - tot['features'] - tot['blocks']) / tot['tokens']:.0f}")
+    print(
+        f"bytes per token: {tot['bytes'] / tot['tokens']:.0f} total = features {tot['features'] / tot['tokens']:.0f} + blocks {tot['blocks'] / tot['tokens']:.0f} + other {(tot['bytes'] - tot['features'] - tot['blocks']) / tot['tokens']:.0f}"
+    )
     print(f"blocks: {tot['blocks'] / max(tot['positions'], 1):.0f} bytes per drafted position")
-    print(f"target hidden state (metrics.replay_kl / loss.targets=full): {tot['hidden'] / n / 1024:.1f} KiB per record, "
-          f"{tot['hidden'] / max(tot['answer'], 1):.0f} B per answer token, {tot['hidden'] / tot['bytes']:.1%} of the bytes")
+    print(
+        f"target hidden state (metrics.replay_kl / loss.targets=full): {tot['hidden'] / n / 1024:.1f} KiB per record, "
+        f"{tot['hidden'] / max(tot['answer'], 1):.0f} B per answer token, {tot['hidden'] / tot['bytes']:.1%} of the bytes"
+    )
 
 
 if __name__ == "__main__":

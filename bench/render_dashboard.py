@@ -45,7 +45,11 @@ def main_panels(dash: dict[str, Any]) -> list[dict[str, Any]]:
     """
     out = []
     for p in walk(dash["panels"]):
-        if p["type"] == "timeseries" or p["type"] == "heatmap" and all(t.get("format") != "heatmap" for t in p.get("targets", [])):
+        if (
+            p["type"] == "timeseries"
+            or p["type"] == "heatmap"
+            and all(t.get("format") != "heatmap" for t in p.get("targets", []))
+        ):
             out.append(p)
     return out
 
@@ -57,8 +61,9 @@ def legend(fmt: str | None, metric: dict[str, str]) -> str:
     return labels or metric.get("__name__", "value")
 
 
-def fetch(url: str, panel: dict[str, Any], start: float, end: float, step: float, job: str, actor: str,
-          rate_interval: str) -> list[tuple[str, list[float], list[float]]]:
+def fetch(
+    url: str, panel: dict[str, Any], start: float, end: float, step: float, job: str, actor: str, rate_interval: str
+) -> list[tuple[str, list[float], list[float]]]:
     """(legend, timestamps, values) for every series of every query of the panel."""
     series = []
     for t in panel.get("targets", []):
@@ -92,8 +97,15 @@ def draw(ax: Any, panel: dict[str, Any], series: list[tuple[str, list[float], li
             for t, v in zip(ts, vs):
                 grid[row][col[t]] = v
         x = [datetime.fromtimestamp(t) for t in times]
-        mesh = ax.pcolormesh(x, range(len(series)), grid, shading="nearest", cmap="Greens", vmin=0,
-                             vmax=1 if unit == "percentunit" else None)
+        mesh = ax.pcolormesh(
+            x,
+            range(len(series)),
+            grid,
+            shading="nearest",
+            cmap="Greens",
+            vmin=0,
+            vmax=1 if unit == "percentunit" else None,
+        )
         ax.set_yticks(range(len(series)), [s[0] for s in series])
         ax.set_ylabel(panel.get("options", {}).get("yAxis", {}).get("axisLabel", ""))
         ax.figure.colorbar(mesh, ax=ax, fraction=0.04)
@@ -106,8 +118,18 @@ def draw(ax: Any, panel: dict[str, Any], series: list[tuple[str, list[float], li
     ax.grid(alpha=0.3)
 
 
-def render(url: str, dashboard: Path, out: Path, start: float, end: float, step: float | None = None,
-           job: str = "dopd", actor: str = ".*", rate_interval: str = "15s", cols: int = 2) -> Path:
+def render(
+    url: str,
+    dashboard: Path,
+    out: Path,
+    start: float,
+    end: float,
+    step: float | None = None,
+    job: str = "dopd",
+    actor: str = ".*",
+    rate_interval: str = "15s",
+    cols: int = 2,
+) -> Path:
     """Query every main panel over [start, end] and write the PNG; returns its path."""
     dash = load(dashboard)
     panels = main_panels(dash)
@@ -117,7 +139,7 @@ def render(url: str, dashboard: Path, out: Path, start: float, end: float, step:
     for ax, panel in zip(axes.flat, panels):
         draw(ax, panel, fetch(url, panel, start, end, step, job, actor, rate_interval))
     fig.autofmt_xdate()  # every panel spans the same window: time labels on the bottom row only
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     stamp = f"{datetime.fromtimestamp(start):%Y-%m-%d %H:%M:%S} - {datetime.fromtimestamp(end):%H:%M:%S}"
     fig.suptitle(f"{dash['title']} ({stamp}, job=~{job})")
@@ -143,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     end = args.end if args.end is not None else time.time()
     start = args.start if args.start is not None else end - args.since
-    path = render(args.prom_url, args.dashboard, args.out, start, end, args.step, args.job, args.actor, args.rate_interval)
+    path = render(
+        args.prom_url, args.dashboard, args.out, start, end, args.step, args.job, args.actor, args.rate_interval
+    )
     print(f"wrote {path}")
     return 0
 

@@ -40,11 +40,17 @@ TARGETS = [
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks-bytes-per-token", type=float, required=True, help="measured: bench/record_bytes.py")
-    ap.add_argument("--codec-mib-s", type=float, required=True, help="measured: one shard in process (queue_throughput.py)")
-    ap.add_argument("--ray-shard-mib-s", type=float, required=True, help="measured: one shard actor on Ray (queue_throughput.py)")
+    ap.add_argument(
+        "--codec-mib-s", type=float, required=True, help="measured: one shard in process (queue_throughput.py)"
+    )
+    ap.add_argument(
+        "--ray-shard-mib-s", type=float, required=True, help="measured: one shard actor on Ray (queue_throughput.py)"
+    )
     ap.add_argument("--hbm-tb-s", type=float, default=3.35, help="H100 SXM HBM3 bandwidth")
     ap.add_argument("--bf16-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
-    ap.add_argument("--decode-eff", type=float, default=0.5, help="fraction of the bandwidth roofline a decode step reaches")
+    ap.add_argument(
+        "--decode-eff", type=float, default=0.5, help="fraction of the bandwidth roofline a decode step reaches"
+    )
     ap.add_argument("--mfu", type=float, default=0.4, help="learner model-FLOPs utilisation")
     ap.add_argument("--batch", type=int, default=64, help="sequences an actor decodes at once")
     ap.add_argument("--taus", default="1,3", help="accepted tokens per verification step (1 = plain decoding)")
@@ -58,7 +64,9 @@ def main() -> None:
     for t in TARGETS:
         feat = 3 * t.hidden * 2
         tok = feat + a.blocks_bytes_per_token + 4
-        print(f"{t.name:14s} features {feat:6d} B/token + blocks {a.blocks_bytes_per_token:.0f} + ids 4 = {tok / 1024:6.1f} KiB/token; 500-token record {tok * 500 / 2**20:6.2f} MiB")
+        print(
+            f"{t.name:14s} features {feat:6d} B/token + blocks {a.blocks_bytes_per_token:.0f} + ids 4 = {tok / 1024:6.1f} KiB/token; 500-token record {tok * 500 / 2**20:6.2f} MiB"
+        )
     print("\n## one GPU rollout actor (decode at the bandwidth roofline x efficiency; replay forwards not counted)")
     rates = {}
     for t in TARGETS[1:]:
@@ -67,7 +75,9 @@ def main() -> None:
         for tau in taus:
             tps = a.batch * tau / step_s
             rates[(t.name, tau)] = (tps, tps * tok_b)
-            print(f"{t.name:14s} ({t.gpus} GPU) step {step_s * 1e3:5.1f} ms, B={a.batch}, tau={tau:g}: {tps:8.0f} tokens/s -> {tps * tok_b / 2**20:7.1f} MiB/s of records")
+            print(
+                f"{t.name:14s} ({t.gpus} GPU) step {step_s * 1e3:5.1f} ms, B={a.batch}, tau={tau:g}: {tps:8.0f} tokens/s -> {tps * tok_b / 2**20:7.1f} MiB/s of records"
+            )
     print("\n## one learner GPU (drafter training, 6 x params x positions FLOPs per token)")
     learn = {}
     for t in TARGETS[1:]:
@@ -76,8 +86,10 @@ def main() -> None:
         tok_b = 3 * t.hidden * 2 + a.blocks_bytes_per_token + 4
         learn[t.name] = tps
         recompute = 2 * t.params / (1 if t.gpus == 1 else 1)
-        print(f"{t.name:14s} drafter {t.drafter_params / 1e9:.2f} B params, {flops / GB:5.1f} GFLOP/token -> {tps:8.0f} tokens/s = {tps * tok_b / 2**20:7.1f} MiB/s intake;"
-              f" recomputing features on the learner adds {recompute / GB:6.1f} GFLOP/token (x{(flops + recompute) / flops:.1f} learner GPUs)")
+        print(
+            f"{t.name:14s} drafter {t.drafter_params / 1e9:.2f} B params, {flops / GB:5.1f} GFLOP/token -> {tps:8.0f} tokens/s = {tps * tok_b / 2**20:7.1f} MiB/s intake;"
+            f" recomputing features on the learner adds {recompute / GB:6.1f} GFLOP/token (x{(flops + recompute) / flops:.1f} learner GPUs)"
+        )
     print("\n## N actors (Llama-3.1-8B and 70B, tau as above)")
     for t in TARGETS[1:]:
         drafter_bytes = t.drafter_params * 2

@@ -89,9 +89,17 @@ class Soak:
                "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.tmp / 'ray'}",
                f"--object-store-memory={300 * 2**20}"]  # fmt: skip
         # every port of its own: another Ray on this machine (a test session, a colleague) must not collide
-        opts = ("ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+        opts = (
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+        )
         cmd += [f"--{opt}={port}" for opt, port in zip(opts, self.more_ports)]
-        self.head = subprocess.Popen(cmd, env=ray_env(), stdout=open(self.tmp / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.head = subprocess.Popen(
+            cmd, env=ray_env(), stdout=open(self.tmp / "ray.log", "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         for k, v in ray_env().items():
             os.environ[k] = v
         from dopd.connection import join_cluster
@@ -319,7 +327,9 @@ class Soak:
             current = resumed_job or job
             if current.poll() is not None:
                 if current is job and not crashed:
-                    raise RuntimeError(f"dopd train exited ({current.returncode}) before the learner kill (see {self.tmp / 'train.log'})")
+                    raise RuntimeError(
+                        f"dopd train exited ({current.returncode}) before the learner kill (see {self.tmp / 'train.log'})"
+                    )
                 if current is job:  # the crash: the job stopped itself and told us how to resume
                     text = (self.tmp / "train.log").read_text()
                     hint = "dopd train --resume" in text
@@ -327,7 +337,9 @@ class Soak:
                     if not hint:
                         raise RuntimeError(f"the crashed job did not say how to resume (see {self.tmp / 'train.log'})")
                     resumed_job = self.launch(resume=True)
-                    while not (self.out / "checkpoints" / "crash_resumed_1.json").is_file() and resumed_job.poll() is None:
+                    while (
+                        not (self.out / "checkpoints" / "crash_resumed_1.json").is_file() and resumed_job.poll() is None
+                    ):
                         time.sleep(1)  # faults resume once the new job has placed its actors
                     continue
                 break
@@ -354,12 +366,20 @@ class Soak:
         planned = s["steps_planned"]
         dropped = {"stale": s["records_dropped_stale"], "full": s["records_dropped_full"]}
         offered = s["records_produced"] + s["records_rejected"]
-        accounted = s["records_trained"] + sum(dropped.values()) + s["records_rejected"] + s["records_lost_in_flight"] + s["records_queued"]
+        accounted = (
+            s["records_trained"]
+            + sum(dropped.values())
+            + s["records_rejected"]
+            + s["records_lost_in_flight"]
+            + s["records_queued"]
+        )
         out = {
             "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
             "minutes_planned": self.a.minutes,
             "wall_s": round(wall, 1),
-            "actors": 4, "learners": 2, "target": "tiny-random-llama",
+            "actors": 4,
+            "learners": 2,
+            "target": "tiny-random-llama",
             "records_produced": s["records_produced"],
             "records_offered": offered,
             "records_trained": s["records_trained"],
@@ -385,7 +405,9 @@ class Soak:
                 "every_record_accounted_for": offered == accounted,
                 "planned_step_reached": s["steps"] == planned,
                 "queue_bytes_within_bound": s["queue_peak_bytes"] <= s["queue_max_bytes"],
-                "faults_injected": self.injected["rejected_answers"] == 2 * self.injected["garbage"] and s["resumes"] == 1 and s["actor_restarts"] >= 1,
+                "faults_injected": self.injected["rejected_answers"] == 2 * self.injected["garbage"]
+                and s["resumes"] == 1
+                and s["actor_restarts"] >= 1,
             },
             "events": self.events,
         }
@@ -401,11 +423,23 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=5)
     ap.add_argument("--queue-max-bytes", type=int, default=2 * 2**20)
     ap.add_argument("--max-record-bytes", type=int, default=1 * 2**20)
-    ap.add_argument("--throttle-at", type=float, default=0.15, help="progress (fraction of the planned steps) where learners are throttled")
+    ap.add_argument(
+        "--throttle-at",
+        type=float,
+        default=0.15,
+        help="progress (fraction of the planned steps) where learners are throttled",
+    )
     ap.add_argument("--throttle-s", type=float, default=60.0)
     ap.add_argument("--kill-every", type=float, default=20.0, help="seconds between rollout-actor kills (+-25%%)")
-    ap.add_argument("--crash-at", type=float, default=0.45, help="progress where a learner rank is killed (after the throttle window)")
-    ap.add_argument("--num-cpus", type=int, default=8, help="CPUs the soak's Ray head advertises (actors/learners take 1 each)")
+    ap.add_argument(
+        "--crash-at",
+        type=float,
+        default=0.45,
+        help="progress where a learner rank is killed (after the throttle window)",
+    )
+    ap.add_argument(
+        "--num-cpus", type=int, default=8, help="CPUs the soak's Ray head advertises (actors/learners take 1 each)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the job and the Ray head on SIGTERM too

@@ -325,13 +325,17 @@ class MetricsConfig:
     """The job's metrics: the Ray runner's Prometheus endpoint, and TensorBoard / W&B under the same names
     (common/sinks.py; both runners)."""
 
-    enabled: bool | None = None  # serve Prometheus /metrics; None = on for the Ray runner (the in-process runner serves none)
+    enabled: bool | None = (
+        None  # serve Prometheus /metrics; None = on for the Ray runner (the in-process runner serves none)
+    )
     # address /metrics binds (loopback unless you mean otherwise)
     host: str = "127.0.0.1"
     port: int = 9400  # 0 = any free port (written to summary.json)
     linger_s: float = 0.0  # keep /metrics up this long after the job ends (a last scrape)
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
-    wandb: bool = False  # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
+    wandb: bool = (
+        False  # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
+    )
     # every OPD step: the official replay-mismatch split, KL(q || p) over the full vocabulary on matched / accepted /
     # first-rejected / post-rejection block positions (records then carry the target's final hidden state: docs/scale.md)
     replay_kl: bool = True
@@ -408,13 +412,21 @@ class Config:
             for key in ("actors", "learners", "shards"):
                 v = getattr(c, key)
                 if v is not None and v != 1:
-                    raise ConfigError(f"cluster.{key}={v}: the in-process runner is one rollout worker and one learner rank (run on Ray for more: runner=ray, or dopd train --actors N)")
+                    raise ConfigError(
+                        f"cluster.{key}={v}: the in-process runner is one rollout worker and one learner rank (run on Ray for more: runner=ray, or dopd train --actors N)"
+                    )
             if c.rollout == "async":
-                raise ConfigError("cluster.rollout=async needs the Ray runner: the in-process runner rolls out in synchronous rounds")
+                raise ConfigError(
+                    "cluster.rollout=async needs the Ray runner: the in-process runner rolls out in synchronous rounds"
+                )
             if self.metrics.enabled:
-                raise ConfigError("metrics.enabled=true: the in-process runner serves no /metrics endpoint (the Ray runner does)")
+                raise ConfigError(
+                    "metrics.enabled=true: the in-process runner serves no /metrics endpoint (the Ray runner does)"
+                )
             if self.learner.deepspeed:
-                raise ConfigError("learner.deepspeed configures the Ray runner's DeepSpeed engine; the in-process runner has none")
+                raise ConfigError(
+                    "learner.deepspeed configures the Ray runner's DeepSpeed engine; the in-process runner has none"
+                )
         c.actors = c.actors if c.actors is not None else 1 if local else 2
         c.learners = c.learners if c.learners is not None else 1 if local else 2
         c.rollout = c.rollout or ("sync" if local else "async")
@@ -441,9 +453,13 @@ class Config:
         if self.replay.num_blocks < 1:
             raise ConfigError(f"replay.num_blocks must be >= 1 (got {self.replay.num_blocks})")
         if self.replay.num_blocks > 1 and self.replay.temperature <= 0:
-            raise ConfigError("replay.num_blocks > 1 needs replay.temperature > 0 (greedy replay blocks would be identical)")
+            raise ConfigError(
+                "replay.num_blocks > 1 needs replay.temperature > 0 (greedy replay blocks would be identical)"
+            )
         if self.data.rollout_skip < 0 or (self.data.rollout_skip and self.data.rollout_prompts != "after_sft"):
-            raise ConfigError(f"data.rollout_skip must be >= 0 and needs data.rollout_prompts=after_sft (got {self.data.rollout_skip}, {self.data.rollout_prompts})")
+            raise ConfigError(
+                f"data.rollout_skip must be >= 0 and needs data.rollout_prompts=after_sft (got {self.data.rollout_skip}, {self.data.rollout_prompts})"
+            )
         if self.learner.micro_batch_size < 1:
             raise ConfigError("learner.micro_batch_size must be >= 1")
         if self.learner.opd_lr is not None and not self.learner.opd_lr > 0:
@@ -454,7 +470,9 @@ class Config:
                 " step (resume_from=...): within one run both phases step one optimizer (mode=sft runs ignore the key, like opd_lr)"
             )
         if not 0.0 <= self.learner.min_lr_ratio <= 1.0:
-            raise ConfigError(f"learner.min_lr_ratio must be in [0, 1] (got {self.learner.min_lr_ratio}): the cosine's floor as a share of learner.lr")
+            raise ConfigError(
+                f"learner.min_lr_ratio must be in [0, 1] (got {self.learner.min_lr_ratio}): the cosine's floor as a share of learner.lr"
+            )
         if self.learner.refresh_every < 1:
             raise ConfigError("learner.refresh_every must be >= 1")
         for key in ("eval_every", "checkpoint_every"):
@@ -463,14 +481,18 @@ class Config:
         if any(not isinstance(s, int) or s < 1 for s in self.learner.eval_at):
             raise ConfigError(f"learner.eval_at must list steps >= 1 (got {self.learner.eval_at})")
         if self.cluster.actors < 1 or self.cluster.learners < 1:
-            raise ConfigError(f"cluster.actors and cluster.learners must be >= 1 (got {self.cluster.actors}, {self.cluster.learners})")
+            raise ConfigError(
+                f"cluster.actors and cluster.learners must be >= 1 (got {self.cluster.actors}, {self.cluster.learners})"
+            )
         if self.cluster.shards is not None and self.cluster.shards < 1:
             raise ConfigError("cluster.shards must be >= 1")
         if self.drafter.num_layers < 1:
             raise ConfigError("drafter.num_layers must be >= 1")
         lc = self.loss
         if lc.response == "ttt" and self.replay.anchors == "shuffled":
-            raise ConfigError("replay.anchors=shuffled moves the accepted stream's blocks, but loss.response=ttt trains every position (no blocks): use loss.response=blocks")
+            raise ConfigError(
+                "replay.anchors=shuffled moves the accepted stream's blocks, but loss.response=ttt trains every position (no blocks): use loss.response=blocks"
+            )
         if lc.clamp is not None and lc.clamp <= 0:
             raise ConfigError(f"loss.clamp must be > 0 or null (got {lc.clamp})")
         if not lc.log_floor < 0:
@@ -488,7 +510,11 @@ class Config:
         d = self.data
         if d.max_prompt_tokens < 1 or (d.max_answer_tokens is not None and d.max_answer_tokens < 1):
             raise ConfigError("data.max_prompt_tokens and data.max_answer_tokens must be >= 1")
-        if d.answers == "as_is" and self.mode == "opd" and (self.rollout.path == "engine" or self.rollout.temperature > 0):
+        if (
+            d.answers == "as_is"
+            and self.mode == "opd"
+            and (self.rollout.path == "engine" or self.rollout.temperature > 0)
+        ):
             raise ConfigError(
                 "data.answers=as_is teacher-forces the dataset's answers, but OPD rollouts with rollout.path=engine or "
                 "rollout.temperature > 0 decode new text with the target: use data.answers=regenerate (or T = 0, path auto)"
@@ -611,7 +637,9 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
         tp = typing.get_type_hints(cls)[p]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.{next(iter(_fields(tp)))}=...")
+                raise ConfigError(
+                    f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.{next(iter(_fields(tp)))}=..."
+                )
             node[p] = raw if tp is str or typing.get_origin(tp) is Literal else yaml.safe_load(raw) if raw else raw
             return
         if not dataclasses.is_dataclass(tp):

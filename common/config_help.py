@@ -119,7 +119,10 @@ def render_yaml(cfg: Config | None = None) -> str:
     accepted values and meaning. Loading the output gives back the same config."""
     cfg = cfg or Config()
     values = cfg.to_dict()
-    lines = ["# dopd config: every key, its value and its meaning (`dopd config show`); edit and pass with --config", ""]
+    lines = [
+        "# dopd config: every key, its value and its meaning (`dopd config show`); edit and pass with --config",
+        "",
+    ]
 
     def emit(cls: type, tree: dict, indent: str) -> None:
         hints = typing.get_type_hints(cls)

@@ -174,7 +174,9 @@ def _messages(row: dict, where: str) -> list[Message]:
         rf = role_f if m.get(role_f) is not None else ("role" if role_f == "from" else "from")
         tf = text_f if text_f in m else ("content" if text_f == "value" else "value")
         if m.get(rf) is None:
-            raise PromptError(f"{where}: field '{fld}.{role_f}': missing (each message needs '{role_f}' and '{text_f}')")
+            raise PromptError(
+                f"{where}: field '{fld}.{role_f}': missing (each message needs '{role_f}' and '{text_f}')"
+            )
         raw_role = _role(m[rf], where, f"{fld}.{rf}")
         calls = m.get("tool_calls") or m.get("function_call")
         if raw_role == "function_call":
@@ -182,11 +184,17 @@ def _messages(row: dict, where: str) -> list[Message]:
             continue
         if calls and ROLES[raw_role] == "assistant":
             content = m.get(tf)
-            text = _text(content, where, f"{fld}.{tf}") if content not in (None, "") else json.dumps(calls, ensure_ascii=False, default=str)
+            text = (
+                _text(content, where, f"{fld}.{tf}")
+                if content not in (None, "")
+                else json.dumps(calls, ensure_ascii=False, default=str)
+            )
             out.append(Message("assistant", text, tool_call=True))
             continue
         if tf not in m or m[tf] is None:
-            raise PromptError(f"{where}: field '{fld}.{text_f}': missing (each message needs '{role_f}' and '{text_f}')")
+            raise PromptError(
+                f"{where}: field '{fld}.{text_f}': missing (each message needs '{role_f}' and '{text_f}')"
+            )
         out.append(Message(ROLES[raw_role], _text(m[tf], where, f"{fld}.{tf}")))
     return out
 
@@ -196,7 +204,11 @@ def _prompt_row(row: dict, where: str) -> list[Message]:
     if not isinstance(p, str) or not p:
         raise PromptError(
             f"{where}: needs a non-empty 'prompt' string, a 'messages' list (OpenAI) or a 'conversations' list (ShareGPT)"
-            + (f" (field 'prompt' is {type(p).__name__})" if "prompt" in row else f" (fields: {', '.join(map(str, row)) or 'none'})")
+            + (
+                f" (field 'prompt' is {type(p).__name__})"
+                if "prompt" in row
+                else f" (fields: {', '.join(map(str, row)) or 'none'})"
+            )
         )
     out = []
     if row.get("system") is not None:
@@ -215,18 +227,30 @@ def read_conversations(path: str | Path, split: str | None = None) -> list[Conve
     if not path.exists():
         raise PromptError(f"prompt file not found: {path}")
     if path.is_file() and path.suffix.lower() not in SUFFIXES:
-        raise PromptError(f"{path}: unsupported file type '{path.suffix}' (JSONL, JSON, Parquet, Arrow, or a directory written by datasets' save_to_disk)")
+        raise PromptError(
+            f"{path}: unsupported file type '{path.suffix}' (JSONL, JSON, Parquet, Arrow, or a directory written by datasets' save_to_disk)"
+        )
     out = []
     seen: dict[str, str] = {}
     for n, (where, row) in enumerate(_rows(path, split), 1):
         if not isinstance(row, dict):
-            raise PromptError(f"{where}: each row must be a JSON object with 'conversations', 'messages' or 'prompt' (got {type(row).__name__})")
+            raise PromptError(
+                f"{where}: each row must be a JSON object with 'conversations', 'messages' or 'prompt' (got {type(row).__name__})"
+            )
         cid = str(row["id"]) if row.get("id") is not None else f"{path.stem}/{n}"
         if cid in seen:
-            raise PromptError(f"{where}: field 'id': {cid!r} is used twice (also at {seen[cid]}); ids name examples and checkpoints")
+            raise PromptError(
+                f"{where}: field 'id': {cid!r} is used twice (also at {seen[cid]}); ids name examples and checkpoints"
+            )
         seen[cid] = where
         group = str(row["group"]) if row.get("group") is not None else cid
-        fmt = "sharegpt" if row.get("conversations") is not None else "openai" if row.get("messages") is not None else "prompt"
+        fmt = (
+            "sharegpt"
+            if row.get("conversations") is not None
+            else "openai"
+            if row.get("messages") is not None
+            else "prompt"
+        )
         out.append(Conversation(cid, group, _messages(row, where), where, fmt))
     return out
 
@@ -285,7 +309,14 @@ class Limits:
 
 
 def _template(tokenizer, messages, generation: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], add_generation_prompt=generation, tokenize=True, return_dict=False))
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages],
+            add_generation_prompt=generation,
+            tokenize=True,
+            return_dict=False,
+        )
+    )
 
 
 def encode_context(tokenizer, messages: tuple[tuple[str, str], ...]) -> list[int]:
@@ -293,7 +324,9 @@ def encode_context(tokenizer, messages: tuple[tuple[str, str], ...]) -> list[int
     return encode(tokenizer, Prompt("", "", messages))
 
 
-def fit_context(tokenizer, messages: tuple[tuple[str, str], ...], limit: int, too_long: str) -> tuple[tuple[tuple[str, str], ...], list[int], bool] | None:
+def fit_context(
+    tokenizer, messages: tuple[tuple[str, str], ...], limit: int, too_long: str
+) -> tuple[tuple[tuple[str, str], ...], list[int], bool] | None:
     """(messages kept, their ids, truncated?) within `limit` tokens, or None when the turn must be skipped.
 
     Truncation drops the oldest turns, one message at a time, keeps a leading system prompt, and lets the kept
@@ -332,7 +365,9 @@ def answer_ids(tokenizer, context: tuple[tuple[str, str], ...], context_ids: lis
             ctx_text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             full_text = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], tokenize=False)
             if not full_text.startswith(ctx_text):
-                raise PromptError("the chat template does not write the answer after its context (it rewrites earlier turns): as_is cannot teacher-force it; use data.answers=regenerate")
+                raise PromptError(
+                    "the chat template does not write the answer after its context (it rewrites earlier turns): as_is cannot teacher-force it; use data.answers=regenerate"
+                )
             ans = list(tokenizer(full_text[len(ctx_text) :], add_special_tokens=False)["input_ids"])
     else:
         ans = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
@@ -387,4 +422,11 @@ def encode_turns(tokenizer, turns: list[Prompt], limits: Limits, with_answers: b
 def length_summary(lens: list[int]) -> dict:
     if not lens:
         return {"n": 0}
-    return {"n": len(lens), "min": min(lens), "median": statistics.median(lens), "mean": round(statistics.fmean(lens), 1), "max": max(lens), "total": sum(lens)}
+    return {
+        "n": len(lens),
+        "min": min(lens),
+        "median": statistics.median(lens),
+        "mean": round(statistics.fmean(lens), 1),
+        "max": max(lens),
+        "total": sum(lens),
+    }

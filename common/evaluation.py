@@ -77,7 +77,12 @@ def evaluate(
                 if a.output_ids != b.output_ids:
                     rep.identical_to_target = False
                     i = next((j for j, (x, y) in enumerate(zip(a.output_ids, b.output_ids)) if x != y), None)
-                    rep.first_mismatch = {"prompt": a.index, "position": i, "spec_len": len(a.output_ids), "target_len": len(b.output_ids)}
+                    rep.first_mismatch = {
+                        "prompt": a.index,
+                        "position": i,
+                        "spec_len": len(a.output_ids),
+                        "target_len": len(b.output_ids),
+                    }
                     break
     return rep, spec, base
 
@@ -94,7 +99,9 @@ def quick_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]], set
     return st
 
 
-def evaluate_simulated(target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings) -> tuple[EvalReport, list]:
+def evaluate_simulated(
+    target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings
+) -> tuple[EvalReport, list]:
     """`dopd eval --simulate`: the report's tau and alpha without decoding (speeds are not measured: None)."""
     from .greedy import greedy_texts
 
@@ -156,7 +163,9 @@ def heldout(
             else:
                 hist, passes = [0] * (settings.block_size + 1), 0
                 while passes < max(1, max_passes):
-                    res, st = SpecEngine(target, drafter).generate(prompt_ids, replace(settings, seed=settings.seed + 1000 * passes))
+                    res, st = SpecEngine(target, drafter).generate(
+                        prompt_ids, replace(settings, seed=settings.seed + 1000 * passes)
+                    )
                     hist = [a + int(b) for a, b in zip(hist, st.accepted_hist)]
                     for r in res:
                         steps[r.index] += len(r.accepted)
@@ -176,7 +185,9 @@ def heldout(
     }  # fmt: skip
 
 
-def simulated_tau(target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, cache: dict | None = None) -> EngineStats:
+def simulated_tau(
+    target: Target, drafter: Drafter, prompt_ids: list[list[int]], settings: DecodeSettings, cache: dict | None = None
+) -> EngineStats:
     """Exact greedy tau / alpha from the cached greedy text with drafter forwards only (`common/resegment.py`)."""
     return simulated_segments(target, drafter, prompt_ids, settings, cache)[0]
 
@@ -190,7 +201,9 @@ def simulated_segments(
     from .resegment import segment, stats_of
 
     if settings.temperature > 0:
-        raise PromptError(f"simulated tau is exact for greedy decoding only (temperature {settings.temperature} > 0): evaluate without --simulate")
+        raise PromptError(
+            f"simulated tau is exact for greedy decoding only (temperature {settings.temperature} > 0): evaluate without --simulate"
+        )
     SpecEngine(target, drafter).check_prompts(prompt_ids, settings)
     K = settings.block_size
     cache = heldout_cache(target) if cache is None else cache
@@ -199,7 +212,9 @@ def simulated_segments(
     if todo:
         texts = greedy_texts(target, todo, settings.max_new_tokens, capture=(drafter.feature_layers, 1))
         read = [t for t in texts if t.decoded is None]  # cached texts: read once for their features
-        pre = iter(prefill(target, drafter.feature_layers, [("", t.tokens, t.prompt_len) for t in read], 1) if read else [])
+        pre = iter(
+            prefill(target, drafter.feature_layers, [("", t.tokens, t.prompt_len) for t in read], 1) if read else []
+        )
         for p, t in zip(todo, texts):
             cache[key(p)] = (t, t.decoded.features if t.decoded is not None else next(pre).features)
             t.decoded = None  # the features are kept above; the rest of the decoding record is not needed

@@ -96,7 +96,11 @@ PREFILL_BATCH = 8  # sequences per teacher-forced forward
 
 
 def greedy_texts(
-    target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int | None = None, log=None,
+    target: Target,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    log=None,
     capture: tuple | None = None,
 ) -> list[GreedyText]:
     """The target's greedy answer (+ lookahead) to every prompt, decoded only for prompts not cached yet.
@@ -132,7 +136,9 @@ def greedy_texts(
     with Progress(f"target writing {len(missing)} answers", len(missing) * total, "tok", log) as prog:
         for c in range(0, len(missing), chunk):
             part = missing[c : c + chunk]
-            results, _ = SpecEngine(target, None).generate([prompts[i] for i in part], settings, progress=lambda _s, n: prog.update(n))
+            results, _ = SpecEngine(target, None).generate(
+                [prompts[i] for i in part], settings, progress=lambda _s, n: prog.update(n)
+            )
             root.mkdir(parents=True, exist_ok=True)
             for i, r in zip(part, results):
                 conts[i] = r.output_ids
@@ -195,7 +201,9 @@ def prefill(
             for i, (_, t, _) in enumerate(chunk):
                 ids[i, : len(t)] = torch.tensor(t, device=dev)
             # right padding under a causal mask: the padding never reaches a real position
-            o = target.forward(ids, torch.arange(S, device=dev).expand(len(chunk), S), None, None, S, feature_layers, causal=True)
+            o = target.forward(
+                ids, torch.arange(S, device=dev).expand(len(chunk), S), None, None, S, feature_layers, causal=True
+            )
             for j, (i, (pid, t, plen)) in enumerate(zip(idx, chunk)):
                 n = len(t)
                 lsm = torch.log_softmax(o.logits[j, : n - 1].float(), dim=-1)
@@ -236,21 +244,34 @@ def teacher_data(
     answer (SFT data).
     """
     t0 = time.perf_counter()
-    texts = greedy_texts(target, [p for _, p in prompts], max_new_tokens, batch_size, log=log, capture=(feature_layers, topk, hidden))
+    texts = greedy_texts(
+        target, [p for _, p in prompts], max_new_tokens, batch_size, log=log, capture=(feature_layers, topk, hidden)
+    )
     t1 = time.perf_counter()
     root = cache_dir() / "prefill"
     recs: list[TeacherRecord | None] = []
     paths = []
 
     def path_of(p: list[int], lookahead: bool):
-        ident = [_key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype), lookahead, SCHEMA_VERSION, ROWS_REVISION] + (["hidden"] if hidden else [])
+        ident = [
+            _key(target, p, max_new_tokens + LOOKAHEAD),
+            max_new_tokens,
+            feature_layers,
+            topk,
+            str(feature_dtype),
+            lookahead,
+            SCHEMA_VERSION,
+            ROWS_REVISION,
+        ] + (["hidden"] if hidden else [])
         return root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
 
     for (pid, p), _text in zip(prompts, texts):
         path = path_of(p, with_lookahead)
         paths.append(path)
         try:
-            rec = decode_teacher(path.read_bytes(), vocab_size=target.info.vocab_size, hidden_size=target.info.hidden_size)
+            rec = decode_teacher(
+                path.read_bytes(), vocab_size=target.info.vocab_size, hidden_size=target.info.hidden_size
+            )
             if hidden and rec.hidden is None:
                 raise RecordError("the cache entry carries no hidden state")
             rec.prompt_id = pid
@@ -268,7 +289,9 @@ def teacher_data(
             g = texts[i]
             toks = g.tokens if with_lookahead else g.prompt_ids + g.answer
             items.append((prompts[i][0], toks, g.prompt_len))
-        for i, rec in zip(to_read, prefill(target, feature_layers, items, topk, feature_dtype=feature_dtype, log=log, hidden=hidden)):
+        for i, rec in zip(
+            to_read, prefill(target, feature_layers, items, topk, feature_dtype=feature_dtype, log=log, hidden=hidden)
+        ):
             recs[i] = rec
     if missing:
         root.mkdir(parents=True, exist_ok=True)
@@ -283,6 +306,8 @@ def teacher_data(
             tmp.write_bytes(encode_teacher(rec))
             tmp.replace(path)
     if log is not None and missing:
-        log(f"target text: {len(missing)} of {len(prompts)} prompts new ({t1 - t0:.0f}s decoding, {time.perf_counter() - t1:.0f}s "
-            f"prefill of {len(to_read)} texts decoded earlier)")
+        log(
+            f"target text: {len(missing)} of {len(prompts)} prompts new ({t1 - t0:.0f}s decoding, {time.perf_counter() - t1:.0f}s "
+            f"prefill of {len(to_read)} texts decoded earlier)"
+        )
     return texts, recs  # type: ignore[return-value]

@@ -31,28 +31,62 @@ class MetricDef:
 _DEFS = [
     MetricDef("dopd_heldout_tau", "gauge", "Held-out acceptance length tau (tokens per verification step)"),
     MetricDef("dopd_rollout_tau", "gauge", "Acceptance length of the latest rollout batch, per actor", ("actor",)),
-    MetricDef("dopd_acceptance_rate", "gauge", "Acceptance rate at a block position given the earlier ones accepted", ("source", "position")),
+    MetricDef(
+        "dopd_acceptance_rate",
+        "gauge",
+        "Acceptance rate at a block position given the earlier ones accepted",
+        ("source", "position"),
+    ),
     MetricDef("dopd_rollout_tokens", "counter", "Tokens committed by rollout, per actor", ("actor",)),
-    MetricDef("dopd_rollout_tokens_per_second", "gauge", "Rollout throughput of the latest batch, per actor", ("actor",)),
+    MetricDef(
+        "dopd_rollout_tokens_per_second", "gauge", "Rollout throughput of the latest batch, per actor", ("actor",)
+    ),
     MetricDef("dopd_replay_anchors", "counter", "Error positions replayed, per actor", ("actor",)),
-    MetricDef("dopd_replay_anchors_per_second", "gauge", "Replay throughput of the latest batch, per actor", ("actor",)),
+    MetricDef(
+        "dopd_replay_anchors_per_second", "gauge", "Replay throughput of the latest batch, per actor", ("actor",)
+    ),
     MetricDef("dopd_queue_depth", "gauge", "Records waiting in a queue shard", ("shard",)),
     MetricDef("dopd_queue_bytes", "gauge", "Bytes waiting in a queue shard", ("shard",)),
-    MetricDef("dopd_record_staleness", "histogram", "Policy versions between a record's producer and the learner that trains on it"),
+    MetricDef(
+        "dopd_record_staleness",
+        "histogram",
+        "Policy versions between a record's producer and the learner that trains on it",
+    ),
     MetricDef("dopd_learner_loss", "gauge", "Learner loss per stream (total, accepted, rejected)", ("stream",)),
     MetricDef("dopd_learner_grad_norm", "gauge", "Gradient norm before clipping"),
-    MetricDef("dopd_learner_grad_norm_part", "gauge", "Gradient norm before clipping of the drafter's own head vs the rest", ("part",)),
-    MetricDef("dopd_learner_silenced_share", "gauge", "Share of a stream's positions whose gradient a floor, clip or the loss clamp zeroes", ("stream",)),
-    MetricDef("dopd_replay_kl", "gauge", "Replay mismatch: KL(drafter || target) over the full vocabulary per group of block positions", ("group",)),
+    MetricDef(
+        "dopd_learner_grad_norm_part",
+        "gauge",
+        "Gradient norm before clipping of the drafter's own head vs the rest",
+        ("part",),
+    ),
+    MetricDef(
+        "dopd_learner_silenced_share",
+        "gauge",
+        "Share of a stream's positions whose gradient a floor, clip or the loss clamp zeroes",
+        ("stream",),
+    ),
+    MetricDef(
+        "dopd_replay_kl",
+        "gauge",
+        "Replay mismatch: KL(drafter || target) over the full vocabulary per group of block positions",
+        ("group",),
+    ),
     MetricDef("dopd_learner_step_seconds", "histogram", "Wall time of one learner optimizer step"),
     MetricDef("dopd_learner_steps", "counter", "Learner optimizer steps"),
     MetricDef("dopd_learner_flops", "counter", "Learner FLOPs (forward + backward, counted by PyTorch)"),
     MetricDef("dopd_policy_version", "gauge", "Current published policy version"),
-    MetricDef("dopd_publish_latency_seconds", "histogram", "Time to gather new drafter weights and hand them to every actor (each loads them at its next rollout batch)"),
+    MetricDef(
+        "dopd_publish_latency_seconds",
+        "histogram",
+        "Time to gather new drafter weights and hand them to every actor (each loads them at its next rollout batch)",
+    ),
     MetricDef("dopd_records_produced", "counter", "Experience records produced, per actor", ("actor",)),
     MetricDef("dopd_records_consumed", "counter", "Experience records trained on"),
     MetricDef("dopd_records_dropped_stale", "counter", "Records dropped for staleness, per shard", ("shard",)),
-    MetricDef("dopd_records_dropped_full", "counter", "Records dropped by a full shard (drop policies), per shard", ("shard",)),
+    MetricDef(
+        "dopd_records_dropped_full", "counter", "Records dropped by a full shard (drop policies), per shard", ("shard",)
+    ),
     MetricDef("dopd_records_rejected", "counter", "Malformed records rejected, per shard", ("shard",)),
     MetricDef("dopd_actor_restarts", "counter", "Rollout actor restarts, per actor", ("actor",)),
 ]
@@ -67,6 +101,7 @@ _EVERY_STEP = (
 def series_tag(series: str, labels: dict[str, str]) -> str:
     """A Prometheus series as one flat name for TensorBoard / W&B: `name{a="x",b="y"}` -> `name/a=x,b=y`."""
     return series + ("/" + ",".join(f"{k}={v}" for k, v in labels.items()) if labels else "")
+
 
 _BUCKETS = {
     "dopd_record_staleness": (0, 1, 2, 3, 4, 6, 8, 16),
@@ -138,7 +173,17 @@ class JobMetrics:
             self.m["dopd_acceptance_rate"].labels(source=source, position=str(i)).set(a)
         self._emit(("dopd_acceptance_rate",), source=source)
 
-    def rollout(self, actor: str, tau: float, alpha: list[float], tokens: int, seconds: float, anchors: int, replay_seconds: float, records: int) -> None:
+    def rollout(
+        self,
+        actor: str,
+        tau: float,
+        alpha: list[float],
+        tokens: int,
+        seconds: float,
+        anchors: int,
+        replay_seconds: float,
+        records: int,
+    ) -> None:
         self.m["dopd_rollout_tau"].labels(actor=actor).set(tau)
         self.acceptance("rollout", alpha)
         self.m["dopd_rollout_tokens"].labels(actor=actor).inc(tokens)
@@ -146,9 +191,29 @@ class JobMetrics:
         self.m["dopd_replay_anchors"].labels(actor=actor).inc(anchors)
         self.m["dopd_replay_anchors_per_second"].labels(actor=actor).set(anchors / max(replay_seconds, 1e-9))
         self.m["dopd_records_produced"].labels(actor=actor).inc(records)
-        self._emit(("dopd_rollout_tau", "dopd_rollout_tokens", "dopd_rollout_tokens_per_second", "dopd_replay_anchors", "dopd_replay_anchors_per_second", "dopd_records_produced"), actor=actor)
+        self._emit(
+            (
+                "dopd_rollout_tau",
+                "dopd_rollout_tokens",
+                "dopd_rollout_tokens_per_second",
+                "dopd_replay_anchors",
+                "dopd_replay_anchors_per_second",
+                "dopd_records_produced",
+            ),
+            actor=actor,
+        )
 
-    def learner(self, loss: float, acc: float, rej: float, grad_norm: float, seconds: float, flops: float, records: int, staleness: list[int]) -> None:
+    def learner(
+        self,
+        loss: float,
+        acc: float,
+        rej: float,
+        grad_norm: float,
+        seconds: float,
+        flops: float,
+        records: int,
+        staleness: list[int],
+    ) -> None:
         self.m["dopd_learner_loss"].labels(stream="total").set(loss)
         self.m["dopd_learner_loss"].labels(stream="accepted").set(acc)
         self.m["dopd_learner_loss"].labels(stream="rejected").set(rej)
@@ -159,7 +224,18 @@ class JobMetrics:
         self.m["dopd_records_consumed"].inc(records)
         for s in staleness:
             self.m["dopd_record_staleness"].observe(s)
-        self._emit(("dopd_learner_loss", "dopd_learner_grad_norm", "dopd_learner_step_seconds", "dopd_learner_steps", "dopd_learner_flops", "dopd_records_consumed", "dopd_record_staleness") + _EVERY_STEP)
+        self._emit(
+            (
+                "dopd_learner_loss",
+                "dopd_learner_grad_norm",
+                "dopd_learner_step_seconds",
+                "dopd_learner_steps",
+                "dopd_learner_flops",
+                "dopd_records_consumed",
+                "dopd_record_staleness",
+            )
+            + _EVERY_STEP
+        )
 
     def diagnostics(self, row: dict) -> None:
         """A learner step's diagnostics (learner/diagnostics.py), those the row has: head / body gradient norms,

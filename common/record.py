@@ -70,7 +70,14 @@ LOGPROB_EPS = 1e-4
 _INT64_MAX = 2**63 - 1
 
 _TEACHER = ("topk_ids", "topk_probs", "tail")
-_NP_DTYPES = {"int32": np.int32, "int64": np.int64, "float32": np.float32, "float16": np.float16, "bool": np.bool_, "uint8": np.uint8}
+_NP_DTYPES = {
+    "int32": np.int32,
+    "int64": np.int64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bool": np.bool_,
+    "uint8": np.uint8,
+}
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -109,8 +116,16 @@ class Blocks:
     def empty(cls, K: int, k: int) -> Blocks:
         z = lambda *s, dt=np.float32: np.zeros(s, dtype=dt)  # noqa: E731
         return cls(
-            z(0, dt=np.int32), z(0, K, dt=np.int32), z(0, K), z(0, K, k, dt=np.int32), z(0, K, k), z(0, K), z(0, K),
-            z(0, K, dt=np.bool_), z(0, dt=np.uint8), z(0, dt=np.uint8),
+            z(0, dt=np.int32),
+            z(0, K, dt=np.int32),
+            z(0, K),
+            z(0, K, k, dt=np.int32),
+            z(0, K, k),
+            z(0, K),
+            z(0, K),
+            z(0, K, dt=np.bool_),
+            z(0, dt=np.uint8),
+            z(0, dt=np.uint8),
         )
 
     def select(self, idx: np.ndarray) -> Blocks:
@@ -151,7 +166,9 @@ class ExperienceRecord:
     def as_teacher(self) -> TeacherRecord:
         """The sequence as teacher-forced SFT data (needs the per-position teacher arrays)."""
         if self.teacher_topk_ids is None or self.features is None:
-            raise RecordError(f"record {self.uid} carries no per-position teacher top-k (the recipe needs loss.response=ttt data)")
+            raise RecordError(
+                f"record {self.uid} carries no per-position teacher top-k (the recipe needs loss.response=ttt data)"
+            )
         return TeacherRecord(
             self.prompt_id, self.token_ids, self.prompt_len, self.features, self.teacher_topk_ids,
             self.teacher_topk_probs, self.teacher_tail, self.target_hidden,
@@ -203,7 +220,9 @@ def read_header(data: Any, max_bytes: int = DEFAULT_MAX_BYTES, kind: int = KIND_
     if schema != SCHEMA_VERSION:
         raise RecordError(f"record schema {schema} is not supported (this dopd reads {SCHEMA_VERSION})")
     if k != kind:
-        raise RecordError(f"malformed record: this is {_KIND_NAMES.get(k, f'a kind-{k}')} record, not {_KIND_NAMES[kind]} record")
+        raise RecordError(
+            f"malformed record: this is {_KIND_NAMES.get(k, f'a kind-{k}')} record, not {_KIND_NAMES[kind]} record"
+        )
     for name, v in (("actor_id", actor), ("incarnation", inc), ("seq_no", seq), ("policy_version", version)):
         if v < 0:
             raise RecordError(f"malformed record: header field '{name}' is negative ({v})")
@@ -323,7 +342,9 @@ class _Body:
             yield k
         missing = [k for k in required if k not in seen]
         if missing:
-            raise RecordError(f"malformed record: missing field '{missing[0] if where == 'record' else f'{where}.{missing[0]}'}'")
+            raise RecordError(
+                f"malformed record: missing field '{missing[0] if where == 'record' else f'{where}.{missing[0]}'}'"
+            )
         self.where = where
 
     def bin_(self) -> memoryview:
@@ -389,7 +410,9 @@ def _to_array(obj: dict, what: str, max_elems: int):
         raise RecordError(f"malformed record: field '{what}' has unknown dtype {name!r}")
     shape = obj["s"]
     if any(d < 0 or d > max_elems for d in shape):
-        raise RecordError(f"malformed record: field '{what}' has an invalid shape {shape!r} (each dimension 0..{max_elems})")
+        raise RecordError(
+            f"malformed record: field '{what}' has an invalid shape {shape!r} (each dimension 0..{max_elems})"
+        )
     count = math.prod(shape)  # Python ints: no overflow
     if count > max_elems:
         raise RecordError(f"malformed record: field '{what}' claims {count} elements (limit {max_elems})")
@@ -413,7 +436,9 @@ def _check_meta(meta: Any) -> None:
         raise RecordError(f"cannot encode: meta must be a dict of at most {MAX_META_KEYS} entries")
     for k, v in meta.items():
         if not isinstance(k, str) or not (v is None or isinstance(v, (bool, int, float, str))):
-            raise RecordError(f"cannot encode: meta.{k} must be a str key with an int, float, str, bool or None value, got {type(v).__name__}")
+            raise RecordError(
+                f"cannot encode: meta.{k} must be a str key with an int, float, str, bool or None value, got {type(v).__name__}"
+            )
         if isinstance(v, str) and len(v.encode()) > MAX_STR or isinstance(k, str) and len(k.encode()) > MAX_STR:
             raise RecordError(f"cannot encode: meta.{k} is longer than {MAX_STR} bytes")
         if isinstance(v, float) and not math.isfinite(v):
@@ -431,7 +456,9 @@ def encode_record(rec: ExperienceRecord, max_bytes: int = DEFAULT_MAX_BYTES) -> 
         "token_ids": _pack_array(np.asarray(rec.token_ids, dtype=np.int32)),
         "features": None if rec.features is None else _pack_array(rec.features),
         "blocks": {f: _pack_array(getattr(rec.blocks, f)) for f in Blocks.FIELDS},
-        "teacher": None if rec.teacher_topk_ids is None else {f: _pack_array(getattr(rec, f"teacher_{f}")) for f in _TEACHER},
+        "teacher": None
+        if rec.teacher_topk_ids is None
+        else {f: _pack_array(getattr(rec, f"teacher_{f}")) for f in _TEACHER},
         **({} if rec.target_hidden is None else {"hidden": _pack_array(rec.target_hidden)}),
     }
     body = msgpack.packb(msg, use_bin_type=True)
@@ -441,7 +468,9 @@ def encode_record(rec: ExperienceRecord, max_bytes: int = DEFAULT_MAX_BYTES) -> 
 _RECORD_FIELDS = ("prompt_id", "prompt_len", "meta", "token_ids", "features", "blocks", "teacher", "hidden")
 
 
-def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: int | None = None, hidden_size: int | None = None) -> ExperienceRecord:
+def decode_record(
+    data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: int | None = None, hidden_size: int | None = None
+) -> ExperienceRecord:
     """Bytes -> a fully validated record, or RecordError naming what is wrong with the bytes (and nothing else).
 
     `vocab_size`, when given (the learner gives its target's), bounds every token id; `hidden_size` (the target's)
@@ -464,7 +493,9 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES, vocab_size: i
             elif k == "blocks":
                 out[k] = Blocks(**{f: r.array(max_bytes) for f in r.keys(Blocks.FIELDS, Blocks.FIELDS)})
             elif k == "teacher":
-                out[k] = None if r.is_nil() else {f"teacher_{f}": r.array(max_bytes) for f in r.keys(_TEACHER, _TEACHER)}
+                out[k] = (
+                    None if r.is_nil() else {f"teacher_{f}": r.array(max_bytes) for f in r.keys(_TEACHER, _TEACHER)}
+                )
         r.end()
     except (ValueError, msgpack.UnpackException) as e:  # what msgpack itself refuses (limits, truncation, utf-8)
         raise r.fail(f"does not decode ({type(e).__name__}: {str(e)[:120]})") from None
@@ -509,7 +540,11 @@ def check_structure(rec: ExperienceRecord) -> None:
     if not isinstance(b.draft_tokens, np.ndarray) or b.draft_tokens.ndim != 2 or b.draft_tokens.shape[0] != M:
         raise RecordError("malformed record: blocks.draft_tokens must be [M, K]")
     K = b.draft_tokens.shape[1]
-    if not isinstance(b.target_topk_ids, np.ndarray) or b.target_topk_ids.ndim != 3 or b.target_topk_ids.shape[:2] != (M, K):
+    if (
+        not isinstance(b.target_topk_ids, np.ndarray)
+        or b.target_topk_ids.ndim != 3
+        or b.target_topk_ids.shape[:2] != (M, K)
+    ):
         raise RecordError("malformed record: blocks.target_topk_ids must be [M, K, k]")
     k = b.target_topk_ids.shape[2]
     if K < 1 or k < 1:
@@ -524,19 +559,36 @@ def check_structure(rec: ExperienceRecord) -> None:
     if rec.teacher_topk_ids is not None or rec.teacher_topk_probs is not None or rec.teacher_tail is not None:
         ti = rec.teacher_topk_ids
         if not isinstance(ti, np.ndarray) or ti.ndim != 2 or ti.shape[0] != n - 1 or ti.shape[1] < 1:
-            raise RecordError(f"malformed record: teacher top-k must be [{n - 1}, k] ids and probs and a [{n - 1}] tail")
+            raise RecordError(
+                f"malformed record: teacher top-k must be [{n - 1}, k] ids and probs and a [{n - 1}] tail"
+            )
         _want(ti, "teacher.topk_ids", (n - 1, ti.shape[1]), "i")
         _want(rec.teacher_topk_probs, "teacher.topk_probs", ti.shape, "f")
         _want(rec.teacher_tail, "teacher.tail", (n - 1,), "f")
     if rec.features is not None:
         f = rec.features
-        if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] != n - 1 or f.dtype not in _TORCH_DTYPES.values():
-            raise RecordError(f"malformed record: features must be [{n - 1}, F] (one row per position but the last) of bf16, fp16 or fp32")
+        if (
+            not isinstance(f, torch.Tensor)
+            or f.ndim != 2
+            or f.shape[0] != n - 1
+            or f.dtype not in _TORCH_DTYPES.values()
+        ):
+            raise RecordError(
+                f"malformed record: features must be [{n - 1}, F] (one row per position but the last) of bf16, fp16 or fp32"
+            )
     if rec.target_hidden is not None:
         h, a = rec.target_hidden, n - rec.prompt_len
-        if not isinstance(h, torch.Tensor) or h.ndim != 2 or h.shape[0] != a or h.shape[1] < 1 or h.dtype not in _TORCH_DTYPES.values():
+        if (
+            not isinstance(h, torch.Tensor)
+            or h.ndim != 2
+            or h.shape[0] != a
+            or h.shape[1] < 1
+            or h.dtype not in _TORCH_DTYPES.values()
+        ):
             got = (tuple(h.shape), str(h.dtype)) if isinstance(h, torch.Tensor) else type(h).__name__
-            raise RecordError(f"malformed record: field 'hidden' must be [{a}, H] (one row per answer token) of bf16, fp16 or fp32, got {got}")
+            raise RecordError(
+                f"malformed record: field 'hidden' must be [{a}, H] (one row per answer token) of bf16, fp16 or fp32, got {got}"
+            )
 
 
 _CHUNK = 1 << 20  # elements per vectorised step: temporaries stay a constant, not a multiple of the record
@@ -605,7 +657,9 @@ def check_values(rec: ExperienceRecord, vocab_size: int | None = None, hidden_si
         raise RecordError("malformed record: features hold NaN or inf")
     if rec.target_hidden is not None:
         if hidden_size is not None and rec.target_hidden.shape[1] != hidden_size:
-            raise RecordError(f"malformed record: field 'hidden' has width {rec.target_hidden.shape[1]}, the target's hidden size is {hidden_size}")
+            raise RecordError(
+                f"malformed record: field 'hidden' has width {rec.target_hidden.shape[1]}, the target's hidden size is {hidden_size}"
+            )
         if not _finite(rec.target_hidden):
             raise RecordError("malformed record: field 'hidden' holds NaN or inf")
 
@@ -634,7 +688,9 @@ class TeacherRecord:
     topk_ids: np.ndarray  # [n-1, k] int32
     topk_probs: np.ndarray  # [n-1, k] float32
     tail: np.ndarray  # [n-1] float32
-    hidden: torch.Tensor | None = None  # [n - prompt_len, H] the target's final hidden state (ExperienceRecord.target_hidden)
+    hidden: torch.Tensor | None = (
+        None  # [n - prompt_len, H] the target's final hidden state (ExperienceRecord.target_hidden)
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -676,7 +732,9 @@ def encode_teacher(rec: TeacherRecord, max_bytes: int = TEACHER_MAX_BYTES) -> by
     return _frame(KIND_TEACHER, msgpack.packb(msg, use_bin_type=True), (0, 0, 0, 0), max_bytes)
 
 
-def decode_teacher(data: bytes, max_bytes: int = TEACHER_MAX_BYTES, vocab_size: int | None = None, hidden_size: int | None = None) -> TeacherRecord:
+def decode_teacher(
+    data: bytes, max_bytes: int = TEACHER_MAX_BYTES, vocab_size: int | None = None, hidden_size: int | None = None
+) -> TeacherRecord:
     """Bytes (from an actor, or the prefill cache on disk) -> a validated TeacherRecord, or RecordError."""
     _, body = _body_of(data, max_bytes, KIND_TEACHER)
     r = _Body(body, max_bytes)

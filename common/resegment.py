@@ -129,7 +129,12 @@ def walk(text: GreedyText, blocks: np.ndarray, logprobs: np.ndarray) -> Segmenta
 
 
 def segment(
-    drafter: Drafter, texts: list[GreedyText], features: list[torch.Tensor], K: int, batch_size: int = 8, dtype: torch.dtype | None = None
+    drafter: Drafter,
+    texts: list[GreedyText],
+    features: list[torch.Tensor],
+    K: int,
+    batch_size: int = 8,
+    dtype: torch.dtype | None = None,
 ) -> list[Segmentation]:
     """Every text's greedy speculative steps under this drafter (drafter forwards only, no target), drafting in
     `dtype` (the target's, as the engine drafts; None = the drafter's own)."""

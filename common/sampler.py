@@ -52,5 +52,7 @@ class EpochSampler:
     def load(self, state: dict) -> None:
         """Continue from a saved position; refuses one saved for another data set or seed."""
         if not self.fits(state):
-            raise ValueError(f"sampler state for {state['n']} items with key {state['key']} does not fit {self.n} items with key {list(self.key)}")
+            raise ValueError(
+                f"sampler state for {state['n']} items with key {state['key']} does not fit {self.n} items with key {list(self.key)}"
+            )
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

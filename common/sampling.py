@@ -67,7 +67,9 @@ def verify(
     dev = draft.device
     if K == 0:
         nxt = p[:, 0].argmax(-1) if greedy else sample(p[:, 0], generator)
-        return Verdict(torch.zeros(B, dtype=torch.long, device=dev), nxt, torch.zeros(B, 0, dtype=torch.bool, device=dev))
+        return Verdict(
+            torch.zeros(B, dtype=torch.long, device=dev), nxt, torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        )
     if greedy:
         target_tok = p.argmax(-1)  # [B, K+1]
         ok = draft == target_tok[:, :K]

@@ -28,7 +28,9 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # torch's writer needs the tensorboard package
-            raise ConfigError(f"metrics.tensorboard=true needs the tensorboard package ({e}); pip install tensorboard") from None
+            raise ConfigError(
+                f"metrics.tensorboard=true needs the tensorboard package ({e}); pip install tensorboard"
+            ) from None
         if fresh and log_dir.is_dir():  # a new run in an old directory: the old run's curves would overlap it
             for f in log_dir.glob("events.out.tfevents.*"):
                 f.unlink()
@@ -49,9 +51,13 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("metrics.wandb=true needs the wandb package (pip install wandb; it is not a dopd dependency)") from None
+            raise ConfigError(
+                "metrics.wandb=true needs the wandb package (pip install wandb; it is not a dopd dependency)"
+            ) from None
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(mode="offline", dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "dopd"), name=name, config=config)
+        self.run = wandb.init(
+            mode="offline", dir=str(run_dir), project=os.environ.get("WANDB_PROJECT", "dopd"), name=name, config=config
+        )
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -83,12 +89,16 @@ def check_sinks(cfg) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("metrics.tensorboard=true needs the tensorboard package; pip install tensorboard") from None
+            raise ConfigError(
+                "metrics.tensorboard=true needs the tensorboard package; pip install tensorboard"
+            ) from None
     if m.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ConfigError("metrics.wandb=true needs the wandb package (pip install wandb; it is not a dopd dependency)") from None
+            raise ConfigError(
+                "metrics.wandb=true needs the wandb package (pip install wandb; it is not a dopd dependency)"
+            ) from None
 
 
 def make_sinks(cfg, fresh: bool, step: int = 0) -> Sinks | None:
@@ -132,7 +142,16 @@ class RowMetrics:
             self.flops, self.learner_s = row["flops"], st.learner_s
         elif ev == "rollout":
             n = self.cfg.learner.refresh_every * self.cfg.learner.micro_batch_size  # one round's records
-            m.rollout("0", row["rollout_tau"], row["rollout_alpha"], row["rollout_tokens"], row["rollout_s"], row["replay_anchors"], row["replay_s"], n)
+            m.rollout(
+                "0",
+                row["rollout_tau"],
+                row["rollout_alpha"],
+                row["rollout_tokens"],
+                row["rollout_s"],
+                row["replay_anchors"],
+                row["replay_s"],
+                n,
+            )
         elif ev == "eval":
             m.heldout(row["tau"], row["alpha"])
 

@@ -116,7 +116,9 @@ class EngineStats:
 
 
 def tau_alpha(accepted: list[int], K: int) -> tuple[float, list[float]]:
-    s = EngineStats(num_steps=len(accepted), accepted_hist=list(np.bincount(np.asarray(accepted, dtype=int), minlength=K + 1)))
+    s = EngineStats(
+        num_steps=len(accepted), accepted_hist=list(np.bincount(np.asarray(accepted, dtype=int), minlength=K + 1))
+    )
     return s.tau, s.alpha
 
 
@@ -173,7 +175,9 @@ class SpecEngine:
         layers = layers if need_feat else None
         F = len(layers) * self.target.info.hidden_size if layers else 0
         if (settings.keep_topk or settings.keep_hidden) and K > 0:
-            raise PromptError("keep_topk and keep_hidden are for plain decoding (block_size 0): speculative steps record their own top-k")
+            raise PromptError(
+                "keep_topk and keep_hidden are for plain decoding (block_size 0): speculative steps record their own top-k"
+            )
         if settings.acceptance not in ("rejection", "match"):
             raise PromptError(f"unknown acceptance rule '{settings.acceptance}' (rejection | match)")
         gen = torch.Generator(device=dev).manual_seed(settings.seed)
@@ -184,7 +188,11 @@ class SpecEngine:
         kt = min(settings.topk, self.target.info.vocab_size)
         top_ids = torch.zeros(B, S, kt, dtype=torch.int32, device=dev) if settings.keep_topk else None
         top_p = torch.zeros(B, S, kt, dtype=torch.float32, device=dev) if settings.keep_topk else None
-        hid = torch.zeros(B, S, self.target.info.hidden_size, dtype=self.target.dtype, device=dev) if settings.keep_hidden else None
+        hid = (
+            torch.zeros(B, S, self.target.info.hidden_size, dtype=self.target.dtype, device=dev)
+            if settings.keep_hidden
+            else None
+        )
         n = torch.zeros(B, dtype=torch.long, device=dev)
         plen = [0] * B
         slot_prompt = [-1] * B
@@ -217,7 +225,16 @@ class SpecEngine:
             rows = torch.tensor(take, device=dev)
             T = max(plen[b] for b in take) - 1
             pos = torch.arange(T, device=dev).expand(len(take), T)
-            out = forward(tokens[rows, :T], pos, cache, None if len(take) == B else rows, T, layers, want_logits=False, causal=True)
+            out = forward(
+                tokens[rows, :T],
+                pos,
+                cache,
+                None if len(take) == B else rows,
+                T,
+                layers,
+                want_logits=False,
+                causal=True,
+            )
             if need_feat:
                 feats[rows, :T] = out.features.to(feats.dtype)
             if dstate is not None:
@@ -254,7 +271,9 @@ class SpecEngine:
                 hid[act, pos[:, 0]] = out.last_hidden[:, 0].to(hid.dtype)
             greedy = settings.temperature <= 0
             p = logits if greedy else processed_probs(logits, settings.temperature, settings.top_p)
-            verdict = verify(prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen, settings.acceptance)
+            verdict = verify(
+                prop.tokens if K > 0 else inp[:, :0], p, prop.q if K > 0 else None, greedy, gen, settings.acceptance
+            )
             sync()
             t2 = time.perf_counter()
             stats.draft_s += t1 - t0

@@ -65,7 +65,9 @@ class TargetForward:
 class HFForward(TargetForward):
     """The Hugging Face modules themselves (the reference path; always the explicit mask)."""
 
-    def __call__(self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True, causal=False) -> ForwardOut:
+    def __call__(
+        self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True, causal=False
+    ) -> ForwardOut:
         if cache is not None:
             cache.prepare(rows, pos, kv_len)
         need_hidden = bool(feature_layers)
@@ -83,7 +85,11 @@ def _packable(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
         return False
     try:
-        ok = torch.ops.mkldnn._is_mkldnn_bf16_supported() if weight.dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        ok = (
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            if weight.dtype == torch.bfloat16
+            else torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        )
         return bool(ok) and torch.backends.mkldnn.is_available()
     except (AttributeError, RuntimeError):
         return False
@@ -139,7 +145,11 @@ class LeanForward(TargetForward):
         cfg = model.config
         if cfg.model_type not in LEAN_ARCHITECTURES:
             raise ValueError(f"no lean forward for '{cfg.model_type}' (supported: {', '.join(LEAN_ARCHITECTURES)})")
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type != "llama":
+        if (
+            getattr(cfg, "sliding_window", None)
+            and getattr(cfg, "use_sliding_window", True)
+            and cfg.model_type != "llama"
+        ):
             raise ValueError(f"no lean forward for a sliding-window {cfg.model_type} (window {cfg.sliding_window})")
         self.rope = apply_rotary_pos_emb
         self.inner = model.model
@@ -162,7 +172,9 @@ class LeanForward(TargetForward):
         self.head = Linear(model.lm_head.weight.detach(), pack=pack)
 
     @torch.no_grad()
-    def __call__(self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True, causal=False) -> ForwardOut:
+    def __call__(
+        self, ids, pos, cache, rows, kv_len, feature_layers=None, want_logits=True, causal=False
+    ) -> ForwardOut:
         if cache is not None:
             cache.prepare(rows, pos, kv_len)
         b, T = ids.shape
@@ -183,7 +195,9 @@ class LeanForward(TargetForward):
             q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             v = v.transpose(1, 2)
             K, V = cache.write_and_read(i, k, v) if cache is not None else (k, v)
-            att = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=causal, scale=w["scaling"], enable_gqa=Hkv != H)
+            att = F.scaled_dot_product_attention(
+                q, K, V, attn_mask=mask, is_causal=causal, scale=w["scaling"], enable_gqa=Hkv != H
+            )
             h = h + w["o"](att.transpose(1, 2).reshape(b, T, H * d))
             x = w["ln2"](h)
             gate, up = w["gate_up"](x).chunk(2, dim=-1)

@@ -81,8 +81,17 @@ def given_data(
             recs.append(None)
     missing = [i for i, r in enumerate(recs) if r is None]
     if missing:
-        todo = [(items[i][0], texts[i].tokens if with_lookahead else texts[i].prompt_ids + texts[i].answer, texts[i].prompt_len) for i in missing]
-        fresh = prefill(target, feature_layers, todo, topk, batch_size=batch_size, feature_dtype=feature_dtype, hidden=hidden)
+        todo = [
+            (
+                items[i][0],
+                texts[i].tokens if with_lookahead else texts[i].prompt_ids + texts[i].answer,
+                texts[i].prompt_len,
+            )
+            for i in missing
+        ]
+        fresh = prefill(
+            target, feature_layers, todo, topk, batch_size=batch_size, feature_dtype=feature_dtype, hidden=hidden
+        )
         root.mkdir(parents=True, exist_ok=True)
         for i, rec in zip(missing, fresh):
             recs[i] = rec
@@ -90,7 +99,9 @@ def given_data(
             tmp.write_bytes(encode_teacher(rec))
             tmp.replace(paths[i])
         if log is not None:
-            log(f"target text: {len(missing)} of {len(items)} given answers prefilled ({time.perf_counter() - t0:.0f}s, no decoding)")
+            log(
+                f"target text: {len(missing)} of {len(items)} given answers prefilled ({time.perf_counter() - t0:.0f}s, no decoding)"
+            )
     return texts, recs  # type: ignore[return-value]
 
 
@@ -112,7 +123,17 @@ def text_data(
         for i, a, b in zip(greedy, t, r):
             texts[i], recs[i] = a, b
     if given:
-        t, r = given_data(target, feature_layers, [items[i] for i in given], topk, batch_size, feature_dtype, with_lookahead, log, hidden)
+        t, r = given_data(
+            target,
+            feature_layers,
+            [items[i] for i in given],
+            topk,
+            batch_size,
+            feature_dtype,
+            with_lookahead,
+            log,
+            hidden,
+        )
         for i, a, b in zip(given, t, r):
             texts[i], recs[i] = a, b
     return texts, recs

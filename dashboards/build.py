@@ -81,7 +81,9 @@ def _legend() -> VizLegendOptions:
     return VizLegendOptions().display_mode(LegendDisplayMode.LIST).placement(LegendPlacement.BOTTOM).show_legend(True)
 
 
-def _ts(pid: int, title: str, pos: GridPos, targets: list[PromQuery], unit: str = "short", desc: str = "") -> Timeseries:
+def _ts(
+    pid: int, title: str, pos: GridPos, targets: list[PromQuery], unit: str = "short", desc: str = ""
+) -> Timeseries:
     p = Timeseries().id(pid).title(title).datasource(DS).grid_pos(pos).unit(unit).legend(_legend())
     p = p.line_width(1).fill_opacity(10)
     if desc:
@@ -93,16 +95,39 @@ def _ts(pid: int, title: str, pos: GridPos, targets: list[PromQuery], unit: str 
 
 def _stat(pid: int, title: str, pos: GridPos, target: PromQuery, unit: str = "short", decimals: int = 2) -> Stat:
     return (
-        Stat().id(pid).title(title).datasource(DS).grid_pos(pos).with_target(target).unit(unit).decimals(decimals)
-        .graph_mode(BigValueGraphMode.AREA).color_mode(BigValueColorMode.VALUE)
+        Stat()
+        .id(pid)
+        .title(title)
+        .datasource(DS)
+        .grid_pos(pos)
+        .with_target(target)
+        .unit(unit)
+        .decimals(decimals)
+        .graph_mode(BigValueGraphMode.AREA)
+        .color_mode(BigValueColorMode.VALUE)
         .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).values(False))
     )
 
 
-def _bars(pid: int, title: str, pos: GridPos, target: PromQuery, unit: str = "short", lo: float | None = None, hi: float | None = None) -> BarGauge:
+def _bars(
+    pid: int,
+    title: str,
+    pos: GridPos,
+    target: PromQuery,
+    unit: str = "short",
+    lo: float | None = None,
+    hi: float | None = None,
+) -> BarGauge:
     p = (
-        BarGauge().id(pid).title(title).datasource(DS).grid_pos(pos).with_target(target).unit(unit)
-        .display_mode(BarGaugeDisplayMode.GRADIENT).orientation(VizOrientation.VERTICAL)
+        BarGauge()
+        .id(pid)
+        .title(title)
+        .datasource(DS)
+        .grid_pos(pos)
+        .with_target(target)
+        .unit(unit)
+        .display_mode(BarGaugeDisplayMode.GRADIENT)
+        .orientation(VizOrientation.VERTICAL)
         .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]).values(False))
     )
     if lo is not None:
@@ -115,8 +140,13 @@ def _bars(pid: int, title: str, pos: GridPos, target: PromQuery, unit: str = "sh
 def _colors(scheme: str, fill: str, scale: hm_models.HeatmapColorScale) -> hm.HeatmapColorOptions:
     """Every colour field set: the SDK would otherwise write exponent 0 and an empty fill, which Grafana honours."""
     return (
-        hm.HeatmapColorOptions().mode(hm_models.HeatmapColorMode.SCHEME).scheme(scheme).fill(fill).scale(scale)
-        .exponent(0.5).steps(64)
+        hm.HeatmapColorOptions()
+        .mode(hm_models.HeatmapColorMode.SCHEME)
+        .scheme(scheme)
+        .fill(fill)
+        .scale(scale)
+        .exponent(0.5)
+        .steps(64)
     )
 
 
@@ -127,7 +157,10 @@ def _row(pid: int, title: str, y: int) -> Row:
 def _quantiles(name: str, sel: str = JOB) -> list[PromQuery]:
     """p50/p90/p99 and the mean of a histogram over the rate window (histograms have no labels but `le`)."""
     bucket = f"sum by (le) (rate({_s(name, '_bucket')}{{{sel}}}[{RATE}]))"
-    out = [_q(f"histogram_quantile({q}, {bucket})", f"p{int(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))]
+    out = [
+        _q(f"histogram_quantile({q}, {bucket})", f"p{int(q * 100)}", ref)
+        for q, ref in ((0.5, "A"), (0.9, "B"), (0.99, "C"))
+    ]
     mean = f"sum(rate({_s(name, '_sum')}{{{sel}}}[{RATE}])) / sum(rate({_s(name, '_count')}{{{sel}}}[{RATE}]))"
     out.append(_q(mean, "mean", "D"))
     return out
@@ -137,16 +170,26 @@ def _variables(d: Dashboard) -> Dashboard:
     """`datasource`, `job` (label_values over a metric every dopd job exports) and `actor` (multi, All = .*)."""
     ds = DatasourceVariable("datasource").label("Data source").type("prometheus")
     job = (
-        QueryVariable("job").label("Job").datasource(DS)
+        QueryVariable("job")
+        .label("Job")
+        .datasource(DS)
         .query(f"label_values({_s('dopd_policy_version')}, job)")
-        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
-        .multi(True).include_all(True).all_value(".*")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(VariableSort.ALPHABETICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
     )
     actor = (
-        QueryVariable("actor").label("Actor").datasource(DS)
-        .query(f'label_values({_s("dopd_rollout_tau")}{{{JOB}}}, actor)')
-        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.NUMERICAL_ASC)
-        .multi(True).include_all(True).all_value(".*")
+        QueryVariable("actor")
+        .label("Actor")
+        .datasource(DS)
+        .query(f"label_values({_s('dopd_rollout_tau')}{{{JOB}}}, actor)")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(VariableSort.NUMERICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
     )
     return d.with_variable(ds).with_variable(job).with_variable(actor)
 
@@ -164,51 +207,135 @@ def training_overview() -> Dashboard:
         _row(1, "Acceptance length", 0),
         _stat(2, "Held-out tau", _pos(0, 1, 4, 4), _q(f"max({_s('dopd_heldout_tau')}{{{JOB}}})")),
         _stat(3, "Rollout tau (mean over actors)", _pos(0, 5, 4, 4), _q(f"avg({_s('dopd_rollout_tau')}{{{ACTOR}}})")),
-        _ts(4, "Acceptance length tau", _pos(4, 1, 20, 8), [
-            _q(f"{_s('dopd_heldout_tau')}{{{JOB}}}", "held-out", "A"),
-            _q(f"{_s('dopd_rollout_tau')}{{{ACTOR}}}", "rollout actor {{actor}}", "B"),
-        ], desc="Tokens committed per verification step: held-out prompts (the number to report) and each actor's latest rollout batch."),
-        _bars(5, "Per-position acceptance (held-out)", _pos(0, 9, 12, 7),
-              _q(f'{acc}{{{JOB}, source="heldout"}}', "pos {{position}}"), "percentunit", 0, 1),
-        _bars(6, "Per-position acceptance (rollout)", _pos(12, 9, 12, 7),
-              _q(f'{acc}{{{JOB}, source="rollout"}}', "pos {{position}}"), "percentunit", 0, 1),
+        _ts(
+            4,
+            "Acceptance length tau",
+            _pos(4, 1, 20, 8),
+            [
+                _q(f"{_s('dopd_heldout_tau')}{{{JOB}}}", "held-out", "A"),
+                _q(f"{_s('dopd_rollout_tau')}{{{ACTOR}}}", "rollout actor {{actor}}", "B"),
+            ],
+            desc="Tokens committed per verification step: held-out prompts (the number to report) and each actor's latest rollout batch.",
+        ),
+        _bars(
+            5,
+            "Per-position acceptance (held-out)",
+            _pos(0, 9, 12, 7),
+            _q(f'{acc}{{{JOB}, source="heldout"}}', "pos {{position}}"),
+            "percentunit",
+            0,
+            1,
+        ),
+        _bars(
+            6,
+            "Per-position acceptance (rollout)",
+            _pos(12, 9, 12, 7),
+            _q(f'{acc}{{{JOB}, source="rollout"}}', "pos {{position}}"),
+            "percentunit",
+            0,
+            1,
+        ),
         _acceptance_heatmap(7, "Acceptance by position over time (held-out)", _pos(0, 16, 12, 8), "heldout"),
         _acceptance_heatmap(8, "Acceptance by position over time (rollout)", _pos(12, 16, 12, 8), "rollout"),
         _row(9, "Learner", 24),
-        _ts(10, "Learner loss per stream", _pos(0, 25, 12, 8), [_q(f"{_s('dopd_learner_loss')}{{{JOB}}}", "{{stream}}")]),
+        _ts(
+            10, "Learner loss per stream", _pos(0, 25, 12, 8), [_q(f"{_s('dopd_learner_loss')}{{{JOB}}}", "{{stream}}")]
+        ),
         _ts(11, "Learner step time", _pos(12, 25, 12, 8), _quantiles("dopd_learner_step_seconds"), "s"),
-        _ts(12, "Learner FLOPs rate", _pos(0, 33, 12, 8), [
-            _q(f"sum(rate({_s('dopd_learner_flops')}{{{JOB}}}[{RATE}]))", "FLOP/s"),
-        ], "flops"),
-        _ts(13, "Learner steps/s and gradient norm", _pos(12, 33, 12, 8), [
-            _q(f"sum(rate({_s('dopd_learner_steps')}{{{JOB}}}[{RATE}]))", "steps/s", "A"),
-            _q(f"{_s('dopd_learner_grad_norm')}{{{JOB}}}", "grad norm (pre-clip)", "B"),
-        ]),
+        _ts(
+            12,
+            "Learner FLOPs rate",
+            _pos(0, 33, 12, 8),
+            [
+                _q(f"sum(rate({_s('dopd_learner_flops')}{{{JOB}}}[{RATE}]))", "FLOP/s"),
+            ],
+            "flops",
+        ),
+        _ts(
+            13,
+            "Learner steps/s and gradient norm",
+            _pos(12, 33, 12, 8),
+            [
+                _q(f"sum(rate({_s('dopd_learner_steps')}{{{JOB}}}[{RATE}]))", "steps/s", "A"),
+                _q(f"{_s('dopd_learner_grad_norm')}{{{JOB}}}", "grad norm (pre-clip)", "B"),
+            ],
+        ),
         _row(14, "Policy freshness and publishing", 41),
-        _ts(15, "Policy version", _pos(0, 42, 8, 8), [_q(f"max({_s('dopd_policy_version')}{{{JOB}}})", "policy version")]),
-        _ts(16, "Record staleness (policy versions)", _pos(8, 42, 8, 8), _quantiles("dopd_record_staleness"),
-            desc="Policy versions between the actor that produced a record and the learner that trained on it."),
-        _ts(17, "Publish latency", _pos(16, 42, 8, 8), _quantiles("dopd_publish_latency_seconds"), "s",
-            desc="Gathering the new drafter weights and delivering them to every actor."),
+        _ts(
+            15,
+            "Policy version",
+            _pos(0, 42, 8, 8),
+            [_q(f"max({_s('dopd_policy_version')}{{{JOB}}})", "policy version")],
+        ),
+        _ts(
+            16,
+            "Record staleness (policy versions)",
+            _pos(8, 42, 8, 8),
+            _quantiles("dopd_record_staleness"),
+            desc="Policy versions between the actor that produced a record and the learner that trained on it.",
+        ),
+        _ts(
+            17,
+            "Publish latency",
+            _pos(16, 42, 8, 8),
+            _quantiles("dopd_publish_latency_seconds"),
+            "s",
+            desc="Gathering the new drafter weights and delivering them to every actor.",
+        ),
         (
-            Heatmap().id(18).title("Record staleness distribution").datasource(DS).grid_pos(_pos(0, 50, 24, 8))
-            .with_target(_q(f"sum by (le) (increase({_s('dopd_record_staleness', '_bucket')}{{{JOB}}}[{RATE}]))",
-                            "{{le}}", fmt=PromQueryFormat.HEATMAP))
+            Heatmap()
+            .id(18)
+            .title("Record staleness distribution")
+            .datasource(DS)
+            .grid_pos(_pos(0, 50, 24, 8))
+            .with_target(
+                _q(
+                    f"sum by (le) (increase({_s('dopd_record_staleness', '_bucket')}{{{JOB}}}[{RATE}]))",
+                    "{{le}}",
+                    fmt=PromQueryFormat.HEATMAP,
+                )
+            )
             .calculate(False)
             .color(_colors("Oranges", "dark-orange", hm_models.HeatmapColorScale.EXPONENTIAL))
         ),
         _row(19, "Learner diagnostics", 58),
-        _ts(20, "Gradient norm: own head vs body", _pos(0, 59, 8, 8), [
-            _q(f"{_s('dopd_learner_grad_norm_part')}{{{JOB}}}", "{{part}}"),
-        ], desc="Before clipping. A head shared by every block position is how a loss on one position moves the others."),
-        _ts(21, "Silenced share per stream", _pos(8, 59, 8, 8), [
-            _q(f"{_s('dopd_learner_silenced_share')}{{{JOB}}}", "{{stream}}"),
-        ], "percentunit", desc="Positions whose gradient a floor, clip or the loss clamp sets to zero (verl's k3: confidently wrong drafts)."),
-        _ts(22, "Replay mismatch KL(drafter || target)", _pos(16, 59, 8, 8), [
-            _q(f"{_s('dopd_replay_kl')}{{{JOB}}}", "{{group}}"),
-        ], desc="Full-vocabulary KL at the rollout's block positions: matched (all), accepted, first rejected, after the rejection."),
-        _bars(23, "Per-position acceptance (blocks trained on)", _pos(0, 67, 24, 7),
-              _q(f'{acc}{{{JOB}, source="trained"}}', "pos {{position}}"), "percentunit", 0, 1),
+        _ts(
+            20,
+            "Gradient norm: own head vs body",
+            _pos(0, 59, 8, 8),
+            [
+                _q(f"{_s('dopd_learner_grad_norm_part')}{{{JOB}}}", "{{part}}"),
+            ],
+            desc="Before clipping. A head shared by every block position is how a loss on one position moves the others.",
+        ),
+        _ts(
+            21,
+            "Silenced share per stream",
+            _pos(8, 59, 8, 8),
+            [
+                _q(f"{_s('dopd_learner_silenced_share')}{{{JOB}}}", "{{stream}}"),
+            ],
+            "percentunit",
+            desc="Positions whose gradient a floor, clip or the loss clamp sets to zero (verl's k3: confidently wrong drafts).",
+        ),
+        _ts(
+            22,
+            "Replay mismatch KL(drafter || target)",
+            _pos(16, 59, 8, 8),
+            [
+                _q(f"{_s('dopd_replay_kl')}{{{JOB}}}", "{{group}}"),
+            ],
+            desc="Full-vocabulary KL at the rollout's block positions: matched (all), accepted, first rejected, after the rejection.",
+        ),
+        _bars(
+            23,
+            "Per-position acceptance (blocks trained on)",
+            _pos(0, 67, 24, 7),
+            _q(f'{acc}{{{JOB}, source="trained"}}', "pos {{position}}"),
+            "percentunit",
+            0,
+            1,
+        ),
     ]
     return _add(d, panels)
 
@@ -221,9 +348,14 @@ def _acceptance_heatmap(pid: int, title: str, pos: GridPos, source: str) -> Heat
     """
     expr = f'{_s("dopd_acceptance_rate")}{{{JOB}, source="{source}"}}'
     return (
-        Heatmap().id(pid).title(title).datasource(DS).grid_pos(pos)
+        Heatmap()
+        .id(pid)
+        .title(title)
+        .datasource(DS)
+        .grid_pos(pos)
         .with_target(_q(f"max by (position) ({expr})", "{{position}}"))
-        .calculate(False).unit("percentunit")
+        .calculate(False)
+        .unit("percentunit")
         .color(_colors("Greens", "dark-green", hm_models.HeatmapColorScale.LINEAR).min(0).max(1))
         .y_axis(hm.YAxisConfig().axis_label("block position"))
     )
@@ -236,35 +368,118 @@ def rollout_fleet() -> Dashboard:
     panels = [
         _row(1, "Throughput", 0),
         _stat(2, "Rollout tokens/s (all actors)", _pos(0, 1, 6, 4), _q(f"sum({tok_rate})"), decimals=0),
-        _stat(3, "Actors reporting", _pos(6, 1, 6, 4), _q(f"count({_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}})"), decimals=0),
-        _stat(4, "Actor restarts (total)", _pos(12, 1, 6, 4), _q(f"sum({_s('dopd_actor_restarts')}{{{ACTOR}}})"), decimals=0),
-        _stat(5, "Records queued (all shards)", _pos(18, 1, 6, 4), _q(f"sum({_s('dopd_queue_depth')}{{{JOB}}})"), decimals=0),
-        _ts(6, "Rollout tokens/s per actor (latest batch)", _pos(0, 5, 12, 8), [
-            _q(f"{_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}}", "actor {{actor}}"),
-        ], desc="Each actor's own measurement of its last batch (gauge): spiky, but visible right after the first batch."),
-        _ts(7, "Rollout tokens/s per actor (counter rate)", _pos(12, 5, 12, 8), [
-            _q(f"sum by (actor) ({tok_rate})", "actor {{actor}}"),
-        ], desc="rate() of the token counter: smooth, includes time spent outside rollout (publishing, replay)."),
-        _ts(8, "Replay anchors/s per actor", _pos(0, 13, 12, 8), [
-            _q(f"sum by (actor) (rate({_s('dopd_replay_anchors')}{{{ACTOR}}}[{RATE}]))", "actor {{actor}} (counter rate)", "A"),
-            _q(f"{_s('dopd_replay_anchors_per_second')}{{{ACTOR}}}", "actor {{actor}} (latest batch)", "B"),
-        ]),
-        _ts(9, "Actor restarts", _pos(12, 13, 12, 8), [
-            _q(f"{_s('dopd_actor_restarts')}{{{ACTOR}}}", "actor {{actor}}"),
-        ], desc="Cumulative restarts per actor: a rising line is an actor that keeps dying."),
+        _stat(
+            3,
+            "Actors reporting",
+            _pos(6, 1, 6, 4),
+            _q(f"count({_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}})"),
+            decimals=0,
+        ),
+        _stat(
+            4,
+            "Actor restarts (total)",
+            _pos(12, 1, 6, 4),
+            _q(f"sum({_s('dopd_actor_restarts')}{{{ACTOR}}})"),
+            decimals=0,
+        ),
+        _stat(
+            5,
+            "Records queued (all shards)",
+            _pos(18, 1, 6, 4),
+            _q(f"sum({_s('dopd_queue_depth')}{{{JOB}}})"),
+            decimals=0,
+        ),
+        _ts(
+            6,
+            "Rollout tokens/s per actor (latest batch)",
+            _pos(0, 5, 12, 8),
+            [
+                _q(f"{_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}}", "actor {{actor}}"),
+            ],
+            desc="Each actor's own measurement of its last batch (gauge): spiky, but visible right after the first batch.",
+        ),
+        _ts(
+            7,
+            "Rollout tokens/s per actor (counter rate)",
+            _pos(12, 5, 12, 8),
+            [
+                _q(f"sum by (actor) ({tok_rate})", "actor {{actor}}"),
+            ],
+            desc="rate() of the token counter: smooth, includes time spent outside rollout (publishing, replay).",
+        ),
+        _ts(
+            8,
+            "Replay anchors/s per actor",
+            _pos(0, 13, 12, 8),
+            [
+                _q(
+                    f"sum by (actor) (rate({_s('dopd_replay_anchors')}{{{ACTOR}}}[{RATE}]))",
+                    "actor {{actor}} (counter rate)",
+                    "A",
+                ),
+                _q(f"{_s('dopd_replay_anchors_per_second')}{{{ACTOR}}}", "actor {{actor}} (latest batch)", "B"),
+            ],
+        ),
+        _ts(
+            9,
+            "Actor restarts",
+            _pos(12, 13, 12, 8),
+            [
+                _q(f"{_s('dopd_actor_restarts')}{{{ACTOR}}}", "actor {{actor}}"),
+            ],
+            desc="Cumulative restarts per actor: a rising line is an actor that keeps dying.",
+        ),
         _row(10, "Queues", 21),
-        _ts(11, "Queue depth per shard", _pos(0, 22, 12, 8), [_q(f"{_s('dopd_queue_depth')}{{{JOB}}}", "shard {{shard}}")]),
-        _ts(12, "Queue bytes per shard", _pos(12, 22, 12, 8), [_q(f"{_s('dopd_queue_bytes')}{{{JOB}}}", "shard {{shard}}")], "bytes"),
-        _ts(13, "Dropped and rejected records/s", _pos(0, 30, 12, 8), [
-            _q(f"sum by (shard) (rate({_s('dopd_records_dropped_stale')}{{{JOB}}}[{RATE}]))", "stale, shard {{shard}}", "A"),
-            _q(f"sum by (shard) (rate({_s('dopd_records_dropped_full')}{{{JOB}}}[{RATE}]))", "full, shard {{shard}}", "B"),
-            _q(f"sum by (shard) (rate({_s('dopd_records_rejected')}{{{JOB}}}[{RATE}]))", "rejected, shard {{shard}}", "C"),
-        ], desc="Stale: older than cluster.max_staleness. Full: dropped by a full shard's drop policy. Rejected: malformed."),
-        _ts(14, "Records produced and consumed/s", _pos(12, 30, 12, 8), [
-            _q(f"sum by (actor) (rate({_s('dopd_records_produced')}{{{ACTOR}}}[{RATE}]))", "produced, actor {{actor}}", "A"),
-            _q(f"sum(rate({_s('dopd_records_produced')}{{{ACTOR}}}[{RATE}]))", "produced, total", "B"),
-            _q(f"sum(rate({_s('dopd_records_consumed')}{{{JOB}}}[{RATE}]))", "consumed (learners)", "C"),
-        ]),
+        _ts(
+            11,
+            "Queue depth per shard",
+            _pos(0, 22, 12, 8),
+            [_q(f"{_s('dopd_queue_depth')}{{{JOB}}}", "shard {{shard}}")],
+        ),
+        _ts(
+            12,
+            "Queue bytes per shard",
+            _pos(12, 22, 12, 8),
+            [_q(f"{_s('dopd_queue_bytes')}{{{JOB}}}", "shard {{shard}}")],
+            "bytes",
+        ),
+        _ts(
+            13,
+            "Dropped and rejected records/s",
+            _pos(0, 30, 12, 8),
+            [
+                _q(
+                    f"sum by (shard) (rate({_s('dopd_records_dropped_stale')}{{{JOB}}}[{RATE}]))",
+                    "stale, shard {{shard}}",
+                    "A",
+                ),
+                _q(
+                    f"sum by (shard) (rate({_s('dopd_records_dropped_full')}{{{JOB}}}[{RATE}]))",
+                    "full, shard {{shard}}",
+                    "B",
+                ),
+                _q(
+                    f"sum by (shard) (rate({_s('dopd_records_rejected')}{{{JOB}}}[{RATE}]))",
+                    "rejected, shard {{shard}}",
+                    "C",
+                ),
+            ],
+            desc="Stale: older than cluster.max_staleness. Full: dropped by a full shard's drop policy. Rejected: malformed.",
+        ),
+        _ts(
+            14,
+            "Records produced and consumed/s",
+            _pos(12, 30, 12, 8),
+            [
+                _q(
+                    f"sum by (actor) (rate({_s('dopd_records_produced')}{{{ACTOR}}}[{RATE}]))",
+                    "produced, actor {{actor}}",
+                    "A",
+                ),
+                _q(f"sum(rate({_s('dopd_records_produced')}{{{ACTOR}}}[{RATE}]))", "produced, total", "B"),
+                _q(f"sum(rate({_s('dopd_records_consumed')}{{{JOB}}}[{RATE}]))", "consumed (learners)", "C"),
+            ],
+        ),
     ]
     return _add(d, panels)
 
@@ -302,6 +517,7 @@ def _check_layout(dash: dict[str, Any]) -> None:
                 if (x, y) in cells:
                     raise ValueError(f"{dash['title']}: panel {p['title']!r} overlaps another at ({x}, {y})")
                 cells.add((x, y))
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dopd.dashboards.build", description=__doc__.splitlines()[0])

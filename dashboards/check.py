@@ -17,8 +17,14 @@ from dopd.prometheus import label_values, query
 _LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)\)$")
 
 
-def missing_panels(prom_url: str, dashboards_dir: str | Path, job: str = "dopd", actor: str = ".*",
-                   rate_interval: str = "15s", at: float | None = None) -> list[tuple[str, str, str]]:
+def missing_panels(
+    prom_url: str,
+    dashboards_dir: str | Path,
+    job: str = "dopd",
+    actor: str = ".*",
+    rate_interval: str = "15s",
+    at: float | None = None,
+) -> list[tuple[str, str, str]]:
     """(dashboard title, panel title, expanded expression) for every query that returns no series at time `at`
     (unix seconds; default now: a job that has ended and unregistered its target has no series now)."""
     missing = []

@@ -47,8 +47,13 @@ def expand_variables(expr: str, job: str = "dopd", actor: str = ".*", rate_inter
     fixed window; keep it at least 4x the scrape interval so rate() always has two samples. An unknown variable is
     an error rather than left in place, so a typo in a panel fails the tests.
     """
-    values = {"job": job, "actor": actor, "__rate_interval": rate_interval, "__interval": rate_interval,
-              "__range": rate_interval}
+    values = {
+        "job": job,
+        "actor": actor,
+        "__rate_interval": rate_interval,
+        "__interval": rate_interval,
+        "__range": rate_interval,
+    }
 
     def sub(m: re.Match[str]) -> str:
         name = m.group(1) or m.group(2)

@@ -23,7 +23,9 @@ class RunState:
     """The run's own state: saved in every checkpoint's state.json, in the summary, the same from both runners."""
 
     step: int = 0
-    start_step: int = 0  # the step this run started at (0, or the checkpoint `resume_from` names); eval_every counts from it
+    start_step: int = (
+        0  # the step this run started at (0, or the checkpoint `resume_from` names); eval_every counts from it
+    )
     policy_version: int = 0
     flops: float = 0.0  # learner FLOPs (forward + backward), summed over ranks
     records_trained: int = 0  # rollout records in learner steps
@@ -50,7 +52,9 @@ class Backend(ABC):
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
         if cfg.runner != self.name:
-            raise ConfigError(f"this config is for runner={cfg.runner}, not {self.name}: set runner={self.name} (or use the matching backend)")
+            raise ConfigError(
+                f"this config is for runner={cfg.runner}, not {self.name}: set runner={self.name} (or use the matching backend)"
+            )
         self.cfg = cfg
         self.log = log
         self.out = Path(cfg.out_dir)
@@ -130,7 +134,24 @@ class Backend(ABC):
 
 
 # what every learner rank's step result holds (learner/learner.py); any other key is the objective's own diagnostic
-_RANK_KEYS = {"loss", "acc", "rej", "n_acc", "n_rej", "grad_norm", "lr", "flops", "seconds", "positions", "records", "staleness", "trained", "uids", "wait_s", "refused"}
+_RANK_KEYS = {
+    "loss",
+    "acc",
+    "rej",
+    "n_acc",
+    "n_rej",
+    "grad_norm",
+    "lr",
+    "flops",
+    "seconds",
+    "positions",
+    "records",
+    "staleness",
+    "trained",
+    "uids",
+    "wait_s",
+    "refused",
+}
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -150,7 +171,10 @@ def aggregate(results: list[dict]) -> dict:
         for k, v in r.items():
             if k not in _RANK_KEYS:
                 info.setdefault(k, []).append(v)
-    for k, vs in info.items():  # diagnostics: numbers averaged over ranks (lists elementwise, None = no data), labels joined
+    for (
+        k,
+        vs,
+    ) in info.items():  # diagnostics: numbers averaged over ranks (lists elementwise, None = no data), labels joined
         if all(isinstance(v, (int, float)) for v in vs):
             out[k] = sum(vs) / len(vs)
         elif all(isinstance(v, list) for v in vs):

@@ -115,7 +115,11 @@ def write(root: Path, step: int, spec: dict, weights: dict, learner: dict, recor
     files = _files(tmp)
     for f in files:
         _fsync(f)
-    manifest = {"format": FORMAT, "step": step, "files": {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "files": {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files},
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / "manifest.json")
     if final.exists():
@@ -134,7 +138,11 @@ def write(root: Path, step: int, spec: dict, weights: dict, learner: dict, recor
 
 def _step_dirs(root: Path) -> list[Path]:
     """Checkpoint directories, newest first."""
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))] if root.is_dir() else []
+    found = (
+        [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        if root.is_dir()
+        else []
+    )
     return [p for _, p in sorted(found, reverse=True)]
 
 

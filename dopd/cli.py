@@ -10,14 +10,18 @@ import typer
 
 from dopd.common.errors import DopdError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train speculative-decoding drafters by on-policy distillation.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Train speculative-decoding drafters by on-policy distillation."
+)
 models_app = typer.Typer(no_args_is_help=True, help="Targets: builtin aliases, pulling and converting them.")
 app.add_typer(models_app, name="models")
 cluster_app = typer.Typer(no_args_is_help=True, help="A Ray cluster for dopd jobs (loopback unless told otherwise).")
 app.add_typer(cluster_app, name="cluster")
 experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments that write their plots and numbers.")
 app.add_typer(experiment_app, name="experiment")
-config_app = typer.Typer(no_args_is_help=True, help="The run config: every key with its default and meaning; checking a file.")
+config_app = typer.Typer(
+    no_args_is_help=True, help="The run config: every key with its default and meaning; checking a file."
+)
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(no_args_is_help=True, help="Training data: see a dataset through the target's chat template.")
 app.add_typer(data_app, name="data")
@@ -37,7 +41,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
 ) -> None:
     """Train speculative-decoding drafters by on-policy distillation."""
 
@@ -83,7 +89,10 @@ def models_pull(name: str = typer.Argument(..., help="builtin alias, local direc
 @app.command("eval")
 def eval_cmd(
     target: str = typer.Option("smollm2-135m", help="builtin alias, local HF directory or hub id"),
-    drafter: str = typer.Option("init-eagle3", help="init-eagle3, init-dflash or a drafter directory (dopd, speculators, SGLang/SpecForge EAGLE-3, vLLM DFlash)"),
+    drafter: str = typer.Option(
+        "init-eagle3",
+        help="init-eagle3, init-dflash or a drafter directory (dopd, speculators, SGLang/SpecForge EAGLE-3, vLLM DFlash)",
+    ),
     prompts: str = typer.Option("champ-problems", help="humaneval | champ | champ-problems | path.jsonl"),
     num_prompts: int = typer.Option(8, help="builtin sets: the held-out split of this size; files: the first N"),
     max_new_tokens: int = typer.Option(64),
@@ -95,13 +104,21 @@ def eval_cmd(
     split_seed: int = typer.Option(0, help="seed of the train/held-out split (builtin sets)"),
     max_prompt_tokens: int = typer.Option(1024),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    dtype: str = typer.Option("auto", help="auto (bf16 where the device computes it natively, else float32) | float32 | bfloat16 | float16"),
+    dtype: str = typer.Option(
+        "auto", help="auto (bf16 where the device computes it natively, else float32) | float32 | bfloat16 | float16"
+    ),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
     json_out: Path | None = typer.Option(None, "--json", help="write the report as JSON here"),
     dump_outputs: Path | None = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
     no_baseline: bool = typer.Option(False, help="skip plain target decoding (no speedup / identity check)"),
-    simulate: bool = typer.Option(False, help="T = 0 only: exact tau/alpha from the target's cached greedy text with drafter forwards only (no decoding, no speeds)"),
-    compare_match: bool = typer.Option(True, help="T > 0: also decode with greedy-match acceptance (greedy drafts, accepted iff equal to the target's sample) and report its tau next to rejection sampling's"),
+    simulate: bool = typer.Option(
+        False,
+        help="T = 0 only: exact tau/alpha from the target's cached greedy text with drafter forwards only (no decoding, no speeds)",
+    ),
+    compare_match: bool = typer.Option(
+        True,
+        help="T > 0: also decode with greedy-match acceptance (greedy drafts, accepted iff equal to the target's sample) and report its tau next to rejection sampling's",
+    ),
 ) -> None:
     """Speculative decoding on held-out prompts: tau, per-position acceptance, tokens/s vs plain decoding."""
     _setup_torch(threads)
@@ -118,7 +135,11 @@ def eval_cmd(
         if num_prompts < 1:
             raise DopdError(f"--num-prompts must be >= 1 (got {num_prompts})")
         all_prompts = load_prompt_set(prompts)
-        chosen = split_prompts(all_prompts, num_prompts, split_seed, prompts).eval if prompts in BUILTIN_SETS else all_prompts[:num_prompts]
+        chosen = (
+            split_prompts(all_prompts, num_prompts, split_seed, prompts).eval
+            if prompts in BUILTIN_SETS
+            else all_prompts[:num_prompts]
+        )
         tgt = load_target(target, device=device, dtype=dtype)
         ids, chosen = encode_all(tgt.tokenizer, chosen, max_prompt_tokens, drop_long=False)
         d = drafter_for_target(drafter, tgt, seed=seed)
@@ -132,7 +153,9 @@ def eval_cmd(
             outputs = [(t.prompt_ids, t.answer) for t in texts]
         else:
             with Progress("eval: speculative decoding", len(ids), "prompts") as prog:
-                rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=not no_baseline, progress=lambda seqs, _tokens: prog.update(seqs))
+                rep, spec, _ = evaluate(
+                    tgt, d, ids, settings, baseline=not no_baseline, progress=lambda seqs, _tokens: prog.update(seqs)
+                )
             outputs = [(r.prompt_ids, r.output_ids) for r in spec]
             if temperature > 0 and compare_match:
                 import dataclasses
@@ -162,16 +185,22 @@ def eval_cmd(
         }
     typer.echo(f"{'target':22s} {target}  ({tgt.info.num_layers} layers, hidden {tgt.info.hidden_size})")
     typer.echo(f"{'drafter':22s} {drafter}  ({d.kind}, {d.num_parameters() / 1e6:.2f}M trainable params)")
-    typer.echo(f"{'prompts':22s} {len(ids)} from {prompts}, {rep.new_tokens} new tokens, K={block_size}, T={temperature}")
+    typer.echo(
+        f"{'prompts':22s} {len(ids)} from {prompts}, {rep.new_tokens} new tokens, K={block_size}, T={temperature}"
+    )
     typer.echo(f"{'tau (tokens/step)':22s} {rep.tau:.3f}   over {rep.num_steps} verification steps")
     typer.echo(f"{'alpha per position':22s} " + " ".join(f"{a:.2f}" for a in rep.alpha))
     if match is not None:
-        typer.echo(f"{'acceptance at T > 0':22s} rejection sampling tau {rep.tau:.3f}  vs  greedy match tau {match.tau:.3f} ({match.num_steps} steps)")
+        typer.echo(
+            f"{'acceptance at T > 0':22s} rejection sampling tau {rep.tau:.3f}  vs  greedy match tau {match.tau:.3f} ({match.num_steps} steps)"
+        )
         typer.echo(f"{'greedy-match alpha':22s} " + " ".join(f"{a:.2f}" for a in match.alpha))
     if rep.tokens_per_s is not None:
         typer.echo(f"{'speculative tok/s':22s} {rep.tokens_per_s:.1f}")
     else:
-        typer.echo(f"{'simulated':22s} exact greedy tau from the cached target text ({rep.wall_s:.1f}s, drafter forwards only)")
+        typer.echo(
+            f"{'simulated':22s} exact greedy tau from the cached target text ({rep.wall_s:.1f}s, drafter forwards only)"
+        )
     if rep.baseline_tokens_per_s is not None:
         typer.echo(f"{'plain target tok/s':22s} {rep.baseline_tokens_per_s:.1f}   speedup {rep.speedup:.2f}x")
     if rep.identical_to_target is not None:
@@ -183,7 +212,10 @@ def eval_cmd(
         dump_outputs.parent.mkdir(parents=True, exist_ok=True)
         with open(dump_outputs, "w") as f:
             for p, (pids, oids) in zip(chosen, outputs):
-                f.write(json.dumps({"id": p.id, "prompt_ids": pids, "output_ids": oids, "text": tgt.tokenizer.decode(oids)}) + "\n")
+                f.write(
+                    json.dumps({"id": p.id, "prompt_ids": pids, "output_ids": oids, "text": tgt.tokenizer.decode(oids)})
+                    + "\n"
+                )
 
 
 @app.command("export")
@@ -191,11 +223,19 @@ def export_cmd(
     drafter_dir: Path = typer.Argument(..., help="a drafter directory (dopd's, or a speculators / SGLang / vLLM one)"),
     format: str = typer.Option(..., "--format", "-f", help="speculators (vLLM) | vllm (DFlash alias) | sglang"),
     out: Path = typer.Option(..., "--out", "-o", help="directory to write the server checkpoint to"),
-    verifier: str | None = typer.Option(None, help="target written into the config as the verifier (a local directory "
-                                           "or hub id; default: the drafter's own target, as a local directory)"),
-    target: str | None = typer.Option(None, help="target whose embedding/head the drafter uses (default: the drafter's "
-                                         "own target; for a drafter not saved by dopd: --verifier)"),
-    speculative_tokens: int = typer.Option(3, "--speculative-tokens", "-k", help="draft tokens per step written into the config"),
+    verifier: str | None = typer.Option(
+        None,
+        help="target written into the config as the verifier (a local directory "
+        "or hub id; default: the drafter's own target, as a local directory)",
+    ),
+    target: str | None = typer.Option(
+        None,
+        help="target whose embedding/head the drafter uses (default: the drafter's "
+        "own target; for a drafter not saved by dopd: --verifier)",
+    ),
+    speculative_tokens: int = typer.Option(
+        3, "--speculative-tokens", "-k", help="draft tokens per step written into the config"
+    ),
 ) -> None:
     """Write a drafter in a server's format: speculators / vLLM (EAGLE-3, DFlash) or SGLang (EAGLE-3)."""
     _setup_torch()
@@ -221,8 +261,10 @@ def export_cmd(
         path = export_drafter(d, format, out, verifier=verifier, speculative_tokens=speculative_tokens)
     except DopdError as e:
         _fail(e)
-    typer.echo(f"exported {d.kind} drafter ({d.spec.num_layers} layer(s), draft vocabulary {d.draft_vocab}, "
-               f"feature layers {d.feature_layers}) as {format} to {path}")
+    typer.echo(
+        f"exported {d.kind} drafter ({d.spec.num_layers} layer(s), draft vocabulary {d.draft_vocab}, "
+        f"feature layers {d.feature_layers}) as {format} to {path}"
+    )
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
@@ -273,8 +315,12 @@ def _next_steps(cfg) -> None:
     d = Path(cfg.out_dir) / "drafter"
     k = cfg.eval_block_size
     typer.echo(f"\ndrafter: {d}")
-    typer.echo(f"  evaluate: dopd eval --target {cfg.model.target} --drafter {d} --block-size {k} --num-prompts 64 --max-new-tokens 256 --simulate")
-    typer.echo(f"  export:   dopd export {d} --format speculators --out {Path(cfg.out_dir) / 'export-vllm'}   (or --format sglang)")
+    typer.echo(
+        f"  evaluate: dopd eval --target {cfg.model.target} --drafter {d} --block-size {k} --num-prompts 64 --max-new-tokens 256 --simulate"
+    )
+    typer.echo(
+        f"  export:   dopd export {d} --format speculators --out {Path(cfg.out_dir) / 'export-vllm'}   (or --format sglang)"
+    )
 
 
 @cluster_app.command("up")
@@ -326,7 +372,9 @@ def experiment_plateau(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="output directory (a rerun skips the warm-up and every finished arm and seed)"),
     preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option("A,B,G,C,D,H,P", help="comma-separated arms of A B G C D H P E F (experiments/plateau.py)"),
+    arms: str = typer.Option(
+        "A,B,G,C,D,H,P", help="comma-separated arms of A B G C D H P E F (experiments/plateau.py)"
+    ),
     seeds: int | None = typer.Option(None, help="seeds of arms A, B, G, C (default: the preset's)"),
     drafter: str = typer.Option("dflash", help="dflash | eagle3"),
     report: Path | None = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
@@ -349,7 +397,10 @@ def experiment_methods(
     ctx: typer.Context,
     out: Path = typer.Option(..., help="output directory (re-running skips finished arms and evaluations)"),
     preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option(",".join(("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e", "dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")), help="comma-separated subset of the arms"),
+    arms: str = typer.Option(
+        ",".join(("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e", "dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")),
+        help="comma-separated subset of the arms",
+    ),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
 ) -> None:
     """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
@@ -359,12 +410,23 @@ def experiment_methods(
     chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
     bad = [a for a in chosen if a not in ARMS]
     if preset not in PRESETS or bad or not chosen:
-        _fail(DopdError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})" if preset not in PRESETS else f"unknown arms {bad} (known: {', '.join(ARMS)})"))
+        _fail(
+            DopdError(
+                f"unknown preset '{preset}' (known: {', '.join(PRESETS)})"
+                if preset not in PRESETS
+                else f"unknown arms {bad} (known: {', '.join(ARMS)})"
+            )
+        )
     try:
         summary = main_methods(out, preset, list(ctx.args), chosen)
     except DopdError as e:
         _fail(e)
-    typer.echo(json.dumps({a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()}, indent=1))
+    typer.echo(
+        json.dumps(
+            {a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()},
+            indent=1,
+        )
+    )
 
 
 def _overrides(ctx: typer.Context) -> list[str]:
@@ -378,7 +440,12 @@ def _overrides(ctx: typer.Context) -> list[str]:
 @config_app.command("show", context_settings={"allow_extra_args": True})
 def config_show(
     ctx: typer.Context,
-    config: Path | None = typer.Option(None, "--config", "-c", help="show this file's values (key=value arguments override them) instead of the defaults"),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="show this file's values (key=value arguments override them) instead of the defaults",
+    ),
 ) -> None:
     """Every config key with its value (the defaults unless --config) and its meaning, as YAML to edit."""
     from dopd.common.config import load_config
@@ -425,8 +492,12 @@ def config_check(
 @data_app.command("inspect", context_settings={"allow_extra_args": True})
 def data_inspect(
     ctx: typer.Context,
-    file: str = typer.Argument(..., help="conversation file (.jsonl, .json, .parquet, .arrow), saved dataset directory, or a builtin set"),
-    config: Path | None = typer.Option(None, "--config", "-c", help="the run's config (data.*, model.target); key=value arguments override it"),
+    file: str = typer.Argument(
+        ..., help="conversation file (.jsonl, .json, .parquet, .arrow), saved dataset directory, or a builtin set"
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="the run's config (data.*, model.target); key=value arguments override it"
+    ),
     target: str | None = typer.Option(None, help="whose chat template (default: the config's model.target)"),
     show: int = typer.Option(1, help="examples to print through the template"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON here"),
@@ -453,7 +524,9 @@ def data_inspect(
 
 @experiment_app.command("render")
 def experiment_render(
-    report: Path = typer.Argument(..., help="a report directory: an experiment's --out / --report, docs/plateau, docs/methods"),
+    report: Path = typer.Argument(
+        ..., help="a report directory: an experiment's --out / --report, docs/plateau, docs/methods"
+    ),
 ) -> None:
     """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
     from dopd.experiments import methods, plateau

@@ -48,13 +48,28 @@ def _write(info: dict) -> None:
     (state_dir() / CLUSTER_FILE).write_text(json.dumps(info, indent=1))
 
 
-def up(address: str | None, num_cpus: int | None, num_gpus: int | None, port: int, host: str, with_prometheus: bool, prometheus_port: int, object_store_memory: int | None) -> dict:
+def up(
+    address: str | None,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    port: int,
+    host: str,
+    with_prometheus: bool,
+    prometheus_port: int,
+    object_store_memory: int | None,
+) -> dict:
     """Start a head (no address) or join `address`; returns what was recorded in cluster.json."""
     cmd = [_ray_bin(), "start", "--disable-usage-stats", f"--node-ip-address={host}"]
     if address:
         cmd += [f"--address={address}"]
     else:
-        cmd += ["--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-host={host}", "--dashboard-port=0"]
+        cmd += [
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=true",
+            f"--dashboard-host={host}",
+            "--dashboard-port=0",
+        ]
     if num_cpus is not None:
         cmd += [f"--num-cpus={num_cpus}"]
     if num_gpus is not None:

@@ -87,7 +87,9 @@ def connect(cfg: Config) -> str:
 
     if ray.is_initialized():
         return "existing"
-    runtime_env = {"env_vars": {k: v for k, v in {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", "")}.items() if v}}
+    runtime_env = {
+        "env_vars": {k: v for k, v in {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", "")}.items() if v}
+    }
     if address:
         join_cluster(address, runtime_env=runtime_env)
         return address

@@ -23,7 +23,13 @@ def inspect_data(cfg: Config, tokenizer, show: int = 1) -> dict:
     as_is = d.answers == "as_is"
     limit_answer = d.max_answer_tokens or cfg.rollout.max_new_tokens
     # the given answers' lengths, also in regenerate mode (how long the dataset's answers are, against max_new_tokens)
-    given = tr if as_is else encode_turns(tokenizer, tr.prompts, Limits(d.max_prompt_tokens, limit_answer, d.too_long), with_answers=True)
+    given = (
+        tr
+        if as_is
+        else encode_turns(
+            tokenizer, tr.prompts, Limits(d.max_prompt_tokens, limit_answer, d.too_long), with_answers=True
+        )
+    )
     examples = []
     for it in p.train[:show]:
         ex = {"id": it[0], "context": tokenizer.decode(it[1]), "context_tokens": len(it[1])}
@@ -38,11 +44,24 @@ def inspect_data(cfg: Config, tokenizer, show: int = 1) -> dict:
         "answers": d.answers,
         "too_long": d.too_long,
         "counts": {k: v for k, v in data.items() if isinstance(v, int)},
-        "train": {"examples": len(p.train), "sft_examples": len(p.sft), "rollout_examples": len(p.rollout), **dict(data.get("train", {}))},
-        "held_out": {"groups": len({q.group for q in ev.prompts}), "examples": len(p.eval_ids), **dict(data.get("eval", {}))},
+        "train": {
+            "examples": len(p.train),
+            "sft_examples": len(p.sft),
+            "rollout_examples": len(p.rollout),
+            **dict(data.get("train", {})),
+        },
+        "held_out": {
+            "groups": len({q.group for q in ev.prompts}),
+            "examples": len(p.eval_ids),
+            **dict(data.get("eval", {})),
+        },
         "split_seed": d.seed,
         "context_tokens": {"limit": d.max_prompt_tokens, **length_summary(tr.prompt_lens)},
-        "answer_tokens": {"limit": limit_answer, "given": length_summary(given.answer_lens), "given_counts": dict(given.counts) if not as_is else {}},
+        "answer_tokens": {
+            "limit": limit_answer,
+            "given": length_summary(given.answer_lens),
+            "given_counts": dict(given.counts) if not as_is else {},
+        },
         "examples": examples,
     }
 
@@ -64,16 +83,28 @@ def format_report(r: dict) -> str:
     ]
     if "conversations" in c:
         out.append(f"{'conversations':18s} {c['conversations']}" + (f"  ({rows})" if rows else ""))
-        out.append(f"{'assistant turns':18s} {c.get('assistant_turns', 0)}   tool messages (context only) {c.get('tool_messages', 0)}   prompts awaiting an answer {c.get('prompts_without_answer', 0)}")
+        out.append(
+            f"{'assistant turns':18s} {c.get('assistant_turns', 0)}   tool messages (context only) {c.get('tool_messages', 0)}   prompts awaiting an answer {c.get('prompts_without_answer', 0)}"
+        )
     out.append(f"{'examples':18s} {c.get('examples', 0)}: training {r['train']['examples']} (SFT warm-up {r['train']['sft_examples']}, OPD rollouts {r['train']['rollout_examples']}), "
                f"held-out {r['held_out']['examples']} turns of {r['held_out']['groups']} conversations (split by conversation, seed {r['split_seed']})")  # fmt: skip
     out.append(f"{'skipped':18s} " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
-    out.append(f"{'truncated':18s} " + (", ".join(f"{k} {v}" for k, v in truncated.items()) or "none") + f"   (data.too_long={r['too_long']})")
+    out.append(
+        f"{'truncated':18s} "
+        + (", ".join(f"{k} {v}" for k, v in truncated.items()) or "none")
+        + f"   (data.too_long={r['too_long']})"
+    )
     if held:
         out.append(f"{'held-out':18s} " + ", ".join(f"{k} {v}" for k, v in held.items()))
-    out.append(f"{'context tokens':18s} {_lens(r['context_tokens'])}; limit {r['context_tokens']['limit']} (data.max_prompt_tokens)")
+    out.append(
+        f"{'context tokens':18s} {_lens(r['context_tokens'])}; limit {r['context_tokens']['limit']} (data.max_prompt_tokens)"
+    )
     a = r["answer_tokens"]
-    note = "teacher-forced (data.answers=as_is)" if r["answers"] == "as_is" else f"the dataset's; regenerate: the target writes up to {a['limit']} per turn (rollout.max_new_tokens)"
+    note = (
+        "teacher-forced (data.answers=as_is)"
+        if r["answers"] == "as_is"
+        else f"the dataset's; regenerate: the target writes up to {a['limit']} per turn (rollout.max_new_tokens)"
+    )
     out.append(f"{'answer tokens':18s} {_lens(a['given'])}; {note}")
     if a["given_counts"]:
         gc = ", ".join(f"{k} {v}" for k, v in a["given_counts"].items() if v)
@@ -81,9 +112,13 @@ def format_report(r: dict) -> str:
             out.append(f"{'  under as_is':18s} {gc}")
     for ex in r["examples"]:
         out.append("")
-        out.append(f"example {ex['id']}: the context as the target sees it ({ex['context_tokens']} tokens, special tokens shown)")
+        out.append(
+            f"example {ex['id']}: the context as the target sees it ({ex['context_tokens']} tokens, special tokens shown)"
+        )
         out.append("-" * 100)
-        out.append(ex["context"] + ("" if "answer" in ex else "<the target writes its answer here (data.answers=regenerate)>"))
+        out.append(
+            ex["context"] + ("" if "answer" in ex else "<the target writes its answer here (data.answers=regenerate)>")
+        )
         if "answer" in ex:
             out.append("-" * 40 + f" answer, teacher-forced ({ex['answer_tokens']} tokens) " + "-" * 40)
             out.append(ex["answer"])

@@ -49,7 +49,14 @@ class RayFleet(Backend):
         self.shards: list = []
         self.sync = cfg.cluster.rollout == "sync"
         self.ledger = TrainedLedger()
-        self.acc: dict = {"records_consumed": 0, "records_trained_twice": 0, "actor_restarts": 0, "lost_queued": 0, "base": {}, "records_produced": 0}
+        self.acc: dict = {
+            "records_consumed": 0,
+            "records_trained_twice": 0,
+            "actor_restarts": 0,
+            "lost_queued": 0,
+            "base": {},
+            "records_produced": 0,
+        }
         self.actor_totals: dict[tuple[int, int], dict] = {}
         self.shard_seen: dict[tuple[str, str], int] = {}
         self.buffer: list[bytes] = []  # sync: the round's records not trained yet
@@ -68,13 +75,17 @@ class RayFleet(Backend):
     def start(self, state: RunState, ckpt, resumed: bool) -> None:
         c = self.cfg
         mode = self.ray_mode = connect(c)
-        self.log(f"dopd: Ray {'(embedded, local)' if mode == 'embedded' else mode}; {c.cluster.actors} actors, {c.cluster.learners} learner ranks (ZeRO-{c.learner.zero_stage}), {c.cluster.rollout} rollouts")
+        self.log(
+            f"dopd: Ray {'(embedded, local)' if mode == 'embedded' else mode}; {c.cluster.actors} actors, {c.cluster.learners} learner ranks (ZeRO-{c.learner.zero_stage}), {c.cluster.rollout} rollouts"
+        )
         self._prompts()
         self._place()
         self._serve_metrics()
         # TensorBoard / W&B (when on) under the Prometheus names, fed by the same typed updates
         # a learner step's series are written at the step it makes (the loop counts it after `learn` returns)
-        self.metrics.attach(make_sinks(c, fresh=not resumed, step=state.step), step=lambda: max(state.step, self.sink_step))
+        self.metrics.attach(
+            make_sinks(c, fresh=not resumed, step=state.step), step=lambda: max(state.step, self.sink_step)
+        )
         if ckpt is None:
             return
         import ray
@@ -88,10 +99,16 @@ class RayFleet(Backend):
             self.ledger = TrainedLedger.from_json(saved.get("ledger", []))
         actors = saved.get("actors", [])
         if len(actors) == len(self.fleet):
-            if not all(self.fleet.load_states(actors)):  # each actor continues its prompt order where the checkpoint left it
-                self.log("dopd: the checkpoint's prompt orders were for other prompts or another seed: they start afresh")
+            if not all(
+                self.fleet.load_states(actors)
+            ):  # each actor continues its prompt order where the checkpoint left it
+                self.log(
+                    "dopd: the checkpoint's prompt orders were for other prompts or another seed: they start afresh"
+                )
         elif actors:
-            self.log(f"dopd: the checkpoint has {len(actors)} rollout actor(s), this run {len(self.fleet)}: prompt orders start afresh")
+            self.log(
+                f"dopd: the checkpoint has {len(actors)} rollout actor(s), this run {len(self.fleet)}: prompt orders start afresh"
+            )
         if resumed:
             self._fold_crash(state)
 
@@ -125,10 +142,14 @@ class RayFleet(Backend):
         bundles = [{k: v for k, v in b.items() if v > 0} or {"CPU": 0.001} for b in bundles]
         self.pg = placement_group(bundles, strategy="PACK", name=f"dopd-{name}")
         if not self.pg.wait(timeout_seconds=c.placement_timeout_s):
-            raise DopdError(f"the cluster cannot place {N} actors and {M} learners with these resources: {bundles} (see `dopd cluster status`)")
+            raise DopdError(
+                f"the cluster cannot place {N} actors and {M} learners with these resources: {bundles} (see `dopd cluster status`)"
+            )
         self.shards = make_shards(self.cfg, name)
         self.learners = LearnerGroup(self.cfg, name, self.pg, self.shards, N if has_learner_bundle else None)
-        self.fleet = RolloutFleet(self.cfg, name, self.pg, self.shards, self.prompts.rollout, log=self.log, on_restart=self._on_actor_restart)
+        self.fleet = RolloutFleet(
+            self.cfg, name, self.pg, self.shards, self.prompts.rollout, log=self.log, on_restart=self._on_actor_restart
+        )
 
     def _serve_metrics(self):
         m = self.cfg.metrics
@@ -148,7 +169,9 @@ class RayFleet(Backend):
             from dopd.prometheus import register_job_target
 
             self.prom_target = self.job_name
-            register_job_target(self.job_name, m.host if m.host != "0.0.0.0" else "127.0.0.1", self.metrics_port, {"run": self.out.name})
+            register_job_target(
+                self.job_name, m.host if m.host != "0.0.0.0" else "127.0.0.1", self.metrics_port, {"run": self.out.name}
+            )
         except ImportError:
             pass
         self.log(f"dopd: metrics on http://{m.host}:{self.metrics_port}/metrics")
@@ -162,10 +185,14 @@ class RayFleet(Backend):
             from dopd.common.prompts import read_sequences
 
             items = read_sequences(c.sft.sequences)
-            self.log(f"dopd: SFT data: {len(items)} sequences from {c.sft.sequences}, scored over {len(self.fleet)} rollout actors")
+            self.log(
+                f"dopd: SFT data: {len(items)} sequences from {c.sft.sequences}, scored over {len(self.fleet)} rollout actors"
+            )
         else:
             items = self.prompts.sft
-            self.log(f"dopd: SFT data: the target answers {len(items)} prompts, split over {len(self.fleet)} rollout actors")
+            self.log(
+                f"dopd: SFT data: the target answers {len(items)} prompts, split over {len(self.fleet)} rollout actors"
+            )
         self.learners.set_teacher(self.fleet.teacher_data(items))
 
     def rollout(self, state: RunState) -> list[dict]:
@@ -181,7 +208,9 @@ class RayFleet(Backend):
         for i, (data, st) in enumerate(self.fleet.produce(c.learner.refresh_every * need)):
             self.buffer.extend(data)
             self.acc["records_produced"] += len(data)
-            self.metrics.rollout(str(i), st["tau"], st["alpha"], st["tokens"], st["rollout_s"], st["anchors"], st["replay_s"], len(data))
+            self.metrics.rollout(
+                str(i), st["tau"], st["alpha"], st["tokens"], st["rollout_s"], st["anchors"], st["replay_s"], len(data)
+            )
             rows.append(rollout_row(i, st))
         return rows
 
@@ -201,7 +230,16 @@ class RayFleet(Backend):
         for uid in out["uids"]:
             if not self.ledger.add(tuple(uid)):
                 self.acc["records_trained_twice"] += 1
-        self.metrics.learner(out["loss"], out["acc_div"], out["rej_div"], out["grad_norm"], out["seconds"], out["step_flops"], out["records"], out["staleness"])
+        self.metrics.learner(
+            out["loss"],
+            out["acc_div"],
+            out["rej_div"],
+            out["grad_norm"],
+            out["seconds"],
+            out["step_flops"],
+            out["records"],
+            out["staleness"],
+        )
         self.metrics.diagnostics(out)
         self._shard_stats()
         return out
@@ -279,7 +317,16 @@ class RayFleet(Backend):
             tot, last = st["totals"], st["last"]
             if tot["batches"] > prev["batches"] and last:
                 records = tot["records"] - prev["records"]
-                self.metrics.rollout(str(i), last["tau"], last["alpha"], tot["tokens"] - prev["tokens"], last["rollout_s"], tot["anchors"] - prev["anchors"], last["replay_s"], records)
+                self.metrics.rollout(
+                    str(i),
+                    last["tau"],
+                    last["alpha"],
+                    tot["tokens"] - prev["tokens"],
+                    last["rollout_s"],
+                    tot["anchors"] - prev["anchors"],
+                    last["replay_s"],
+                    records,
+                )
                 self.rows.append(rollout_row(i, {**last, "records": records}))
             self.actor_totals[key] = dict(tot)
 
@@ -291,7 +338,11 @@ class RayFleet(Backend):
             sid = str(st["shard"])
             self.metrics["dopd_queue_depth"].labels(shard=sid).set(st["depth"])
             self.metrics["dopd_queue_bytes"].labels(shard=sid).set(st["bytes"])
-            for key, name in (("dropped_stale", "dopd_records_dropped_stale"), ("dropped_full", "dopd_records_dropped_full"), ("rejected", "dopd_records_rejected")):
+            for key, name in (
+                ("dropped_stale", "dopd_records_dropped_stale"),
+                ("dropped_full", "dopd_records_dropped_full"),
+                ("rejected", "dopd_records_rejected"),
+            ):
                 delta = st[key] - self.shard_seen.get((sid, key), 0)
                 if delta > 0:
                     self.metrics[name].labels(shard=sid).inc(delta)
@@ -373,7 +424,9 @@ class RayFleet(Backend):
             except ImportError:
                 pass
         self.metrics.close()
-        handles = (self.fleet.handles if self.fleet else []) + (self.learners.handles if self.learners else []) + self.shards
+        handles = (
+            (self.fleet.handles if self.fleet else []) + (self.learners.handles if self.learners else []) + self.shards
+        )
         for h in handles:
             try:
                 ray.kill(h, no_restart=True)

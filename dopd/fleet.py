@@ -57,7 +57,9 @@ def make_shards(cfg: Config, name: str) -> list:
     c = cfg.cluster
     Shard = remote_class("shard")
     return [
-        Shard.options(name=f"{name}.shard.{s}").remote(s, c.queue_max_bytes, c.queue_policy, c.max_staleness, c.max_record_bytes)
+        Shard.options(name=f"{name}.shard.{s}").remote(
+            s, c.queue_max_bytes, c.queue_policy, c.max_staleness, c.max_record_bytes
+        )
         for s in range(c.shards or c.learners)
     ]
 
@@ -76,7 +78,16 @@ def split_even(items: list, n: int) -> list[list]:
 class RolloutFleet:
     """N rollout actors, actor i in placement-group bundle i; actor i feeds `routes[i]` shards."""
 
-    def __init__(self, cfg: Config, name: str, pg, shards: list, prompts: list, log: Callable = print, on_restart: Callable | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        name: str,
+        pg,
+        shards: list,
+        prompts: list,
+        log: Callable = print,
+        on_restart: Callable | None = None,
+    ):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         c = cfg.cluster
@@ -290,7 +301,9 @@ class LearnerGroup:
             mine = [shards[s] for s in range(S) if s % M == r] or [shards[r % S]]
             opts = {"name": f"{name}.learner.{r}", "num_cpus": c.learner_num_cpus, "num_gpus": c.learner_num_gpus}
             if first_bundle is not None:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + r)
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=first_bundle + r
+                )
             self.handles.append(Learner.options(**opts).remote(cfg.to_dict(), r, M, mine, device))
         addr, port = ray.get(self.handles[0].rendezvous.remote())
         port = c.master_port or port
@@ -314,12 +327,16 @@ class LearnerGroup:
                     # a dead rank (RayActorError), or a live one whose collective broke because a peer died
                     # (RayTaskError from gloo/NCCL): either way the group is gone and only a resume repairs it
                     lines = [x for x in str(e).splitlines() if x.strip()]
-                    raise LearnerLost(f"a learner rank failed ({type(e).__name__}: {(lines[-1] if lines else '')[:240]})") from None
+                    raise LearnerLost(
+                        f"a learner rank failed ({type(e).__name__}: {(lines[-1] if lines else '')[:240]})"
+                    ) from None
             if pending and wait is not None:
                 wait()
         return ray.get(refs)
 
-    def opd_step(self, version: int, wait: Callable | None = None, records: list[list[bytes]] | None = None) -> list[dict]:
+    def opd_step(
+        self, version: int, wait: Callable | None = None, records: list[list[bytes]] | None = None
+    ) -> list[dict]:
         """One step on every rank: each pulls its micro-batch from its shard(s), or trains `records[rank]`."""
         if records is not None:
             return self._all([h.opd_step.remote(version, records[r]) for r, h in enumerate(self.handles)], wait)

@@ -29,13 +29,25 @@ class InProcess(Backend):
     def __init__(self, cfg: Config, target: Target | None = None, log=print):
         super().__init__(cfg, log)
         torch.manual_seed(cfg.seed)
-        self.target = target or load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward)
+        self.target = target or load_target(
+            cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward
+        )
         t = self.target
         self.target_info = t.info.to_dict()
         self.prompts = run_prompts(cfg, t.tokenizer)
         # incarnation 0: one process, never restarted
         self.worker = RolloutWorker(cfg, 0, self.prompts.rollout, incarnation=0, target=t, log=log)
-        self.learner = Learner(cfg, 0, 1, t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight, t.device, lambda m: TorchEngine(m, cfg))
+        self.learner = Learner(
+            cfg,
+            0,
+            1,
+            t.info,
+            t.model.config,
+            t.embed_tokens.weight,
+            t.lm_head.weight,
+            t.device,
+            lambda m: TorchEngine(m, cfg),
+        )
         self.buffer: list[bytes] = []  # records rolled out, not trained yet
         self.produced = 0
         self.sinks: RowMetrics | None = None  # TensorBoard / W&B, when on: fed from the loop's rows
@@ -55,9 +67,13 @@ class InProcess(Backend):
             actors = state.runner.get("actors", [])
             if len(actors) == 1:
                 if not self.worker.load_state(actors[0]):
-                    self.log("dopd: the checkpoint's prompt order was for other prompts or another seed: it starts afresh")
+                    self.log(
+                        "dopd: the checkpoint's prompt order was for other prompts or another seed: it starts afresh"
+                    )
             elif actors:
-                self.log(f"dopd: the checkpoint has {len(actors)} rollout actors, this run 1: the prompt order starts afresh")
+                self.log(
+                    f"dopd: the checkpoint has {len(actors)} rollout actors, this run 1: the prompt order starts afresh"
+                )
             self.produced = state.runner.get("records_produced", 0)
 
     def sft_data(self, needed: bool) -> None:

@@ -43,7 +43,9 @@ def find_binary() -> str:
         return explicit
     found = shutil.which("prometheus")
     if found is None:
-        raise DopdError("Prometheus is not installed: apt-get install prometheus (or set DOPD_PROMETHEUS to the binary)")
+        raise DopdError(
+            "Prometheus is not installed: apt-get install prometheus (or set DOPD_PROMETHEUS to the binary)"
+        )
     return found
 
 
@@ -250,4 +252,3 @@ def label_values(url: str, label: str, match: str | None = None) -> list[str]:
     """Values of `label` (optionally among series matching `match`): what Grafana's label_values() variables see."""
     params = {"match[]": match} if match else {}
     return _api(url, f"label/{urllib.parse.quote(label)}/values", params)
-

@@ -96,7 +96,12 @@ class Rows:
                     f.write(json.dumps({"step": step, **t}) + "\n")
 
 
-def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_step: Callable[[Backend, int], None] | None = None) -> dict:
+def train(
+    cfg: Config,
+    backend: Backend | None = None,
+    resume: bool = False,
+    on_step: Callable[[Backend, int], None] | None = None,
+) -> dict:
     """Train to the schedule and return the summary (also written to out_dir/summary.json).
 
     backend: where to run (default: the one `cfg.runner` names). resume: continue this out_dir from its newest good
@@ -110,10 +115,18 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
     rows = Rows(out, lambda row: backend.observe(row, state))
     sched = Schedule.of(cfg)
     lc = cfg.learner
-    ckpt = checkpoint.find(out, log) if resume else checkpoint.find(Path(cfg.resume_from), log) if cfg.resume_from else None
+    ckpt = (
+        checkpoint.find(out, log)
+        if resume
+        else checkpoint.find(Path(cfg.resume_from), log)
+        if cfg.resume_from
+        else None
+    )
     if ckpt is not None and not resume and lc.opd_optimizer == "fresh":
         if ckpt.step != sched.warmup:
-            raise DopdError(f"learner.opd_optimizer=fresh starts the Draft-OPD phase afresh: {ckpt.path} is at step {ckpt.step}, the phase starts at sft.warmup_steps={sched.warmup}")
+            raise DopdError(
+                f"learner.opd_optimizer=fresh starts the Draft-OPD phase afresh: {ckpt.path} is at step {ckpt.step}, the phase starts at sft.warmup_steps={sched.warmup}"
+            )
         ckpt = replace(ckpt, fresh_optimizer=True)
     state = RunState()
     if ckpt is not None:
@@ -129,7 +142,14 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
         from dopd.common.recipes import recipe_named  # noqa: PLC0415
 
         dev = recipe_named(cfg.loss.recipe).deviations(cfg)
-        log(f"dopd: loss.recipe={cfg.loss.recipe}" + (", deviating in " + ", ".join(f"{k}={v!r} (recipe: {w!r})" for k, v, w in dev) if dev else ", no deviation"))
+        log(
+            f"dopd: loss.recipe={cfg.loss.recipe}"
+            + (
+                ", deviating in " + ", ".join(f"{k}={v!r} (recipe: {w!r})" for k, v, w in dev)
+                if dev
+                else ", no deviation"
+            )
+        )
     t_start = time.time()
 
     def log_phase(what: str) -> None:
@@ -140,13 +160,31 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
         t0 = time.perf_counter()
         res = backend.evaluate()
         state.eval_s += time.perf_counter() - t0
-        row = rows.write({"event": "eval", "step": state.step, "flops": state.flops, "train_s": state.rollout_s + state.replay_s + state.learner_s, **res})
+        row = rows.write(
+            {
+                "event": "eval",
+                "step": state.step,
+                "flops": state.flops,
+                "train_s": state.rollout_s + state.replay_s + state.learner_s,
+                **res,
+            }
+        )
         state.history.append(row)
-        log(f"[step {state.step}] held-out tau {row['tau']:.3f} ({row['steps']} steps{', simulated' if row.get('simulated') else ''})  alpha {' '.join(f'{a:.2f}' for a in row['alpha'])}  flops {row['flops']:.3g}")
+        log(
+            f"[step {state.step}] held-out tau {row['tau']:.3f} ({row['steps']} steps{', simulated' if row.get('simulated') else ''})  alpha {' '.join(f'{a:.2f}' for a in row['alpha'])}  flops {row['flops']:.3g}"
+        )
 
     def save() -> None:
         backend.save_state(state)
-        checkpoint.write(out / "checkpoints", state.step, backend.spec(), backend.weights(), backend.training_state(), backend.pending(), {"run": asdict(state)})
+        checkpoint.write(
+            out / "checkpoints",
+            state.step,
+            backend.spec(),
+            backend.weights(),
+            backend.training_state(),
+            backend.pending(),
+            {"run": asdict(state)},
+        )
 
     def publish(version: int) -> None:
         state.policy_version = version
@@ -154,12 +192,18 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
 
     try:
         dtype = resolve_dtype(cfg.model.dtype, cfg.model.device)
-        log_phase(f"start: {cfg.runner} runner, target {cfg.model.target} ({dtype} on {cfg.model.device}), drafter {cfg.drafter.kind}")
+        log_phase(
+            f"start: {cfg.runner} runner, target {cfg.model.target} ({dtype} on {cfg.model.device}), drafter {cfg.drafter.kind}"
+        )
         backend.start(state, ckpt, resume)
         if ckpt is not None:
-            log(f"dopd: {'resumed' if resume else 'started from'} {ckpt.path} at step {state.step}, policy version {state.policy_version}")
+            log(
+                f"dopd: {'resumed' if resume else 'started from'} {ckpt.path} at step {state.step}, policy version {state.policy_version}"
+            )
         if state.step < sched.warmup:
-            log_phase(f"SFT data: the target's answers to the warm-up prompts ({cfg.sft.max_new_tokens} tokens each; cached ones are read)")
+            log_phase(
+                f"SFT data: the target's answers to the warm-up prompts ({cfg.sft.max_new_tokens} tokens each; cached ones are read)"
+            )
         backend.sft_data(needed=state.step < sched.warmup)
         if state.step == 0 and not state.history:
             evaluate()
@@ -171,7 +215,9 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
             phase = sched.phase(state.step)
             if phase == "opd":
                 if state.step == sched.warmup:
-                    log_phase(f"Draft-OPD: {sched.total - state.step} steps ({cfg.loss.objective}), new rollouts every {lc.refresh_every} steps")
+                    log_phase(
+                        f"Draft-OPD: {sched.total - state.step} steps ({cfg.loss.objective}), new rollouts every {lc.refresh_every} steps"
+                    )
                     publish(state.policy_version + 1)  # the first on-policy round rolls out the warmed-up drafter
                 for r in backend.rollout(state):
                     state.rounds += 1
@@ -181,7 +227,9 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
                     state.replay_anchors += r["replay_anchors"]
                     r = rows.write({"event": "rollout", "round": state.rounds - 1, **r})
                     if cfg.cluster.rollout == "sync" or state.rounds % 10 == 1:  # (async: every actor batch is a row)
-                        log(f"[round {r['round']}] actor {r['actor']} rollout tau {r['rollout_tau']:.3f} ({r['path']})  {r['rollout_tokens_per_s']:.1f} tok/s  replay {r['replay_anchors']} anchors")
+                        log(
+                            f"[round {r['round']}] actor {r['actor']} rollout tau {r['rollout_tau']:.3f} ({r['path']})  {r['rollout_tokens_per_s']:.1f} tok/s  replay {r['replay_anchors']} anchors"
+                        )
             res = backend.learn(phase, state)
             state.step += 1
             state.flops += res["step_flops"]
@@ -189,9 +237,20 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
             state.records_trained += res["records"]
             trained, _ = res.pop("trained"), res.pop("uids")
             rows.sequences(state.step, trained)
-            row = rows.write({"event": "step", "step": state.step, "phase": phase, **res, "flops": state.flops, "policy_version": state.policy_version})
+            row = rows.write(
+                {
+                    "event": "step",
+                    "step": state.step,
+                    "phase": phase,
+                    **res,
+                    "flops": state.flops,
+                    "policy_version": state.policy_version,
+                }
+            )
             if state.step % 10 == 0 or state.step == 1 or state.step == sched.total:
-                log(f"[step {state.step}/{sched.total}] {phase} loss {row['loss']:.4f}  policy v{state.policy_version}  flops {state.flops:.3g}")
+                log(
+                    f"[step {state.step}/{sched.total}] {phase} loss {row['loss']:.4f}  policy v{state.policy_version}  flops {state.flops:.3g}"
+                )
             if phase == "opd" and every(state.step, lc.refresh_every, sched.warmup):
                 publish(state.policy_version + 1)
             if every(state.step, lc.eval_every, state.start_step) or state.step in lc.eval_at:
@@ -218,7 +277,9 @@ def train(cfg: Config, backend: Backend | None = None, resume: bool = False, on_
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         backend.finish(summary)
         first = state.history[0]["tau"] if state.history else float("nan")
-        log_phase(f"done: held-out tau {first:.3f} -> {last['tau']:.3f} ({last['steps']} verification steps); drafter in {out / 'drafter'}")
+        log_phase(
+            f"done: held-out tau {first:.3f} -> {last['tau']:.3f} ({last['steps']} verification steps); drafter in {out / 'drafter'}"
+        )
         return summary
     except BaseException as e:
         instead = backend.crashed(state, e)

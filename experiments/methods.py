@@ -49,32 +49,80 @@ PRESETS: dict[str, Preset] = {
     # parameters, the 1-layer full-vocabulary EAGLE-3 has 5.09M
     "cpu": Preset(
         overrides=[
-            "data.prompts=champ", "data.num_eval=16", "data.max_prompt_tokens=384", "sft.num_prompts=384",
-            "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8", "rollout.block_size=4",
-            "learner.micro_batch_size=4", "learner.refresh_every=4", "learner.lr=1e-3", "learner.warmup_steps=10",
-            "eval.num_prompts=16", "eval.max_new_tokens=128", "learner.checkpoint_every=1000000", "drafter.lora_rank=102",
+            "data.prompts=champ",
+            "data.num_eval=16",
+            "data.max_prompt_tokens=384",
+            "sft.num_prompts=384",
+            "sft.max_new_tokens=128",
+            "rollout.max_new_tokens=128",
+            "rollout.batch_size=8",
+            "rollout.block_size=4",
+            "learner.micro_batch_size=4",
+            "learner.refresh_every=4",
+            "learner.lr=1e-3",
+            "learner.warmup_steps=10",
+            "eval.num_prompts=16",
+            "eval.max_new_tokens=128",
+            "learner.checkpoint_every=1000000",
+            "drafter.lora_rank=102",
         ],  # fmt: skip
-        warmup_steps={"eagle3": 200, "dvi": 100}, arm_steps=48, evals=4, se_target=0.03, max_passes=4,
+        warmup_steps={"eagle3": 200, "dvi": 100},
+        arm_steps=48,
+        evals=4,
+        se_target=0.03,
+        max_passes=4,
     ),
     "gpu": Preset(
         overrides=[
-            "data.prompts=champ", "data.num_eval=32", "data.max_prompt_tokens=512", "sft.num_prompts=2048",
-            "sft.max_new_tokens=256", "rollout.max_new_tokens=256", "rollout.batch_size=32", "rollout.block_size=4",
-            "learner.micro_batch_size=8", "learner.refresh_every=4", "learner.lr=5e-4", "learner.warmup_steps=20",
-            "eval.num_prompts=32", "eval.max_new_tokens=128", "model.device=cuda", "model.dtype=bfloat16",
-            "learner.checkpoint_every=1000000", "drafter.lora_rank=102",
+            "data.prompts=champ",
+            "data.num_eval=32",
+            "data.max_prompt_tokens=512",
+            "sft.num_prompts=2048",
+            "sft.max_new_tokens=256",
+            "rollout.max_new_tokens=256",
+            "rollout.batch_size=32",
+            "rollout.block_size=4",
+            "learner.micro_batch_size=8",
+            "learner.refresh_every=4",
+            "learner.lr=5e-4",
+            "learner.warmup_steps=20",
+            "eval.num_prompts=32",
+            "eval.max_new_tokens=128",
+            "model.device=cuda",
+            "model.dtype=bfloat16",
+            "learner.checkpoint_every=1000000",
+            "drafter.lora_rank=102",
         ],  # fmt: skip
-        warmup_steps={"eagle3": 600, "dvi": 300}, arm_steps=400, evals=8, se_target=0.03, max_passes=8,
+        warmup_steps={"eagle3": 600, "dvi": 300},
+        arm_steps=400,
+        evals=8,
+        se_target=0.03,
+        max_passes=8,
     ),
     # the tiny random target: every arm, evaluation and report in minutes (tests)
     "smoke": Preset(
         overrides=[
-            "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=16",
-            "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=4", "rollout.block_size=3",
-            "learner.micro_batch_size=2", "learner.refresh_every=2", "learner.lr=3e-3", "eval.num_prompts=3",
-            "eval.max_new_tokens=12", "learner.checkpoint_every=1000000", "drafter.lora_rank=4",
+            "model.target=tiny-random-llama",
+            "data.prompts=champ-problems",
+            "data.num_eval=4",
+            "sft.num_prompts=16",
+            "sft.max_new_tokens=16",
+            "rollout.max_new_tokens=16",
+            "rollout.batch_size=4",
+            "rollout.block_size=3",
+            "learner.micro_batch_size=2",
+            "learner.refresh_every=2",
+            "learner.lr=3e-3",
+            "eval.num_prompts=3",
+            "eval.max_new_tokens=12",
+            "learner.checkpoint_every=1000000",
+            "drafter.lora_rank=4",
         ],  # fmt: skip
-        warmup_steps={"eagle3": 4, "dvi": 2}, arm_steps=4, evals=2, se_target=0.03, max_passes=2,
+        warmup_steps={"eagle3": 4, "dvi": 2},
+        arm_steps=4,
+        evals=2,
+        se_target=0.03,
+        max_passes=2,
     ),
 }
 
@@ -82,8 +130,12 @@ T1 = ["rollout.temperature=1", "eval.temperature=1"]
 # paired by prompt (experiments/stats.py); at T = 1 on rejection-sampling tau. Every arm is also compared with its warm-up,
 # and at T = 1 greedy-match acceptance with rejection sampling for the same drafter (Bebop's comparison).
 CONTRASTS = (
-    ("opd_kl", "sft_kl"), ("bebop_tv", "sft_kl"), ("bebop_e2e", "sft_kl"), ("bebop_e2e", "bebop_tv"),
-    ("dvi_kl_rl", "dvi_kl"), ("eagle3_kl_rl", "dvi_kl_rl"),
+    ("opd_kl", "sft_kl"),
+    ("bebop_tv", "sft_kl"),
+    ("bebop_e2e", "sft_kl"),
+    ("bebop_e2e", "bebop_tv"),
+    ("dvi_kl_rl", "dvi_kl"),
+    ("eagle3_kl_rl", "dvi_kl_rl"),
 )
 
 
@@ -93,7 +145,14 @@ def arm_overrides(arm: str, warmup: int, budget: int) -> list[str]:
     return {
         "sft_kl": ["drafter.kind=eagle3", "mode=sft", "loss.sft_objective=kl", "eval.temperature=1"],
         "opd_kl": ["drafter.kind=eagle3", "mode=opd", *T1],
-        "bebop_tv": ["drafter.kind=eagle3", "mode=opd", *T1, "loss.response=blocks", "loss.acc_divergence=tv", "loss.lambda_rej=0"],
+        "bebop_tv": [
+            "drafter.kind=eagle3",
+            "mode=opd",
+            *T1,
+            "loss.response=blocks",
+            "loss.acc_divergence=tv",
+            "loss.lambda_rej=0",
+        ],
         "bebop_e2e": ["drafter.kind=eagle3", "mode=opd", *T1, "loss.objective=expected_length"],
         "dvi_kl": ["drafter.kind=dvi", "mode=opd"],
         "dvi_kl_rl": ["drafter.kind=dvi", "mode=opd", switch],
@@ -108,7 +167,16 @@ def kind_of(arm: str) -> str:
 # --- held-out measurement ---------------------------------------------------------------------------------------
 
 
-def heldout(target, drafter, prompt_ids: list[list[int]], cfg: Config, temperature: float, acceptance: str, se_target: float, max_passes: int) -> dict:
+def heldout(
+    target,
+    drafter,
+    prompt_ids: list[list[int]],
+    cfg: Config,
+    temperature: float,
+    acceptance: str,
+    se_target: float,
+    max_passes: int,
+) -> dict:
     """Held-out tau +- SE (dopd.common.evaluation.heldout: exact simulation at T = 0; the engine at T > 0, new seeds
     until SE <= se_target), plus its SE by the bootstrap over prompts."""
     from dopd.common.specdec import DecodeSettings
@@ -138,9 +206,14 @@ def _final_eval(arm_dir: Path, cfg: Config, target, temperature: float, P: Prese
         saved = json.loads(f.read_text())
         if saved.get("key") == key and all("per_prompt_steps" in r for r in saved["results"].values()):
             return saved  # (an evaluation from before per-prompt records is measured again)
-    d = load_drafter(arm_dir / "drafter", target.info, target.embed_tokens.weight, target.lm_head.weight).to(target.device)
+    d = load_drafter(arm_dir / "drafter", target.info, target.embed_tokens.weight, target.lm_head.weight).to(
+        target.device
+    )
     ids = _eval_prompts(cfg, target)
-    res = {r: heldout(target, d, ids, cfg, temperature, "rejection" if r == "greedy" else r, P.se_target, P.max_passes) for r in rules}
+    res = {
+        r: heldout(target, d, ids, cfg, temperature, "rejection" if r == "greedy" else r, P.se_target, P.max_passes)
+        for r in rules
+    }
     out = {"key": key, "results": res, "trainable_params": d.num_parameters()}
     f.write_text(json.dumps(out, indent=1))
     return out
@@ -204,7 +277,17 @@ def _warmup(out: Path, kind: str, base: list[str], W: int, target, log) -> Path:
             if mine:
                 if not ckpt.is_dir():
                     log(f"== warm-up ({kind}): {W} SFT steps")
-                    cfg = load_config(None, base + [f"drafter.kind={kind}", "mode=sft", f"learner.steps={W}", f"learner.eval_every={W}", f"out_dir={wdir}"])
+                    cfg = load_config(
+                        None,
+                        base
+                        + [
+                            f"drafter.kind={kind}",
+                            "mode=sft",
+                            f"learner.steps={W}",
+                            f"learner.eval_every={W}",
+                            f"out_dir={wdir}",
+                        ],
+                    )
                     train(cfg, InProcess(cfg, target=target, log=log))
                 break
         log(f"   warm-up ({kind}) is being run by another process: waiting")
@@ -303,7 +386,9 @@ def contrasts(results: dict[str, dict], warm: dict[str, dict]) -> dict[str, dict
     out: dict[str, dict] = {}
     for x, y in CONTRASTS:
         if x in results and y in results and results[x]["temperature"] == results[y]["temperature"]:
-            out[f"{x} - {y}"] = contrast([_per_prompt(_main_result(results[x]["final"]))], [_per_prompt(_main_result(results[y]["final"]))])
+            out[f"{x} - {y}"] = contrast(
+                [_per_prompt(_main_result(results[x]["final"]))], [_per_prompt(_main_result(results[y]["final"]))]
+            )
     for arm, r in results.items():
         w = warm.get(r["kind"], {}).get(r["temperature"])
         if w is not None:
@@ -315,10 +400,38 @@ def contrasts(results: dict[str, dict], warm: dict[str, dict]) -> dict[str, dict
 
 
 def _csv(path: Path, s: dict) -> None:
-    rows = [("arm", "kind", "temperature", "acceptance", "tau", "se", "se_prompts", "steps", "learner_steps", "learner_flops", "trainable_params")]
+    rows = [
+        (
+            "arm",
+            "kind",
+            "temperature",
+            "acceptance",
+            "tau",
+            "se",
+            "se_prompts",
+            "steps",
+            "learner_steps",
+            "learner_flops",
+            "trainable_params",
+        )
+    ]
     for arm, r in s["arms"].items():
         for rule, e in r["final"]["results"].items():
-            rows.append((arm, r["kind"], r["temperature"], rule, e["tau"], e["se"], e["se_prompts"], e["steps"], r["learner_steps"], r["learner_flops"], r["final"]["trainable_params"]))
+            rows.append(
+                (
+                    arm,
+                    r["kind"],
+                    r["temperature"],
+                    rule,
+                    e["tau"],
+                    e["se"],
+                    e["se_prompts"],
+                    e["steps"],
+                    r["learner_steps"],
+                    r["learner_flops"],
+                    r["final"]["trainable_params"],
+                )
+            )
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
 
@@ -340,7 +453,9 @@ def markdown(s: dict) -> str:
     for kind, by_t in s["warmup"].items():
         for t, w in by_t.items():
             r = w["results"]
-            lines.append(f"| warm-up ({kind}) | {kind} | {w['trainable_params']:,} | {float(t):g} | {cell(_main_result(w))} | {cell(r.get('match'))} | - |")
+            lines.append(
+                f"| warm-up ({kind}) | {kind} | {w['trainable_params']:,} | {float(t):g} | {cell(_main_result(w))} | {cell(r.get('match'))} | - |"
+            )
     for arm, a in s["arms"].items():
         r = a["final"]["results"]
         lines.append(f"| {arm} | {a['kind']} | {a['final']['trainable_params']:,} | {a['temperature']:g} | "

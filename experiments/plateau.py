@@ -59,14 +59,36 @@ class Arm:
 
 _PREV_VOCAB = "drafter.draft_vocab_size={vocab}"  # dopd's previous B: a reduced vocabulary, its own trained head
 ARMS: dict[str, Arm] = {
-    "A": Arm("sft", "SFT on the rollout text, as many supervised positions per step as B's accepted stream", ("loss.response=ttt", "loss.lambda_rej=0")),
+    "A": Arm(
+        "sft",
+        "SFT on the rollout text, as many supervised positions per step as B's accepted stream",
+        ("loss.response=ttt", "loss.lambda_rej=0"),
+    ),
     "B": Arm("opd", "Draft-OPD, official-2605 (69b03da)", (), "official-2605"),
     "G": Arm("opd_tv", "official-tv: exact TV up to the first rejection (e81a8bc)", (), "official-tv"),
-    "C": Arm("opd_random_anchors", "B, random anchors (paper's ablation)", ("replay.anchors=shuffled",), "official-2605"),
+    "C": Arm(
+        "opd_random_anchors", "B, random anchors (paper's ablation)", ("replay.anchors=shuffled",), "official-2605"
+    ),
     "D": Arm("opd_no_rejected", "B, lambda_rej = 0", ("loss.lambda_rej=0",), "official-2605"),
-    "H": Arm("opd_first_rejection", "B, rejected stream on the first rejection only", ("loss.rej_first_only=true",), "official-2605"),
-    "P": Arm("opd_dopd2511", "dopd's previous B (dopd-2511: floored k3, trained head over a reduced vocabulary)", (), "dopd-2511", (_PREV_VOCAB,)),
-    "E": Arm("random_anchors_no_rejected", "C, lambda_rej = 0", ("replay.anchors=shuffled", "loss.lambda_rej=0"), "official-2605"),
+    "H": Arm(
+        "opd_first_rejection",
+        "B, rejected stream on the first rejection only",
+        ("loss.rej_first_only=true",),
+        "official-2605",
+    ),
+    "P": Arm(
+        "opd_dopd2511",
+        "dopd's previous B (dopd-2511: floored k3, trained head over a reduced vocabulary)",
+        (),
+        "dopd-2511",
+        (_PREV_VOCAB,),
+    ),
+    "E": Arm(
+        "random_anchors_no_rejected",
+        "C, lambda_rej = 0",
+        ("replay.anchors=shuffled", "loss.lambda_rej=0"),
+        "official-2605",
+    ),
     "F": Arm("opd_gamma1", "B, gamma = 1", ("loss.gamma=1.0",), "official-2605"),
 }
 DEFAULT_ARMS = ("A", "B", "G", "C", "D", "H", "P")  # E and F (the v2 ablations) run when asked for
@@ -96,35 +118,86 @@ PRESETS: dict[str, Preset] = {
     # SFT included, held-out tau within its 32 steps (docs/plateau/v3/)
     "cpu": Preset(
         overrides=[
-            "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=384", "sft.num_prompts=640",
-            "sft.max_new_tokens=128", "rollout.max_new_tokens=128", "rollout.batch_size=8",
-            "learner.micro_batch_size=4", "learner.refresh_every=2", "learner.lr=1e-3",
-            "learner.warmup_steps=10", "learner.opd_lr=1e-4", "eval.num_prompts=64", "eval.max_new_tokens=512",
+            "data.prompts=champ",
+            "data.num_eval=64",
+            "data.max_prompt_tokens=384",
+            "sft.num_prompts=640",
+            "sft.max_new_tokens=128",
+            "rollout.max_new_tokens=128",
+            "rollout.batch_size=8",
+            "learner.micro_batch_size=4",
+            "learner.refresh_every=2",
+            "learner.lr=1e-3",
+            "learner.warmup_steps=10",
+            "learner.opd_lr=1e-4",
+            "eval.num_prompts=64",
+            "eval.max_new_tokens=512",
             "learner.checkpoint_every=1000000",
         ],  # fmt: skip
-        warmup_steps=1000, gate=2.5, arm_steps=32, evals=1, seeds=2, drafters=_DRAFTERS_CPU,
+        warmup_steps=1000,
+        gate=2.5,
+        arm_steps=32,
+        evals=1,
+        seeds=2,
+        drafters=_DRAFTERS_CPU,
     ),
     # an H100/H200: bf16, longer blocks, more of everything
     "gpu": Preset(
         overrides=[
-            "data.prompts=champ", "data.num_eval=64", "data.max_prompt_tokens=512", "sft.num_prompts=4096",
-            "sft.max_new_tokens=256", "rollout.max_new_tokens=256", "rollout.batch_size=32", "learner.micro_batch_size=16",
-            "learner.refresh_every=2", "learner.lr=5e-4", "learner.warmup_steps=50", "learner.opd_lr=5e-5", "eval.num_prompts=64",
-            "eval.max_new_tokens=512", "model.device=cuda", "model.dtype=bfloat16", "learner.checkpoint_every=1000000",
+            "data.prompts=champ",
+            "data.num_eval=64",
+            "data.max_prompt_tokens=512",
+            "sft.num_prompts=4096",
+            "sft.max_new_tokens=256",
+            "rollout.max_new_tokens=256",
+            "rollout.batch_size=32",
+            "learner.micro_batch_size=16",
+            "learner.refresh_every=2",
+            "learner.lr=5e-4",
+            "learner.warmup_steps=50",
+            "learner.opd_lr=5e-5",
+            "eval.num_prompts=64",
+            "eval.max_new_tokens=512",
+            "model.device=cuda",
+            "model.dtype=bfloat16",
+            "learner.checkpoint_every=1000000",
         ],  # fmt: skip
-        warmup_steps=3000, gate=3.5, arm_steps=200, evals=4, seeds=3,
-        drafters={"dflash": ["drafter.kind=dflash", "rollout.block_size=16"], "eagle3": ["drafter.kind=eagle3", "rollout.block_size=7"]},
+        warmup_steps=3000,
+        gate=3.5,
+        arm_steps=200,
+        evals=4,
+        seeds=3,
+        drafters={
+            "dflash": ["drafter.kind=dflash", "rollout.block_size=16"],
+            "eagle3": ["drafter.kind=eagle3", "rollout.block_size=7"],
+        },
     ),
     # seconds on the tiny random target: every arm, seed and report (tests)
     "smoke": Preset(
         overrides=[
-            "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=6", "sft.num_prompts=16",
-            "sft.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.batch_size=4", "learner.micro_batch_size=2",
-            "learner.refresh_every=2", "learner.lr=3e-3", "eval.num_prompts=6", "eval.max_new_tokens=24",
+            "model.target=tiny-random-llama",
+            "data.prompts=champ-problems",
+            "data.num_eval=6",
+            "sft.num_prompts=16",
+            "sft.max_new_tokens=16",
+            "rollout.max_new_tokens=16",
+            "rollout.batch_size=4",
+            "learner.micro_batch_size=2",
+            "learner.refresh_every=2",
+            "learner.lr=3e-3",
+            "eval.num_prompts=6",
+            "eval.max_new_tokens=24",
             "learner.checkpoint_every=1000000",
         ],  # fmt: skip
-        warmup_steps=6, gate=1.5, arm_steps=4, evals=2, seeds=2,
-        drafters={"dflash": ["drafter.kind=dflash", "rollout.block_size=4"], "eagle3": ["drafter.kind=eagle3", "rollout.block_size=3", "drafter.draft_vocab_size=200"]},
+        warmup_steps=6,
+        gate=1.5,
+        arm_steps=4,
+        evals=2,
+        seeds=2,
+        drafters={
+            "dflash": ["drafter.kind=dflash", "rollout.block_size=4"],
+            "eagle3": ["drafter.kind=eagle3", "rollout.block_size=3", "drafter.draft_vocab_size=200"],
+        },
     ),
 }
 
@@ -169,7 +242,12 @@ def plateau(
     n_sft = cfg0.sft.num_prompts
     pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on; seed s takes the s-th such sample
     base += [f"data.num_train={n_sft + seeds * pool}", "data.rollout_prompts=after_sft"]
-    command = " ".join(["dopd experiment plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"] + ([f"--seeds {seeds}"] if seeds != P.seeds else []) + ([f"--arms {','.join(arms)}"] if set(arms) != set(DEFAULT_ARMS) else []) + list(extra))
+    command = " ".join(
+        ["dopd experiment plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"]
+        + ([f"--seeds {seeds}"] if seeds != P.seeds else [])
+        + ([f"--arms {','.join(arms)}"] if set(arms) != set(DEFAULT_ARMS) else [])
+        + list(extra)
+    )
 
     # 1. the shared warm-up, its held-out evaluation and the gate (an arm that needs another head gets its own)
     target = None
@@ -179,23 +257,45 @@ def plateau(
         nonlocal target
         if extra_warm in warmups:
             return warmups[extra_warm]
-        wdir = out / ("warmup" if not extra_warm else "warmup_" + "_".join(x.split(".")[-1].replace("=", "") for x in extra_warm))
+        wdir = out / (
+            "warmup" if not extra_warm else "warmup_" + "_".join(x.split(".")[-1].replace("=", "") for x in extra_warm)
+        )
         curve = sorted({W >> k for k in range(1, 5)} - {0})  # the SFT curve: held-out tau at W/16, W/8, W/4, W/2, W
-        wcfg = load_config(None, base + list(extra_warm) + ["mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}", f"learner.eval_at={curve}", f"out_dir={wdir}"])
+        wcfg = load_config(
+            None,
+            base
+            + list(extra_warm)
+            + [
+                "mode=sft",
+                f"sft.warmup_steps={W}",
+                f"learner.steps={W}",
+                f"learner.eval_every={10**9}",
+                f"learner.eval_at={curve}",
+                f"out_dir={wdir}",
+            ],
+        )
         if target is None:
             target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype, forward=wcfg.model.forward)
         if not (wdir / "summary.json").is_file():
-            log(f"== warm-up{' (' + ', '.join(extra_warm) + ')' if extra_warm else ''}: {W} SFT steps on the target's answers to {n_sft} prompts")
+            log(
+                f"== warm-up{' (' + ', '.join(extra_warm) + ')' if extra_warm else ''}: {W} SFT steps on the target's answers to {n_sft} prompts"
+            )
             train(wcfg, InProcess(wcfg, target=target, log=log))
         wsum = json.loads((wdir / "summary.json").read_text())
-        warmups[extra_warm] = (wdir / "checkpoints" / f"step_{W:07d}", _rows(wdir / "metrics.jsonl", "eval"), wsum["time"])
+        warmups[extra_warm] = (
+            wdir / "checkpoints" / f"step_{W:07d}",
+            _rows(wdir / "metrics.jsonl", "eval"),
+            wsum["time"],
+        )
         return warmups[extra_warm]
 
     _, warm_evals, warm_state = warmup(())
     warm = warm_evals[-1]  # the warm-up's own final evaluation (its drafter, at step W)
     sft_curve = [{k: e[k] for k in ("step", "flops", "tau", "steps", "position_accepted")} for e in warm_evals]
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
-    log(f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})")
+    log(
+        f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})"
+    )
     K = cfg0.rollout.block_size
 
     # 2. the arms
@@ -212,7 +312,12 @@ def plateau(
             # as many supervised positions per sequence as B's accepted stream trained (B of this seed, run first;
             # without it, one block per verification step of the warm-up drafter on a rollout-length answer)
             b = runs.get(("B", seed)) or runs.get(("B", 0))
-            per_seq = sum(r["n_acc"] for r in b["steps"]) / max(1, sum(r.get("records", cfg0.learner.micro_batch_size) for r in b["steps"])) if b else None
+            per_seq = (
+                sum(r["n_acc"] for r in b["steps"])
+                / max(1, sum(r.get("records", cfg0.learner.micro_batch_size) for r in b["steps"]))
+                if b
+                else None
+            )
             blocks = round(per_seq / K) if per_seq else round(cfg0.rollout.max_new_tokens / warm["tau"])
             ov.append(f"loss.dflash_anchors_per_seq={max(1, blocks)}")
         cfg = load_config(None, ov)
@@ -222,11 +327,24 @@ def plateau(
         evals = _rows(rdir / "metrics.jsonl", "eval")
         steps = _rows(rdir / "metrics.jsonl", "step")
         # where the arm started: its FLOPs, time and tau are counted from its own warm-up (P has another head)
-        start = {"flops": a_evals[-1]["flops"], "tau": a_evals[-1]["tau"], "steps": a_evals[-1]["steps"], "state": a_state, "overrides": list(extra_warm)}
-        runs[(arm, seed)] = {"evals": evals, "steps": steps, "summary": json.loads((rdir / "summary.json").read_text()), "start": start}
+        start = {
+            "flops": a_evals[-1]["flops"],
+            "tau": a_evals[-1]["tau"],
+            "steps": a_evals[-1]["steps"],
+            "state": a_state,
+            "overrides": list(extra_warm),
+        }
+        runs[(arm, seed)] = {
+            "evals": evals,
+            "steps": steps,
+            "summary": json.loads((rdir / "summary.json").read_text()),
+            "start": start,
+        }
 
     # 3. statistics and reports
-    summary = _summarize(P, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, time.time() - t_call, sft_curve)
+    summary = _summarize(
+        P, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, time.time() - t_call, sft_curve
+    )
     for d in {out} | ({report} if report else set()):
         d.mkdir(parents=True, exist_ok=True)
         (d / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -251,13 +369,23 @@ def sft_plateau(curve: list[dict]) -> dict:
     """Where the SFT curve flattens: held-out tau gained per doubling of learner FLOPs between its evaluations
     (the curve's points are log-spaced in steps, so each is about one doubling), and the last doubling's gain."""
     pts = [c for c in curve if c["flops"] > 0]
-    gains = [{"from_step": a["step"], "to_step": b["step"], "doublings": math.log2(b["flops"] / a["flops"]), "tau_gain": b["tau"] - a["tau"]} for a, b in zip(pts, pts[1:])]
+    gains = [
+        {
+            "from_step": a["step"],
+            "to_step": b["step"],
+            "doublings": math.log2(b["flops"] / a["flops"]),
+            "tau_gain": b["tau"] - a["tau"],
+        }
+        for a, b in zip(pts, pts[1:])
+    ]
     for g in gains:
         g["tau_gain_per_doubling"] = g["tau_gain"] / g["doublings"] if g["doublings"] > 0 else float("nan")
     return {"gains": gains, "last_gain_per_doubling": gains[-1]["tau_gain_per_doubling"] if gains else None}
 
 
-def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, wall, sft_curve=()) -> dict:
+def _summarize(
+    P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, wall, sft_curve=()
+) -> dict:
     final: dict[str, list[PerPrompt]] = {}
     final_rows: dict[str, list[dict]] = {}
     for (arm, _seed), r in sorted(runs.items()):
@@ -302,7 +430,16 @@ def _summarize(P: Preset, preset, drafter, cfg0, warm, gate, runs, warm_state, s
     }  # fmt: skip
 
 
-DIAGNOSTICS = ("acc_silenced", "rej_silenced", "replay_kl_matched", "replay_kl_accepted", "replay_kl_first_rejected", "replay_kl_post_rejection", "grad_norm_head", "grad_norm_body")
+DIAGNOSTICS = (
+    "acc_silenced",
+    "rej_silenced",
+    "replay_kl_matched",
+    "replay_kl_accepted",
+    "replay_kl_first_rejected",
+    "replay_kl_post_rejection",
+    "grad_norm_head",
+    "grad_norm_body",
+)
 
 
 def _diagnostics(steps: list[dict]) -> dict:
@@ -330,16 +467,70 @@ def _wall_recorded(runs, warm_state) -> dict:
 
 
 def _csv(path: Path, warm, runs, sft_curve=()) -> None:
-    head = ("arm", "seed", "step", "arm_step", "learner_flops_after_warmup", "train_s_after_warmup", "tau", "alpha1", "position_accepted", "eval_steps")
-    rows = [head, ("warmup", 0, warm["step"], 0, 0.0, 0.0, warm["tau"], warm["alpha"][0], warm["position_accepted"], warm["steps"])]
+    head = (
+        "arm",
+        "seed",
+        "step",
+        "arm_step",
+        "learner_flops_after_warmup",
+        "train_s_after_warmup",
+        "tau",
+        "alpha1",
+        "position_accepted",
+        "eval_steps",
+    )
+    rows = [
+        head,
+        (
+            "warmup",
+            0,
+            warm["step"],
+            0,
+            0.0,
+            0.0,
+            warm["tau"],
+            warm["alpha"][0],
+            warm["position_accepted"],
+            warm["steps"],
+        ),
+    ]
     # the SFT curve (the warm-up's own evaluations): learner FLOPs counted from step 0, arm_step = steps before the end
-    rows += [("sft_curve", 0, c["step"], c["step"] - warm["step"], c["flops"], "", c["tau"], "", c["position_accepted"], c["steps"]) for c in sft_curve]
+    rows += [
+        (
+            "sft_curve",
+            0,
+            c["step"],
+            c["step"] - warm["step"],
+            c["flops"],
+            "",
+            c["tau"],
+            "",
+            c["position_accepted"],
+            c["steps"],
+        )
+        for c in sft_curve
+    ]
     for (arm, seed), r in sorted(runs.items()):
         st = r["start"]
-        if st["overrides"]:  # an arm with its own warm-up: its start is its first row (arm_step 0), not the shared warm-up
+        if st[
+            "overrides"
+        ]:  # an arm with its own warm-up: its start is its first row (arm_step 0), not the shared warm-up
             rows.append((arm, seed, warm["step"], 0, 0.0, 0.0, st["tau"], "", "", st["steps"]))
         for e in r["evals"]:
-            rows.append((arm, seed, e["step"], e["step"] - warm["step"], e["flops"] - st["flops"], _train_s(e, st["state"]), e["tau"], e["alpha"][0], e["position_accepted"], e["steps"]))
+            rows.append(
+                (
+                    arm,
+                    seed,
+                    e["step"],
+                    e["step"] - warm["step"],
+                    e["flops"] - st["flops"],
+                    _train_s(e, st["state"]),
+                    e["tau"],
+                    e["alpha"][0],
+                    e["position_accepted"],
+                    e["steps"],
+                )
+            )
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
 
@@ -356,7 +547,22 @@ def _plot(path: Path, rows: list[dict], s: dict) -> None:
 
     sft = [r for r in rows if r["arm"] == "sft_curve" and float(r["learner_flops_after_warmup"]) > 0]
     fig, axes = plt.subplots(1, 3 if sft else 2, figsize=(18 if sft else 12, 4.5), sharey=not sft)
-    colors = dict(zip(ARMS, ("tab:blue", "tab:red", "tab:cyan", "tab:green", "tab:orange", "tab:pink", "tab:gray", "tab:olive", "tab:purple")))
+    colors = dict(
+        zip(
+            ARMS,
+            (
+                "tab:blue",
+                "tab:red",
+                "tab:cyan",
+                "tab:green",
+                "tab:orange",
+                "tab:pink",
+                "tab:gray",
+                "tab:olive",
+                "tab:purple",
+            ),
+        )
+    )
     warm = next(r for r in rows if r["arm"] == "warmup")
     curves: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
@@ -382,16 +588,26 @@ def _plot(path: Path, rows: list[dict], s: dict) -> None:
     axes[0].legend(fontsize=8)
     if sft:  # the SFT curve to its plateau: the shared warm-up's own evaluations, FLOPs from step 0 on a log axis
         ax = axes[2]
-        ax.plot([float(r["learner_flops_after_warmup"]) for r in sft], [float(r["tau"]) for r in sft], "-o", color="black")
+        ax.plot(
+            [float(r["learner_flops_after_warmup"]) for r in sft], [float(r["tau"]) for r in sft], "-o", color="black"
+        )
         for r in sft:
-            ax.annotate(f"step {r['step']}", (float(r["learner_flops_after_warmup"]), float(r["tau"])), fontsize=7, textcoords="offset points", xytext=(4, -10))
+            ax.annotate(
+                f"step {r['step']}",
+                (float(r["learner_flops_after_warmup"]), float(r["tau"])),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, -10),
+            )
         ax.axhline(s["gate"]["required"], ls="--", color="gray", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("learner FLOPs of the SFT warm-up (log)")
         ax.set_ylabel("held-out tau")
         ax.set_title(f"SFT curve (dashed: gate {s['gate']['required']})", fontsize=9)
     gate = "gate met" if s["gate"]["met"] else f"gate {s['gate']['required']} NOT met: underpowered"
-    fig.suptitle(f"{s['drafter']} K={s['block_size']} on {s['target']} ({s['preset']} preset; warm-up tau {s['tau_warmup']:.3f}, {gate}); dotted = seed >= 1")
+    fig.suptitle(
+        f"{s['drafter']} K={s['block_size']} on {s['target']} ({s['preset']} preset; warm-up tau {s['tau_warmup']:.3f}, {gate}); dotted = seed >= 1"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -410,11 +626,15 @@ def _markdown(s: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for arm, v in s["arms"].items():
-        lines.append(f"| {arm} | {v['what']} | {v['seeds']} | {s['tau_final'][arm]:.4f} | {s['tau_se'][arm]:.4f} | {v['position_accepted']:.4f} | {v['n_acc_per_step']:.0f} / {v['n_rej_per_step']:.0f} |")
+        lines.append(
+            f"| {arm} | {v['what']} | {v['seeds']} | {s['tau_final'][arm]:.4f} | {s['tau_se'][arm]:.4f} | {v['position_accepted']:.4f} | {v['n_acc_per_step']:.0f} / {v['n_rej_per_step']:.0f} |"
+        )
     for arm, v in s["arms"].items():
         if v.get("own_warmup"):  # its tau moved from its own start, not from the shared warm-up's
             w = v["own_warmup"]
-            lines.append(f"\n{arm} starts from its own warm-up ({', '.join(w['overrides'])}; otherwise the shared one's steps and prompts): held-out tau {w['tau']:.4f} ({w['steps']} verification steps), so the arm moved tau by {s['tau_final'][arm] - w['tau']:+.4f}.")
+            lines.append(
+                f"\n{arm} starts from its own warm-up ({', '.join(w['overrides'])}; otherwise the shared one's steps and prompts): held-out tau {w['tau']:.4f} ({w['steps']} verification steps), so the arm moved tau by {s['tau_final'][arm] - w['tau']:+.4f}."
+            )
     diag = {arm: v["diagnostics"] for arm, v in s["arms"].items() if v.get("diagnostics")}
     if diag:  # learner diagnostics, mean over the arm's steps (a blank: the arm's loss has no such stream)
         lines += ["", "Learner diagnostics (mean over steps): the share of each stream's positions a clip silences, the replay-mismatch KL(q || p) by position group, gradient norms:", "",
@@ -423,18 +643,25 @@ def _markdown(s: dict) -> str:
             lines.append(f"| {arm} | " + " | ".join(f"{d[k]:.4g}" if k in d else "" for k in DIAGNOSTICS) + " |")
     if s.get("sft_curve"):  # the warm-up's own evaluations: the SFT curve and the tau it gained per doubling of FLOPs
         gain = {g["to_step"]: g["tau_gain_per_doubling"] for g in s["sft_plateau"]["gains"]}
-        lines += ["", "SFT curve (the shared warm-up's held-out evaluations):", "", "| step | learner FLOPs | tau | verification steps | tau gained per doubling of FLOPs since the previous point |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "SFT curve (the shared warm-up's held-out evaluations):",
+            "",
+            "| step | learner FLOPs | tau | verification steps | tau gained per doubling of FLOPs since the previous point |",
+            "|---|---|---|---|---|",
+        ]
         for c in s["sft_curve"]:
             g = f"{gain[c['step']]:+.4f}" if c["step"] in gain else ""
             lines.append(f"| {c['step']} | {c['flops']:.3g} | {c['tau']:.4f} | {c['steps']} | {g} |")
     lines += ["", "| contrast | diff | SE (prompts, seeds) | 95% CI | counts (> 3 SE) |", "|---|---|---|---|---|"]
     for k, c in s["contrasts"].items():
         seeds = "n/a (1 seed)" if c["se_seeds"] is None else f"{c['se_seeds']:.4f}"
-        lines.append(f"| {k} | {c['diff']:+.4f} | {c['se']:.4f} ({c['se_prompts']:.4f}, {seeds}) | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |")
+        lines.append(
+            f"| {k} | {c['diff']:+.4f} | {c['se']:.4f} ({c['se_prompts']:.4f}, {seeds}) | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {'yes' if c['significant'] else 'no'} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
 
 def main_plateau(out: Path, preset: str, extra: list[str], arms, seeds, drafter, report) -> dict:
     return plateau(out, preset, extra, arms, seeds, drafter, report, log=lambda m: print(m, file=sys.stderr))
-

@@ -28,7 +28,9 @@ class Preset:
         if isinstance(self.warmup_steps, int):
             return self.warmup_steps
         if kind not in self.warmup_steps:
-            raise DopdError(f"this preset has no warm-up for drafter kind '{kind}' (it has: {', '.join(self.warmup_steps)})")
+            raise DopdError(
+                f"this preset has no warm-up for drafter kind '{kind}' (it has: {', '.join(self.warmup_steps)})"
+            )
         return self.warmup_steps[kind]
 
 

@@ -58,7 +58,9 @@ def _block_buffers(B: int, M: int, K: int, k: int) -> tuple[torch.Tensor, ...]:
     )  # fmt: skip
 
 
-def _hidden_rows(hiddens: list[torch.Tensor | None], prompt_lens: list[int], rows: torch.Tensor, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _hidden_rows(
+    hiddens: list[torch.Tensor | None], prompt_lens: list[int], rows: torch.Tensor, device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The records' target hidden states (rows prompt_len-1 .. n-2 of each record) at the sequence rows `rows`
     [B,...] (the row predicting each position): ([B,...,H], available [B,...]), or (None, None) if none carries them."""
     if all(h is None for h in hiddens):
@@ -81,10 +83,14 @@ def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32
     if any(r.features is None for r in records):
         raise ValueError("experience records need target features for training")
     blocks = [r.blocks for r in records]
-    tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
+    tokens, features, lengths = _seq_tensors(
+        [r.token_ids for r in records], [r.features for r in records], device, dtype
+    )
     M = max(1, max(len(b) for b in blocks))
     K = records[0].blocks.block_size
-    anchors, draft, ids, probs, tail, pd, acc, valid = _block_buffers(len(records), M, K, records[0].blocks.target_topk_ids.shape[2])
+    anchors, draft, ids, probs, tail, pd, acc, valid = _block_buffers(
+        len(records), M, K, records[0].blocks.target_topk_ids.shape[2]
+    )
     streams = torch.zeros(len(records), M, dtype=torch.long)
     rollout = torch.zeros(len(records), M, dtype=torch.bool)
     for i, b in enumerate(blocks):
@@ -101,19 +107,43 @@ def collate_records(records: list[ExperienceRecord], device, dtype=torch.float32
         valid[i, :m] = True
         streams[i, :m] = torch.from_numpy(b.streams.astype(np.int64))
         rollout[i, :m] = torch.from_numpy(b.source == SOURCE_ROLLOUT)
-    T = BlockTargets(ids, probs, tail, draft, pd, acc, valid, (streams & STREAM_ACC) > 0, (streams & STREAM_REJ) > 0, rollout_block=rollout).to(device)
+    T = BlockTargets(
+        ids,
+        probs,
+        tail,
+        draft,
+        pd,
+        acc,
+        valid,
+        (streams & STREAM_ACC) > 0,
+        (streams & STREAM_REJ) > 0,
+        rollout_block=rollout,
+    ).to(device)
     rows = anchors[..., None] + torch.arange(K) - 1  # the sequence row predicting block position j (0-based)
-    T.hidden, T.hidden_ok = _hidden_rows([r.target_hidden for r in records], [r.prompt_len for r in records], rows, device)
+    T.hidden, T.hidden_ok = _hidden_rows(
+        [r.target_hidden for r in records], [r.prompt_len for r in records], rows, device
+    )
     n_resp = sum(r.num_tokens - r.prompt_len for r in records)
-    return TrainBatch(tokens, features, lengths, anchors.to(device), draft.to(device), T, None, len(records), response_tokens=n_resp)
+    return TrainBatch(
+        tokens, features, lengths, anchors.to(device), draft.to(device), T, None, len(records), response_tokens=n_resp
+    )
 
 
-def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: int, step_weight: torch.Tensor, device, dtype=torch.float32) -> TrainBatch:
+def collate_teacher(
+    records: list[TeacherRecord],
+    anchors: list[np.ndarray],
+    K: int,
+    step_weight: torch.Tensor,
+    device,
+    dtype=torch.float32,
+) -> TrainBatch:
     """Teacher-forced sequences with chosen anchors -> K-position blocks whose inputs are the true tokens.
 
     Block position j of anchor a predicts token a+j-1; its target is the teacher distribution at position a+j-2.
     """
-    tokens, features, lengths = _seq_tensors([r.token_ids for r in records], [r.features for r in records], device, dtype)
+    tokens, features, lengths = _seq_tensors(
+        [r.token_ids for r in records], [r.features for r in records], device, dtype
+    )
     M = max(1, max(a.size for a in anchors))
     anc, draft, ids, probs, tail, pd, _, valid = _block_buffers(len(records), M, K, records[0].topk_ids.shape[1])
     for i, (r, a) in enumerate(zip(records, anchors)):
@@ -139,7 +169,17 @@ def collate_teacher(records: list[TeacherRecord], anchors: list[np.ndarray], K: 
     if T.hidden_ok is not None:
         T.hidden_ok &= T.valid
     n_resp = sum(r.num_tokens - r.prompt_len for r in records)
-    return TrainBatch(tokens, features, lengths, anc.to(device), draft.to(device), T, step_weight, len(records), response_tokens=n_resp)
+    return TrainBatch(
+        tokens,
+        features,
+        lengths,
+        anc.to(device),
+        draft.to(device),
+        T,
+        step_weight,
+        len(records),
+        response_tokens=n_resp,
+    )
 
 
 def sft_batch(records: list[TeacherRecord], cfg, rng: np.random.Generator, device) -> TrainBatch:
@@ -155,7 +195,9 @@ def opd_batch(records: list[ExperienceRecord], cfg, device) -> TrainBatch:
     the response's end; what follows is the greedy lookahead exact acceptance is measured against)."""
     batch = collate_records(records, device)
     T = batch.targets
-    keep = kind_class(cfg.drafter.kind).trainable_positions(batch.tokens, batch.lengths, batch.anchors, batch.block_tokens)
+    keep = kind_class(cfg.drafter.kind).trainable_positions(
+        batch.tokens, batch.lengths, batch.anchors, batch.block_tokens
+    )
     if keep is not None:
         T.valid &= keep
     if not cfg.loss.train_past_end:

@@ -91,7 +91,9 @@ def is_head(name: str) -> bool:
     return name.startswith("lm_head.") or name.startswith("lora_")
 
 
-def grad_norm_split(named: Iterable[tuple[str, torch.nn.Parameter]], grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None]) -> dict:
+def grad_norm_split(
+    named: Iterable[tuple[str, torch.nn.Parameter]], grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None]
+) -> dict:
     """{"grad_norm_head", "grad_norm_body"}: the L2 norms of the trainable parameters' gradients (before clipping),
     split into the drafter's own head and the rest (0 where a part has no trainable parameter or no gradient)."""
     sq = {"head": 0.0, "body": 0.0}

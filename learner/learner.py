@@ -98,9 +98,15 @@ class Learner:
         self.info = info
         self.device = torch.device(device)
         # a reduced draft vocabulary is chosen from the SFT data (`set_teacher`) before the first step
-        self.drafter: Drafter = build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed, placeholder_vocab=True).to(self.device).train()
+        self.drafter: Drafter = (
+            build_drafter(cfg.drafter, info, hf_config, embed, head, seed=cfg.seed, placeholder_vocab=True)
+            .to(self.device)
+            .train()
+        )
         mask_vec = getattr(self.drafter, "mask_embedding", None)
-        if mask_vec is not None and not cfg.drafter.train_mask:  # a fixed MASK input, as the official frozen embedding row
+        if (
+            mask_vec is not None and not cfg.drafter.train_mask
+        ):  # a fixed MASK input, as the official frozen embedding row
             mask_vec.weight.requires_grad_(False)
         self.vocab_chosen = cfg.drafter.draft_vocab_size is None or bool(cfg.drafter.init)
         self._make_engine = engine
@@ -114,7 +120,9 @@ class Learner:
         # the drafter's forward in bf16 where the hardware computes it natively (model.dtype=auto), its master
         # weights, gradients and optimizer state in fp32; the losses themselves are computed in fp32 (logq upcasts)
         self.bf16 = resolve_dtype(cfg.model.dtype, str(self.device)) == "bfloat16"
-        self.flops_counted: dict[str, tuple[float, int]] = {}  # phase -> (FLOPs per position of the last counted step, counted steps)
+        self.flops_counted: dict[
+            str, tuple[float, int]
+        ] = {}  # phase -> (FLOPs per position of the last counted step, counted steps)
         self.log: Callable[[str], None] | None = None
 
     @property
@@ -130,7 +138,9 @@ class Learner:
         """This rank's share of the SFT data (every rank gets all of it); a fresh reduced-vocabulary drafter picks
         its vocabulary from all of it."""
         good, refused = [], []
-        for b in data:  # validated once here (the same on every rank): a bad record is left out, never the end of a rank
+        for (
+            b
+        ) in data:  # validated once here (the same on every rank): a bad record is left out, never the end of a rank
             try:
                 good.append((b, decode_teacher(b, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size)))
             except RecordError as e:
@@ -140,7 +150,9 @@ class Learner:
         if refused and self.log is not None and self.rank == 0:
             self.log(f"dopd: {len(refused)} of {len(data)} SFT records refused, e.g. {refused[-1]}")
         if not self.vocab_chosen:
-            ids = draft_vocab_for(self.cfg.drafter, [(r.token_ids, r.prompt_len) for _, r in good], self.info.vocab_size)
+            ids = draft_vocab_for(
+                self.cfg.drafter, [(r.token_ids, r.prompt_len) for _, r in good], self.info.vocab_size
+            )
             if self._engine is not None:
                 raise RuntimeError("the draft vocabulary must be chosen before the learner's first step")
             self.drafter.set_draft_vocab(ids)
@@ -165,7 +177,9 @@ class Learner:
 
     def decode(self, data: bytes) -> ExperienceRecord:
         """A rollout record's one full validation (its shard read only the header): RecordError if it must be refused."""
-        return decode_record(data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size)
+        return decode_record(
+            data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size
+        )
 
     def opd_step(self, records: list, learner_version: int) -> dict:
         """Train on rollout records: decoded ones, or wire bytes (decoded and validated here)."""
@@ -176,7 +190,15 @@ class Learner:
         out["uids"] = [list(r.uid) for r in recs]
         out["staleness"] = [learner_version - r.policy_version for r in recs]
         out["records"] = len(recs)
-        out["trained"] = [{"prompt_id": r.prompt_id, "token_ids": r.token_ids.tolist(), "prompt_len": r.prompt_len, "policy_version": r.policy_version} for r in recs]
+        out["trained"] = [
+            {
+                "prompt_id": r.prompt_id,
+                "token_ids": r.token_ids.tolist(),
+                "prompt_len": r.prompt_len,
+                "policy_version": r.policy_version,
+            }
+            for r in recs
+        ]
         return out
 
     def _train(self, batch, phase: str) -> dict:
@@ -195,7 +217,10 @@ class Learner:
             diag["alpha_trained"] = trained_alpha(batch.targets)
         if count:
             flops = float(fc.get_total_flops())
-            self.flops_counted[phase] = (flops / max(batch.num_positions, 1), self.flops_counted.get(phase, (0, 0))[1] + 1)
+            self.flops_counted[phase] = (
+                flops / max(batch.num_positions, 1),
+                self.flops_counted.get(phase, (0, 0))[1] + 1,
+            )
         else:
             flops = self.flops_counted[phase][0] * batch.num_positions
         engine.step()
@@ -266,7 +291,9 @@ class Learner:
             self._sampler_state = mine["sampler"]
             self.flops_counted = {k: tuple(v) for k, v in mine.get("flops_counted", {}).items()}
         elif log is not None and self.rank == 0:
-            log(f"dopd: the checkpoint was written by {len(ranks)} learner rank(s), this run has {self.world}: data order and RNG of each rank start afresh")
+            log(
+                f"dopd: the checkpoint was written by {len(ranks)} learner rank(s), this run has {self.world}: data order and RNG of each rank start afresh"
+            )
 
 
 def merge_training_states(parts: list[dict]) -> dict:

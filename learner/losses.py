@@ -105,7 +105,9 @@ K3_VALUE_CLIP = 10.0  # ... then k3 = clip(e^delta - delta - 1, -10, 10)
 LOG1M_EPS = math.log1p(-torch.finfo(torch.float32).eps)  # the Bernoulli KL's upper log-prob clamp (log(1 - eps))
 
 
-def _token_logprobs(logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_logprobs(
+    logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log q(token), log p(token)) per position, unfloored: a token outside the draft vocabulary has log q = -100
     (q = 0 up to float32), a zero recorded p has log p = log(float32 tiny) (its k3 is clipped either way)."""
     didx = t2d[tokens]
@@ -141,7 +143,13 @@ def bernoulli_fkl(lq: torch.Tensor, lp: torch.Tensor, floor: float) -> torch.Ten
 
 
 def token_divergence(
-    kind: str, logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor, k3: str = "verl", floor: float = -K3_LOG_FLOOR
+    kind: str,
+    logq: torch.Tensor,
+    t2d: torch.Tensor,
+    tokens: torch.Tensor,
+    p_tokens: torch.Tensor,
+    k3: str = "verl",
+    floor: float = -K3_LOG_FLOOR,
 ) -> torch.Tensor:
     """Per-position divergence on one token per position (its target probability p): k3 (`k3`: "verl" or
     "floored") | bernoulli (log-probs floored at `floor`)."""
@@ -154,7 +162,14 @@ def token_divergence(
 
 
 def token_silenced(
-    kind: str, logq: torch.Tensor, t2d: torch.Tensor, tokens: torch.Tensor, p_tokens: torch.Tensor, k3: str, floor: float, clamp: float | None
+    kind: str,
+    logq: torch.Tensor,
+    t2d: torch.Tensor,
+    tokens: torch.Tensor,
+    p_tokens: torch.Tensor,
+    k3: str,
+    floor: float,
+    clamp: float | None,
 ) -> torch.Tensor:
     """[...] bool: where a clip, floor or the loss clamp makes the token's gradient in log q exactly zero (the
     official metrics' `loss_clamp_fraction`, plus the floors that silence without clamping the value)."""
@@ -243,7 +258,9 @@ class StreamSums:
     n_rej: int = 0  # rejected positions with weight > 0
 
     def __add__(self, o: StreamSums) -> StreamSums:
-        return StreamSums(self.acc + o.acc, self.n_acc + o.n_acc, self.rej + o.rej, self.w_rej + o.w_rej, self.n_rej + o.n_rej)
+        return StreamSums(
+            self.acc + o.acc, self.n_acc + o.n_acc, self.rej + o.rej, self.w_rej + o.w_rej, self.n_rej + o.n_rej
+        )
 
     def weight(self, cfg: LossConfig) -> float:
         return cfg.lambda_acc * self.n_acc + (cfg.lambda_rej or 0.0) * self.w_rej
@@ -259,8 +276,16 @@ def block_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: Loss
     acc_mask, w_rej = opd_masks(T, cfg)
     zero = logq.sum() * 0.0
     tok = token_args(cfg)
-    s_acc = (_clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T, **tok), cfg) * acc_mask).sum() if bool(acc_mask.any()) else zero
-    s_rej = (_clamped(rej_divergence(cfg.rej_divergence, logq, t2d, T, **tok), cfg) * w_rej).sum() if bool((w_rej > 0).any()) else zero
+    s_acc = (
+        (_clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T, **tok), cfg) * acc_mask).sum()
+        if bool(acc_mask.any())
+        else zero
+    )
+    s_rej = (
+        (_clamped(rej_divergence(cfg.rej_divergence, logq, t2d, T, **tok), cfg) * w_rej).sum()
+        if bool((w_rej > 0).any())
+        else zero
+    )
     return StreamSums(s_acc, float(acc_mask.sum()), s_rej, float(w_rej.sum()), int((w_rej > 0).sum()))
 
 
@@ -278,7 +303,9 @@ def sft_valid(T: BlockTargets, t2d: torch.Tensor, step_weight: torch.Tensor) -> 
     return w * (t2d[T.topk_ids[..., 0]] >= 0)
 
 
-def sft_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str) -> StreamSums:
+def sft_sums(
+    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str
+) -> StreamSums:
     """Supervised objective on teacher-forced blocks: fkl to the target top-k, CE to the true token, or both.
 
     step_weight [K] weights block position j (EAGLE-3 TTT: 0.8^(j-1); DFlash: exp(-(j-1)/decay)).
@@ -316,7 +343,7 @@ class LossParts:
 
 
 def dvi_phase(step: int, d: DVIConfig) -> str:
-    """"kl" before `dvi.rl_start_step` (0-based learner step), "rl" from it on."""
+    """ "kl" before `dvi.rl_start_step` (0-based learner step), "rl" from it on."""
     return "rl" if d.rl_start_step is not None and step >= d.rl_start_step else "kl"
 
 
@@ -334,7 +361,13 @@ def dvi_samples(T: BlockTargets) -> torch.Tensor:
 
 
 def dvi_sums(
-    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, d: DVIConfig, step: int, sample: torch.Tensor | None = None
+    logq: torch.Tensor,
+    t2d: torch.Tensor,
+    T: BlockTargets,
+    cfg: LossConfig,
+    d: DVIConfig,
+    step: int,
+    sample: torch.Tensor | None = None,
 ) -> tuple[StreamSums, str]:
     """DVI's per-sample loss summed over the samples (reward r = 1 accepted, 0 at the first rejection).
 
@@ -426,7 +459,9 @@ def e2e_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossCo
     return StreamSums(s, float(blocks.sum()), z, 0.0, 0)
 
 
-def score_surrogate(tv: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor, lq: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def score_surrogate(
+    tv: torch.Tensor, valid: torch.Tensor, ratio: torch.Tensor, lq: torch.Tensor, blocks: torch.Tensor
+) -> torch.Tensor:
     """sum over blocks and positions of (R_i - b_i) * (log q(d_i) - log q(d_i).detach()): value 0, gradient the
     score-function part of grad E[accepted]. R_i = sum_{j>i} prod_{k<j} w_k (1 - TV_j) (the reward after position i),
     b_i = the mean R_i of the batch's other blocks (leave-one-out: no bias)."""
@@ -450,13 +485,20 @@ def finish(s: StreamSums, cfg: LossConfig, denom: float | None = None) -> LossPa
     )  # fmt: skip
 
 
-def opd_loss(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, denom: float | None = None) -> LossParts:
+def opd_loss(
+    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, denom: float | None = None
+) -> LossParts:
     """The Draft-OPD objective over both streams of verification blocks (cfg: a resolved `Config.loss`)."""
     return finish(block_sums(logq, t2d, T, cfg), cfg, denom)
 
 
 def sft_loss(
-    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str, denom: float | None = None
+    logq: torch.Tensor,
+    t2d: torch.Tensor,
+    T: BlockTargets,
+    step_weight: torch.Tensor,
+    objective: str,
+    denom: float | None = None,
 ) -> LossParts:
     """The weighted mean of the supervised objective over valid positions."""
     s = sft_sums(logq, t2d, T, step_weight, objective)
@@ -467,7 +509,9 @@ def sft_loss(
 # --- exact full-vocabulary targets (records carrying the target's final hidden state) --------------------------
 
 
-def full_soft_ce(logq: torch.Tensor, T: BlockTargets, head: torch.Tensor, draft_ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def full_soft_ce(
+    logq: torch.Tensor, T: BlockTargets, head: torch.Tensor, draft_ids: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
     """[B,M,K] soft cross-entropy -sum_d p_d log q_d to p = softmax(target logits over the draft vocabulary) at T = 1
     (EAGLE-3's native loss: `softmax(target_logits[:, t2d])`, eagle3_student.py @a737810), the target logits being
     the frozen head applied to the record's hidden state; 0 where a position has none (`T.hidden_ok`)."""
@@ -497,7 +541,9 @@ def tv_positions(T: BlockTargets) -> torch.Tensor:
     return pos & T.hidden_ok if T.hidden_ok is not None else torch.zeros_like(pos)
 
 
-def full_tv(q_logits: torch.Tensor, target_hidden: torch.Tensor, head: torch.Tensor, draft_ids: torch.Tensor | None) -> torch.Tensor:
+def full_tv(
+    q_logits: torch.Tensor, target_hidden: torch.Tensor, head: torch.Tensor, draft_ids: torch.Tensor | None
+) -> torch.Tensor:
     """[N] exact total variation 1/2 sum_v |q(v) - p(v)| over the FULL vocabulary at T = 1 in fp32
     (`full_vocab_tv_distance`, dflash_student.py @a737810): q = softmax of the drafter's logits [N, Vd] (a reduced
     vocabulary puts no mass elsewhere), p = softmax of the frozen head on the target's hidden state (no gradient)."""

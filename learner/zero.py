@@ -51,7 +51,9 @@ class DeepSpeedEngine:
         import deepspeed
 
         opt, sched = make_optimizer(module, cfg)
-        self.engine, _, _, self.sched = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world))
+        self.engine, _, _, self.sched = deepspeed.initialize(
+            model=module, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world)
+        )
         self.module = module
         self.zero_stage = cfg.learner.zero_stage
         self.grad_norm = 0.0
@@ -97,7 +99,10 @@ class DeepSpeedEngine:
                 continue
             shape = tuple(getattr(p, "ds_shape", p.shape))
             if self._partitioned(p):
-                st = {k: safe_get_full_optimizer_state(p, k).detach().cpu().clone().reshape(shape) for k in ("exp_avg", "exp_avg_sq")}
+                st = {
+                    k: safe_get_full_optimizer_state(p, k).detach().cpu().clone().reshape(shape)
+                    for k in ("exp_avg", "exp_avg_sq")
+                }
             else:
                 st = {k: v.detach().cpu().clone() for k, v in inner.state[p].items() if k != "step"}
             params[name] = {"step": steps[0].detach().cpu().clone(), **st}
@@ -113,13 +118,19 @@ class DeepSpeedEngine:
         # (ZeRO-3: the flat fp32 partitions, out of its param groups between steps; ZeRO-1/2: the flat partitions;
         # stage 0: the parameters), then fill it
         zero = self.engine.optimizer
-        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", None)
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+            zero, "single_partition_of_fp32_groups", None
+        )
         if flats is None:
             flats = [p for g in inner.param_groups for p in g["params"]]
         for flat in flats:
             st = inner.state[flat]
             if not st:
-                st.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+                st.update(
+                    step=torch.zeros((), dtype=torch.float32),
+                    exp_avg=torch.zeros_like(flat),
+                    exp_avg_sq=torch.zeros_like(flat),
+                )
             st["step"] = step.clone().to(st["step"].dtype)
         link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # ZeRO 1/2: point each parameter's fragment at the new state
@@ -140,7 +151,9 @@ def make_rank(cfg: Config, rank: int, world: int, master_addr: str, master_port:
     """A learner rank under DeepSpeed in a torch.distributed group (gloo on CPU, NCCL on GPU). It holds only the
     drafter plus the target's frozen embedding and head (read straight from the target's safetensors)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")  # Ray gives each rank its own visible GPU(s)
+    os.environ.update(
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0"
+    )  # Ray gives each rank its own visible GPU(s)
     import deepspeed
 
     try:  # the shm all-reduce op compiles for a minute on first use and leaves /dev/shm files behind

@@ -19,7 +19,13 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
-TINY_TEXTS = ["hi", "write a function that sums a list", "2+2=?", "tell me a long story about a dragon and a knight", "ok"]
+TINY_TEXTS = [
+    "hi",
+    "write a function that sums a list",
+    "2+2=?",
+    "tell me a long story about a dragon and a knight",
+    "ok",
+]
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +46,12 @@ def smollm2():
 def tiny_prompts(tiny):
     """Chat-templated prompts of different lengths."""
     texts = TINY_TEXTS
-    return [tiny.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False) for t in texts]
+    return [
+        tiny.tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for t in texts
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +104,22 @@ def ray_session():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
-    ray.init(address="local", num_cpus=4, object_store_memory=300 * 2**20, include_dashboard=False, namespace="dopd", _node_ip_address="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        object_store_memory=300 * 2**20,
+        include_dashboard=False,
+        namespace="dopd",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                "RAY_AUTH_MODE": "disabled",
+                "DS_ACCELERATOR": "cpu",
+                "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1",
+            }
+        },
+    )
     yield ray
     ray.shutdown()

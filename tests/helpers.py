@@ -14,11 +14,23 @@ class OracleDrafter(Drafter):
 
     def __init__(self, target, noise: float = 0.3, q_temperature: float = 1.5, seed: int = 0):
         info = target.info
-        spec = DrafterSpec(kind="oracle", hidden_size=info.hidden_size, intermediate_size=1, num_layers=1, num_heads=1,
-                           num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[info.num_layers - 1],
-                           target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict())
+        spec = DrafterSpec(
+            kind="oracle",
+            hidden_size=info.hidden_size,
+            intermediate_size=1,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=info.hidden_size,
+            feature_layers=[info.num_layers - 1],
+            target_hidden_size=info.hidden_size,
+            vocab_size=info.vocab_size,
+            target=info.to_dict(),
+        )
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))  # drafts in the target dtype: no inference copy
+        self.dummy = torch.nn.Parameter(
+            torch.zeros(1, dtype=target.dtype)
+        )  # drafts in the target dtype: no inference copy
         self.target = target
         self.noise = noise
         self.q_temperature = q_temperature
@@ -31,7 +43,9 @@ class OracleDrafter(Drafter):
         return DraftState([], [], torch.zeros(batch, dtype=torch.long))
 
     @torch.no_grad()
-    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+    def propose(
+        self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
+    ) -> Proposal:
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
         tok, n = sel(tokens).clone(), sel(lengths).clone()
         b = tok.shape[0]
@@ -75,11 +89,23 @@ class HashOracleDrafter(Drafter):
 
     def __init__(self, target, period: int = 3):
         info = target.info
-        spec = DrafterSpec(kind="hash-oracle", hidden_size=info.hidden_size, intermediate_size=1, num_layers=1, num_heads=1,
-                           num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[info.num_layers],
-                           target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict())
+        spec = DrafterSpec(
+            kind="hash-oracle",
+            hidden_size=info.hidden_size,
+            intermediate_size=1,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=info.hidden_size,
+            feature_layers=[info.num_layers],
+            target_hidden_size=info.hidden_size,
+            vocab_size=info.vocab_size,
+            target=info.to_dict(),
+        )
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))  # drafts in the target dtype: no inference copy
+        self.dummy = torch.nn.Parameter(
+            torch.zeros(1, dtype=target.dtype)
+        )  # drafts in the target dtype: no inference copy
         self.target = target
         self.period = period
 
@@ -111,7 +137,9 @@ class HashOracleDrafter(Drafter):
                 s.append(int(nxt[i]))
         return out
 
-    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+    def propose(
+        self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
+    ) -> Proposal:
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
         tok, n = sel(tokens), sel(lengths)
         ids = self._chains([tok[i, : int(n[i])].tolist() for i in range(tok.shape[0])], K).to(tokens.device)
@@ -139,4 +167,3 @@ def assert_tau_consistent(tau: float, alpha: list[float], K: int) -> None:
         expect += reach
     assert abs(tau - expect) <= 1e-6 * max(1.0, tau), (tau, expect, alpha)
     assert 1 <= tau <= K + 1
-

@@ -20,7 +20,9 @@ def test_match_acceptance_is_lossless(tiny, tiny_prompts):
     joint = _exact_first_two(tiny, prompt, T).reshape(-1)
     n = 1500
     res, st = SpecEngine(tiny, OracleDrafter(tiny, noise=0.2, seed=2)).generate(
-        [prompt] * n, DecodeSettings(block_size=3, temperature=T, max_new_tokens=2, batch_size=n, seed=4, acceptance="match"))
+        [prompt] * n,
+        DecodeSettings(block_size=3, temperature=T, max_new_tokens=2, batch_size=n, seed=4, acceptance="match"),
+    )
     V = tiny.info.vocab_size
     counts = np.zeros(V * V)
     for r in res:

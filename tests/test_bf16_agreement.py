@@ -34,7 +34,10 @@ def spec_vs_plain(dtype: str) -> tuple[float, float, float]:
     t = load_target("smollm2-135m", dtype=dtype, quiet=True)
     sp = split_prompts(load_prompt_set("champ-problems"), 8, 0, "champ-problems")
     ids, _ = encode_all(t.tokenizer, sp.eval, 512, drop_long=False)
-    base = [r.output_ids for r in SpecEngine(t).generate(ids, DecodeSettings(block_size=0, max_new_tokens=48, batch_size=8))[0]]
+    base = [
+        r.output_ids
+        for r in SpecEngine(t).generate(ids, DecodeSettings(block_size=0, max_new_tokens=48, batch_size=8))[0]
+    ]
     d = build_drafter(DrafterConfig(kind="eagle3"), t.info, t.model.config, t.embed_tokens.weight, t.lm_head.weight)
     res, st = SpecEngine(t, d).generate(ids, DecodeSettings(block_size=4, max_new_tokens=48, batch_size=8))
     spec = [r.output_ids for r in res]

@@ -17,7 +17,9 @@ from dopd.common.greedy import teacher_data
 @pytest.mark.heavy
 def test_damaged_cache_entries_are_recomputed_not_used(tiny, tiny_prompts, tmp_path, monkeypatch):
     monkeypatch.setenv("DOPD_CACHE", str(tmp_path))
-    layers = build_drafter(DrafterConfig(), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight).feature_layers
+    layers = build_drafter(
+        DrafterConfig(), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight
+    ).feature_layers
     items = [(f"p{i}", p) for i, p in enumerate(tiny_prompts[:3])]
     texts, recs = teacher_data(tiny, layers, items, 8, 4)
     prefill = sorted((tmp_path / "prefill").iterdir())

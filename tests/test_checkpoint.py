@@ -35,8 +35,17 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_good_one(tmp_path, tiny):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000004"]  # the last two
     assert (root / "latest").read_text() == "step_0000004" and checkpoint.verify(root / "step_0000004") is None
     straight = [r["loss"] for r in step_rows(run)]
-    newest = sorted(str(p.relative_to(root / "step_0000004")) for p in (root / "step_0000004").rglob("*") if p.is_file())
-    assert {"manifest.json", "state.json", "learner.pt", "records.msgpack", "drafter/config.json", "drafter/model.safetensors"} <= set(newest)
+    newest = sorted(
+        str(p.relative_to(root / "step_0000004")) for p in (root / "step_0000004").rglob("*") if p.is_file()
+    )
+    assert {
+        "manifest.json",
+        "state.json",
+        "learner.pt",
+        "records.msgpack",
+        "drafter/config.json",
+        "drafter/model.safetensors",
+    } <= set(newest)
 
     for torn in [f"step_0000004/{f}" for f in newest] + ["latest"]:
         d = tmp_path / torn.replace("/", "_")
@@ -51,9 +60,13 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_good_one(tmp_path, tiny):
         assert found.path.name == "step_0000002"
         assert len(logs) == 1 and "step_0000004 is damaged" in logs[0] and "resuming from step_0000002" in logs[0], logs
         assert torn.split("/", 1)[1] in logs[0]  # the message names the damaged file
-        assert not (d / "checkpoints" / "step_0000004").exists() and (d / "checkpoints" / "step_0000004.damaged").is_dir()
+        assert (
+            not (d / "checkpoints" / "step_0000004").exists() and (d / "checkpoints" / "step_0000004.damaged").is_dir()
+        )
         # and the run resumes from there: the same losses as the run that never crashed
-        (d / "checkpoints" / "step_0000004.damaged").rename(d / "checkpoints" / "step_0000004")  # tear it again for train()
+        (d / "checkpoints" / "step_0000004.damaged").rename(
+            d / "checkpoints" / "step_0000004"
+        )  # tear it again for train()
         rc = load_config(d / "config.yaml", [f"out_dir={d}"])
         train(rc, InProcess(rc, target=tiny, log=logs.append), resume=True)
         assert any("step_0000004 is damaged" in m and "step_0000002" in m for m in logs)
@@ -103,7 +116,17 @@ def test_optimizer_state_moves_between_deepspeed_and_the_in_process_learner(tmp_
     assert [b.sft_step()["loss"] for _ in range(2)] == pytest.approx(after, rel=1e-6)
 
     lcfg = load_config(None, over)
-    c = Learner(lcfg, 0, 1, tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, "cpu", lambda m: TorchEngine(m, lcfg))
+    c = Learner(
+        lcfg,
+        0,
+        1,
+        tiny.info,
+        tiny.model.config,
+        tiny.embed_tokens.weight,
+        tiny.lm_head.weight,
+        "cpu",
+        lambda m: TorchEngine(m, lcfg),
+    )
     c.load(weights, state)
     c.set_teacher(teacher)
     assert [c.sft_step()["loss"] for _ in range(2)] == pytest.approx(after, rel=1e-5)

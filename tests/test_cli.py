@@ -14,11 +14,47 @@ runner = CliRunner()
 
 def test_eval_writes_report_and_outputs(tmp_path):
     out, dump = tmp_path / "e.json", tmp_path / "o.jsonl"
-    r = runner.invoke(app, ["eval", "--target", "tiny-random-llama", "--drafter", "init-dflash", "--prompts", "champ-problems", "--num-prompts", "3",
-                            "--max-new-tokens", "12", "--block-size", "3", "--json", str(out), "--dump-outputs", str(dump), "--threads", "2"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "--target",
+            "tiny-random-llama",
+            "--drafter",
+            "init-dflash",
+            "--prompts",
+            "champ-problems",
+            "--num-prompts",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--block-size",
+            "3",
+            "--json",
+            str(out),
+            "--dump-outputs",
+            str(dump),
+            "--threads",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
-    for key in ("tau", "alpha", "tokens_per_s", "baseline_tokens_per_s", "speedup", "identical_to_target", "num_prompts", "num_steps", "target", "drafter", "block_size", "temperature", "device"):
+    for key in (
+        "tau",
+        "alpha",
+        "tokens_per_s",
+        "baseline_tokens_per_s",
+        "speedup",
+        "identical_to_target",
+        "num_prompts",
+        "num_steps",
+        "target",
+        "drafter",
+        "block_size",
+        "temperature",
+        "device",
+    ):
         assert key in rep, key
     assert rep["identical_to_target"] is True and rep["num_prompts"] == 3 and len(rep["alpha"]) == 3
     assert_tau_consistent(rep["tau"], rep["alpha"], 3)
@@ -38,7 +74,12 @@ def test_eval_simulate_has_the_same_keys_and_tau(tmp_path):
     assert r.exit_code == 0, r.output
     a, b = json.loads(plain.read_text()), json.loads(sim.read_text())
     assert set(a) <= set(b) and b["simulated"] is True and a["simulated"] is False
-    assert (b["tau"], b["alpha"], b["num_steps"], b["new_tokens"]) == (a["tau"], a["alpha"], a["num_steps"], a["new_tokens"])
+    assert (b["tau"], b["alpha"], b["num_steps"], b["new_tokens"]) == (
+        a["tau"],
+        a["alpha"],
+        a["num_steps"],
+        a["new_tokens"],
+    )
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
     r = runner.invoke(app, [*args, "--simulate", "--temperature", "0.8"])
     assert r.exit_code == 2 and "greedy decoding only" in r.output

@@ -28,9 +28,14 @@ def test_every_key_has_a_meaning_from_its_dataclass():
     assert len(docs) == len({d.key for d in docs}) > 100
     assert [d.key for d in docs if not d.meaning] == []  # a new field needs a comment beside (or above) it
     by_key = {d.key: d for d in docs}
-    assert by_key["rollout.block_size"].meaning == "K draft tokens per verification step" and by_key["rollout.block_size"].default == 4
+    assert (
+        by_key["rollout.block_size"].meaning == "K draft tokens per verification step"
+        and by_key["rollout.block_size"].default == 4
+    )
     assert by_key["data.answers"].type == "regenerate | as_is" and by_key["learner.betas"].default == [0.9, 0.95]
-    assert by_key["replay.anchors"].meaning.startswith('"rollout": the rollout\'s block starts (official)')  # the lines above it
+    assert by_key["replay.anchors"].meaning.startswith(
+        '"rollout": the rollout\'s block starts (official)'
+    )  # the lines above it
     from dopd.common.config import ModelConfig
 
     assert field_comments(ModelConfig)["target"] == "alias | local HF directory | hub id"
@@ -62,12 +67,23 @@ def load_config_text(text: str, tmp_path: Path) -> Config:
 
 def test_config_check(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump({"data": {"prompts": str(EXAMPLE), "answers": "as_is", "num_eval": 8}, "learner": {"steps": 10}}))
+    good.write_text(
+        yaml.safe_dump({"data": {"prompts": str(EXAMPLE), "answers": "as_is", "num_eval": 8}, "learner": {"steps": 10}})
+    )
     r = runner.invoke(app, ["config", "check", str(good)])
     assert r.exit_code == 0, r.output
-    assert r.output.startswith(f"ok: {good}") and "38 conversations, 52 examples before length limits" in r.output and "data.answers='as_is'" in r.output
+    assert (
+        r.output.startswith(f"ok: {good}")
+        and "38 conversations, 52 examples before length limits" in r.output
+        and "data.answers='as_is'" in r.output
+    )
     bad_lines = tmp_path / "bad.jsonl"
-    bad_lines.write_text(EXAMPLE.read_text().splitlines()[0] + "\n" + json.dumps({"conversations": [{"from": "robot", "value": "x"}]}) + "\n")
+    bad_lines.write_text(
+        EXAMPLE.read_text().splitlines()[0]
+        + "\n"
+        + json.dumps({"conversations": [{"from": "robot", "value": "x"}]})
+        + "\n"
+    )
     cases = [
         ({"learner": {"stepz": 3}}, "unknown config key 'learner.stepz' (did you mean 'steps'?)"),
         ({"data": {"answers": "as_is"}, "rollout": {"temperature": 1.0}}, "data.answers=as_is teacher-forces"),
@@ -85,14 +101,33 @@ def test_config_check(tmp_path):
 
 def test_data_inspect(tmp_path):
     out = tmp_path / "r.json"
-    r = runner.invoke(app, ["data", "inspect", str(EXAMPLE), "--target", "tiny-random-llama", "data.num_eval=8", "data.answers=as_is", "--json", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "data",
+            "inspect",
+            str(EXAMPLE),
+            "--target",
+            "tiny-random-llama",
+            "data.num_eval=8",
+            "data.answers=as_is",
+            "--json",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     c = rep["counts"]
     assert (c["conversations"], c["assistant_turns"], c["skipped_tool_call"], c["tool_messages"]) == (38, 54, 2, 2)
-    assert rep["train"]["examples"] + rep["held_out"]["examples"] == c["examples"] == 52 and rep["held_out"]["groups"] == 8
+    assert (
+        rep["train"]["examples"] + rep["held_out"]["examples"] == c["examples"] == 52 and rep["held_out"]["groups"] == 8
+    )
     ex = rep["examples"][0]
-    assert ex["context"].endswith("<|im_start|>assistant\n") and ex["answer"].endswith("<|im_end|>") or ex["answer_tokens"] == SFTConfig().max_new_tokens
+    assert (
+        ex["context"].endswith("<|im_start|>assistant\n")
+        and ex["answer"].endswith("<|im_end|>")
+        or ex["answer_tokens"] == SFTConfig().max_new_tokens
+    )
     for line in ("conversations      38  (sharegpt 38)", "skipped            tool_call 2", "answer, teacher-forced"):
         assert line in r.output, line
     r = runner.invoke(app, ["data", "inspect", str(tmp_path / "missing.jsonl"), "--target", "tiny-random-llama"])
@@ -136,6 +171,8 @@ def test_train_on_the_example_in_both_answer_modes(tmp_path):
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     ea = EventAccumulator(str(out / "tensorboard"))
     ea.Reload()
-    assert [(e.step, round(e.value, 5)) for e in ea.Scalars("dopd_heldout_tau")] == [(e["step"], round(e["tau"], 5)) for e in evals]
+    assert [(e.step, round(e.value, 5)) for e in ea.Scalars("dopd_heldout_tau")] == [
+        (e["step"], round(e["tau"], 5)) for e in evals
+    ]
     assert len(ea.Scalars("dopd_learner_loss/stream=total")) == 8
     assert not (runs["regenerate"][0] / "tensorboard").exists()  # off by default

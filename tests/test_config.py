@@ -11,7 +11,16 @@ from dopd.common.errors import ConfigError
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("learner:\n  lr: 0.0005\nrollout:\n  block_size: 6\n")
-    cfg = load_config(f, ["learner.lr=1e-4", "drafter.kind=dflash", "drafter.feature_layers=[1, 2]", "cluster.shards=none", "metrics.enabled=false"])
+    cfg = load_config(
+        f,
+        [
+            "learner.lr=1e-4",
+            "drafter.kind=dflash",
+            "drafter.feature_layers=[1, 2]",
+            "cluster.shards=none",
+            "metrics.enabled=false",
+        ],
+    )
     assert cfg.learner.lr == 1e-4 and cfg.rollout.block_size == 6 and cfg.drafter.kind == "dflash"
     assert cfg.drafter.feature_layers == [1, 2] and cfg.cluster.shards is None and cfg.metrics.enabled is False
     assert config_from_dict(cfg.to_dict()) == cfg
@@ -45,7 +54,9 @@ def test_bad_values_name_the_field():
         load_config(None, ["data.rollout_skip=8"])
     with pytest.raises(ConfigError, match="learner.eval_at must list steps >= 1"):
         load_config(None, ["learner.eval_at=[0, 5]"])
-    assert load_config(None, ["data.rollout_prompts=after_sft", "data.rollout_skip=8", "learner.eval_at=[5, 10]"]).learner.eval_at == [5, 10]
+    assert load_config(
+        None, ["data.rollout_prompts=after_sft", "data.rollout_skip=8", "learner.eval_at=[5, 10]"]
+    ).learner.eval_at == [5, 10]
 
 
 def test_bad_files(tmp_path):

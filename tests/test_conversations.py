@@ -65,7 +65,9 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 def _check(path, **kw) -> list:
     prompts, counts = conversation_turns(read_conversations(path, **kw))
-    assert {k: v for k, v in counts.items() if not k.startswith("rows_") and k != "conversations_without_examples"} == COUNTS
+    assert {
+        k: v for k, v in counts.items() if not k.startswith("rows_") and k != "conversations_without_examples"
+    } == COUNTS
     assert [p.id for p in prompts] == IDS
     return prompts
 
@@ -79,9 +81,14 @@ def test_every_format_gives_the_same_turns(tmp_path):
     # tool calls are context as text in the turn after them: only the call's own text differs between the formats
     assert [p.messages for p in share][:2] == [p.messages for p in openai][:2] and share[-1] == openai[-1]
     assert share[2].messages[1] == ("assistant", SHAREGPT[1]["conversations"][1]["value"])
-    assert share[2].messages[2] == ("tool", "{\"c\": 3}") and share[2].answer == "It is 3 degrees."
+    assert share[2].messages[2] == ("tool", '{"c": 3}') and share[2].answer == "It is 3 degrees."
     assert json.loads(openai[2].messages[1][1])[0]["function"]["name"] == "weather"
-    assert share[1].messages == (("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4."), ("user", "And 3+3?"))
+    assert share[1].messages == (
+        ("system", "Be brief."),
+        ("user", "What is 2+2?"),
+        ("assistant", "4."),
+        ("user", "And 3+3?"),
+    )
     assert share[1].answer == "6." and share[-1].answer is None and len({p.group for p in share}) == 4
 
     pq = tmp_path / "openai.parquet"
@@ -93,7 +100,9 @@ def test_every_format_gives_the_same_turns(tmp_path):
     datasets.Dataset.from_list(SHAREGPT).save_to_disk(str(saved))
     assert _check(saved) == share
     dd = tmp_path / "dict"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(SHAREGPT), "test": datasets.Dataset.from_list(SHAREGPT[:1])}).save_to_disk(str(dd))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(SHAREGPT), "test": datasets.Dataset.from_list(SHAREGPT[:1])}
+    ).save_to_disk(str(dd))
     assert _check(dd) == share  # "train" by default
     assert len(read_conversations(dd, split="test")) == 1
     with pytest.raises(PromptError, match="splits"):
@@ -119,7 +128,10 @@ def test_context_is_the_chat_template_by_hand(tiny):
     assert tok.decode(ans) == "6.<|im_end|>" and ans[-1] == tok.eos_token_id
     # the first turn: the template's context, and the conversation so far (prompt + answer) as one token sequence
     pid, ids, ans = enc.items[0]
-    assert tok.decode(ids + ans) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>"
+    assert (
+        tok.decode(ids + ans)
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4.<|im_end|>"
+    )
 
 
 def read_conversations_rows(rows, tmp=None):
@@ -154,7 +166,9 @@ def test_malformed_rows_name_file_line_and_field(tmp_path):
     import datasets
 
     pq = tmp_path / "bad.parquet"
-    datasets.Dataset.from_list([SHAREGPT[0], {"id": "x", "conversations": [{"from": "alien", "value": "y"}]}]).to_parquet(str(pq))
+    datasets.Dataset.from_list(
+        [SHAREGPT[0], {"id": "x", "conversations": [{"from": "alien", "value": "y"}]}]
+    ).to_parquet(str(pq))
     with pytest.raises(PromptError, match=r"bad.parquet row 2: field 'conversations\[0\].from': unknown role 'alien'"):
         read_conversations(pq)
     (tmp_path / "data.csv").write_text("a,b\n")
@@ -166,23 +180,52 @@ def test_malformed_rows_name_file_line_and_field(tmp_path):
 
 def test_length_limits_truncate_or_skip_and_count(tiny):
     tok = tiny.tokenizer
-    long_turns = [{"from": "human", "value": f"question {i} " + "word " * 30} if i % 2 == 0 else {"from": "gpt", "value": f"answer {i} " + "word " * 30} for i in range(6)]
-    rows = [{"id": "long", "conversations": [{"from": "system", "value": "SYS"}] + long_turns + [{"from": "human", "value": "last?"}, {"from": "gpt", "value": "done " * 40}]}]
+    long_turns = [
+        {"from": "human", "value": f"question {i} " + "word " * 30}
+        if i % 2 == 0
+        else {"from": "gpt", "value": f"answer {i} " + "word " * 30}
+        for i in range(6)
+    ]
+    rows = [
+        {
+            "id": "long",
+            "conversations": [{"from": "system", "value": "SYS"}]
+            + long_turns
+            + [{"from": "human", "value": "last?"}, {"from": "gpt", "value": "done " * 40}],
+        }
+    ]
     prompts, _ = conversation_turns(read_conversations_rows(rows))
-    full = [len(tok.apply_chat_template(p.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False)) for p in prompts]
+    full = [
+        len(tok.apply_chat_template(p.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False))
+        for p in prompts
+    ]
     limit = full[1] + 5  # the first two turns fit, the last two do not
     enc = encode_turns(tok, prompts, Limits(limit, 20, "truncate"), with_answers=True)
-    assert len(enc.items) == 4 and enc.counts["truncated_context"] == 2 and all(len(ids) <= limit for _, ids, _ in enc.items)
+    assert (
+        len(enc.items) == 4
+        and enc.counts["truncated_context"] == 2
+        and all(len(ids) <= limit for _, ids, _ in enc.items)
+    )
     last = enc.prompts[-1].messages
-    assert last[0] == ("system", "SYS") and last[1][0] == "user" and last[-1] == ("user", "last?")  # oldest turns dropped
+    assert (
+        last[0] == ("system", "SYS") and last[1][0] == "user" and last[-1] == ("user", "last?")
+    )  # oldest turns dropped
     assert len(last) < len(prompts[-1].messages)
-    assert enc.counts["truncated_answer"] == 4 and all(len(a) == 20 for *_, a in enc.items)  # every answer is > 20 tokens
+    assert enc.counts["truncated_answer"] == 4 and all(
+        len(a) == 20 for *_, a in enc.items
+    )  # every answer is > 20 tokens
     skip = encode_turns(tok, prompts, Limits(limit, 20, "skip"), with_answers=True)
-    assert len(skip.items) == 0 and skip.counts["skipped_context_too_long"] == 2 and skip.counts["skipped_answer_too_long"] == 2
+    assert (
+        len(skip.items) == 0
+        and skip.counts["skipped_context_too_long"] == 2
+        and skip.counts["skipped_answer_too_long"] == 2
+    )
     regen = encode_turns(tok, prompts, Limits(limit, 20, "skip"), with_answers=False)  # regenerate: answers not encoded
     assert len(regen.items) == 2 and all(len(it) == 2 for it in regen.items)
     tiny_limit = encode_turns(tok, prompts, Limits(10, 20, "truncate"), with_answers=False)
-    assert tiny_limit.items == [] and tiny_limit.counts["skipped_context_too_long"] == 4  # even the last turn alone does not fit
+    assert (
+        tiny_limit.items == [] and tiny_limit.counts["skipped_context_too_long"] == 4
+    )  # even the last turn alone does not fit
 
 
 def _cfg(*extra):
@@ -202,17 +245,35 @@ def test_held_out_split_is_by_conversation_and_as_is_items_carry_answers(tiny):
     assert all(len(it) == 2 for it in regen.train) and all(len(it) == 3 for it in as_is.train)
     assert [it[:2] for it in as_is.train] == regen.train
     d = as_is.split["data"]
-    assert d["answers"] == "as_is" and d["skipped_tool_call"] == 2 and d["tool_messages"] == 2 and d["conversations"] == 38
+    assert (
+        d["answers"] == "as_is" and d["skipped_tool_call"] == 2 and d["tool_messages"] == 2 and d["conversations"] == 38
+    )
     assert d["examples"] == len(regen.train) + len(regen.eval_ids)
     assert "38 conversations" in as_is.summary() and "skipped_tool_call 2" in as_is.summary()
     for _pid, _ids, ans in as_is.train:
-        assert ans[-1] == tiny.tokenizer.eos_token_id or len(ans) == SFTConfig().max_new_tokens  # end of turn, or cut at the answer limit
+        assert (
+            ans[-1] == tiny.tokenizer.eos_token_id or len(ans) == SFTConfig().max_new_tokens
+        )  # end of turn, or cut at the answer limit
     # a separate eval file: every turn of its first num_eval conversations
     ev = run_prompts(_cfg(f"data.eval_prompts={EXAMPLE}", "data.num_eval=2"), tiny.tokenizer)
     first_two = [c["id"] for c in map(json.loads, EXAMPLE.read_text().splitlines()[:2])]
-    assert sorted(ev.split["eval_ids"]) == sorted(p.id for p in ex.prompts if p.group in first_two) and len(ev.eval_ids) == 3
+    assert (
+        sorted(ev.split["eval_ids"]) == sorted(p.id for p in ex.prompts if p.group in first_two)
+        and len(ev.eval_ids) == 3
+    )
     with pytest.raises(PromptError, match="no training example has an answer"):
-        run_prompts(load_config(None, ["model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "data.answers=as_is"]), tiny.tokenizer)
+        run_prompts(
+            load_config(
+                None,
+                [
+                    "model.target=tiny-random-llama",
+                    "data.prompts=champ-problems",
+                    "data.num_eval=4",
+                    "data.answers=as_is",
+                ],
+            ),
+            tiny.tokenizer,
+        )
 
 
 def test_as_is_refuses_rollouts_that_decode():
@@ -235,7 +296,11 @@ def test_walk_accepts_nothing_past_a_given_answer():
     given = walk(GivenText(prompt, answer, [pad] * 16, "eos"), blocks, np.zeros(blocks.shape, np.float32))
     assert given.accepted.tolist() == [3] and given.everywhere.tolist() == [3, 2, 1]
     greedy = walk(GreedyText(prompt, answer, [pad] * 16, "eos"), blocks, np.zeros(blocks.shape, np.float32))
-    assert greedy.accepted.tolist() == [4] and greedy.everywhere.tolist() == [4, 4, 4]  # the target's own lookahead counts
+    assert greedy.accepted.tolist() == [4] and greedy.everywhere.tolist() == [
+        4,
+        4,
+        4,
+    ]  # the target's own lookahead counts
 
 
 def test_rollout_worker_uses_given_answers(tiny):

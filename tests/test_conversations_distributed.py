@@ -50,7 +50,11 @@ def test_ray_runner_teacher_forces_given_answers(ray_session, tmp_path):
     # replay-mismatch KL exist only where the objective trains verification blocks (this run's EAGLE-3 recipe trains
     # every position by TTT: it has neither)
     optional = {"dopd_learner_silenced_share", "dopd_replay_kl"}
-    missing = [d.name for d in METRICS.values() if d.name not in optional and (d.series if d.kind != "histogram" else d.name + "_sum") not in names]
+    missing = [
+        d.name
+        for d in METRICS.values()
+        if d.name not in optional and (d.series if d.kind != "histogram" else d.name + "_sum") not in names
+    ]
     assert not missing, missing
     assert "dopd_queue_depth/shard=0" in tags and "dopd_learner_loss/stream=total" in tags
     assert [e.step for e in ea.Scalars("dopd_learner_steps_total")] == list(range(1, 7))

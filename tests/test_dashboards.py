@@ -89,7 +89,12 @@ def test_every_expression_references_only_exported_series():
 
 
 def test_every_exported_metric_has_a_panel():
-    used = {known_series()[s] for dash in dashboards().values() for _, e in panel_queries(dash) for s in SERIES_RE.findall(e)}
+    used = {
+        known_series()[s]
+        for dash in dashboards().values()
+        for _, e in panel_queries(dash)
+        for s in SERIES_RE.findall(e)
+    }
     assert set(METRICS) - used == set()
 
 
@@ -131,9 +136,11 @@ def test_variables_exist_and_are_used():
         assert list(variables) == ["datasource", "job", "actor"], name
         assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
         job, actor = variables["job"], variables["actor"]
-        assert job["type"] == "query" and job["query"].startswith("label_values(dopd_") and job["query"].endswith(", job)")
+        assert (
+            job["type"] == "query" and job["query"].startswith("label_values(dopd_") and job["query"].endswith(", job)")
+        )
         assert actor["type"] == "query" and actor["multi"] and actor["includeAll"] and actor["allValue"] == ".*"
-        assert actor["query"].endswith(", actor)") and '$job' in actor["query"]
+        assert actor["query"].endswith(", actor)") and "$job" in actor["query"]
         per_actor = 0
         for title, expr in panel_queries(dash):
             assert 'job=~"$job"' in expr, f"{name} / {title}: {expr!r} ignores $job"

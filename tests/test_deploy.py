@@ -111,8 +111,12 @@ def test_compose_prometheus_config():
 def test_promtool_accepts_the_compose_config():
     promtool = shutil.which("promtool")
     assert promtool, "promtool comes with Prometheus: apt-get install prometheus"
-    r = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus/prometheus.yml")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [promtool, "check", "config", str(DEPLOY / "prometheus/prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -164,7 +168,7 @@ def test_rayjob_runs_dopd_train_with_its_config(tmp_path):
     (mount,) = [m for m in head_pod["containers"][0]["volumeMounts"] if config_path.startswith(m["mountPath"] + "/")]
     (vol,) = [v for v in head_pod["volumes"] if v["name"] == mount["name"]]
     assert vol["configMap"]["name"] == cm["metadata"]["name"]
-    fname = config_path[len(mount["mountPath"]) + 1:]
+    fname = config_path[len(mount["mountPath"]) + 1 :]
     assert fname in cm["data"]
 
     # ... and it is a valid dopd config whose placement fits the GPU workers.
@@ -180,7 +184,9 @@ def test_podmonitors_scrape_driver_and_ray_ports():
     monitors = {d["metadata"]["name"]: d for d in docs("kuberay/prometheus-podmonitor.yaml")}
     assert all(m["apiVersion"] == "monitoring.coreos.com/v1" and m["kind"] == "PodMonitor" for m in monitors.values())
     rc = one("kuberay/raycluster.yaml", "RayCluster")["spec"]
-    head_ports = {p["name"]: p["containerPort"] for p in rc["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    head_ports = {
+        p["name"]: p["containerPort"] for p in rc["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     worker_ports = {p["name"] for p in rc["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["ports"]}
     scraped = {"head": set(), "worker": set()}
     for m in monitors.values():
@@ -203,11 +209,20 @@ def test_readme_mentions_the_keys_and_commands():
     readme = (DEPLOY.parent / "README.md").read_text()
     start = readme.index("\n## From laptop to cluster")
     end = readme.find("\n## ", start + 1)
-    text = readme[start: end if end > 0 else None]
-    for needle in ["cluster.actors", "cluster.learners", "cluster.actor_num_gpus", "cluster.learner_num_gpus",
-                   "metrics.port", "metrics.host", "0.0.0.0", str(METRICS_PORT),
-                   "dopd train --actors 16 --learners 4 --config /config/train.yaml",
-                   "docker compose -f deploy/docker-compose.yml up", "kubectl apply -f deploy/kuberay/rayjob.yaml"]:
+    text = readme[start : end if end > 0 else None]
+    for needle in [
+        "cluster.actors",
+        "cluster.learners",
+        "cluster.actor_num_gpus",
+        "cluster.learner_num_gpus",
+        "metrics.port",
+        "metrics.host",
+        "0.0.0.0",
+        str(METRICS_PORT),
+        "dopd train --actors 16 --learners 4 --config /config/train.yaml",
+        "docker compose -f deploy/docker-compose.yml up",
+        "kubectl apply -f deploy/kuberay/rayjob.yaml",
+    ]:
         assert needle in text, needle
 
 

@@ -40,8 +40,13 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
             # a record taken from a shard (as a learner takes it) and offered again: a duplicate, refused and
             # counted there (the test consumed it, so it is "lost in flight" below, never trained)
             taken = ray.get(job.shards[0].get.remote(1, job.policy_version, 60.0))
-            assert len(taken) == 1 and ray.get(job.shards[0].put_many.remote([taken[0], taken[0]])) == ["rejected", "rejected"]
-            seen["metrics"] = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
+            assert len(taken) == 1 and ray.get(job.shards[0].put_many.remote([taken[0], taken[0]])) == [
+                "rejected",
+                "rejected",
+            ]
+            seen["metrics"] = (
+                urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
+            )
         if step == 4:  # kill a rollout actor mid-run: Ray restarts it, the driver re-sends weights
             seen["incarnation"] = job.fleet.known[1]
             ray.kill(job.fleet.handles[1], no_restart=False)
@@ -59,16 +64,28 @@ def test_two_actors_two_shards_two_zero2_ranks(ray_session, tmp_path):
     # every record accounted for: trained, dropped, lost in flight (none: no crash) or still queued
     assert summary["records_trained"] == summary["records_consumed"]
     assert summary["records_lost_in_flight"] == 1  # the one the test took
-    assert summary["records_produced"] == summary["records_trained"] + summary["records_dropped_stale"] + summary["records_dropped_full"] + summary["records_queued"] + 1
+    assert (
+        summary["records_produced"]
+        == summary["records_trained"]
+        + summary["records_dropped_stale"]
+        + summary["records_dropped_full"]
+        + summary["records_queued"]
+        + 1
+    )
     assert 0 < summary["queue_peak_bytes"] <= summary["queue_max_bytes"]
     for key in ("records_dropped_stale", "tau", "wall_s"):
         assert key in summary
-    steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"step"' in x and json.loads(x)["event"] == "step"]
+    steps = [
+        json.loads(x) for x in open(tmp_path / "metrics.jsonl") if '"step"' in x and json.loads(x)["event"] == "step"
+    ]
     opd = [r for r in steps if r["phase"] == "opd"]
     # records were produced by the versions the learners published: staleness small and non-negative
     stale = [s for r in opd for s in r["staleness"]]
     assert stale and min(stale) >= 0 and max(stale) <= 4
-    assert max(r["policy_version"] for r in opd) == summary["policy_version"] - 1 or max(r["policy_version"] for r in opd) == summary["policy_version"]
+    assert (
+        max(r["policy_version"] for r in opd) == summary["policy_version"] - 1
+        or max(r["policy_version"] for r in opd) == summary["policy_version"]
+    )
     text = seen["metrics"]
     for name, d in METRICS.items():
         assert d.name in text, f"/metrics does not serve {name}"
@@ -91,7 +108,14 @@ def test_learner_crash_resumes_at_the_same_step_and_version(ray_session, tmp_pat
         if step == 5:  # what the resumed job published before its first step: the checkpoint's weights
             weights["resumed"] = ray.get(job.fleet.weights[0])
 
-    cfg = cfg_for(tmp_path, "sft.warmup_steps=2", "learner.steps=6", "learner.checkpoint_every=4", "cluster.actors=1", "cluster.learners=2")
+    cfg = cfg_for(
+        tmp_path,
+        "sft.warmup_steps=2",
+        "learner.steps=6",
+        "learner.checkpoint_every=4",
+        "cluster.actors=1",
+        "cluster.learners=2",
+    )
     with pytest.raises(RuntimeError, match="simulated"):
         train(cfg, RayFleet(cfg, log=lambda *a: None), on_step=crash)
     saved = checkpoint.find(tmp_path).state()["run"]
@@ -108,7 +132,14 @@ def test_learner_crash_resumes_at_the_same_step_and_version(ray_session, tmp_pat
     # the crash was recorded and folded in: what the crashed job had queued or trained after its checkpoint is
     # "lost in flight", so the accounts still add up across the two jobs
     assert (tmp_path / "checkpoints" / "crash_resumed_1.json").is_file()
-    assert summary["records_produced"] == summary["records_trained"] + summary["records_dropped_stale"] + summary["records_dropped_full"] + summary["records_lost_in_flight"] + summary["records_queued"]
+    assert (
+        summary["records_produced"]
+        == summary["records_trained"]
+        + summary["records_dropped_stale"]
+        + summary["records_dropped_full"]
+        + summary["records_lost_in_flight"]
+        + summary["records_queued"]
+    )
     assert summary["records_lost_in_flight"] >= 2 * 2  # step 5's micro-batches were trained after the step-4 checkpoint
 
 
@@ -135,7 +166,15 @@ def test_sft_data_fans_out_over_every_actor_in_order(ray_session):
 
 
 def test_zero3_gathers_full_weights(ray_session, tmp_path):
-    cfg = cfg_for(tmp_path, "sft.warmup_steps=1", "learner.steps=2", "learner.checkpoint_every=100", "learner.zero_stage=3", "cluster.actors=1", "drafter.kind=dflash")
+    cfg = cfg_for(
+        tmp_path,
+        "sft.warmup_steps=1",
+        "learner.steps=2",
+        "learner.checkpoint_every=100",
+        "learner.zero_stage=3",
+        "cluster.actors=1",
+        "drafter.kind=dflash",
+    )
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 3 and summary["zero_stage"] == 3
     from dopd.common.drafters import load_drafter
@@ -147,6 +186,8 @@ def test_zero3_gathers_full_weights(ray_session, tmp_path):
 
 
 def test_placement_that_cannot_fit_is_a_clear_error(ray_session, tmp_path):
-    cfg = cfg_for(tmp_path, "cluster.actors=1", "cluster.actor_num_gpus=1", "learner.steps=1", "cluster.placement_timeout_s=2")
+    cfg = cfg_for(
+        tmp_path, "cluster.actors=1", "cluster.actor_num_gpus=1", "learner.steps=1", "cluster.placement_timeout_s=2"
+    )
     with pytest.raises(DopdError, match="cannot place 1 actors"):
         train(cfg, RayFleet(cfg, log=lambda *a: None))

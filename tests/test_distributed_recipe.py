@@ -39,7 +39,11 @@ def test_reduced_draft_vocabulary_trains_in_the_distributed_runner(ray_session, 
     d = load_drafter(tmp_path / "ray" / "drafter", info, embed, head)
     assert d.draft_vocab == 48 and d.lm_head.weight.shape[0] == 48
     # the vocabulary is the one the in-process runner picks from the same SFT data, not the placeholder 0..47
-    local = InProcess(load_config(None, BASE + ["cluster.learners=1", f"out_dir={tmp_path / 'local'}"]), target=load_target("tiny-random-llama"), log=lambda *a: None)
+    local = InProcess(
+        load_config(None, BASE + ["cluster.learners=1", f"out_dir={tmp_path / 'local'}"]),
+        target=load_target("tiny-random-llama"),
+        log=lambda *a: None,
+    )
     local.sft_data(needed=False)  # the SFT data a fresh reduced-vocabulary drafter picks its vocabulary from
     assert torch.equal(d.draft_ids, local.drafter.draft_ids) and not torch.equal(d.draft_ids, torch.arange(48))
     rows = [json.loads(x) for x in open(tmp_path / "ray" / "metrics.jsonl")]

@@ -15,9 +15,19 @@ from dopd.common.specdec import DecodeSettings, SpecEngine
 @pytest.mark.parametrize("vocab", [None, 128])
 def test_training_forward_equals_inference(tiny, tiny_prompts, kind, layers, vocab):
     counts = torch.randint(0, 100, (tiny.info.vocab_size,), generator=torch.Generator().manual_seed(0))
-    d = build_drafter(DrafterConfig(kind=kind, num_layers=layers, draft_vocab_size=vocab), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, counts, seed=3)
+    d = build_drafter(
+        DrafterConfig(kind=kind, num_layers=layers, draft_vocab_size=vocab),
+        tiny.info,
+        tiny.model.config,
+        tiny.embed_tokens.weight,
+        tiny.lm_head.weight,
+        counts,
+        seed=3,
+    )
     K = 4
-    res, _ = SpecEngine(tiny, d).generate(tiny_prompts[:3], DecodeSettings(block_size=K, max_new_tokens=24, batch_size=2, record=True, keep_features=True))
+    res, _ = SpecEngine(tiny, d).generate(
+        tiny_prompts[:3], DecodeSettings(block_size=K, max_new_tokens=24, batch_size=2, record=True, keep_features=True)
+    )
     for r in res:
         seq = torch.tensor([r.prompt_ids + r.output_ids])
         feats = torch.zeros(1, seq.shape[1], r.features.shape[1])
@@ -37,8 +47,12 @@ def test_training_forward_equals_inference(tiny, tiny_prompts, kind, layers, voc
 @pytest.mark.parametrize("kind", ["eagle3", "dflash"])
 def test_draft_blocks_match_block_hidden(tiny, tiny_prompts, kind):
     """Replay drafting (draft_blocks) and the training forward agree on the drafted tokens."""
-    d = build_drafter(DrafterConfig(kind=kind), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, seed=5)
-    res, _ = SpecEngine(tiny, d).generate(tiny_prompts[:1], DecodeSettings(block_size=3, max_new_tokens=16, record=True, keep_features=True))
+    d = build_drafter(
+        DrafterConfig(kind=kind), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, seed=5
+    )
+    res, _ = SpecEngine(tiny, d).generate(
+        tiny_prompts[:1], DecodeSettings(block_size=3, max_new_tokens=16, record=True, keep_features=True)
+    )
     r = res[0]
     seq = torch.tensor([r.prompt_ids + r.output_ids])
     feats = torch.zeros(1, seq.shape[1], r.features.shape[1])

@@ -13,7 +13,14 @@ from dopd.common.specdec import DecodeSettings, SpecEngine
 
 
 def dvi(tiny, seed=0, **kw):
-    d = build_drafter(DrafterConfig(kind="dvi", **kw), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, seed=seed)
+    d = build_drafter(
+        DrafterConfig(kind="dvi", **kw),
+        tiny.info,
+        tiny.model.config,
+        tiny.embed_tokens.weight,
+        tiny.lm_head.weight,
+        seed=seed,
+    )
     d.bind_target(tiny.model)
     return d
 
@@ -38,7 +45,9 @@ def test_dvi_greedy_output_equals_plain_target(tiny, tiny_prompts, K, exit_layer
     d = dvi(tiny, feature_layers=[exit_layer])
     res, st = SpecEngine(tiny, d).generate(tiny_prompts, DecodeSettings(block_size=K, max_new_tokens=40, batch_size=2))
     assert [r.output_ids for r in res] == base
-    if exit_layer == 8:  # all 8 layers + the target's head (A = 0, norm = ones = the tiny target's final norm): the target itself
+    if (
+        exit_layer == 8
+    ):  # all 8 layers + the target's head (A = 0, norm = ones = the tiny target's final norm): the target itself
         assert st.accepted_hist[K] == st.num_steps  # so the shared-layer drafting reproduces the target exactly
 
 
@@ -59,7 +68,13 @@ def test_dvi_shares_the_targets_layers_and_trains_only_its_head(tiny):
     assert not any(p.requires_grad for layer in shared for p in layer.parameters())  # frozen
     # a backward through the drafter's training forward leaves the target untouched
     feats = torch.randn(1, 10, H)
-    h = d.block_hidden(torch.zeros(1, 10, dtype=torch.long), feats, torch.tensor([10]), torch.tensor([[3, 5]]), torch.zeros(1, 2, 4, dtype=torch.long))
+    h = d.block_hidden(
+        torch.zeros(1, 10, dtype=torch.long),
+        feats,
+        torch.tensor([10]),
+        torch.tensor([[3, 5]]),
+        torch.zeros(1, 2, 4, dtype=torch.long),
+    )
     d.logits(h).logsumexp(-1).sum().backward()
     assert d.lora_A.grad is not None and all(p.grad is None for p in tiny.model.parameters())
 
@@ -69,7 +84,9 @@ def test_dvi_training_forward_equals_inference_on_the_text(tiny, tiny_prompts):
     position whose inputs are the committed text (accepted drafts + the first rejection)."""
     d = perturbed(tiny, scale=0.3)
     K = 4
-    res, st = SpecEngine(tiny, d).generate(tiny_prompts[:3], DecodeSettings(block_size=K, max_new_tokens=24, batch_size=2, record=True, keep_features=True))
+    res, st = SpecEngine(tiny, d).generate(
+        tiny_prompts[:3], DecodeSettings(block_size=K, max_new_tokens=24, batch_size=2, record=True, keep_features=True)
+    )
     checked = 0
     for r in res:
         seq = torch.tensor([r.prompt_ids + r.output_ids])
@@ -93,7 +110,9 @@ def test_dvi_training_forward_equals_inference_on_the_text(tiny, tiny_prompts):
 
 def test_dvi_draft_blocks_are_the_greedy_early_exit(tiny, tiny_prompts):
     d = perturbed(tiny)
-    res, _ = SpecEngine(tiny, d).generate(tiny_prompts[:1], DecodeSettings(block_size=3, max_new_tokens=16, record=True, keep_features=True))
+    res, _ = SpecEngine(tiny, d).generate(
+        tiny_prompts[:1], DecodeSettings(block_size=3, max_new_tokens=16, record=True, keep_features=True)
+    )
     r = res[0]
     seq = torch.tensor([r.prompt_ids + r.output_ids])
     feats = torch.zeros(1, seq.shape[1], r.features.shape[1])
@@ -118,4 +137,6 @@ def test_dvi_save_load_and_eval_name(tiny, tmp_path):
     with pytest.raises(ModelError, match="feature_layers"):
         dvi(tiny, feature_layers=[2, 4])
     with pytest.raises(ModelError, match="not bound"):
-        build_drafter(DrafterConfig(kind="dvi"), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight).shared_layers()
+        build_drafter(
+            DrafterConfig(kind="dvi"), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight
+        ).shared_layers()

@@ -22,7 +22,9 @@ def test_plateau_smoke(tmp_path):
     s = json.loads((rep / "summary.json").read_text())
     for key in ("preset", "drafter", "block_size", "gate", "eval_steps", "seeds", "tau_final", "tau_se", "contrasts"):
         assert key in s, key
-    assert set(s["gate"]) == {"tau", "required", "met"} and s["gate"]["met"] == (s["gate"]["tau"] >= s["gate"]["required"])
+    assert set(s["gate"]) == {"tau", "required", "met"} and s["gate"]["met"] == (
+        s["gate"]["tau"] >= s["gate"]["required"]
+    )
     assert set(s["tau_final"]) == set("ABGCDHP")
     assert s["seeds"] == {"A": 2, "B": 2, "G": 2, "C": 2, "D": 1, "H": 1, "P": 1}
     assert set(s["contrasts"]) == {"B-A", "G-A", "B-C", "G-B", "B-H", "B-D", "B-P"}
@@ -37,9 +39,13 @@ def test_plateau_smoke(tmp_path):
             last[(row["arm"], row["seed"])] = int(row["arm_step"])
     assert set(last.values()) == {4} and len(last) == 11
     assert s["eval_steps"] == int(rows[0]["eval_steps"]) > 0
+
     # the arms of one seed roll out the same prompts in the same order; seed 1 rolls out another sample, disjoint
     def prompts(arm, seed):
-        return [json.loads(x)["prompt_id"] for x in open(next((out / "arms").glob(f"{arm}_*_s{seed}")) / "opd_sequences.jsonl")]
+        return [
+            json.loads(x)["prompt_id"]
+            for x in open(next((out / "arms").glob(f"{arm}_*_s{seed}")) / "opd_sequences.jsonl")
+        ]
 
     b0, b1, a0 = prompts("B", 0), prompts("B", 1), prompts("A", 0)
     assert b0 == a0 and len(set(b0)) == len(set(b1)) == 8 and not set(b0) & set(b1)
@@ -53,13 +59,21 @@ def test_plateau_smoke(tmp_path):
     assert sum(r["arm"] == "sft_curve" for r in rows) == 4
     cfg_a = yaml.safe_load((next((out / "arms").glob("A_*_s0")) / "config.yaml").read_text())
     assert cfg_a["loss"]["response"] == "ttt" and cfg_a["loss"]["lambda_rej"] == 0
+
     # A supervises about as many positions per step as B's accepted stream; B and G train the official recipes
-    steps_of = lambda arm: [json.loads(x) for x in open(next((out / "arms").glob(f"{arm}_*_s0")) / "metrics.jsonl") if '"step"' in x]  # noqa: E731
+    def steps_of(arm):
+        return [
+            json.loads(x) for x in open(next((out / "arms").glob(f"{arm}_*_s0")) / "metrics.jsonl") if '"step"' in x
+        ]
+
     n_a = sum(r["n_acc"] for r in steps_of("A") if r.get("phase") == "opd")
     n_b = sum(r["n_acc"] for r in steps_of("B") if r.get("phase") == "opd")
     assert 0.5 * n_b <= n_a <= 1.5 * n_b
     for arm, recipe in (("B", "official-2605"), ("G", "official-tv"), ("H", "official-2605"), ("P", "dopd-2511")):
-        assert yaml.safe_load((next((out / "arms").glob(f"{arm}_*_s0")) / "config.yaml").read_text())["loss"]["recipe"] == recipe
+        assert (
+            yaml.safe_load((next((out / "arms").glob(f"{arm}_*_s0")) / "config.yaml").read_text())["loss"]["recipe"]
+            == recipe
+        )
     assert (rep / "plot.png").stat().st_size > 10_000 and "| B-C |" in (rep / "summary.md").read_text()
     # P has its own warm-up (another head): its FLOPs, time and change are counted from that start, not the shared one
     for arm, v in s["arms"].items():

@@ -16,7 +16,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # speculators reads the verifier named in th
 try:
     import speculators  # noqa: F401
 except ImportError as e:  # a failure, not a skip: the interop checks are the point of this file
-    raise ImportError("tests/test_export.py needs speculators 0.9.0: run `make setup` (it installs it with --no-deps)") from e
+    raise ImportError(
+        "tests/test_export.py needs speculators 0.9.0: run `make setup` (it installs it with --no-deps)"
+    ) from e
 
 from dopd.common.config import DrafterConfig  # noqa: E402
 from dopd.common.drafters import export_drafter, load_drafter, spec_for  # noqa: E402
@@ -32,7 +34,11 @@ def random_drafter(tiny, kind="eagle3", layers=1, reduced=False, seed=0, **cfg):
     """A drafter with every weight perturbed (norms included, so a swapped or missing norm shows), a RoPE base
     other than the target's (so a lost rope_theta shows) and, when reduced, an UNSORTED draft vocabulary."""
     g = torch.Generator().manual_seed(seed)
-    spec = spec_for(DrafterConfig(kind=kind, num_layers=layers, draft_vocab_size=100 if reduced else None, **cfg), tiny.info, tiny.model.config)
+    spec = spec_for(
+        DrafterConfig(kind=kind, num_layers=layers, draft_vocab_size=100 if reduced else None, **cfg),
+        tiny.info,
+        tiny.model.config,
+    )
     spec = replace(spec, rope_theta=5e4)
     ids = torch.randperm(tiny.info.vocab_size, generator=g)[:100] if reduced else None
     cls = Eagle3Drafter if kind == "eagle3" else DFlashDrafter
@@ -85,7 +91,12 @@ def speculators_eagle3_logits(m, tok, hs, layer_ids):
     caps = []
     h = m.lm_head.register_forward_hook(lambda mod, i, o: caps.append(o.detach()))
     with torch.no_grad():
-        m(hidden_states=feat[:, :-1], input_ids=tok[:, 1:], document_ids=torch.zeros(1, S - 1, dtype=torch.long), ttt_steps=K)
+        m(
+            hidden_states=feat[:, :-1],
+            input_ids=tok[:, 1:],
+            document_ids=torch.zeros(1, S - 1, dtype=torch.long),
+            ttt_steps=K,
+        )
     h.remove()
     return torch.stack(caps, 2)[0][torch.arange(2, S - K + 1) - 2]
 
@@ -106,7 +117,10 @@ def test_eagle3_speculators_export_matches_independent_forward(tiny, batch, tmp_
     if reduced:  # d2t offsets, t2d a bool mask (checked by speculators' loader too)
         assert m.d2t.dtype == torch.int64 and m.t2d.dtype == torch.bool
         assert torch.equal(m.d2t + torch.arange(100), d.draft_ids.sort().values)
-    ours, theirs = dopd_eagle3_logits(d, *batch), speculators_eagle3_logits(m, *batch, cfg["eagle_aux_hidden_state_layer_ids"])
+    ours, theirs = (
+        dopd_eagle3_logits(d, *batch),
+        speculators_eagle3_logits(m, *batch, cfg["eagle_aux_hidden_state_layer_ids"]),
+    )
     err = (ours - theirs).abs().max().item()
     print(f"eagle3 speculators layers={layers} reduced={reduced}: max |logit diff| = {err:.2e}")
     assert err < TOL
@@ -138,7 +152,15 @@ def test_sglang_export_matches_after_speculators_converter(tiny, batch, tmp_path
     assert sglang_ids == [i - 1 for i in d.feature_layers]
     Eagle3Converter().convert(tmp_path / "sg", tmp_path / "conv", base_model=str(tiny.path), validate=False,
                               eagle_aux_hidden_state_layer_ids=[i + 1 for i in sglang_ids])  # SGLang adds 1  # fmt: skip
-    err = (dopd_eagle3_logits(d, *batch) - speculators_eagle3_logits(load_speculators(tmp_path / "conv"), *batch, d.feature_layers)).abs().max().item()
+    err = (
+        (
+            dopd_eagle3_logits(d, *batch)
+            - speculators_eagle3_logits(load_speculators(tmp_path / "conv"), *batch, d.feature_layers)
+        )
+        .abs()
+        .max()
+        .item()
+    )
     print(f"eagle3 sglang -> speculators converter: max |logit diff| = {err:.2e}")
     assert err < TOL
 
@@ -161,11 +183,19 @@ def test_dflash_vllm_export_matches_speculators_dflash(tiny, batch, tmp_path, la
     DFlashConverter().convert(tmp_path / "zlab", tmp_path / "conv", base_model=str(tiny.path), validate=False)
     m = load_speculators(tmp_path / "conv", "dflash")
     starts = torch.arange(1, S - K - 1)  # block start p = a - 1 (the anchor token's own position)
-    monkeypatch.setattr(core, "select_anchors", lambda lm, n, bs: (starts.clone(), torch.ones(len(starts), dtype=torch.bool)))
+    monkeypatch.setattr(
+        core, "select_anchors", lambda lm, n, bs: (starts.clone(), torch.ones(len(starts), dtype=torch.bool))
+    )
     with torch.no_grad():
-        _, theirs, *_ = m._backbone_forward(features(d, hs), tok, torch.ones(1, S), hs[-1], torch.zeros(1, S, dtype=torch.long), max_anchors=len(starts))
+        _, theirs, *_ = m._backbone_forward(
+            features(d, hs), tok, torch.ones(1, S), hs[-1], torch.zeros(1, S, dtype=torch.long), max_anchors=len(starts)
+        )
         a = starts + 1
-        ours = d.logits(d.block_hidden(tok, features(d, hs), torch.tensor([S]), a[None], torch.zeros(1, len(a), K, dtype=torch.long)))[0]
+        ours = d.logits(
+            d.block_hidden(
+                tok, features(d, hs), torch.tensor([S]), a[None], torch.zeros(1, len(a), K, dtype=torch.long)
+            )
+        )[0]
     theirs = theirs.view(len(starts), K + 1, -1)[:, 1:]
     err = (ours - theirs).abs().max().item()
     print(f"dflash vllm -> speculators converter layers={layers}: max |logit diff| = {err:.2e}")
@@ -315,7 +345,9 @@ def test_cli_export_and_eval_same_tau_after_reimport(trained_tiny_drafter, tmp_p
 
     runner = CliRunner()
     trained_tiny_drafter.save_pretrained(tmp_path / "dopd")
-    r = runner.invoke(app, ["export", str(tmp_path / "dopd"), "--format", "speculators", "--out", str(tmp_path / "spec")])
+    r = runner.invoke(
+        app, ["export", str(tmp_path / "dopd"), "--format", "speculators", "--out", str(tmp_path / "spec")]
+    )
     assert r.exit_code == 0, r.output
     assert "exported eagle3 drafter" in r.output and (tmp_path / "spec" / "model.safetensors").is_file()
     taus = []
@@ -328,13 +360,51 @@ def test_cli_export_and_eval_same_tau_after_reimport(trained_tiny_drafter, tmp_p
         taus.append((rep["tau"], rep["alpha"], rep["num_steps"]))
     print(f"dopd eval tau: dopd drafter {taus[0][0]:.4f}, speculators export re-imported {taus[1][0]:.4f}")
     assert taus[0] == taus[1] and taus[0][0] > 1.2
-    r = runner.invoke(app, ["export", str(tmp_path / "dopd"), "--format", "sglang", "--out", str(tmp_path / "sg"), "--verifier", str(tmp_path)])
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "dopd"),
+            "--format",
+            "sglang",
+            "--out",
+            str(tmp_path / "sg"),
+            "--verifier",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 2 and "no config.json" in r.output
-    r = runner.invoke(app, ["export", str(tmp_path / "dopd"), "-f", "speculators", "-o", str(tmp_path / "hub"), "--verifier", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "dopd"),
+            "-f",
+            "speculators",
+            "-o",
+            str(tmp_path / "hub"),
+            "--verifier",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ],
+    )
     assert r.exit_code == 0, r.output  # a hub id is written as given (no hub here): the server resolves it
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["speculators_config"]["verifier"] == {
-        "name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "architectures": ["LlamaForCausalLM"]}
+        "name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "architectures": ["LlamaForCausalLM"],
+    }
     r = runner.invoke(app, ["export", str(tmp_path / "spec"), "--format", "sglang", "--out", str(tmp_path / "sg")])
     assert r.exit_code == 2 and "pass --target" in r.output
-    r = runner.invoke(app, ["export", str(tmp_path / "spec"), "--format", "sglang", "--out", str(tmp_path / "sg"), "--target", "tiny-random-llama"])
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "spec"),
+            "--format",
+            "sglang",
+            "--out",
+            str(tmp_path / "sg"),
+            "--target",
+            "tiny-random-llama",
+        ],
+    )
     assert r.exit_code == 0, r.output

@@ -134,4 +134,6 @@ def test_resume_continues_like_the_uninterrupted_run(setup, tmp_path):
     for x in batches:
         c.opd_step(x, 1)
     w_c = c.gather_weights()
-    assert max(float(np.abs(w_c[k] - w_a[k]).max()) for k in w_a) > 1e-4, "the comparison cannot tell a lost optimizer state"
+    assert max(float(np.abs(w_c[k] - w_a[k]).max()) for k in w_a) > 1e-4, (
+        "the comparison cannot tell a lost optimizer state"
+    )

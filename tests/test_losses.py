@@ -141,7 +141,9 @@ def test_sft_loss_weights_steps():
     expect = sum(wj * fkl_hand(j) for j, wj in enumerate(w.tolist())) / w.sum().item()
     assert parts.loss.item() == pytest.approx(expect, rel=1e-5)
     ce = sft_loss(logq_of(Q), T2D, T, w, "ce").loss.item()
-    assert ce == pytest.approx(sum(-wj * math.log(Q[j][DRAFT[j]]) for j, wj in enumerate(w.tolist())) / w.sum().item(), rel=1e-5)
+    assert ce == pytest.approx(
+        sum(-wj * math.log(Q[j][DRAFT[j]]) for j, wj in enumerate(w.tolist())) / w.sum().item(), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("div", ["k3", "bernoulli", "fkl", "tv", "jsd"])
@@ -170,7 +172,9 @@ def test_first_rejected_position_is_in_both_streams_by_default():
 
 
 def _cat(a: BlockTargets, b: BlockTargets) -> BlockTargets:
-    return BlockTargets(**{f: torch.cat([getattr(a, f), getattr(b, f)]) for f in a.__dataclass_fields__ if getattr(a, f) is not None})
+    return BlockTargets(
+        **{f: torch.cat([getattr(a, f), getattr(b, f)]) for f in a.__dataclass_fields__ if getattr(a, f) is not None}
+    )
 
 
 @pytest.mark.parametrize("mode", ["opd", "sft"])
@@ -188,7 +192,11 @@ def test_ranks_with_the_all_reduced_denominator_average_to_the_global_token_mean
     else:
         loss = lambda q, T, d=None: opd_loss(q, T2D, T, cfg, d).loss  # noqa: E731
     whole = loss(torch.cat([q1, q2]), _cat(T1, T2))
-    weight = (lambda T: float(sft_valid(T, T2D, sw).sum())) if mode == "sft" else (lambda T: block_weight(T, cfg).weight(cfg))  # noqa: E731
+    weight = (
+        (lambda T: float(sft_valid(T, T2D, sw).sum()))
+        if mode == "sft"
+        else (lambda T: block_weight(T, cfg).weight(cfg))
+    )  # noqa: E731
     d = (weight(T1) + weight(T2)) / 2
     assert ((loss(q1, T1, d) + loss(q2, T2, d)) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
     assert ((loss(q1, T1) + loss(q2, T2)) / 2).item() != pytest.approx(whole.item(), rel=1e-3)  # per-rank means differ
@@ -201,7 +209,15 @@ def test_official_defaults_per_drafter_kind():
     from dopd.common.config import load_config
 
     d = load_config(None, ["drafter.kind=dflash"]).loss
-    assert (d.response, d.acc_divergence, d.rej_divergence, d.lambda_rej, d.gamma, d.gamma_offset, d.clamp) == ("blocks", "bernoulli", "k3", 1.0, 0.8, "block", 10.0)
+    assert (d.response, d.acc_divergence, d.rej_divergence, d.lambda_rej, d.gamma, d.gamma_offset, d.clamp) == (
+        "blocks",
+        "bernoulli",
+        "k3",
+        1.0,
+        0.8,
+        "block",
+        10.0,
+    )
     e = load_config(None, ["drafter.kind=eagle3"]).loss
     assert (e.response, e.lambda_rej) == ("ttt", 0.0)  # the official EAGLE-3 recipe: full TTT, rejected stream off
     assert load_config(None, ["drafter.kind=eagle3", "loss.lambda_rej=0.5"]).loss.lambda_rej == 0.5
@@ -250,7 +266,9 @@ def test_dopd_2511_floored_k3_and_the_loss_clamp():
     assert raw > 10  # p/q ~ e^10 before the clamp
     cfg = LC(rej_divergence="k3", k3="floored", clamp=10.0, acc_at_first_rejection=False)
     assert opd_loss(lq, T2D, big, cfg).loss.item() == pytest.approx(10.0)
-    assert opd_loss(lq, T2D, big, LC(rej_divergence="k3", k3="floored", clamp=None, acc_at_first_rejection=False)).loss.item() == pytest.approx(raw, rel=1e-5)
+    assert opd_loss(
+        lq, T2D, big, LC(rej_divergence="k3", k3="floored", clamp=None, acc_at_first_rejection=False)
+    ).loss.item() == pytest.approx(raw, rel=1e-5)
 
 
 def test_stream_flags_route_blocks():
@@ -267,7 +285,9 @@ def test_stream_flags_route_blocks():
     rej_only = opd_loss(logq_of(Q), T2D, T, cfg)
     assert (rej_only.n_acc, rej_only.n_rej) == (0, 2) and rej_only.loss.item() != pytest.approx(both.loss.item())
     # lambda_rej = 0 turns the rejected stream off (and out of the denominator)
-    off = opd_loss(logq_of(Q), T2D, targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD), LC(lambda_rej=0.0))
+    off = opd_loss(
+        logq_of(Q), T2D, targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD), LC(lambda_rej=0.0)
+    )
     assert off.n_rej == 0 and off.loss.item() == pytest.approx((fkl_hand(0) + fkl_hand(1)) / 2, rel=1e-5)
 
 

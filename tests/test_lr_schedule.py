@@ -13,7 +13,17 @@ from dopd.learner.optim import lr_factor, make_optimizer
 
 
 def cfg(*extra):
-    return load_config(None, ["mode=opd", "sft.warmup_steps=20", "learner.steps=11", "learner.warmup_steps=4", "learner.min_lr_ratio=0.1", *extra])
+    return load_config(
+        None,
+        [
+            "mode=opd",
+            "sft.warmup_steps=20",
+            "learner.steps=11",
+            "learner.warmup_steps=4",
+            "learner.min_lr_ratio=0.1",
+            *extra,
+        ],
+    )
 
 
 def test_each_phase_warms_up_then_decays_to_the_floor_at_its_last_step():
@@ -47,6 +57,10 @@ def test_a_floor_outside_zero_one_is_refused_by_name():
 
 def test_the_opd_phase_peaks_at_its_own_rate():
     c = cfg("learner.lr=0.01", "learner.opd_lr=0.002")
-    assert lr_factor(3, c) == pytest.approx(1.0) and lr_factor(23, c) == pytest.approx(0.2) and lr_factor(30, c) == pytest.approx(0.02)
+    assert (
+        lr_factor(3, c) == pytest.approx(1.0)
+        and lr_factor(23, c) == pytest.approx(0.2)
+        and lr_factor(30, c) == pytest.approx(0.02)
+    )
     with pytest.raises(ConfigError, match="opd_lr"):
         cfg("learner.opd_lr=0")

@@ -26,7 +26,9 @@ def test_eval_init_dvi_is_lossless(tmp_path):
 
 def test_eval_at_t_above_zero_reports_both_acceptance_rules(tmp_path):
     out = tmp_path / "e.json"
-    r = runner.invoke(app, [*BASE, "--drafter", "init-dvi", "--temperature", "1.0", "--no-baseline", "--json", str(out)])
+    r = runner.invoke(
+        app, [*BASE, "--drafter", "init-dvi", "--temperature", "1.0", "--no-baseline", "--json", str(out)]
+    )
     assert r.exit_code == 0, r.output
     acc = json.loads(out.read_text())["acceptance"]
     assert set(acc) == {"rejection_sampling", "greedy_match"}

@@ -33,12 +33,16 @@ def test_dvi_trains_in_the_distributed_runner(ray_session, tmp_path):
     from dopd.common.drafters import load_drafter
     from dopd.common.models import load_frozen_io
 
-    cfg = load_config(None, BASE + ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=4", f"out_dir={tmp_path}"])
+    cfg = load_config(
+        None, BASE + ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=4", f"out_dir={tmp_path}"]
+    )
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
     assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
     steps = [r for r in rows(tmp_path) if r["event"] == "step"]
-    assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [("opd", "rl")] * 2
+    assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [
+        ("opd", "rl")
+    ] * 2
     assert all(math.isfinite(r["loss"]) for r in steps)
     info, embed, head, _ = load_frozen_io("tiny-random-llama")
     d = load_drafter(tmp_path / "drafter", info, embed, head)
@@ -81,7 +85,9 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rank = make_rank(cfg, 0, 1, "127.0.0.1", port)
-    rank.set_teacher([encode_teacher(r) for r in worker.maker.teacher(worker.drafter.feature_layers, worker.prompts[:4])])
+    rank.set_teacher(
+        [encode_teacher(r) for r in worker.maker.teacher(worker.drafter.feature_layers, worker.prompts[:4])]
+    )
     out = [rank.sft_step(), rank.sft_step()]
     for v in range(2):
         worker.set_weights(rank.gather_weights(), v + 1)

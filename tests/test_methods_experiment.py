@@ -39,14 +39,27 @@ def test_methods_smoke_runs_every_arm_and_resumes(tmp_path):
         assert a["learner_steps"] == 4 and a["learner_flops"] > 0
         assert a["time_s"]["learner_s"] > 0 and all(v >= 0 for v in a["time_s"].values())
     assert s["arms"]["dvi_kl"]["kind"] == "dvi" and s["arms"]["eagle3_kl_rl"]["kind"] == "eagle3"
+
     # the KL -> RL arm switched half way through its budget; the KL-only arm never did
-    phases = lambda arm: [json.loads(x).get("dvi_phase") for x in open(tmp_path / arm / "metrics.jsonl") if json.loads(x)["event"] == "step"]  # noqa: E731
+    def phases(arm):
+        return [
+            json.loads(x).get("dvi_phase")
+            for x in open(tmp_path / arm / "metrics.jsonl")
+            if json.loads(x)["event"] == "step"
+        ]
+
     assert phases("dvi_kl_rl") == ["kl", "kl", "rl", "rl"] and phases("dvi_kl") == ["kl"] * 4
     for f in ("results.json", "results.csv", "summary.md"):
         assert (tmp_path / f).is_file()
     assert "| bebop_e2e | eagle3 |" in (tmp_path / "summary.md").read_text()
     c = s["contrasts"]
-    assert {"opd_kl - sft_kl", "dvi_kl_rl - dvi_kl", "eagle3_kl_rl - dvi_kl_rl", "bebop_e2e - warm-up", "bebop_tv: match - rejection"} <= set(c)
+    assert {
+        "opd_kl - sft_kl",
+        "dvi_kl_rl - dvi_kl",
+        "eagle3_kl_rl - dvi_kl_rl",
+        "bebop_e2e - warm-up",
+        "bebop_tv: match - rejection",
+    } <= set(c)
     d = c["dvi_kl_rl - dvi_kl"]
     a, b = (s["arms"][k]["final"]["results"]["greedy"]["tau"] for k in ("dvi_kl_rl", "dvi_kl"))
     assert abs(d["diff"] - (a - b)) < 1e-9 and d["se"] >= 0 and d["prompts"] == 3 and d["se_seeds"] is None
@@ -77,7 +90,9 @@ def test_an_arm_another_live_process_runs_is_skipped_not_wiped(tmp_path):
     s = methods(tmp_path, "smoke", [], arms=("dvi_kl",), log=logs.append)
     assert "dvi_kl" not in s["arms"] and any("being run by another process" in m for m in logs)
     assert (adir / "metrics.jsonl").stat().st_mtime == before and not (adir / "summary.json").exists()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (tmp_path / "dvi_kl.lock").write_text(dead)
     logs.clear()
     s = methods(tmp_path, "smoke", [], arms=("dvi_kl",), log=logs.append)

@@ -29,7 +29,14 @@ def block(accept, draft, topk_ids, topk_probs, tail, p_draft) -> BlockTargets:
 
 LC = LossConfig(objective="dvi", response="blocks", acc_divergence="fkl", lambda_rej=0.0, clamp=None)
 # a block of K = 3: d_1 = 0 accepted, d_2 = 1 rejected (the first rejection), d_3 = 2 after it (not a sample)
-T = block([True, False, False], [0, 1, 2], [[0, 3], [2, 1], [4, 0]], [[0.7, 0.2], [0.6, 0.3], [0.5, 0.4]], [0.1, 0.1, 0.1], [0.7, 0.3, 0.0])
+T = block(
+    [True, False, False],
+    [0, 1, 2],
+    [[0, 3], [2, 1], [4, 0]],
+    [[0.7, 0.2], [0.6, 0.3], [0.5, 0.4]],
+    [0.1, 0.1, 0.1],
+    [0.7, 0.3, 0.0],
+)
 
 
 def test_policy_gradient_raises_the_accepted_token_and_lowers_the_rejected_one():
@@ -91,7 +98,9 @@ def test_dvi_phase_switches_in_the_in_process_runner(tmp_path, tiny):
     ])  # fmt: skip
     train(cfg, InProcess(cfg, target=tiny, log=lambda *a: None))
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if json.loads(x)["event"] == "step"]
-    assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [("opd", "rl")] * 2
+    assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [
+        ("opd", "rl")
+    ] * 2
     assert all(r["n_acc"] > 0 for r in steps[2:])
 
 
@@ -114,8 +123,15 @@ def test_bucket_tv_bounds_the_true_tv():
         q = torch.softmax(torch.randn(12, generator=g) * 2, -1)
         k = 4
         ids = p.topk(k).indices
-        Tb = BlockTargets(ids[None, None, None], p[ids][None, None, None], (1 - p[ids].sum())[None, None, None],
-                          ids[None, None, None, :1], p[ids[:1]][None, None, None], torch.ones(1, 1, 1, dtype=torch.bool), torch.ones(1, 1, 1, dtype=torch.bool))
+        Tb = BlockTargets(
+            ids[None, None, None],
+            p[ids][None, None, None],
+            (1 - p[ids].sum())[None, None, None],
+            ids[None, None, None, :1],
+            p[ids[:1]][None, None, None],
+            torch.ones(1, 1, 1, dtype=torch.bool),
+            torch.ones(1, 1, 1, dtype=torch.bool),
+        )
         tvb = float(bucket_divergence("tv", torch.log(q)[None, None, None], torch.arange(12), Tb))
         tv = 0.5 * float((p - q).abs().sum())
         mask = torch.ones(12, dtype=torch.bool)
@@ -150,7 +166,9 @@ def test_expected_length_matches_monte_carlo_rejection_sampling(tiny, tiny_promp
         anchors = torch.tensor([[s.prefix_len for s in r.steps]])
         blocks = torch.tensor([[list(s.draft_tokens) for s in r.steps]])
         with torch.no_grad():
-            logq = torch.log_softmax(d.logits(d.block_hidden(seq, feats, torch.tensor([seq.shape[1]]), anchors, blocks)).float(), -1)
+            logq = torch.log_softmax(
+                d.logits(d.block_hidden(seq, feats, torch.tensor([seq.shape[1]]), anchors, blocks)).float(), -1
+            )
         st = r.steps
         Tb = BlockTargets(
             topk_ids=torch.tensor([[s.target_topk_ids for s in st]]).long(), topk_probs=torch.tensor([[s.target_topk_probs for s in st]]),
@@ -166,11 +184,17 @@ def test_expected_length_matches_monte_carlo_rejection_sampling(tiny, tiny_promp
         # the loss the learner optimises is minus the mean of the same estimator
         s_ = e2e_sums(logq, d.t2d, Tb, lc)
         assert float(s_.acc) == pytest.approx(-sum(expected_length(tv, torch.ones_like(tv), ratio).tolist()), rel=1e-5)
-    a, e, nv = torch.tensor(acc_n, dtype=torch.float64), torch.tensor(est_path, dtype=torch.float64), torch.tensor(est_naive, dtype=torch.float64)
+    a, e, nv = (
+        torch.tensor(acc_n, dtype=torch.float64),
+        torch.tensor(est_path, dtype=torch.float64),
+        torch.tensor(est_naive, dtype=torch.float64),
+    )
     n = a.numel()
     diff = a - e
     se = float(diff.std() / n**0.5)
-    print(f"\nsteps {n}: MC accepted {float(a.mean()):.4f}, expected-length estimator {float(e.mean()):.4f}, diff SE {se:.4f}")
+    print(
+        f"\nsteps {n}: MC accepted {float(a.mean()):.4f}, expected-length estimator {float(e.mean()):.4f}, diff SE {se:.4f}"
+    )
     assert n > 400 and 0.1 < float(a.mean()) < K - 0.1  # partial acceptance: both accept and reject paths
     assert abs(float(diff.mean())) < 3.5 * se
     se_naive = float((a - nv).std() / n**0.5)
@@ -210,7 +234,14 @@ def _exact_and_mc_gradients(score: bool, repeats: int = 24, n: int = 1500):
     exact = (torch.minimum(p1, q1) * (1 + torch.minimum(p2, q2).sum(-1))).sum()
     ge = torch.autograd.grad(exact, (t1, t2))
     ge = torch.cat([x.flatten() for x in ge])
-    lc = LossConfig(objective="expected_length", response="blocks", acc_divergence="fkl", lambda_rej=0.0, clamp=None, e2e_score=score)
+    lc = LossConfig(
+        objective="expected_length",
+        response="blocks",
+        acc_divergence="fkl",
+        lambda_rej=0.0,
+        clamp=None,
+        e2e_score=score,
+    )
     ests = []
     for _ in range(repeats):
         t1, t2 = th1.clone().requires_grad_(), th2.clone().requires_grad_()

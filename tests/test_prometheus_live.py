@@ -46,15 +46,38 @@ def feed(jm: JobMetrics, stop: threading.Event) -> None:
         version += 1
         for a in ACTORS:
             alpha = [max(0.0, 0.9 - 0.15 * k + rng.uniform(-0.05, 0.05)) for k in range(4)]  # positions 1..4
-            jm.rollout(a, tau=2.0 + rng.random(), alpha=alpha, tokens=rng.randint(50, 150), seconds=0.5,
-                       anchors=rng.randint(1, 10), replay_seconds=0.1, records=rng.randint(1, 4))
+            jm.rollout(
+                a,
+                tau=2.0 + rng.random(),
+                alpha=alpha,
+                tokens=rng.randint(50, 150),
+                seconds=0.5,
+                anchors=rng.randint(1, 10),
+                replay_seconds=0.1,
+                records=rng.randint(1, 4),
+            )
             jm["dopd_actor_restarts"].labels(actor=a).inc(rng.random() < 0.3)
         jm.heldout(2.5 + 0.01 * version, [0.9, 0.7, 0.5, 0.3])
-        jm.learner(loss=1.0 / version, acc=0.6 / version, rej=0.4 / version, grad_norm=rng.random(),
-                   seconds=rng.uniform(0.05, 2.0), flops=1e12, records=4, staleness=[rng.randint(0, 4) for _ in range(4)])
-        jm.diagnostics({"grad_norm_head": 0.0, "grad_norm_body": rng.random(), "acc_silenced": 0.1 * rng.random(),
-                        "rej_silenced": rng.random(), "alpha_trained": [0.8, 0.6, 0.4, 0.2],
-                        **{f"replay_kl_{g}": rng.random() for g in ("matched", "accepted", "first_rejected", "post_rejection")}})
+        jm.learner(
+            loss=1.0 / version,
+            acc=0.6 / version,
+            rej=0.4 / version,
+            grad_norm=rng.random(),
+            seconds=rng.uniform(0.05, 2.0),
+            flops=1e12,
+            records=4,
+            staleness=[rng.randint(0, 4) for _ in range(4)],
+        )
+        jm.diagnostics(
+            {
+                "grad_norm_head": 0.0,
+                "grad_norm_body": rng.random(),
+                "acc_silenced": 0.1 * rng.random(),
+                "rej_silenced": rng.random(),
+                "alpha_trained": [0.8, 0.6, 0.4, 0.2],
+                **{f"replay_kl_{g}": rng.random() for g in ("matched", "accepted", "first_rejected", "post_rejection")},
+            }
+        )
         jm["dopd_policy_version"].set(version)
         jm["dopd_publish_latency_seconds"].observe(rng.uniform(0.01, 1.0))
         for s in SHARDS:
@@ -84,8 +107,9 @@ def live(tmp_path, dopd_home):
     proc = None
     try:
         target = prometheus.register_job_target("dopd-live-test", "127.0.0.1", port, {"run": "synthetic"})
-        cfg = prometheus.write_config(tmp_path / "prom" / "prometheus.yml", scrape_interval="1s",
-                                      ray_sd_file=tmp_path / "no-ray" / "sd.json")
+        cfg = prometheus.write_config(
+            tmp_path / "prom" / "prometheus.yml", scrape_interval="1s", ray_sd_file=tmp_path / "no-ray" / "sd.json"
+        )
         prom_port = free_port()
         proc = prometheus.start(cfg, tmp_path / "prom" / "data", port=prom_port)
         yield {"url": f"http://127.0.0.1:{prom_port}", "target": target, "metrics_port": port, "proc": proc}
@@ -133,8 +157,9 @@ def test_every_panel_of_every_dashboard_has_data(live, tmp_path):
     spec = importlib.util.spec_from_file_location("render_dashboard", ROOT / "bench" / "render_dashboard.py")
     render_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render_mod)
-    png = render_mod.render(url, HERE / "training_overview.json", tmp_path / "overview.png", end - 20, end, step=1,
-                            rate_interval="10s")
+    png = render_mod.render(
+        url, HERE / "training_overview.json", tmp_path / "overview.png", end - 20, end, step=1, rate_interval="10s"
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     drawn = render_mod.main_panels(load(HERE / "training_overview.json"))
     assert all(render_mod.fetch(url, p, end - 20, end, 1, "dopd", ".*", "10s") for p in drawn)

@@ -29,11 +29,21 @@ def test_builtin_sets_load_and_split_by_group():
 
 def test_jsonl_formats_and_errors(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text(json.dumps({"prompt": "hi"}) + "\n\n" + json.dumps({"messages": [{"role": "user", "content": "yo"}], "id": "x", "group": "g"}) + "\n")
+    f.write_text(
+        json.dumps({"prompt": "hi"})
+        + "\n\n"
+        + json.dumps({"messages": [{"role": "user", "content": "yo"}], "id": "x", "group": "g"})
+        + "\n"
+    )
     ps = load_prompt_set(str(f))
     assert [p.messages for p in ps] == [(("user", "hi"),), (("user", "yo"),)] and ps[1].id == "x"
     bad = tmp_path / "bad.jsonl"
-    for content, msg in [("{not json\n", "p.jsonl:1|bad.jsonl:1: not valid JSON"), ('{"text": "x"}\n', "needs a non-empty"), ('[1]\n', "JSON object"), ('{"messages": [{"role": "user"}]}\n', "role' and 'content")]:
+    for content, msg in [
+        ("{not json\n", "p.jsonl:1|bad.jsonl:1: not valid JSON"),
+        ('{"text": "x"}\n', "needs a non-empty"),
+        ("[1]\n", "JSON object"),
+        ('{"messages": [{"role": "user"}]}\n', "role' and 'content"),
+    ]:
         bad.write_text(content)
         with pytest.raises(PromptError, match=msg.split("|")[-1]):
             load_prompt_set(str(bad))
@@ -63,7 +73,13 @@ def test_run_prompts_rollout_after_sft(tiny):
     from dopd.common.config import load_config
     from dopd.common.prompts import run_prompts
 
-    base = ["model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=10", "data.max_prompt_tokens=1000"]
+    base = [
+        "model.target=tiny-random-llama",
+        "data.prompts=champ-problems",
+        "data.num_eval=4",
+        "sft.num_prompts=10",
+        "data.max_prompt_tokens=1000",
+    ]
     every = run_prompts(load_config(None, base), tiny.tokenizer)
     assert every.rollout == every.train and every.sft == every.train[:10]
     p = run_prompts(load_config(None, base + ["data.rollout_prompts=after_sft", "data.num_train=16"]), tiny.tokenizer)

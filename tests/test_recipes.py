@@ -47,7 +47,16 @@ def cfg_of(recipe: str, *extra: str):
 
 
 def batch_of(T: BlockTargets, response_tokens: int):
-    return SimpleNamespace(targets=T, ttt=None, response_tokens=response_tokens, tokens=None, features=None, lengths=None, anchors=None, block_tokens=None)
+    return SimpleNamespace(
+        targets=T,
+        ttt=None,
+        response_tokens=response_tokens,
+        tokens=None,
+        features=None,
+        lengths=None,
+        anchors=None,
+        block_tokens=None,
+    )
 
 
 def run_objective(cfg, drafter, batch):
@@ -113,9 +122,13 @@ def _ref_2605(z: torch.Tensor, T: BlockTargets, n_resp: int, k3_form: str, floor
                 lqd, lpd = lq[0, m, j, d], torch.tensor(float(T.p_draft[0, m, j])).log()
                 if k3_form == "verl":
                     r = lpd - lqd
-                    r = torch.where(r > 20, torch.full_like(r, 20.0), torch.where(r < -20, torch.full_like(r, -20.0), r))
+                    r = torch.where(
+                        r > 20, torch.full_like(r, 20.0), torch.where(r < -20, torch.full_like(r, -20.0), r)
+                    )
                 else:  # dopd-2511: both log-probs floored at -10 first
-                    r = torch.where(lpd < -10, torch.tensor(-10.0), lpd) - torch.where(lqd < -10, torch.full_like(lqd, -10.0), lqd)
+                    r = torch.where(lpd < -10, torch.tensor(-10.0), lpd) - torch.where(
+                        lqd < -10, torch.full_like(lqd, -10.0), lqd
+                    )
                 k3 = r.exp() - r - 1
                 k3 = torch.where(k3 > 10, torch.full_like(k3, 10.0), k3)
                 s_rej, w_sum = s_rej + w * k3, w_sum + w
@@ -125,7 +138,15 @@ def _ref_2605(z: torch.Tensor, T: BlockTargets, n_resp: int, k3_form: str, floor
 def test_official_2605_loss_and_gradient():
     cfg = cfg_of("official-2605")
     lc = cfg.loss
-    assert (lc.acc_divergence, lc.rej_divergence, lc.k3, lc.log_floor, lc.clamp, lc.gamma, lc.gamma_offset) == ("bernoulli", "k3", "verl", -10.0, 10.0, 0.8, "block")
+    assert (lc.acc_divergence, lc.rej_divergence, lc.k3, lc.log_floor, lc.clamp, lc.gamma, lc.gamma_offset) == (
+        "bernoulli",
+        "k3",
+        "verl",
+        -10.0,
+        10.0,
+        0.8,
+        "block",
+    )
     z0 = _logits_2605()
     T = _targets_2605(torch.log_softmax(z0, -1))
     n_resp = 13  # every answer token of the batch's records, supervised or not (the official denominator)
@@ -196,7 +217,15 @@ def _tv_batch():
     accept = torch.tensor([[[True, False, False, False], [False] * 4, [True] * 4]])
     valid = torch.ones(1, 3, K, dtype=torch.bool)
     top1 = hid.argmax(-1)
-    T = BlockTargets(top1[..., None], torch.full((1, 3, K, 1), 0.5), torch.full((1, 3, K), 0.5), top1, torch.full((1, 3, K), 0.5), accept, valid)
+    T = BlockTargets(
+        top1[..., None],
+        torch.full((1, 3, K, 1), 0.5),
+        torch.full((1, 3, K), 0.5),
+        top1,
+        torch.full((1, 3, K), 0.5),
+        accept,
+        valid,
+    )
     T.hidden, T.hidden_ok = hid, valid.clone()
     return z0, T
 
@@ -249,7 +278,12 @@ def test_official_tv_with_a_reduced_vocabulary_puts_no_mass_outside_it():
 
 def test_official_eagle3_ttt_soft_ce_loss_and_gradient():
     cfg = cfg_of("official-eagle3", "drafter.draft_vocab_size=4", "loss.ttt_depth=3")
-    assert (cfg.loss.response, cfg.loss.targets, cfg.loss.ttt_step_weight, cfg.loss.lambda_rej) == ("ttt", "full", 0.8, 0.0)
+    assert (cfg.loss.response, cfg.loss.targets, cfg.loss.ttt_step_weight, cfg.loss.lambda_rej) == (
+        "ttt",
+        "full",
+        0.8,
+        0.0,
+    )
     g = torch.Generator().manual_seed(5)
     Kt, ids = 3, torch.tensor([0, 1, 2, 3])
     z0 = torch.randn(1, 2, Kt, 4, generator=g)
@@ -257,12 +291,37 @@ def test_official_eagle3_ttt_soft_ce_loss_and_gradient():
     hid[0, 1, 2, 5] = 9.0  # this step's target argmax is outside the draft vocabulary: masked
     top1 = hid.argmax(-1)
     valid = torch.ones(1, 2, Kt, dtype=torch.bool)
-    Tt = BlockTargets(top1[..., None], torch.full((1, 2, Kt, 1), 0.5), torch.full((1, 2, Kt), 0.5), top1, torch.full((1, 2, Kt), 0.5), valid.clone(), valid)
+    Tt = BlockTargets(
+        top1[..., None],
+        torch.full((1, 2, Kt, 1), 0.5),
+        torch.full((1, 2, Kt), 0.5),
+        top1,
+        torch.full((1, 2, Kt), 0.5),
+        valid.clone(),
+        valid,
+    )
     Tt.hidden, Tt.hidden_ok = hid, valid.clone()
     sw = torch.tensor([1.0, 0.8, 0.64])
-    ttt = SimpleNamespace(targets=Tt, step_weight=sw, tokens=None, features=None, lengths=None, anchors=None, block_tokens=None, response_tokens=9)
+    ttt = SimpleNamespace(
+        targets=Tt,
+        step_weight=sw,
+        tokens=None,
+        features=None,
+        lengths=None,
+        anchors=None,
+        block_tokens=None,
+        response_tokens=9,
+    )
     # the rollout's verification blocks: none feeds a stream (lambda_rej = 0, the TTT blocks are the accepted stream)
-    Tb = BlockTargets(top1[..., None], torch.full((1, 2, Kt, 1), 0.5), torch.full((1, 2, Kt), 0.5), top1, torch.full((1, 2, Kt), 0.5), valid.clone(), valid)
+    Tb = BlockTargets(
+        top1[..., None],
+        torch.full((1, 2, Kt, 1), 0.5),
+        torch.full((1, 2, Kt), 0.5),
+        top1,
+        torch.full((1, 2, Kt), 0.5),
+        valid.clone(),
+        valid,
+    )
     Tb.acc_block = torch.zeros(1, 2, dtype=torch.bool)
     batch = batch_of(Tb, 9)
     batch.ttt = ttt

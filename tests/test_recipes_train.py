@@ -13,7 +13,9 @@ from dopd.common.config import load_config
 from dopd.local import InProcess
 from dopd.train import train
 
-pytestmark = pytest.mark.heavy  # trains drafters (and decodes the tiny target's texts once): left out of the fast subset
+pytestmark = (
+    pytest.mark.heavy
+)  # trains drafters (and decodes the tiny target's texts once): left out of the fast subset
 
 BASE = [
     "model.target=tiny-random-llama", "data.prompts=champ-problems", "data.num_eval=4", "sft.num_prompts=16",

@@ -51,13 +51,30 @@ def make_record(seed=0, n=50, M=7, K=4, k=5, F=12) -> ExperienceRecord:
         streams=g.integers(1, 4, M).astype(np.uint8),
     )
     feats = torch.randn(n - 1, F, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-    return ExperienceRecord("p/1", g.integers(0, 1000, n).astype(np.int32), 9, blocks, feats, actor_id=3, incarnation=77, seq_no=12, policy_version=5, meta={"round": 2})
+    return ExperienceRecord(
+        "p/1",
+        g.integers(0, 1000, n).astype(np.int32),
+        9,
+        blocks,
+        feats,
+        actor_id=3,
+        incarnation=77,
+        seq_no=12,
+        policy_version=5,
+        meta={"round": 2},
+    )
 
 
 def test_round_trip_is_bit_exact():
     rec = make_record()
     out = decode_record(encode_record(rec))
-    assert (out.prompt_id, out.prompt_len, out.uid, out.policy_version, out.meta) == ("p/1", 9, (3, 77, 12), 5, {"round": 2})
+    assert (out.prompt_id, out.prompt_len, out.uid, out.policy_version, out.meta) == (
+        "p/1",
+        9,
+        (3, 77, 12),
+        5,
+        {"round": 2},
+    )
     np.testing.assert_array_equal(out.token_ids, rec.token_ids)
     assert out.features.dtype == torch.bfloat16
     assert torch.equal(out.features.view(torch.int16), rec.features.view(torch.int16))
@@ -83,7 +100,14 @@ def test_truncated_bytes_raise(cut):
 
 
 def test_garbage_and_wrong_kind_raise():
-    for junk in (b"", b"garbage", b"\x00" * 64, np.random.default_rng(0).bytes(4096), msgpack.packb({"a": 1}), msgpack.packb([1, 2, 3])):
+    for junk in (
+        b"",
+        b"garbage",
+        b"\x00" * 64,
+        np.random.default_rng(0).bytes(4096),
+        msgpack.packb({"a": 1}),
+        msgpack.packb([1, 2, 3]),
+    ):
         with pytest.raises(RecordError):
             decode_record(junk)
     with pytest.raises(RecordError, match="must be bytes"):
@@ -255,7 +279,10 @@ def test_teacher_arrays_round_trip_and_checks():
     rec.teacher_topk_ids = g.integers(0, 1000, (n - 1, 4)).astype(np.int32)
     rec.teacher_topk_probs, rec.teacher_tail = topk_dist(g, (n - 1,), 4)
     out = decode_record(encode_record(rec))
-    assert out.teacher_topk_ids.tobytes() == rec.teacher_topk_ids.tobytes() and out.teacher_tail.tobytes() == rec.teacher_tail.tobytes()
+    assert (
+        out.teacher_topk_ids.tobytes() == rec.teacher_topk_ids.tobytes()
+        and out.teacher_tail.tobytes() == rec.teacher_tail.tobytes()
+    )
     t = out.as_teacher()
     assert t.topk_probs.shape == (n - 1, 4) and t.features.shape[0] == n - 1
     rec.teacher_tail = rec.teacher_tail[:-1]
@@ -278,7 +305,15 @@ def test_stream_flags_are_validated():
 def make_teacher(seed=1, n=20, k=4, F=8) -> TeacherRecord:
     g = np.random.default_rng(seed)
     probs, tail = topk_dist(g, (n - 1,), k)
-    return TeacherRecord("t", g.integers(0, 50, n).astype(np.int32), 5, torch.randn(n - 1, F).to(torch.bfloat16), g.integers(0, 50, (n - 1, k)).astype(np.int32), probs, tail)
+    return TeacherRecord(
+        "t",
+        g.integers(0, 50, n).astype(np.int32),
+        5,
+        torch.randn(n - 1, F).to(torch.bfloat16),
+        g.integers(0, 50, (n - 1, k)).astype(np.int32),
+        probs,
+        tail,
+    )
 
 
 def test_teacher_record_round_trip():

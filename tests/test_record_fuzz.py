@@ -34,7 +34,9 @@ from dopd.common.record import (
 
 VOCAB = 1000
 # deterministic (a CI run is repeatable); `pytest --hypothesis-seed=N -p no:randomly` explores other inputs
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _teacher_record() -> ExperienceRecord:
@@ -55,7 +57,9 @@ def check_invariants(rec: ExperienceRecord) -> None:
     n = len(t)
     assert t.ndim == 1 and n >= 1 and 1 <= rec.prompt_len <= n and all(0 <= int(x) < VOCAB for x in t)
     assert all(isinstance(v, int) and v >= 0 for v in (rec.actor_id, rec.incarnation, rec.seq_no, rec.policy_version))
-    assert isinstance(rec.meta, dict) and all(v is None or isinstance(v, (int, float, str, bool)) for v in rec.meta.values())
+    assert isinstance(rec.meta, dict) and all(
+        v is None or isinstance(v, (int, float, str, bool)) for v in rec.meta.values()
+    )
     b = rec.blocks
     M, K = b.draft_tokens.shape
     k = b.target_topk_ids.shape[2]
@@ -65,7 +69,11 @@ def check_invariants(rec: ExperienceRecord) -> None:
     for m in range(M):
         assert 1 <= int(b.anchor[m]) <= n and int(b.source[m]) in (0, 1, 2) and int(b.streams[m]) in (1, 2, 3)
         for j in range(K):
-            assert 0 <= int(b.draft_tokens[m, j]) < VOCAB and np.isfinite(b.draft_logprobs[m, j]) and b.draft_logprobs[m, j] <= LOGPROB_EPS
+            assert (
+                0 <= int(b.draft_tokens[m, j]) < VOCAB
+                and np.isfinite(b.draft_logprobs[m, j])
+                and b.draft_logprobs[m, j] <= LOGPROB_EPS
+            )
             p = [float(x) for x in b.target_topk_probs[m, j]]
             tail = float(b.target_tail[m, j])
             assert all(0 <= x <= 1 for x in p + [tail, float(b.target_draft_prob[m, j])])
@@ -139,9 +147,19 @@ leaves = (
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=12)
     | st.binary(max_size=48) | st.sampled_from(["int32", "float32", "bfloat16", "uint8", "bool", "object", "<U8"])
 )  # fmt: skip
-hostile = st.recursive(leaves, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=6), c, max_size=5), max_leaves=25)
-ARRAYS = ["token_ids", "features"] + [f"blocks.{f}" for f in Blocks.FIELDS] + [f"teacher.{f}" for f in ("topk_ids", "topk_probs", "tail")]
-PATHS = ["prompt_id", "prompt_len", "meta", "blocks", "teacher", "meta.x"] + ARRAYS + [f"{a}.{p}" for a in ARRAYS for p in ("s", "b", "d", "t")]
+hostile = st.recursive(
+    leaves, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=6), c, max_size=5), max_leaves=25
+)
+ARRAYS = (
+    ["token_ids", "features"]
+    + [f"blocks.{f}" for f in Blocks.FIELDS]
+    + [f"teacher.{f}" for f in ("topk_ids", "topk_probs", "tail")]
+)
+PATHS = (
+    ["prompt_id", "prompt_len", "meta", "blocks", "teacher", "meta.x"]
+    + ARRAYS
+    + [f"{a}.{p}" for a in ARRAYS for p in ("s", "b", "d", "t")]
+)
 
 
 def splice(msg: dict, path: str, value) -> None:
@@ -190,7 +208,12 @@ def test_planted_values_are_accepted_only_when_valid(field, index, value):
 
 
 @FUZZ
-@given(edits=flips, fix_crc=st.booleans(), path=st.sampled_from(["prompt_len", "token_ids.s", "features.b", "topk_probs.b", "tail.s", "x"]), value=hostile)
+@given(
+    edits=flips,
+    fix_crc=st.booleans(),
+    path=st.sampled_from(["prompt_len", "token_ids.s", "features.b", "topk_probs.b", "tail.s", "x"]),
+    value=hostile,
+)
 def test_teacher_decoder_contract(edits, fix_crc, path, value):
     """The teacher decoder (actors' SFT data, the on-disk prefill cache) keeps the same contract."""
     data = flip(VALID_TEACHER, edits)
@@ -227,8 +250,10 @@ def test_decoded_memory_is_bounded_by_the_input(shape):
     meta = {
         "deep": b"\x91" * size + b"\xc0",  # [[[[...]]]]
         "wide": b"\xdd" + (size // 2).to_bytes(4, "big") + b"\x90" * (size // 2),  # one list of 2M empty lists
-        "wide_of_deep": b"\xde\x00\x10" + b"".join(bytes([0xA1, 65 + i]) + b"\x91" * (size // 16) + b"\xc0" for i in range(16)),
-        "long_strings": b"\x8f" + b"".join(bytes([0xA1, 65 + i]) + b"\xdb" + (2**16).to_bytes(4, "big") + b"x" * 2**16 for i in range(15)),
+        "wide_of_deep": b"\xde\x00\x10"
+        + b"".join(bytes([0xA1, 65 + i]) + b"\x91" * (size // 16) + b"\xc0" for i in range(16)),
+        "long_strings": b"\x8f"
+        + b"".join(bytes([0xA1, 65 + i]) + b"\xdb" + (2**16).to_bytes(4, "big") + b"x" * 2**16 for i in range(15)),
     }[shape]
     good = body(VALID[0])
     del good["meta"]
@@ -239,4 +264,6 @@ def test_decoded_memory_is_bounded_by_the_input(shape):
         with pytest.raises(RecordError, match="meta"):
             decode_record(data)
     peak = _peak_bytes(lambda: decode_record(data))
-    assert peak <= 2.5 * len(data) + 2**20, f"{shape}: peak {peak / 2**20:.1f} MiB for {len(data) / 2**20:.1f} MiB of input"
+    assert peak <= 2.5 * len(data) + 2**20, (
+        f"{shape}: peak {peak / 2**20:.1f} MiB for {len(data) / 2**20:.1f} MiB of input"
+    )

@@ -73,11 +73,25 @@ def test_a_new_objective_trains_in_the_shared_learner(registered, tiny):
     from dopd.learner.learner import Learner, TorchEngine
 
     cfg = load_config(None, BASE + ["drafter.kind=dflash", "loss.objective=test_top1_ce"])
-    assert (cfg.loss.response, cfg.loss.lambda_rej, cfg.loss.acc_divergence) == ("blocks", 0.0, "bernoulli")  # objective's, then the kind's
+    assert (cfg.loss.response, cfg.loss.lambda_rej, cfg.loss.acc_divergence) == (
+        "blocks",
+        0.0,
+        "bernoulli",
+    )  # objective's, then the kind's
     prompts = load_prompt_set("champ-problems")[:2]
     ids, kept = encode_all(tiny.tokenizer, prompts, 256, drop_long=True)
     worker = RolloutWorker(cfg, 0, [(p.id, i) for p, i in zip(kept, ids)], incarnation=0, target=tiny)
-    learner = Learner(cfg, 0, 1, tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, "cpu", lambda m: TorchEngine(m, cfg))
+    learner = Learner(
+        cfg,
+        0,
+        1,
+        tiny.info,
+        tiny.model.config,
+        tiny.embed_tokens.weight,
+        tiny.lm_head.weight,
+        "cpu",
+        lambda m: TorchEngine(m, cfg),
+    )
     worker.set_weights(learner.gather_weights(), 1)
     data, _ = worker.produce(2)
     before = {k: v.clone() for k, v in learner.drafter.state_dict().items()}

@@ -19,7 +19,9 @@ def rolled(prompt_len, answer_len, steps, K=4):
     b = Blocks(**{f: np.zeros((M,) + getattr(b, f).shape[1:], dtype=getattr(b, f).dtype) for f in Blocks.FIELDS})
     b.anchor[:] = [a for a, _ in steps]
     b.accept_mask[:] = np.arange(K)[None, :] < np.asarray([n for _, n in steps])[:, None]
-    return Rolled("p", list(range(prompt_len + answer_len)), prompt_len, torch.zeros(prompt_len + answer_len, 1), b, scored=True)
+    return Rolled(
+        "p", list(range(prompt_len + answer_len)), prompt_len, torch.zeros(prompt_len + answer_len, 1), b, scored=True
+    )
 
 
 def test_error_anchors_are_the_rejection_positions():
@@ -42,11 +44,15 @@ def test_error_anchors_are_the_rejection_positions():
 def test_replay_blocks_are_scored_by_the_target(tiny, tiny_prompts, trained_tiny_drafter):
     cfg = Config()
     cfg.rollout.max_new_tokens = 32
-    seqs, _ = engine_rollout(tiny, trained_tiny_drafter, [(str(i), p) for i, p in enumerate(tiny_prompts[:3])], cfg.rollout, seed=0)
+    seqs, _ = engine_rollout(
+        tiny, trained_tiny_drafter, [(str(i), p) for i, p in enumerate(tiny_prompts[:3])], cfg.rollout, seed=0
+    )
     rng = np.random.default_rng(0)
     anchors = [choose_anchors(s, "error", 2, 64, rng) for s in seqs]
     assert sum(a.size for a in anchors) > 0
-    blocks, stats = Replayer(tiny, cfg.replay, cfg.rollout, batch_size=2).replay(trained_tiny_drafter, seqs, anchors, seed=0)
+    blocks, stats = Replayer(tiny, cfg.replay, cfg.rollout, batch_size=2).replay(
+        trained_tiny_drafter, seqs, anchors, seed=0
+    )
     assert stats.anchors == sum(a.size for a in anchors)
     for s, b, a in zip(seqs, blocks, anchors):
         assert b.anchor.tolist() == a.tolist() and (b.source == 1).all() and (b.streams == 3).all()
@@ -60,7 +66,9 @@ def test_replay_blocks_are_scored_by_the_target(tiny, tiny_prompts, trained_tiny
             top = lsm.topk(b.target_topk_ids.shape[-1], -1)
             np.testing.assert_array_equal(top.indices.numpy(), b.target_topk_ids[j])
             np.testing.assert_allclose(top.values.exp().numpy(), b.target_topk_probs[j], atol=1e-4)
-            np.testing.assert_allclose(lsm.gather(-1, torch.tensor(d)[:, None]).squeeze(-1).exp().numpy(), b.target_draft_prob[j], atol=1e-4)
+            np.testing.assert_allclose(
+                lsm.gather(-1, torch.tensor(d)[:, None]).squeeze(-1).exp().numpy(), b.target_draft_prob[j], atol=1e-4
+            )
             # greedy verification rule on the replayed block
             ok = (torch.tensor(d) == logits.argmax(-1)).long().cumprod(0).bool().numpy()
             np.testing.assert_array_equal(ok, b.accept_mask[j])

@@ -21,7 +21,12 @@ TEXTS = ["hi", "write a function that sums a list", "2+2=?", "tell me a long sto
 
 def prompts_for(target, n=3):
     return [
-        (f"p{i}", target.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        (
+            f"p{i}",
+            target.tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
+            ),
+        )
         for i, t in enumerate(TEXTS[:n])
     ]
 
@@ -64,7 +69,11 @@ def compare(target, drafter, K, max_new=24, n_prompts=3):
 @pytest.mark.parametrize("K", [1, 4, 8])
 @pytest.mark.parametrize("kind", ["eagle3", "dflash", "oracle"])
 def test_resegmented_records_equal_the_engine_tiny(tiny, trained_tiny_drafter, kind, K):
-    drafter = {"eagle3": lambda: trained_tiny_drafter, "dflash": lambda: drafter_for_target("init-dflash", tiny, seed=3), "oracle": lambda: HashOracleDrafter(tiny)}[kind]()
+    drafter = {
+        "eagle3": lambda: trained_tiny_drafter,
+        "dflash": lambda: drafter_for_target("init-dflash", tiny, seed=3),
+        "oracle": lambda: HashOracleDrafter(tiny),
+    }[kind]()
     st, steps = compare(tiny, drafter, K, n_prompts=4)
     assert steps > 10
     if kind != "dflash":  # a fresh DFlash drafter is (almost) never accepted; the others must be, sometimes

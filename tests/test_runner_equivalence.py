@@ -58,7 +58,13 @@ def assert_same_run(a, b, steps_from: int = 1):
     assert [r["step"] for r in sa] == [r["step"] for r in sb] and sa[0]["step"] == steps_from
     for x, y in zip(sa, sb):
         assert set(x) == set(y)
-        assert (x["phase"], x["policy_version"], x["records"], x["n_acc"], x["n_rej"]) == (y["phase"], y["policy_version"], y["records"], y["n_acc"], y["n_rej"])
+        assert (x["phase"], x["policy_version"], x["records"], x["n_acc"], x["n_rej"]) == (
+            y["phase"],
+            y["policy_version"],
+            y["records"],
+            y["n_acc"],
+            y["n_rej"],
+        )
         assert x["loss"] == pytest.approx(y["loss"], rel=LOSS_REL)
     assert seqs(a) == seqs(b)  # the same records trained: prompt, text, the version that rolled it out, the step
     ea, eb = rows(a, "eval"), rows(b, "eval")
@@ -83,11 +89,21 @@ def test_in_process_and_ray_runners_train_the_same(ray_session, tiny, tmp_path):
     assert_same_run(local, ray_dir)
     assert files(local) == files(ray_dir)  # config, split, rows, sequences, both checkpoints, drafter, summary
     assert set(s_l) == set(s_r) and (s_l["runner"], s_r["runner"]) == ("local", "ray")
-    for k in ("steps", "steps_planned", "policy_version", "records_trained", "records_produced", "records_trained_twice", "drafter_params"):
+    for k in (
+        "steps",
+        "steps_planned",
+        "policy_version",
+        "records_trained",
+        "records_produced",
+        "records_trained_twice",
+        "drafter_params",
+    ):
         assert s_l[k] == s_r[k], k
     assert s_l["flops"] == pytest.approx(s_r["flops"], rel=1e-6)
     ya, yb = yaml.safe_load((local / "config.yaml").read_text()), yaml.safe_load((ray_dir / "config.yaml").read_text())
-    assert {k: v for k, v in ya.items() if k not in ("runner", "out_dir")} == {k: v for k, v in yb.items() if k not in ("runner", "out_dir")}
+    assert {k: v for k, v in ya.items() if k not in ("runner", "out_dir")} == {
+        k: v for k, v in yb.items() if k not in ("runner", "out_dir")
+    }
 
     # either runner resumes the other's checkpoint (step 3: inside a synchronous round, with records pending)
     for src, runner, straight in ((ray_dir, "local", local), (local, "ray", ray_dir)):
@@ -95,7 +111,11 @@ def test_in_process_and_ray_runners_train_the_same(ray_session, tiny, tmp_path):
         assert checkpoint.verify(mid) is None and checkpoint.Checkpoint(mid).records()  # the round's second half
         out = tmp_path / f"{runner}_from_{src.name}"
         cfg = load_config(None, SAME + [f"runner={runner}", f"resume_from={mid}", f"out_dir={out}"])
-        backend = InProcess(cfg, target=tiny, log=lambda *a: None) if runner == "local" else RayFleet(cfg, log=lambda *a: None)
+        backend = (
+            InProcess(cfg, target=tiny, log=lambda *a: None)
+            if runner == "local"
+            else RayFleet(cfg, log=lambda *a: None)
+        )
         train(cfg, backend)
         sa, sb = rows(out, "step"), [r for r in rows(straight, "step") if r["step"] > 3]
         assert [r["step"] for r in sa] == [4, 5, 6]

@@ -36,8 +36,17 @@ def _feed(jm: JobMetrics, state: dict) -> None:
     jm.learner(1.5, 1.25, 0.75, grad_norm=3.0, seconds=0.4, flops=1e9, records=4, staleness=[0, 1])
     state["step"] = 2
     jm.learner(1.0, 0.5, 0.25, grad_norm=2.0, seconds=0.6, flops=1e9, records=4, staleness=[1])
-    jm.diagnostics({"grad_norm_head": 0.0, "grad_norm_body": 2.0, "acc_silenced": 0.1, "rej_silenced": 0.4,
-                    "replay_kl_matched": 3.0, "replay_kl_first_rejected": 5.0, "alpha_trained": [0.3, None]})
+    jm.diagnostics(
+        {
+            "grad_norm_head": 0.0,
+            "grad_norm_body": 2.0,
+            "acc_silenced": 0.1,
+            "rej_silenced": 0.4,
+            "replay_kl_matched": 3.0,
+            "replay_kl_first_rejected": 5.0,
+            "alpha_trained": [0.3, None],
+        }
+    )
     jm.heldout(1.75, [0.5, 0.25])
 
 
@@ -106,7 +115,10 @@ def test_wandb_offline_same_names(tmp_path, monkeypatch):
     for step, values in calls["log"]:
         for k, v in values.items():
             logged.setdefault(k, []).append((step, v))
-    assert logged["dopd_heldout_tau"] == [(2, 1.75)] and logged["dopd_learner_loss/stream=total"] == [(1, 1.5), (2, 1.0)]
+    assert logged["dopd_heldout_tau"] == [(2, 1.75)] and logged["dopd_learner_loss/stream=total"] == [
+        (1, 1.5),
+        (2, 1.0),
+    ]
 
 
 def test_missing_packages_are_clear_errors(tmp_path, monkeypatch):

@@ -65,7 +65,9 @@ def test_two_minute_soak_meets_every_aim(tmp_path):
         p.wait(timeout=float(os.environ.get("DOPD_SOAK_TIMEOUT_S", "900")))
     except subprocess.TimeoutExpired:
         alive = stop_soak(p, log)
-        pytest.fail(f"the soak did not finish in time; stopped it (still alive: {alive or 'nothing'}):\n{log.read_text()[-3000:]}")
+        pytest.fail(
+            f"the soak did not finish in time; stopped it (still alive: {alive or 'nothing'}):\n{log.read_text()[-3000:]}"
+        )
     res = subprocess.CompletedProcess(cmd, p.returncode, log.read_text(), "")
     assert out.is_file(), f"the soak wrote no report:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     r = json.loads(out.read_text())

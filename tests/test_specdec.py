@@ -22,7 +22,9 @@ def plain(target, prompts, n, batch=3):
 def test_plain_decoding_equals_hf_generate(tiny, tiny_prompts):
     ours = plain(tiny, tiny_prompts, 24)
     for p, o in zip(tiny_prompts, ours):
-        ref = tiny.model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=tiny.eos_token_ids, pad_token_id=0)
+        ref = tiny.model.generate(
+            torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=tiny.eos_token_ids, pad_token_id=0
+        )
         assert ref[0, len(p) :].tolist() == o
 
 
@@ -30,7 +32,9 @@ def test_plain_decoding_equals_hf_generate(tiny, tiny_prompts):
 def test_greedy_spec_equals_target_tiny_oracle(tiny, tiny_prompts, K):
     """High-acceptance drafts (target + noise): partial accepts, full accepts with bonus, rejections."""
     base = plain(tiny, tiny_prompts, 40)
-    res, st = SpecEngine(tiny, OracleDrafter(tiny, noise=0.25)).generate(tiny_prompts, DecodeSettings(block_size=K, max_new_tokens=40, batch_size=3))
+    res, st = SpecEngine(tiny, OracleDrafter(tiny, noise=0.25)).generate(
+        tiny_prompts, DecodeSettings(block_size=K, max_new_tokens=40, batch_size=3)
+    )
     assert [r.output_ids for r in res] == base
     assert st.accepted_hist[K] > 0 and st.accepted_hist[0] > 0  # both extremes happened
     assert st.tau > 1.5
@@ -41,7 +45,13 @@ def test_greedy_spec_equals_target_tiny_oracle(tiny, tiny_prompts, K):
 @pytest.mark.parametrize("K", [1, 4, 8])
 def test_greedy_spec_equals_target_real_drafters(tiny, tiny_prompts, kind, K, trained_tiny_drafter):
     base = plain(tiny, tiny_prompts, 40)
-    d = trained_tiny_drafter if kind == "eagle3" else build_drafter(DrafterConfig(kind=kind), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight)
+    d = (
+        trained_tiny_drafter
+        if kind == "eagle3"
+        else build_drafter(
+            DrafterConfig(kind=kind), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight
+        )
+    )
     res, st = SpecEngine(tiny, d).generate(tiny_prompts, DecodeSettings(block_size=K, max_new_tokens=40, batch_size=2))
     assert [r.output_ids for r in res] == base
     if kind == "eagle3":
@@ -69,12 +79,16 @@ def test_continuous_batching_refills_slots(tiny, tiny_prompts):
     """More prompts than slots, rows finishing at different lengths: still identical to plain decoding."""
     prompts = tiny_prompts * 3
     base = plain(tiny, prompts, 30, batch=4)
-    res, _ = SpecEngine(tiny, OracleDrafter(tiny, noise=0.4)).generate(prompts, DecodeSettings(block_size=4, max_new_tokens=30, batch_size=2))
+    res, _ = SpecEngine(tiny, OracleDrafter(tiny, noise=0.4)).generate(
+        prompts, DecodeSettings(block_size=4, max_new_tokens=30, batch_size=2)
+    )
     assert [r.output_ids for r in res] == base
 
 
 def test_records_are_consistent(tiny, tiny_prompts):
-    res, _ = SpecEngine(tiny, OracleDrafter(tiny, noise=0.3)).generate(tiny_prompts[:2], DecodeSettings(block_size=4, max_new_tokens=20, record=True, keep_features=True))
+    res, _ = SpecEngine(tiny, OracleDrafter(tiny, noise=0.3)).generate(
+        tiny_prompts[:2], DecodeSettings(block_size=4, max_new_tokens=20, record=True, keep_features=True)
+    )
     for r in res:
         assert r.features.shape[0] == len(r.prompt_ids) + len(r.output_ids) - 1
         n = len(r.prompt_ids)
@@ -101,10 +115,18 @@ def test_greedy_spec_equals_target_smollm2(smollm2, K):
     ids, _ = encode_all(smollm2.tokenizer, sp.eval, 512, False)
     ids = [ids[0], ids[1][:40], ids[2], ids[3][:60]]  # different lengths
     base = plain(smollm2, ids, 24, batch=4)
-    res, st = SpecEngine(smollm2, OracleDrafter(smollm2, noise=0.3)).generate(ids, DecodeSettings(block_size=K, max_new_tokens=24, batch_size=3))
+    res, st = SpecEngine(smollm2, OracleDrafter(smollm2, noise=0.3)).generate(
+        ids, DecodeSettings(block_size=K, max_new_tokens=24, batch_size=3)
+    )
     assert [r.output_ids for r in res] == base
     assert st.tau > 1.3
-    d = build_drafter(DrafterConfig(kind="eagle3"), smollm2.info, smollm2.model.config, smollm2.embed_tokens.weight, smollm2.lm_head.weight)
+    d = build_drafter(
+        DrafterConfig(kind="eagle3"),
+        smollm2.info,
+        smollm2.model.config,
+        smollm2.embed_tokens.weight,
+        smollm2.lm_head.weight,
+    )
     res, _ = SpecEngine(smollm2, d).generate(ids, DecodeSettings(block_size=K, max_new_tokens=24, batch_size=4))
     assert [r.output_ids for r in res] == base
 
@@ -142,7 +164,9 @@ def _chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
 
 def _sample_pairs(tiny, prompt, n, T, seed):
     drafter = OracleDrafter(tiny, q_temperature=2.0, seed=seed)
-    res, st = SpecEngine(tiny, drafter).generate([prompt] * n, DecodeSettings(block_size=3, temperature=T, max_new_tokens=2, batch_size=n, seed=seed))
+    res, st = SpecEngine(tiny, drafter).generate(
+        [prompt] * n, DecodeSettings(block_size=3, temperature=T, max_new_tokens=2, batch_size=n, seed=seed)
+    )
     V = tiny.info.vocab_size
     counts = np.zeros(V * V)
     for r in res:
@@ -184,7 +208,9 @@ def test_broken_acceptance_rule_is_detected(tiny, tiny_prompts, monkeypatch):
 
 
 def test_bad_inputs_have_clear_errors(tiny, tiny_prompts):
-    d = build_drafter(DrafterConfig(kind="eagle3"), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight)
+    d = build_drafter(
+        DrafterConfig(kind="eagle3"), tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight
+    )
     eng = SpecEngine(tiny, d)
     with pytest.raises(PromptError, match="block size K must be >= 1"):
         eng.generate(tiny_prompts, DecodeSettings(block_size=0))
@@ -203,15 +229,26 @@ def test_greedy_spec_equals_target_other_architectures(arch):
     from dopd.common.models import load_target
 
     tgt = load_target(arch)
-    prompts = [tgt.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False) for t in ["hi", "2+2=?", "tell me a story"]]
+    prompts = [
+        tgt.tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for t in ["hi", "2+2=?", "tell me a story"]
+    ]
     base = plain(tgt, prompts, 24)
     for p, o in zip(prompts, base):
-        ref = tgt.model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=tgt.eos_token_ids, pad_token_id=0)
+        ref = tgt.model.generate(
+            torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=tgt.eos_token_ids, pad_token_id=0
+        )
         assert ref[0, len(p) :].tolist() == o
-    res, st = SpecEngine(tgt, OracleDrafter(tgt, noise=0.25)).generate(prompts, DecodeSettings(block_size=4, max_new_tokens=24, batch_size=2))
+    res, st = SpecEngine(tgt, OracleDrafter(tgt, noise=0.25)).generate(
+        prompts, DecodeSettings(block_size=4, max_new_tokens=24, batch_size=2)
+    )
     assert [r.output_ids for r in res] == base and st.tau > 1.5
     for kind in ("eagle3", "dflash"):
-        d = build_drafter(DrafterConfig(kind=kind), tgt.info, tgt.model.config, tgt.embed_tokens.weight, tgt.lm_head.weight)
+        d = build_drafter(
+            DrafterConfig(kind=kind), tgt.info, tgt.model.config, tgt.embed_tokens.weight, tgt.lm_head.weight
+        )
         res, _ = SpecEngine(tgt, d).generate(prompts, DecodeSettings(block_size=4, max_new_tokens=24, batch_size=2))
         assert [r.output_ids for r in res] == base
 

@@ -14,9 +14,17 @@ def test_decoded_teacher_rows_equal_the_prefill(tiny, tiny_prompts, monkeypatch,
     prompts = [(str(i), p) for i, p in enumerate(tiny_prompts)]
     for lookahead in (False, True):
         monkeypatch.setenv("DOPD_CACHE", str(tmp_path / str(lookahead)))  # nothing cached: every text is decoded here
-        texts, recs = teacher_data(tiny, layers, prompts, 20, k, batch_size=2, with_lookahead=lookahead, feature_dtype=torch.float32)
+        texts, recs = teacher_data(
+            tiny, layers, prompts, 20, k, batch_size=2, with_lookahead=lookahead, feature_dtype=torch.float32
+        )
         assert all(t.decoded is not None for t in texts)
-        ref = prefill(tiny, layers, [(r.prompt_id, r.token_ids.tolist(), r.prompt_len) for r in recs], k, feature_dtype=torch.float32)
+        ref = prefill(
+            tiny,
+            layers,
+            [(r.prompt_id, r.token_ids.tolist(), r.prompt_len) for r in recs],
+            k,
+            feature_dtype=torch.float32,
+        )
         for r, q in zip(recs, ref):
             P = r.prompt_len
             assert np.array_equal(r.token_ids, q.token_ids)

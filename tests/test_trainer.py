@@ -45,7 +45,14 @@ def test_trained_drafter_beats_fresh(trained_tiny_drafter, tiny, tiny_prompts):
 
 
 def test_opd_rounds_versions_and_records(tmp_path, tiny):
-    cfg = cfg_for(tmp_path, "mode=opd", "sft.warmup_steps=2", "learner.steps=4", "learner.eval_every=100", "learner.checkpoint_every=100")
+    cfg = cfg_for(
+        tmp_path,
+        "mode=opd",
+        "sft.warmup_steps=2",
+        "learner.steps=4",
+        "learner.eval_every=100",
+        "learner.checkpoint_every=100",
+    )
     summary = run(cfg, tiny)
     steps = rows(tmp_path, "step")
     assert [r["phase"] for r in steps] == ["sft", "sft", "opd", "opd", "opd", "opd"]
@@ -68,7 +75,10 @@ def test_resume_gives_the_same_next_loss(tmp_path, tiny, mode):
     straight = [r["loss"] for r in rows(a, "step")]
     # a second run that stops at step 3 (its checkpoint), then resumes to 5
     b = tmp_path / "b"
-    run(cfg_for(b, *common, "learner.steps=3" if mode == "sft" else "learner.steps=1", "learner.checkpoint_every=3"), tiny)
+    run(
+        cfg_for(b, *common, "learner.steps=3" if mode == "sft" else "learner.steps=1", "learner.checkpoint_every=3"),
+        tiny,
+    )
     cfg = load_config(b / "config.yaml", ["learner.steps=5"])
     assert checkpoint.find(b).step == 3
     run(cfg, tiny, resume=True)
@@ -85,7 +95,12 @@ def test_a_branch_evaluates_on_its_own_schedule(tmp_path, tiny):
     parent = tmp_path / "parent"
     run(cfg_for(parent, "mode=sft", "learner.steps=3", "learner.eval_every=100", "learner.checkpoint_every=100"), tiny)
     child = tmp_path / "child"
-    common = ["mode=sft", "learner.eval_every=2", "learner.checkpoint_every=5", f"resume_from={parent / 'checkpoints' / 'step_0000003'}"]
+    common = [
+        "mode=sft",
+        "learner.eval_every=2",
+        "learner.checkpoint_every=5",
+        f"resume_from={parent / 'checkpoints' / 'step_0000003'}",
+    ]
     run(cfg_for(child, *common, "learner.steps=5"), tiny)
     state = checkpoint.find(child).state()["run"]
     assert rows(child, "step")[0]["step"] == 4 and state["start_step"] == 3

@@ -160,7 +160,9 @@ def drafter_for_target(name: str, target, cfg: DrafterConfig | None = None, seed
         cfg = DrafterConfig(**{**base.__dict__, "kind": kind, "init": None})
         if cfg.draft_vocab_size is not None:
             raise ModelError("a fresh drafter with a reduced vocabulary needs training data; train one with dopd train")
-        d = build_drafter(cfg, target.info, target.model.config, target.embed_tokens.weight, target.lm_head.weight, seed=seed)
+        d = build_drafter(
+            cfg, target.info, target.model.config, target.embed_tokens.weight, target.lm_head.weight, seed=seed
+        )
     else:
         if not Path(name).is_dir():
             raise ModelError(

@@ -99,7 +99,10 @@ def write_drafter(path: str | Path, spec: DrafterSpec | dict, state: dict) -> No
     path.mkdir(parents=True, exist_ok=True)
     meta = {"dopd_spec_version": SPEC_VERSION, **(spec if isinstance(spec, dict) else asdict(spec))}
     (path / "config.json").write_text(json.dumps(meta, indent=2))
-    tensors = {k: (v.detach().cpu() if torch.is_tensor(v) else torch.from_numpy(np.array(v))).contiguous() for k, v in state.items()}
+    tensors = {
+        k: (v.detach().cpu() if torch.is_tensor(v) else torch.from_numpy(np.array(v))).contiguous()
+        for k, v in state.items()
+    }
     save_file(tensors, str(path / "model.safetensors"))
 
 
@@ -170,7 +173,9 @@ class Drafter(nn.Module):
         return np.arange(max(rec.prompt_len, 1), rec.token_ids.shape[0], dtype=np.int64)
 
     @classmethod
-    def trainable_positions(cls, tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor, block_tokens: torch.Tensor) -> torch.Tensor | None:
+    def trainable_positions(
+        cls, tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor, block_tokens: torch.Tensor
+    ) -> torch.Tensor | None:
         """[B,M,K] where this kind's training forward equals its inference forward on rollout blocks (None: all)."""
         return None
 
@@ -353,7 +358,9 @@ class Drafter(nn.Module):
         state = load_file(str(Path(path) / "model.safetensors"))
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ModelError(f"drafter weights at {path} do not match its config (missing {missing[:4]}, unexpected {unexpected[:4]})")
+            raise ModelError(
+                f"drafter weights at {path} do not match its config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
 
     @torch.no_grad()
     def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
@@ -365,7 +372,9 @@ class Drafter(nn.Module):
         self.draft_ids.copy_(draft_ids)
         self.t2d = self._t2d(self.draft_ids, self.spec.vocab_size)
         if self.lm_head is not None:
-            self.lm_head.weight.copy_(self.head_weight[draft_ids.to(self.head_weight.device)].to(self.lm_head.weight.dtype))
+            self.lm_head.weight.copy_(
+                self.head_weight[draft_ids.to(self.head_weight.device)].to(self.lm_head.weight.dtype)
+            )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -144,7 +144,9 @@ class DFlashDrafter(Drafter):
         return DraftState(ks, vs, torch.zeros(batch, dtype=torch.long, device=device))
 
     @torch.no_grad()
-    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+    def propose(
+        self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
+    ) -> Proposal:
         dev = tokens.device
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
         tok, feat, n = sel(tokens), sel(features), sel(lengths)

@@ -43,7 +43,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def on_text_positions(tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor, block_tokens: torch.Tensor) -> torch.Tensor:
+def on_text_positions(
+    tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor, block_tokens: torch.Tensor
+) -> torch.Tensor:
     """[B,M,K] True where block position j's inputs are the committed text: the block's earlier tokens equal the text
     (block_tokens[:j-1] == tokens[a:a+j-1]) and the input position a+j-2 has a feature (<= n-2). The teacher-forced
     early exit is exact there, and only there."""
@@ -76,16 +78,22 @@ class DVIDrafter(Drafter):
     def check_config(cls, cfg, feature_layers, num_target_layers) -> None:
         L = num_target_layers
         if len(feature_layers) != 1 or not 1 <= feature_layers[0] <= L:
-            raise ModelError(f"a DVI drafter exits after the target's first k layers: drafter.feature_layers=[k] with 1 <= k <= {L} (got {feature_layers})")
+            raise ModelError(
+                f"a DVI drafter exits after the target's first k layers: drafter.feature_layers=[k] with 1 <= k <= {L} (got {feature_layers})"
+            )
         if cfg.draft_vocab_size is not None or cfg.train_lm_head:
-            raise ModelError("a DVI drafter drafts with the target's head plus a low-rank term: drafter.draft_vocab_size and drafter.train_lm_head are not supported")
+            raise ModelError(
+                "a DVI drafter drafts with the target's head plus a low-rank term: drafter.draft_vocab_size and drafter.train_lm_head are not supported"
+            )
 
     @classmethod
     def check_recipe(cls, cfg) -> None:
         # the training forward is exact only on the committed text (up to each first rejection)
         lc = cfg.loss
         if cfg.loss.objective != "dvi" and (lc.response != "blocks" or lc.lambda_rej or cfg.replay.extra != "none"):
-            raise ConfigError("drafter.kind=dvi trains on the committed text only: loss.response=blocks, loss.lambda_rej=0, replay.extra=none")
+            raise ConfigError(
+                "drafter.kind=dvi trains on the committed text only: loss.response=blocks, loss.lambda_rej=0, replay.extra=none"
+            )
 
     @classmethod
     def spec_extra(cls, cfg) -> dict:
@@ -101,9 +109,13 @@ class DVIDrafter(Drafter):
 
     def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
         if spec.own_head:
-            raise ModelError("a DVI drafter drafts with the target's own head plus a low-rank term: drafter.draft_vocab_size and drafter.train_lm_head are not supported")
+            raise ModelError(
+                "a DVI drafter drafts with the target's own head plus a low-rank term: drafter.draft_vocab_size and drafter.train_lm_head are not supported"
+            )
         if len(spec.feature_layers) != 1:
-            raise ModelError(f"a DVI drafter exits at one layer (drafter.feature_layers=[k]), got {spec.feature_layers}")
+            raise ModelError(
+                f"a DVI drafter exits at one layer (drafter.feature_layers=[k]), got {spec.feature_layers}"
+            )
         super().__init__(spec, embed_weight, head_weight, draft_ids)
         r = spec.lora_rank
         if r is None or r < 1:
@@ -159,7 +171,9 @@ class DVIDrafter(Drafter):
     def draft_blocks(self, tokens, features, lengths, anchors, K, temperature=0.0, generator=None):
         """Block tokens from the teacher-forced early exit (exact up to and including the first mismatch)."""
         B, M = anchors.shape
-        h = self.block_hidden(tokens, features, lengths, anchors, torch.zeros(B, M, K, dtype=torch.long, device=anchors.device))
+        h = self.block_hidden(
+            tokens, features, lengths, anchors, torch.zeros(B, M, K, dtype=torch.long, device=anchors.device)
+        )
         ids, _, qt, lp, _ = self._sample(self.logits(h).reshape(B * M * K, -1), temperature, 1.0, generator)
         return ids.view(B, M, K), lp.view(B, M, K), qt.view(B, M, K)
 
@@ -193,7 +207,9 @@ class DVIDrafter(Drafter):
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     @torch.no_grad()
-    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+    def propose(
+        self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
+    ) -> Proposal:
         layers = self.shared_layers()
         rotary = self._target.model.rotary_emb
         dev = tokens.device
@@ -221,8 +237,10 @@ class DVIDrafter(Drafter):
             vs.append(vc)
             h = self._finish(layer, h, causal_attention(q, kc, vc, mask))
         state.ctx_end[rr] = n
-        h = h.gather(1, (n - 1 - c)[:, None, None].expand(-1, 1, h.shape[-1]))  # [b,1,H]: h_k at the last committed token
-        ctx_mask = (s[None, None, :] <= (n - 1)[:, None, None])  # [b,1,S]
+        h = h.gather(
+            1, (n - 1 - c)[:, None, None].expand(-1, 1, h.shape[-1])
+        )  # [b,1,H]: h_k at the last committed token
+        ctx_mask = s[None, None, :] <= (n - 1)[:, None, None]  # [b,1,S]
         own_k: list[list[torch.Tensor]] = [[] for _ in layers]
         own_v: list[list[torch.Tensor]] = [[] for _ in layers]
 
@@ -240,4 +258,6 @@ class DVIDrafter(Drafter):
                 h = self._finish(layer, h[:, :, None], o.transpose(1, 2))[:, :, 0]
             return h
 
-        return self._chain(h, K, advance, lambda h: self.logits(self.head_input(h[:, 0])), temperature, top_p, generator)
+        return self._chain(
+            h, K, advance, lambda h: self.logits(self.head_input(h[:, 0])), temperature, top_p, generator
+        )

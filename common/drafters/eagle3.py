@@ -186,7 +186,9 @@ class Eagle3Drafter(Drafter):
         return DraftState(ks, vs, torch.full((batch,), self.context_start(), dtype=torch.long, device=device))
 
     @torch.no_grad()
-    def propose(self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None) -> Proposal:
+    def propose(
+        self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
+    ) -> Proposal:
         dev = tokens.device
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
         tok, feat, n = sel(tokens), sel(features), sel(lengths)
@@ -216,7 +218,7 @@ class Eagle3Drafter(Drafter):
         last = (n - 1 - c)[:, None, None].expand(-1, 1, h.shape[-1])
         h = h.gather(1, last)  # [b,1,H] step 1 (entry at n-1)
         a = n[:, None]
-        ctx_mask = ((s[None, None, :] >= 1) & (s[None, None, :] <= (a - 1)[..., None]))
+        ctx_mask = (s[None, None, :] >= 1) & (s[None, None, :] <= (a - 1)[..., None])
         own_k = [[] for _ in self.layers]
         own_v = [[] for _ in self.layers]
         ks = [k.to(h.dtype) for k in ks]

@@ -56,7 +56,12 @@ from ..models import TargetInfo
 from .base import Drafter, DrafterSpec, kind_class, read_drafter_config
 
 EXPORT_FORMATS = ("speculators", "vllm", "sglang")
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 EAGLE3_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
 
 
@@ -164,14 +169,18 @@ def _eagle3_body(d: Drafter) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().float().contiguous() for k, v in d.state_dict().items() if k not in skip}
 
 
-def export_drafter(d: Drafter, fmt: str, out: str | Path, verifier: str | None = None, speculative_tokens: int = 3) -> Path:
+def export_drafter(
+    d: Drafter, fmt: str, out: str | Path, verifier: str | None = None, speculative_tokens: int = 3
+) -> Path:
     """Write drafter `d` in server format `fmt` (speculators | vllm | sglang) to `out`; refuses what it cannot
     represent, naming it."""
     if fmt not in EXPORT_FORMATS:
         raise ModelError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
     spec = d.spec
     if fmt not in kind_class(spec.kind).export_formats:
-        raise ModelError(f"drafter kind '{spec.kind}' has no {fmt} export (its formats: {', '.join(kind_class(spec.kind).export_formats) or 'none'})")
+        raise ModelError(
+            f"drafter kind '{spec.kind}' has no {fmt} export (its formats: {', '.join(kind_class(spec.kind).export_formats) or 'none'})"
+        )
     _check_feature_layers(spec, fmt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +322,9 @@ def _rope_theta(c: dict) -> float:
 
 def _refuse_unsupported_layer_config(c: dict, where: str) -> None:
     if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise ModelError(f"{where}: RoPE scaling {c.get('rope_scaling') or c.get('rope_parameters')} is not implemented by dopd's drafters")
+        raise ModelError(
+            f"{where}: RoPE scaling {c.get('rope_scaling') or c.get('rope_parameters')} is not implemented by dopd's drafters"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if c.get(key):
             raise ModelError(f"{where}: {key}=true is not implemented by dopd's drafters")
@@ -333,13 +344,17 @@ def _check_target(c: dict, info: TargetInfo, where: str, vocab_key: str = "vocab
 
 def _spec(kind: str, c: dict, info: TargetInfo, feature_layers: list[int], draft_vocab: int, own_head: bool, where: str,
           mask_token_id: int | None = None) -> DrafterSpec:  # fmt: skip
-    missing = [k for k in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers") if k not in c]
+    missing = [
+        k for k in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers") if k not in c
+    ]
     if missing:
         raise ModelError(f"{where}: its layer config lacks {', '.join(missing)}")
     heads = int(c["num_attention_heads"])
     bad = [i for i in feature_layers if not 0 <= i <= info.num_layers]
     if bad:
-        raise ModelError(f"{where}: feature layers {bad} out of range for the {info.num_layers}-layer target '{info.name}'")
+        raise ModelError(
+            f"{where}: feature layers {bad} out of range for the {info.num_layers}-layer target '{info.name}'"
+        )
     reduced = draft_vocab != info.vocab_size
     return DrafterSpec(
         kind=kind,
@@ -394,14 +409,18 @@ def _check_embed(state: dict, embed_weight: torch.Tensor, where: str) -> None:
     e = state.get("embed_tokens.weight")
     if e is None:
         return
-    if e.shape != embed_weight.shape or not torch.allclose(e.float(), embed_weight.detach().cpu().float(), atol=1e-2, rtol=1e-2):
+    if e.shape != embed_weight.shape or not torch.allclose(
+        e.float(), embed_weight.detach().cpu().float(), atol=1e-2, rtol=1e-2
+    ):
         raise ModelError(
             f"{where}: its embed_tokens.weight {tuple(e.shape)} differs from the target's token embedding "
             f"{tuple(embed_weight.shape)}; dopd drafters use the target's frozen embedding"
         )
 
 
-def _load(kind_cls, spec: DrafterSpec, embed_weight, head_weight, draft_ids, body: dict, head: torch.Tensor | None, where: str) -> Drafter:
+def _load(
+    kind_cls, spec: DrafterSpec, embed_weight, head_weight, draft_ids, body: dict, head: torch.Tensor | None, where: str
+) -> Drafter:
     model = kind_cls(spec, embed_weight, head_weight, draft_ids)
     own = {k: v for k, v in body.items()}
     if model.lm_head is not None:
@@ -413,7 +432,9 @@ def _load(kind_cls, spec: DrafterSpec, embed_weight, head_weight, draft_ids, bod
     missing = sorted(set(want) - set(own))
     unexpected = sorted(set(own) - set(want))
     if missing or unexpected:
-        raise ModelError(f"{where}: weights do not fit dopd's {spec.kind} drafter (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise ModelError(
+            f"{where}: weights do not fit dopd's {spec.kind} drafter (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     for k, v in own.items():
         if tuple(v.shape) != tuple(want[k].shape):
             raise ModelError(f"{where}: {k} has shape {tuple(v.shape)}, the config implies {tuple(want[k].shape)}")
@@ -421,7 +442,9 @@ def _load(kind_cls, spec: DrafterSpec, embed_weight, head_weight, draft_ids, bod
     return model.to(torch.float32)
 
 
-def import_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tensor, head_weight: torch.Tensor, fmt: str | None = None) -> Drafter:
+def import_drafter(
+    path: str | Path, info: TargetInfo, embed_weight: torch.Tensor, head_weight: torch.Tensor, fmt: str | None = None
+) -> Drafter:
     """A dopd drafter from a speculators / SGLang (SpecForge) EAGLE-3 or a vLLM (z-lab) DFlash directory, checked
     against the target `info` (shapes, vocabulary, feature layers, embedding)."""
     from .dflash import DFlashDrafter
@@ -435,14 +458,20 @@ def import_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tenso
     if fmt == "speculators-eagle3":
         c = meta.get("transformer_layer_config") or {}
         if c.get("model_type", "llama") != "llama":
-            raise ModelError(f"{where}: transformer_layer_config.model_type '{c.get('model_type')}' is not implemented by dopd's EAGLE-3 (llama layers only)")
+            raise ModelError(
+                f"{where}: transformer_layer_config.model_type '{c.get('model_type')}' is not implemented by dopd's EAGLE-3 (llama layers only)"
+            )
         on = [f for f in EAGLE3_FLAGS if meta.get(f, False)]
         if on:
-            raise ModelError(f"{where}: {', '.join(f + '=true' for f in on)} is not implemented by dopd's EAGLE-3 drafter")
+            raise ModelError(
+                f"{where}: {', '.join(f + '=true' for f in on)} is not implemented by dopd's EAGLE-3 drafter"
+            )
         _refuse_unsupported_layer_config(c, where)
         _check_target(c, info, where)
         if meta.get("target_hidden_size") not in (None, info.hidden_size):
-            raise ModelError(f"{where}: target_hidden_size {meta['target_hidden_size']} vs the target's {info.hidden_size}")
+            raise ModelError(
+                f"{where}: target_hidden_size {meta['target_hidden_size']} vs the target's {info.hidden_size}"
+            )
         layers = meta.get("eagle_aux_hidden_state_layer_ids") or kind_class("eagle3").default_feature_layers(L, 1)
         Vd = int(meta.get("draft_vocab_size", V))
         body = {k: v for k, v in state.items() if k.startswith(("layers.", "fc.", "norm."))}
@@ -455,7 +484,11 @@ def import_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tenso
         ids = (c.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
         layers = [i + 1 for i in ids] if ids else kind_class("eagle3").default_feature_layers(L, 1)
         Vd = int(c.get("draft_vocab_size") or V)
-        body = {k.replace("midlayer.", "layers.0.", 1): v for k, v in state.items() if k.startswith(("midlayer.", "fc.", "norm."))}
+        body = {
+            k.replace("midlayer.", "layers.0.", 1): v
+            for k, v in state.items()
+            if k.startswith(("midlayer.", "fc.", "norm."))
+        }
     elif fmt == "vllm-dflash":
         c = meta
         _refuse_unsupported_layer_config(c, where)
@@ -475,7 +508,9 @@ def import_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tenso
         else:
             raise ModelError(f"{where}: neither mask_embedding.pt nor a valid dflash_config.mask_token_id ({mtid})")
         if mask.numel() != info.hidden_size:
-            raise ModelError(f"{where}: mask embedding has {mask.numel()} values, the target's hidden size is {info.hidden_size}")
+            raise ModelError(
+                f"{where}: mask embedding has {mask.numel()} values, the target's hidden size is {info.hidden_size}"
+            )
         body["mask_embedding.weight"] = mask
     else:
         raise ModelError(f"{where}: not an importable format (speculators-eagle3, sglang-eagle3, vllm-dflash)")
@@ -483,12 +518,18 @@ def import_drafter(path: str | Path, info: TargetInfo, embed_weight: torch.Tenso
     draft_ids = _draft_ids(state, V, Vd, where)
     head = state.get("lm_head.weight")
     if head is not None and head.shape != (Vd, info.hidden_size):
-        raise ModelError(f"{where}: lm_head.weight {tuple(head.shape)} vs draft vocabulary {Vd} x hidden {info.hidden_size}")
+        raise ModelError(
+            f"{where}: lm_head.weight {tuple(head.shape)} vs draft vocabulary {Vd} x hidden {info.hidden_size}"
+        )
     # a full-vocabulary head equal to the target's stays the target's (frozen); a different one is the drafter's own
-    own_head = head is not None and (Vd != V or not torch.allclose(head.float(), head_weight.detach().cpu().float(), atol=1e-6))
+    own_head = head is not None and (
+        Vd != V or not torch.allclose(head.float(), head_weight.detach().cpu().float(), atol=1e-6)
+    )
     kind = "dflash" if fmt == "vllm-dflash" else "eagle3"
     spec = _spec(kind, c, info, layers, Vd, own_head, where, mtid if kind == "dflash" else None)
     if spec.hidden_size != info.hidden_size:
-        raise ModelError(f"{where}: drafter hidden size {spec.hidden_size} differs from the target's {info.hidden_size}")
+        raise ModelError(
+            f"{where}: drafter hidden size {spec.hidden_size} differs from the target's {info.hidden_size}"
+        )
     cls = DFlashDrafter if kind == "dflash" else Eagle3Drafter
     return _load(cls, spec, embed_weight, head_weight, draft_ids, body, head if own_head else None, where)

@@ -14,7 +14,9 @@ OBJECTIVES: dict[str, type[Objective]] = {}
 
 def register(cls: type[Objective]) -> type[Objective]:
     if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
-        raise ConfigError(f"two objectives named '{cls.name}': {OBJECTIVES[cls.name].__qualname__} and {cls.__qualname__}")
+        raise ConfigError(
+            f"two objectives named '{cls.name}': {OBJECTIVES[cls.name].__qualname__} and {cls.__qualname__}"
+        )
     OBJECTIVES[cls.name] = cls
     return cls
 

@@ -73,10 +73,14 @@ class Objective(ABC):
     def mask(self, batch: TrainBatch, t2d: torch.Tensor) -> Mask: ...
 
     @abstractmethod
-    def sums(self, drafter: Drafter, batch: TrainBatch, mask: Mask, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def sums(
+        self, drafter: Drafter, batch: TrainBatch, mask: Mask, step: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(per-stream loss sums under `mask`, extra diagnostics for the step row). `step`: the 0-based learner step."""
 
-    def loss(self, drafter: Drafter, batch: TrainBatch, mask: Mask, step: int = 0, denom: float | None = None) -> LossParts:
+    def loss(
+        self, drafter: Drafter, batch: TrainBatch, mask: Mask, step: int = 0, denom: float | None = None
+    ) -> LossParts:
         """sum over streams of lambda * sum, over `denom` (an all-reduced weight) or this batch's own `mask.weight`."""
         sums, info = self.sums(drafter, batch, mask, step)
         d = mask.weight if denom is None else denom
@@ -89,7 +93,9 @@ class Objective(ABC):
         for s, (mean, _, n) in stats.items():
             if s not in ("acc", "rej"):
                 info = {**info, f"{s}_div": mean, f"n_{s}": n}
-        return LossParts(loss=total / max(d, EPS), acc=acc[0], rej=rej[0], n_acc=acc[2], n_rej=rej[2], w_rej=rej[1], info=info)
+        return LossParts(
+            loss=total / max(d, EPS), acc=acc[0], rej=rej[0], n_acc=acc[2], n_rej=rej[2], w_rej=rej[1], info=info
+        )
 
 
 def _stream_stats(s: torch.Tensor, w: torch.Tensor) -> tuple[float, float, int]:

@@ -16,7 +16,9 @@ def check_block_objective(cfg: Config) -> None:
     """DVI and Bebop train the rollout's own verification blocks: settings that would train anything else are errors."""
     lc, what = cfg.loss, f"loss.objective={cfg.loss.objective}"
     if lc.response != "blocks":
-        raise ConfigError(f"{what} trains the rollout's verification blocks: loss.response must be blocks (got {lc.response})")
+        raise ConfigError(
+            f"{what} trains the rollout's verification blocks: loss.response must be blocks (got {lc.response})"
+        )
     if lc.lambda_rej:
         raise ConfigError(f"{what} has no rejected stream: loss.lambda_rej must be 0 (got {lc.lambda_rej})")
     if cfg.replay.extra != "none" or cfg.replay.anchors != "rollout":
@@ -33,11 +35,15 @@ class DVI(Objective):
     def check(cls, cfg: Config) -> None:
         check_block_objective(cfg)
         if not cfg.loss.acc_at_first_rejection:
-            raise ConfigError("loss.objective=dvi samples every drafted position up to and including the first rejection: loss.acc_at_first_rejection must be true")
+            raise ConfigError(
+                "loss.objective=dvi samples every drafted position up to and including the first rejection: loss.acc_at_first_rejection must be true"
+            )
 
     def mask(self, batch, t2d) -> Mask:
         return Mask({"acc": dvi_samples(batch.targets)}, {"acc": self.lc.lambda_acc})
 
     def sums(self, drafter, batch, mask, step):
-        s, phase = dvi_sums(logq(drafter, batch), drafter.t2d, batch.targets, self.lc, self.cfg.dvi, step, sample=mask.streams["acc"])
+        s, phase = dvi_sums(
+            logq(drafter, batch), drafter.t2d, batch.targets, self.lc, self.cfg.dvi, step, sample=mask.streams["acc"]
+        )
         return {"acc": s.acc}, {"dvi_phase": phase}

@@ -35,7 +35,9 @@ class ExactTV(Objective):
         check_block_objective(cfg)
         lc = cfg.loss
         if lc.targets != "full":
-            raise ConfigError("loss.objective=e2e_tv is exact TV over the full vocabulary: loss.targets must be full (records carry the target's hidden state)")
+            raise ConfigError(
+                "loss.objective=e2e_tv is exact TV over the full vocabulary: loss.targets must be full (records carry the target's hidden state)"
+            )
         if not lc.rej_first_only:
             raise ConfigError(
                 "loss.objective=e2e_tv trains positions up to each block's first rejection (the recipe's "
@@ -58,7 +60,11 @@ class ExactTV(Objective):
         blocks = mask.streams["tv"]
         info = {}
         if bool(pos.any()):
-            info = {"tv_distance": float(d.detach()[pos].mean()), "tv_expected_accept": float((E.detach() * blocks).sum() / blocks.sum()), "tv_positions": int(pos.sum())}
+            info = {
+                "tv_distance": float(d.detach()[pos].mean()),
+                "tv_expected_accept": float((E.detach() * blocks).sum() / blocks.sum()),
+                "tv_positions": int(pos.sum()),
+            }
         if self.cfg.metrics.replay_kl:
             info.update(replay_split(drafter, batch, h=h.detach()))
         return {"tv": (loss_b * blocks).sum()}, info

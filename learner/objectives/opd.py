@@ -35,7 +35,9 @@ from . import register
 from .base import Mask, Objective, logq
 
 
-def silenced_share(kind: str, values: torch.Tensor, lq: torch.Tensor, t2d, tokens, p_tokens, weights: torch.Tensor, lc) -> float | None:
+def silenced_share(
+    kind: str, values: torch.Tensor, lq: torch.Tensor, t2d, tokens, p_tokens, weights: torch.Tensor, lc
+) -> float | None:
     """The share of a stream's positions (weight > 0) whose gradient a floor, clip or the loss clamp zeroes."""
     on = weights > 0
     if not bool(on.any()):
@@ -77,7 +79,9 @@ class DraftOPD(Objective):
             acc = sft_valid(T, t2d, batch.ttt.step_weight)
             if self.lc.targets == "full":
                 if T.hidden is None:
-                    raise ValueError("loss.targets=full: the records carry no target hidden state (an actor of another config?)")
+                    raise ValueError(
+                        "loss.targets=full: the records carry no target hidden state (an actor of another config?)"
+                    )
                 acc = acc * T.hidden_ok
         counts = {"acc": float(batch.response_tokens)} if self.lc.acc_denominator == "response_tokens" else {}
         return Mask({"acc": acc, "rej": rej}, {"acc": self.lc.lambda_acc, "rej": self.lc.lambda_rej or 0.0}, counts)
@@ -105,13 +109,17 @@ class DraftOPD(Objective):
                 if blocks_acc:
                     v = acc_divergence(lc.acc_divergence, lq, drafter.t2d, T, **tok)
                     out["acc"] = (_clamped(v, lc) * acc_w).sum()
-                    info["acc_silenced"] = silenced_share(lc.acc_divergence, v, lq, drafter.t2d, T.topk_ids[..., 0], T.topk_probs[..., 0], acc_w, lc)
+                    info["acc_silenced"] = silenced_share(
+                        lc.acc_divergence, v, lq, drafter.t2d, T.topk_ids[..., 0], T.topk_probs[..., 0], acc_w, lc
+                    )
                 else:
                     out["acc"] = zero
             if bool((rej_w > 0).any()):
                 v = rej_divergence(lc.rej_divergence, lq, drafter.t2d, T, **tok)
                 out["rej"] = (_clamped(v, lc) * rej_w).sum()
-                info["rej_silenced"] = silenced_share(lc.rej_divergence, v, lq, drafter.t2d, T.draft_tokens, T.p_draft, rej_w, lc)
+                info["rej_silenced"] = silenced_share(
+                    lc.rej_divergence, v, lq, drafter.t2d, T.draft_tokens, T.p_draft, rej_w, lc
+                )
             else:
                 out["rej"] = zero
         if not out:
