@@ -325,17 +325,15 @@ class MetricsConfig:
     """The job's metrics: the Ray runner's Prometheus endpoint, and TensorBoard / W&B under the same names
     (common/sinks.py; both runners)."""
 
-    enabled: bool | None = (
-        None  # serve Prometheus /metrics; None = on for the Ray runner (the in-process runner serves none)
-    )
+    # serve Prometheus /metrics; None = on for the Ray runner (the in-process runner serves none)
+    enabled: bool | None = None
     # address /metrics binds (loopback unless you mean otherwise)
     host: str = "127.0.0.1"
     port: int = 9400  # 0 = any free port (written to summary.json)
     linger_s: float = 0.0  # keep /metrics up this long after the job ends (a last scrape)
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
-    wandb: bool = (
-        False  # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
-    )
+    # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
+    wandb: bool = False
     # every OPD step: the official replay-mismatch split, KL(q || p) over the full vocabulary on matched / accepted /
     # first-rejected / post-rejection block positions (records then carry the target's final hidden state: docs/scale.md)
     replay_kl: bool = True

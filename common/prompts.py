@@ -182,9 +182,8 @@ class RunPrompts:
     rollout: list[tuple]
     eval_ids: list[list[int]]
     split: dict
-    encoded: dict | None = (
-        None  # "train" / "eval": the `conversations.Encoded` examples (`dopd data inspect` shows them)
-    )
+    # "train" / "eval": the `conversations.Encoded` examples (`dopd data inspect` shows them)
+    encoded: dict | None = None
 
     def summary(self) -> str:
         """One line: what the data became (examples, held-out, everything skipped or truncated)."""

@@ -688,9 +688,8 @@ class TeacherRecord:
     topk_ids: np.ndarray  # [n-1, k] int32
     topk_probs: np.ndarray  # [n-1, k] float32
     tail: np.ndarray  # [n-1] float32
-    hidden: torch.Tensor | None = (
-        None  # [n - prompt_len, H] the target's final hidden state (ExperienceRecord.target_hidden)
-    )
+    # [n - prompt_len, H] the target's final hidden state (ExperienceRecord.target_hidden)
+    hidden: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -23,9 +23,8 @@ class RunState:
     """The run's own state: saved in every checkpoint's state.json, in the summary, the same from both runners."""
 
     step: int = 0
-    start_step: int = (
-        0  # the step this run started at (0, or the checkpoint `resume_from` names); eval_every counts from it
-    )
+    # the step this run started at (0, or the checkpoint `resume_from` names); eval_every counts from it
+    start_step: int = 0
     policy_version: int = 0
     flops: float = 0.0  # learner FLOPs (forward + backward), summed over ranks
     records_trained: int = 0  # rollout records in learner steps
