@@ -17,8 +17,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Targets: builtin aliases, p
 app.add_typer(models_app, name="models")
 cluster_app = typer.Typer(no_args_is_help=True, help="A Ray cluster for dopd jobs (loopback unless told otherwise).")
 app.add_typer(cluster_app, name="cluster")
-experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments that write their plots and numbers.")
-app.add_typer(experiment_app, name="experiment")
 config_app = typer.Typer(
     no_args_is_help=True, help="The run config: every key with its default and meaning; checking a file."
 )
@@ -367,68 +365,6 @@ def cluster_status() -> None:
         _fail(e)
 
 
-@experiment_app.command("plateau", context_settings={"allow_extra_args": True})
-def experiment_plateau(
-    ctx: typer.Context,
-    out: Path = typer.Option(..., help="output directory (a rerun skips the warm-up and every finished arm and seed)"),
-    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option(
-        "A,B,G,C,D,H,P", help="comma-separated arms of A B G C D H P E F (experiments/plateau.py)"
-    ),
-    seeds: int | None = typer.Option(None, help="seeds of arms A, B, G, C (default: the preset's)"),
-    drafter: str = typer.Option("dflash", help="dflash | eagle3"),
-    report: Path | None = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
-    threads: int | None = typer.Option(None, help="torch CPU threads"),
-) -> None:
-    """SFT vs Draft-OPD vs its ablations from one gated warm-up, with seeds and paired bootstrap contrasts."""
-    _setup_torch(threads)
-    from dopd.experiments.plateau import main_plateau
-
-    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
-    try:
-        summary = main_plateau(out, preset, list(ctx.args), chosen, seeds, drafter, report)
-    except DopdError as e:
-        _fail(e)
-    typer.echo(json.dumps({k: summary[k] for k in ("gate", "tau_final", "tau_se", "contrasts")}, indent=1))
-
-
-@experiment_app.command("methods", context_settings={"allow_extra_args": True})
-def experiment_methods(
-    ctx: typer.Context,
-    out: Path = typer.Option(..., help="output directory (re-running skips finished arms and evaluations)"),
-    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option(
-        ",".join(("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e", "dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")),
-        help="comma-separated subset of the arms",
-    ),
-    threads: int | None = typer.Option(None, help="torch CPU threads"),
-) -> None:
-    """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
-    _setup_torch(threads)
-    from dopd.experiments.methods import ARMS, PRESETS, main_methods
-
-    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
-    bad = [a for a in chosen if a not in ARMS]
-    if preset not in PRESETS or bad or not chosen:
-        _fail(
-            DopdError(
-                f"unknown preset '{preset}' (known: {', '.join(PRESETS)})"
-                if preset not in PRESETS
-                else f"unknown arms {bad} (known: {', '.join(ARMS)})"
-            )
-        )
-    try:
-        summary = main_methods(out, preset, list(ctx.args), chosen)
-    except DopdError as e:
-        _fail(e)
-    typer.echo(
-        json.dumps(
-            {a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()},
-            indent=1,
-        )
-    )
-
-
 def _overrides(ctx: typer.Context) -> list[str]:
     extra = list(ctx.args)
     for a in extra:
@@ -521,28 +457,6 @@ def data_inspect(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rep, indent=1))
-
-
-@experiment_app.command("render")
-def experiment_render(
-    report: Path = typer.Argument(
-        ..., help="a report directory: an experiment's --out / --report, docs/plateau, docs/methods"
-    ),
-) -> None:
-    """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
-    from dopd.experiments import methods, plateau
-
-    if (report / "results.json").is_file():
-        methods.render_report(report)
-        typer.echo(f"re-rendered {report / 'results.csv'} and {report / 'summary.md'} from {report / 'results.json'}")
-    elif (report / "summary.json").is_file() and (report / "results.csv").is_file():
-        try:
-            plateau.render_report(report)
-        except DopdError as e:
-            _fail(e)
-        typer.echo(f"re-rendered {report / 'summary.md'} and {report / 'plot.png'} from summary.json and results.csv")
-    else:
-        _fail(DopdError(f"{report} holds no experiment results (results.json, or summary.json + results.csv)"))
 
 
 def main() -> None:

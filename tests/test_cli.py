@@ -8,6 +8,7 @@ from helpers import assert_tau_consistent
 from typer.testing import CliRunner
 
 from dopd.cli import app
+from dopd.experiments.cli import app as experiments_app
 
 runner = CliRunner()
 
@@ -110,13 +111,16 @@ def test_train_rejects_unknown_config_key():
 
 
 def test_experiment_rejects_bad_arms_and_presets(tmp_path):
-    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--preset", "laptop"])
+    """`dopd-experiments plateau` (its own entry point); the core CLI has no experiment command."""
+    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "No such command 'experiment'" in r.output
+    r = runner.invoke(experiments_app, ["plateau", "--out", str(tmp_path), "--preset", "laptop"])
     assert r.exit_code == 2 and "unknown preset 'laptop'" in r.output
-    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--arms", "B,magic"])
+    r = runner.invoke(experiments_app, ["plateau", "--out", str(tmp_path), "--arms", "B,magic"])
     assert r.exit_code == 2 and "unknown arms ['magic']" in r.output
-    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--seeds", "0"])
+    r = runner.invoke(experiments_app, ["plateau", "--out", str(tmp_path), "--seeds", "0"])
     assert r.exit_code == 2 and "--seeds must be >= 1" in r.output
-    r = runner.invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--drafter", "medusa"])
+    r = runner.invoke(experiments_app, ["plateau", "--out", str(tmp_path), "--drafter", "medusa"])
     assert r.exit_code == 2 and "unknown drafter 'medusa'" in r.output
 
 
