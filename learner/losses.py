@@ -249,7 +249,7 @@ def opd_masks(T: BlockTargets, cfg: LossConfig) -> tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class StreamSums:
-    """Unnormalised stream sums; the joint mean divides them by `weight(cfg)`."""
+    """Unnormalised stream sums of a per-sample objective (dvi_sums, e2e_sums); the objective divides by its mask."""
 
     acc: torch.Tensor  # sum of accepted-stream (or TTT) losses
     n_acc: float  # its token weight
@@ -257,43 +257,10 @@ class StreamSums:
     w_rej: float  # sum of the weights
     n_rej: int = 0  # rejected positions with weight > 0
 
-    def __add__(self, o: StreamSums) -> StreamSums:
-        return StreamSums(
-            self.acc + o.acc, self.n_acc + o.n_acc, self.rej + o.rej, self.w_rej + o.w_rej, self.n_rej + o.n_rej
-        )
-
-    def weight(self, cfg: LossConfig) -> float:
-        return cfg.lambda_acc * self.n_acc + (cfg.lambda_rej or 0.0) * self.w_rej
-
 
 def _clamped(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """The per-token loss clamp (official `loss_max_clamp`: clamp(min=-c, max=c); the divergences here are >= 0)."""
     return x.clamp(-cfg.clamp, cfg.clamp) if cfg.clamp is not None else x
-
-
-def block_sums(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig) -> StreamSums:
-    """Both streams over verification blocks (logq: draft-vocab log-softmax [B,M,K,Vd]); cfg: a resolved `Config.loss`."""
-    acc_mask, w_rej = opd_masks(T, cfg)
-    zero = logq.sum() * 0.0
-    tok = token_args(cfg)
-    s_acc = (
-        (_clamped(acc_divergence(cfg.acc_divergence, logq, t2d, T, **tok), cfg) * acc_mask).sum()
-        if bool(acc_mask.any())
-        else zero
-    )
-    s_rej = (
-        (_clamped(rej_divergence(cfg.rej_divergence, logq, t2d, T, **tok), cfg) * w_rej).sum()
-        if bool((w_rej > 0).any())
-        else zero
-    )
-    return StreamSums(s_acc, float(acc_mask.sum()), s_rej, float(w_rej.sum()), int((w_rej > 0).sum()))
-
-
-def block_weight(T: BlockTargets, cfg: LossConfig) -> StreamSums:
-    """The token weights of `block_sums` without a forward (ranks all-reduce them first)."""
-    acc_mask, w_rej = opd_masks(T, cfg)
-    z = torch.zeros(())
-    return StreamSums(z, float(acc_mask.sum()), z, float(w_rej.sum()), int((w_rej > 0).sum()))
 
 
 def sft_valid(T: BlockTargets, t2d: torch.Tensor, step_weight: torch.Tensor) -> torch.Tensor:
@@ -301,19 +268,6 @@ def sft_valid(T: BlockTargets, t2d: torch.Tensor, step_weight: torch.Tensor) -> 
     drafter can produce (EAGLE-3 masks positions whose target argmax is outside a reduced draft vocabulary)."""
     w = step_weight.to(T.valid.device).expand_as(T.valid) * T.valid
     return w * (t2d[T.topk_ids[..., 0]] >= 0)
-
-
-def sft_sums(
-    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, step_weight: torch.Tensor, objective: str
-) -> StreamSums:
-    """Supervised objective on teacher-forced blocks: fkl to the target top-k, CE to the true token, or both.
-
-    step_weight [K] weights block position j (EAGLE-3 TTT: 0.8^(j-1); DFlash: exp(-(j-1)/decay)).
-    """
-    w = sft_valid(T, t2d, step_weight)
-    per = sft_per_position(logq, t2d, T, objective)
-    z = logq.sum() * 0.0
-    return StreamSums((per * w).sum(), float(w.sum()), z, 0.0, 0)
 
 
 def sft_per_position(logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, objective: str) -> torch.Tensor:
@@ -473,37 +427,6 @@ def score_surrogate(
     base = (tot - after) / (n - 1).clamp_min(1)  # leave-one-out mean at the same position
     adv = (after - base) * m
     return (adv * (lq - lq.detach())).sum()
-
-
-def finish(s: StreamSums, cfg: LossConfig, denom: float | None = None) -> LossParts:
-    """The joint token mean of the stream sums (denom: an all-reduced weight to divide by instead)."""
-    d = s.weight(cfg) if denom is None else denom
-    loss = (cfg.lambda_acc * s.acc + (cfg.lambda_rej or 0.0) * s.rej) / max(d, EPS)
-    return LossParts(
-        loss=loss, acc=float(s.acc.detach()) / max(s.n_acc, EPS), rej=float(s.rej.detach()) / max(s.w_rej, EPS),
-        n_acc=int(s.n_acc), n_rej=s.n_rej, w_rej=s.w_rej,
-    )  # fmt: skip
-
-
-def opd_loss(
-    logq: torch.Tensor, t2d: torch.Tensor, T: BlockTargets, cfg: LossConfig, denom: float | None = None
-) -> LossParts:
-    """The Draft-OPD objective over both streams of verification blocks (cfg: a resolved `Config.loss`)."""
-    return finish(block_sums(logq, t2d, T, cfg), cfg, denom)
-
-
-def sft_loss(
-    logq: torch.Tensor,
-    t2d: torch.Tensor,
-    T: BlockTargets,
-    step_weight: torch.Tensor,
-    objective: str,
-    denom: float | None = None,
-) -> LossParts:
-    """The weighted mean of the supervised objective over valid positions."""
-    s = sft_sums(logq, t2d, T, step_weight, objective)
-    loss = s.acc / (max(s.n_acc, EPS) if denom is None else max(denom, EPS))
-    return LossParts(loss=loss, acc=float(loss.detach()), rej=0.0, n_acc=int(T.valid.sum()), n_rej=0, w_rej=0.0)
 
 
 # --- exact full-vocabulary targets (records carrying the target's final hidden state) --------------------------

@@ -203,3 +203,40 @@ def heldout_of_saved(cfg, out_dir) -> dict:
     d = load_drafter(Path(out_dir) / "drafter", tgt.info, tgt.embed_tokens.weight, tgt.lm_head.weight)
     ids = run_prompts(cfg, tgt.tokenizer).eval_ids[: cfg.eval.num_prompts]
     return heldout(tgt, d, ids, eval_settings(cfg), simulate=cfg.eval.simulate)
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in drafter whose block forward is given logits [B,M,K,Vd]: an objective's loss on exactly these q."""
+
+    def __init__(self, logits: torch.Tensor, t2d: torch.Tensor):
+        super().__init__()
+        self.q, self.t2d = logits, t2d
+
+    def block_hidden(self, *inputs):
+        return self.q
+
+    def logits(self, h):
+        return h
+
+
+def objective_loss(
+    name, loss_cfg, targets, logits, t2d, step=0, denom=None, step_weight=None, response_tokens=0, **cfg
+):
+    """(LossParts, Mask) of the objective production trains (`learner/objectives`, `objective_for`), through its
+    public API (mask, then loss under that mask), on a batch of hand-built verification blocks and given logits.
+    name: an objective name or "sft" (the warm-up); cfg: other Config sections (e.g. dvi=DVIConfig(...))."""
+    import dataclasses
+
+    from dopd.common.config import Config, MetricsConfig
+    from dopd.learner.batch import TrainBatch
+    from dopd.learner.objectives import objective_for
+
+    c = Config(loss=dataclasses.replace(loss_cfg), metrics=MetricsConfig(replay_kl=False), **cfg)
+    if name != "sft":
+        c.loss.objective = name
+    obj = objective_for(c, "sft" if name == "sft" else "opd")
+    z = torch.zeros(1)
+    batch = TrainBatch(z, z, z, z, z, targets, step_weight=step_weight, response_tokens=response_tokens)
+    drafter = FixedLogits(logits, t2d)
+    mask = obj.mask(batch, t2d)
+    return obj.loss(drafter, batch, mask, step, denom), mask

@@ -1,5 +1,6 @@
 """Losses on hand-built blocks equal hand-computed values (both streams, decay, tail bucket, normalisation, the
-official recipe's offsets, clamp and log-prob floor, stream flags)."""
+official recipe's offsets, clamp and log-prob floor, stream flags). The whole-step losses are the objectives
+production trains (learner/objectives: `mask`, then `loss` under it), fed given logits (helpers.objective_loss)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,10 @@ import math
 
 import pytest
 import torch
+from helpers import objective_loss
 
 from dopd.common.config import LossConfig
-from dopd.learner.losses import (
-    BlockTargets,
-    block_weight,
-    bucket_divergence,
-    opd_loss,
-    rejection_weights,
-    sft_loss,
-    sft_valid,
-    token_divergence,
-)
+from dopd.learner.losses import BlockTargets, bucket_divergence, rejection_weights, sft_valid, token_divergence
 
 V = 6
 
@@ -26,7 +19,10 @@ V = 6
 def LC(**kw) -> LossConfig:
     """A resolved loss config (every recipe field set): top-k fKL accepted stream, no clamp, offsets from the
     first rejection, unless overridden."""
-    base = dict(response="blocks", acc_divergence="fkl", lambda_rej=1.0, clamp=None, gamma_offset="rejection")
+    base = dict(
+        response="blocks", acc_divergence="fkl", lambda_rej=1.0, clamp=None, gamma_offset="rejection",
+        acc_denominator="supervised",
+    )  # fmt: skip
     return LossConfig(**{**base, **kw})
 
 
@@ -42,6 +38,20 @@ def targets(accept, topk_ids, topk_probs, tail, draft, p_draft):
 
 def logq_of(q_rows):
     return torch.log(torch.tensor(q_rows, dtype=torch.float32))[None, None]
+
+
+def opd(logq, T, cfg, denom=None, t2d=None, response_tokens=0):
+    """The `opd` objective's loss on these log-probabilities (log q as logits: log_softmax leaves them unchanged)."""
+    return objective_loss(
+        "opd", cfg, T, logq, T2D if t2d is None else t2d, denom=denom, response_tokens=response_tokens
+    )[0]
+
+
+def sft(logq, T, step_weight, objective, denom=None):
+    """The warm-up's SFT objective (loss.sft_objective = objective) with the kind's step weights."""
+    return objective_loss(
+        "sft", LossConfig(sft_objective=objective), T, logq, T2D, denom=denom, step_weight=step_weight
+    )[0]
 
 
 T2D = torch.arange(V)
@@ -104,10 +114,10 @@ def test_rejection_weights_decay_from_first_rejection_and_from_block_start():
     assert wb[0, 0].tolist() == pytest.approx([0, 0.8, 0.64, 0.512])
 
 
-def test_opd_loss_joint_normalisation():
+def test_opd_objective_joint_normalisation():
     T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
     cfg = LC(lambda_acc=1.0, lambda_rej=2.0, gamma=0.5, rej_divergence="k3", acc_at_first_rejection=False)
-    parts = opd_loss(logq_of(Q), T2D, T, cfg)
+    parts = opd(logq_of(Q), T, cfg)
     acc = fkl_hand(0)
     k3 = lambda j: (lambda r: math.exp(r) - 1 - r)(math.log(PD[j] / Q[j][DRAFT[j]]))  # noqa: E731
     w = [1.0, 0.5]
@@ -119,7 +129,7 @@ def test_opd_loss_joint_normalisation():
 
 def test_gamma_one_weights_all_rejected_equally():
     T = targets([False, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
-    parts = opd_loss(logq_of(Q), T2D, T, LC(gamma=1.0, rej_divergence="bernoulli", acc_at_first_rejection=False))
+    parts = opd(logq_of(Q), T, LC(gamma=1.0, rej_divergence="bernoulli", acc_at_first_rejection=False))
     be = token_divergence("bernoulli", logq_of(Q), T2D, T.draft_tokens, T.p_draft)[0, 0]
     assert parts.loss.item() == pytest.approx(be.mean().item(), rel=1e-5)
 
@@ -134,13 +144,13 @@ def test_reduced_vocab_moves_unreachable_mass_to_tail():
     assert got == pytest.approx(0.6 * math.log(0.6 / 0.5) + p_tail * math.log(p_tail / q_tail), rel=1e-5)
 
 
-def test_sft_loss_weights_steps():
+def test_sft_objective_weights_steps():
     T = targets([True, True, True], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
     w = torch.tensor([1.0, 0.8, 0.64])
-    parts = sft_loss(logq_of(Q), T2D, T, w, "kl")
+    parts = sft(logq_of(Q), T, w, "kl")
     expect = sum(wj * fkl_hand(j) for j, wj in enumerate(w.tolist())) / w.sum().item()
     assert parts.loss.item() == pytest.approx(expect, rel=1e-5)
-    ce = sft_loss(logq_of(Q), T2D, T, w, "ce").loss.item()
+    ce = sft(logq_of(Q), T, w, "ce").loss.item()
     assert ce == pytest.approx(
         sum(-wj * math.log(Q[j][DRAFT[j]]) for j, wj in enumerate(w.tolist())) / w.sum().item(), rel=1e-5
     )
@@ -150,7 +160,7 @@ def test_sft_loss_weights_steps():
 def test_gradients_flow_and_point_the_right_way(div):
     logits = torch.zeros(1, 1, 3, V, requires_grad=True)
     T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, [0.6, 0.01, 0.01])
-    opd_loss(torch.log_softmax(logits, -1), T2D, T, LC(rej_divergence=div)).loss.backward()
+    opd(torch.log_softmax(logits, -1), T, LC(rej_divergence=div)).loss.backward()
     g = logits.grad[0, 0]
     assert g[0, 0] < 0  # accepted: raise the target's top token
     if div in ("k3", "bernoulli"):  # divergences on the drafted token alone, p(d) ~ 0: lower it
@@ -164,7 +174,7 @@ def test_gradients_flow_and_point_the_right_way(div):
 
 def test_first_rejected_position_is_in_both_streams_by_default():
     T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
-    parts = opd_loss(logq_of(Q), T2D, T, LC(gamma=0.5, rej_divergence="k3"))
+    parts = opd(logq_of(Q), T, LC(gamma=0.5, rej_divergence="k3"))
     k3 = lambda j: (lambda r: math.exp(r) - 1 - r)(math.log(PD[j] / Q[j][DRAFT[j]]))  # noqa: E731
     expect = (fkl_hand(0) + fkl_hand(1) + (1.0 * k3(1) + 0.5 * k3(2))) / (2 + 1.5)
     assert parts.loss.item() == pytest.approx(expect, rel=1e-5)
@@ -188,14 +198,14 @@ def test_ranks_with_the_all_reduced_denominator_average_to_the_global_token_mean
     sw = torch.tensor([1.0, 0.8, 0.64])
     if mode == "sft":
         T2.valid[..., 2] = False  # ranks with different numbers of valid positions
-        loss = lambda q, T, d=None: sft_loss(q, T2D, T, sw, "kl", d).loss  # noqa: E731
+        loss = lambda q, T, d=None: sft(q, T, sw, "kl", d).loss  # noqa: E731
     else:
-        loss = lambda q, T, d=None: opd_loss(q, T2D, T, cfg, d).loss  # noqa: E731
+        loss = lambda q, T, d=None: opd(q, T, cfg, d).loss  # noqa: E731
     whole = loss(torch.cat([q1, q2]), _cat(T1, T2))
     weight = (
         (lambda T: float(sft_valid(T, T2D, sw).sum()))
         if mode == "sft"
-        else (lambda T: block_weight(T, cfg).weight(cfg))
+        else (lambda T: objective_loss("opd", cfg, T, logq_of(Q), T2D)[1].weight)
     )  # noqa: E731
     d = (weight(T1) + weight(T2)) / 2
     assert ((loss(q1, T1, d) + loss(q2, T2, d)) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
@@ -226,7 +236,7 @@ def test_official_defaults_per_drafter_kind():
 def test_official_dflash_loss_by_hand():
     """Block of 4 drafts, 1 accepted: accepted stream = positions 1 (accepted) and 2 (first rejection), Bernoulli
     KL on the target's top-1 token; rejected stream = k3 on drafts 2..4 weighted gamma^(j-1) from the block start
-    (the first rejected token already weighs gamma^1); joint mean."""
+    (the first rejected token already weighs gamma^1); joint mean over the response tokens and the rejected weights."""
     ids = [[0, 2], [1, 0], [3, 4], [5, 0]]
     ps = [[0.6, 0.3], [0.7, 0.2], [0.5, 0.1], [0.4, 0.3]]
     tail = [0.1, 0.1, 0.4, 0.3]
@@ -235,13 +245,15 @@ def test_official_dflash_loss_by_hand():
     Q4 = Q + [[0.1, 0.3, 0.2, 0.2, 0.1, 0.1]]
     T = targets([True, False, False, False], ids, ps, tail, draft, pd)
     cfg = load_official("dflash")
-    parts = opd_loss(logq_of(Q4), T2D, T, cfg)
+    # the official accepted stream divides by every response token of the batch (9 here), supervised or not
+    assert cfg.acc_denominator == "response_tokens"
+    parts = opd(logq_of(Q4), T, cfg, response_tokens=9)
     bern = lambda p, q: p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))  # noqa: E731
     k3 = lambda p, q: (lambda r: math.exp(r) - 1 - r)(math.log(p / q))  # noqa: E731
     acc = bern(ps[0][0], Q4[0][ids[0][0]]) + bern(ps[1][0], Q4[1][ids[1][0]])
     w = [0.8, 0.64, 0.512]
     rej = sum(wj * k3(pd[j], Q4[j][draft[j]]) for wj, j in zip(w, (1, 2, 3)))
-    assert parts.loss.item() == pytest.approx((acc + rej) / (2 + sum(w)), rel=1e-5)
+    assert parts.loss.item() == pytest.approx((acc + rej) / (9 + sum(w)), rel=1e-5)
     assert (parts.n_acc, parts.n_rej) == (2, 3)
 
 
@@ -265,9 +277,9 @@ def test_dopd_2511_floored_k3_and_the_loss_clamp():
     raw = token_divergence("k3", lq, T2D, big.draft_tokens, big.p_draft, k3="floored")[0, 0, 0].item()
     assert raw > 10  # p/q ~ e^10 before the clamp
     cfg = LC(rej_divergence="k3", k3="floored", clamp=10.0, acc_at_first_rejection=False)
-    assert opd_loss(lq, T2D, big, cfg).loss.item() == pytest.approx(10.0)
-    assert opd_loss(
-        lq, T2D, big, LC(rej_divergence="k3", k3="floored", clamp=None, acc_at_first_rejection=False)
+    assert opd(lq, big, cfg).loss.item() == pytest.approx(10.0)
+    assert opd(
+        lq, big, LC(rej_divergence="k3", k3="floored", clamp=None, acc_at_first_rejection=False)
     ).loss.item() == pytest.approx(raw, rel=1e-5)
 
 
@@ -276,18 +288,16 @@ def test_stream_flags_route_blocks():
     ablation: shuffled blocks train the accepted stream, the true blocks only the rejected one)."""
     T = targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD)
     cfg = LC(gamma=0.5, rej_divergence="k3")
-    both = opd_loss(logq_of(Q), T2D, T, cfg)
+    both = opd(logq_of(Q), T, cfg)
     T.acc_block, T.rej_block = torch.tensor([[True]]), torch.tensor([[False]])
-    acc_only = opd_loss(logq_of(Q), T2D, T, cfg)
+    acc_only = opd(logq_of(Q), T, cfg)
     assert (acc_only.n_acc, acc_only.n_rej) == (2, 0)
     assert acc_only.loss.item() == pytest.approx((fkl_hand(0) + fkl_hand(1)) / 2, rel=1e-5)
     T.acc_block, T.rej_block = torch.tensor([[False]]), torch.tensor([[True]])
-    rej_only = opd_loss(logq_of(Q), T2D, T, cfg)
+    rej_only = opd(logq_of(Q), T, cfg)
     assert (rej_only.n_acc, rej_only.n_rej) == (0, 2) and rej_only.loss.item() != pytest.approx(both.loss.item())
     # lambda_rej = 0 turns the rejected stream off (and out of the denominator)
-    off = opd_loss(
-        logq_of(Q), T2D, targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD), LC(lambda_rej=0.0)
-    )
+    off = opd(logq_of(Q), targets([True, False, False], TOPK_IDS, TOPK_P, TAIL, DRAFT, PD), LC(lambda_rej=0.0))
     assert off.n_rej == 0 and off.loss.item() == pytest.approx((fkl_hand(0) + fkl_hand(1)) / 2, rel=1e-5)
 
 

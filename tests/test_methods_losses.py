@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
+from helpers import objective_loss
 
 from dopd.common.config import DVIConfig, LossConfig
 from dopd.common.errors import ConfigError
 from dopd.common.load import load_config
 from dopd.common.specdec import DecodeSettings, SpecEngine
-from dopd.learner.losses import BlockTargets, bucket_divergence, dvi_phase, dvi_sums, e2e_sums, expected_length, finish
+from dopd.learner.losses import BlockTargets, bucket_divergence, dvi_phase, dvi_sums, e2e_sums, expected_length
 
 V = 5
 T2D = torch.arange(V)
@@ -43,9 +44,9 @@ T = block(
 def test_policy_gradient_raises_the_accepted_token_and_lowers_the_rejected_one():
     logits = torch.zeros(1, 1, 3, V, requires_grad=True)
     d = DVIConfig(rl_start_step=0, kl_weight=0.0, ce_weight=0.0, pg_weight=1.0)
-    s, phase = dvi_sums(torch.log_softmax(logits, -1), T2D, T, LC, d, step=0)
-    assert phase == "rl"
-    finish(s, LC).loss.backward()
+    parts, _ = objective_loss("dvi", LC, T, logits, T2D, dvi=d)  # the objective production trains
+    assert parts.info["dvi_phase"] == "rl"
+    parts.loss.backward()
     with torch.no_grad():
         q0 = torch.softmax(logits, -1)
         q1 = torch.softmax(logits - 1.0 * logits.grad, -1)
@@ -54,9 +55,8 @@ def test_policy_gradient_raises_the_accepted_token_and_lowers_the_rejected_one()
     assert torch.all(logits.grad[0, 0, 2] == 0)  # past the first rejection: not a sample
     # baseline b = mean reward over the 2 samples = 0.5: by hand, loss = (-(1 - .5) log q_1(0) - (0 - .5) log q_2(1)) / 2
     logq = torch.log_softmax(torch.randn(1, 1, 3, V, generator=torch.Generator().manual_seed(3)), -1)
-    s, _ = dvi_sums(logq, T2D, T, LC, d, step=0)
     by_hand = (-0.5 * logq[0, 0, 0, 0] + 0.5 * logq[0, 0, 1, 1]) / 2
-    assert float(finish(s, LC).loss) == pytest.approx(float(by_hand), abs=1e-6)
+    assert float(objective_loss("dvi", LC, T, logq, T2D, dvi=d)[0].loss) == pytest.approx(float(by_hand), abs=1e-6)
 
 
 def test_reward_masked_cross_entropy_only_on_accepted_drafts():
