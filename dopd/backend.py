@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dopd.common.config import Config
 from dopd.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dopd.learner.learner import RankResult
 
 
 @dataclass
@@ -42,6 +46,57 @@ class RunState:
     @classmethod
     def from_dict(cls, d: dict) -> RunState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Accounts:
+    """Where every record went and how the run was placed: the summary's runner fields, the same from both backends
+    (in-process: one worker, one rank, no shards; the defaults are its values)."""
+
+    records_produced: int
+    records_consumed: int
+    records_trained_twice: int = 0
+    records_dropped_stale: int = 0
+    records_dropped_full: int = 0
+    records_rejected: int = 0
+    records_lost_in_flight: int = 0
+    records_queued: int = 0
+    queue_peak_bytes: int = 0
+    queue_max_bytes: int = 0
+    exactly_once_state_bytes: int = 0
+    actor_restarts: int = 0
+    actors: int = 1
+    learners: int = 1
+    shards: int = 0
+    zero_stage: int | None = None
+    metrics_port: int | None = None
+
+
+@dataclass
+class Summary:
+    """summary.json: the run's outcome (written once, by dopd/train.py, for either backend)."""
+
+    runner: str
+    steps: int
+    steps_planned: int
+    policy_version: int
+    flops: float
+    tau: float  # the final held-out tau (of the saved drafter)
+    alpha: list[float]
+    records_trained: int
+    drafter_params: int
+    target: dict
+    wall_s: float
+    time: dict  # rollout_s, replay_s, learner_s, eval_s
+    rollout_tokens: int
+    replay_anchors: int
+    resumes: int
+    accounts: Accounts
+
+    def to_dict(self) -> dict:
+        """The JSON object: the run fields, then the backend's accounts at the top level."""
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "accounts"}
+        return {**out, **asdict(self.accounts)}
 
 
 class Backend(ABC):
@@ -118,7 +173,7 @@ class Backend(ABC):
         """Put the backend's own state into `state.runner` before a checkpoint."""
 
     @abstractmethod
-    def accounts(self, state: RunState) -> dict:
+    def accounts(self, state: RunState) -> Accounts:
         """Where every record went and how the run was placed (the summary's runner fields; the same keys from both)."""
 
     def finish(self, summary: dict) -> None:
@@ -132,44 +187,22 @@ class Backend(ABC):
         """Release what `start` placed."""
 
 
-# what every learner rank's step result holds (learner/learner.py); any other key is the objective's own diagnostic
-_RANK_KEYS = {
-    "loss",
-    "acc",
-    "rej",
-    "n_acc",
-    "n_rej",
-    "grad_norm",
-    "lr",
-    "flops",
-    "seconds",
-    "positions",
-    "records",
-    "staleness",
-    "trained",
-    "uids",
-    "wait_s",
-    "refused",
-}
-
-
-def aggregate(results: list[dict]) -> dict:
+def aggregate(results: list[RankResult]) -> dict:
     """Learner ranks' results of one step -> one: loss, stream means averaged; counts, FLOPs and records summed."""
     n = len(results)
     out = {
-        "loss": sum(r["loss"] for r in results) / n, "acc_div": sum(r["acc"] for r in results) / n,
-        "rej_div": sum(r["rej"] for r in results) / n, "n_acc": sum(r["n_acc"] for r in results),
-        "n_rej": sum(r["n_rej"] for r in results), "grad_norm": max(r["grad_norm"] for r in results), "lr": results[0]["lr"],
-        "step_flops": sum(r["flops"] for r in results), "seconds": max(r["seconds"] for r in results),
-        "positions": sum(r["positions"] for r in results), "records": sum(r.get("records", 0) for r in results),
-        "staleness": [s for r in results for s in r.get("staleness", [])],
-        "refused": sum(r.get("refused", 0) for r in results),  # records a learner refused (counted at their shard)
+        "loss": sum(r.loss for r in results) / n, "acc_div": sum(r.acc for r in results) / n,
+        "rej_div": sum(r.rej for r in results) / n, "n_acc": sum(r.n_acc for r in results),
+        "n_rej": sum(r.n_rej for r in results), "grad_norm": max(r.grad_norm for r in results), "lr": results[0].lr,
+        "step_flops": sum(r.flops for r in results), "seconds": max(r.seconds for r in results),
+        "positions": sum(r.positions for r in results), "records": sum(r.records for r in results),
+        "staleness": [s for r in results for s in r.staleness],
+        "refused": sum(r.refused for r in results),  # records a learner refused (counted at their shard)
     }  # fmt: skip
     info: dict = {}
     for r in results:
-        for k, v in r.items():
-            if k not in _RANK_KEYS:
-                info.setdefault(k, []).append(v)
+        for k, v in r.info.items():
+            info.setdefault(k, []).append(v)
     for (
         k,
         vs,
@@ -181,6 +214,6 @@ def aggregate(results: list[dict]) -> dict:
             out[k] = [sum(c) / len(c) if c else None for c in cols]
         else:
             out[k] = "/".join(sorted({str(v) for v in vs}))
-    out["trained"] = [t for r in results for t in r.get("trained", [])]
-    out["uids"] = [u for r in results for u in r.get("uids", [])]
+    out["trained"] = [t for r in results for t in r.trained]
+    out["uids"] = [u for r in results for u in r.uids]
     return out

@@ -24,7 +24,7 @@ import json
 import os
 import time
 
-from dopd.backend import Backend, RunState, aggregate
+from dopd.backend import Accounts, Backend, RunState, aggregate
 from dopd.common.config import Config
 from dopd.common.errors import DopdError
 from dopd.connection import cluster_address, connect
@@ -391,7 +391,7 @@ class RayFleet(Backend):
             self.acc["actor_restarts"] = max(self.acc["actor_restarts"], crash.get("actor_restarts", 0))
         crash_file.rename(crash_file.with_name(f"crash_resumed_{state.resumes}.json"))
 
-    def accounts(self, state: RunState) -> dict:
+    def accounts(self, state: RunState) -> Accounts:
         """Where every record went. Offered to the queues = produced + rejected; produced = trained + dropped +
         lost in flight + still queued (lost: queued at a crash, or delivered but not in the resumed checkpoint)."""
         c = self.cfg.cluster
@@ -402,16 +402,16 @@ class RayFleet(Backend):
         else:
             produced = tot["accepted"] + (tot["dropped_full"] if c.queue_policy == "drop_newest" else 0)
             delivered, queued = tot["delivered"], sum(s["depth"] for s in shards)
-        return {
-            "records_produced": produced, "records_consumed": self.acc["records_consumed"],
-            "records_trained_twice": self.acc["records_trained_twice"], "records_dropped_stale": tot["dropped_stale"],
-            "records_dropped_full": tot["dropped_full"], "records_rejected": tot["rejected"],
-            "records_lost_in_flight": self.acc["lost_queued"] + delivered - state.records_trained, "records_queued": queued,
-            "queue_peak_bytes": max([s["peak_bytes"] for s in shards] + [self.peak_before]), "queue_max_bytes": c.queue_max_bytes,
-            "exactly_once_state_bytes": len(json.dumps(self.ledger.to_json())), "actor_restarts": self.acc["actor_restarts"],
-            "actors": c.actors, "learners": c.learners, "shards": c.shards or c.learners, "zero_stage": self.cfg.learner.zero_stage,
-            "metrics_port": self.metrics_port,
-        }  # fmt: skip
+        return Accounts(
+            records_produced=produced, records_consumed=self.acc["records_consumed"],
+            records_trained_twice=self.acc["records_trained_twice"], records_dropped_stale=tot["dropped_stale"],
+            records_dropped_full=tot["dropped_full"], records_rejected=tot["rejected"],
+            records_lost_in_flight=self.acc["lost_queued"] + delivered - state.records_trained, records_queued=queued,
+            queue_peak_bytes=max([s["peak_bytes"] for s in shards] + [self.peak_before]), queue_max_bytes=c.queue_max_bytes,
+            exactly_once_state_bytes=len(json.dumps(self.ledger.to_json())), actor_restarts=self.acc["actor_restarts"],
+            actors=c.actors, learners=c.learners, shards=c.shards or c.learners, zero_stage=self.cfg.learner.zero_stage,
+            metrics_port=self.metrics_port,
+        )  # fmt: skip
 
     def close(self) -> None:
         import ray

@@ -141,7 +141,7 @@ class RolloutFleet:
             except _actor_gone():
                 self.recover(i)
 
-    def states(self) -> list[dict]:
+    def states(self) -> list:
         """Every actor's data position and RNG (for a checkpoint)."""
         return self._each("state")
 
@@ -334,15 +334,13 @@ class LearnerGroup:
                 wait()
         return ray.get(refs)
 
-    def opd_step(
-        self, version: int, wait: Callable | None = None, records: list[list[bytes]] | None = None
-    ) -> list[dict]:
+    def opd_step(self, version: int, wait: Callable | None = None, records: list[list[bytes]] | None = None) -> list:
         """One step on every rank: each pulls its micro-batch from its shard(s), or trains `records[rank]`."""
         if records is not None:
             return self._all([h.opd_step.remote(version, records[r]) for r, h in enumerate(self.handles)], wait)
         return self._all([h.opd_step.remote(version) for h in self.handles], wait)
 
-    def sft_step(self) -> list[dict]:
+    def sft_step(self) -> list:
         return self._all([h.sft_step.remote() for h in self.handles])
 
     def set_teacher(self, data: list[bytes]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dopd.actors.actor import RolloutWorker
-from dopd.backend import Backend, RunState, aggregate
+from dopd.backend import Accounts, Backend, RunState, aggregate
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter
 from dopd.common.models import Target, load_target
@@ -133,13 +133,8 @@ class InProcess(Backend):
             self.sinks.close()
             self.sinks = None
 
-    def accounts(self, state: RunState) -> dict:
-        return {
-            "records_produced": self.produced, "records_consumed": state.records_trained, "records_trained_twice": 0,
-            "records_dropped_stale": 0, "records_dropped_full": 0, "records_rejected": 0, "records_lost_in_flight": 0,
-            "records_queued": len(self.buffer), "queue_peak_bytes": 0, "queue_max_bytes": 0, "exactly_once_state_bytes": 0,
-            "actor_restarts": 0, "actors": 1, "learners": 1, "shards": 0, "zero_stage": None, "metrics_port": None,
-        }  # fmt: skip
+    def accounts(self, state: RunState) -> Accounts:
+        return Accounts(self.produced, state.records_trained, records_queued=len(self.buffer))
 
 
 def rollout_row(actor: int, st: dict) -> dict:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dopd import checkpoint
-from dopd.backend import Backend, RunState
+from dopd.backend import Backend, RunState, Summary
 from dopd.common.config import Config, dump_config
 from dopd.common.drafters import write_drafter
 from dopd.common.errors import DopdError
@@ -269,14 +269,14 @@ def train(
         save()
         write_drafter(out / "drafter", backend.spec(), backend.weights())  # the learners' final weights
         last = state.history[-1]
-        summary = {
-            "runner": cfg.runner, "steps": state.step, "steps_planned": sched.total, "policy_version": state.policy_version,
-            "flops": state.flops, "tau": last["tau"], "alpha": last["alpha"], "records_trained": state.records_trained,
-            "drafter_params": backend.drafter_params(), "target": backend.target_info, "wall_s": time.time() - t_start,
-            "time": {k: getattr(state, k) for k in ("rollout_s", "replay_s", "learner_s", "eval_s")},
-            "rollout_tokens": state.rollout_tokens, "replay_anchors": state.replay_anchors, "resumes": state.resumes,
-            **backend.accounts(state),
-        }  # fmt: skip
+        summary = Summary(
+            runner=cfg.runner, steps=state.step, steps_planned=sched.total, policy_version=state.policy_version,
+            flops=state.flops, tau=last["tau"], alpha=last["alpha"], records_trained=state.records_trained,
+            drafter_params=backend.drafter_params(), target=backend.target_info, wall_s=time.time() - t_start,
+            time={k: getattr(state, k) for k in ("rollout_s", "replay_s", "learner_s", "eval_s")},
+            rollout_tokens=state.rollout_tokens, replay_anchors=state.replay_anchors, resumes=state.resumes,
+            accounts=backend.accounts(state),
+        ).to_dict()  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         backend.finish(summary)
         first = state.history[0]["tau"] if state.history else float("nan")

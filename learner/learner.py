@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,30 @@ from .objectives import objective_for
 from .optim import make_optimizer, restore_schedule
 
 FLOP_COUNT_EVERY = 16
+
+
+@dataclass
+class RankResult:
+    """One learner rank's result of one step (the runners aggregate the ranks' into one step row, dopd/backend.py
+    `aggregate`). `info`: the objective's and the diagnostics' own fields, merged into the row by name."""
+
+    loss: float
+    acc: float  # the accepted (or TTT) stream's mean loss
+    rej: float  # the rejected stream's
+    n_acc: int
+    n_rej: int
+    grad_norm: float
+    lr: float
+    flops: float
+    seconds: float
+    positions: int
+    records: int = 0  # rollout records trained (0 in SFT)
+    staleness: list[int] = field(default_factory=list)  # policy versions behind, per record
+    uids: list = field(default_factory=list)  # the records' ids (exactly-once accounting)
+    trained: list[dict] = field(default_factory=list)  # what was trained (opd_sequences.jsonl)
+    wait_s: float = 0.0  # the rank's wait for its shard (Ray async)
+    refused: int = 0  # records this rank refused (counted at their shard)
+    info: dict = field(default_factory=dict)
 
 
 class TorchEngine:
@@ -167,13 +191,11 @@ class Learner:
         return len(self.teacher)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def sft_step(self) -> dict:
+    def sft_step(self) -> RankResult:
         if not self.teacher:
             raise RuntimeError("sft_step before set_teacher (no SFT data)")
         recs = [decode_teacher(self.teacher[i]) for i in self.sampler.take(self.cfg.learner.micro_batch_size)]
-        out = self._train(sft_batch(recs, self.cfg, self.rng, self.device), "sft")
-        out["records"] = 0
-        return out
+        return self._train(sft_batch(recs, self.cfg, self.rng, self.device), "sft")
 
     def decode(self, data: bytes) -> ExperienceRecord:
         """A rollout record's one full validation (its shard read only the header): RecordError if it must be refused."""
@@ -181,16 +203,16 @@ class Learner:
             data, self.cfg.cluster.max_record_bytes, vocab_size=self.info.vocab_size, hidden_size=self.info.hidden_size
         )
 
-    def opd_step(self, records: list, learner_version: int) -> dict:
+    def opd_step(self, records: list, learner_version: int) -> RankResult:
         """Train on rollout records: decoded ones, or wire bytes (decoded and validated here)."""
         recs = [r if isinstance(r, ExperienceRecord) else self.decode(r) for r in records]
         obj = self.objectives["opd"]
         batch = obj.prepare(opd_batch(recs, self.cfg, self.device), recs, self.rng, self.device)
         out = self._train(batch, "opd")
-        out["uids"] = [list(r.uid) for r in recs]
-        out["staleness"] = [learner_version - r.policy_version for r in recs]
-        out["records"] = len(recs)
-        out["trained"] = [
+        out.uids = [list(r.uid) for r in recs]
+        out.staleness = [learner_version - r.policy_version for r in recs]
+        out.records = len(recs)
+        out.trained = [
             {
                 "prompt_id": r.prompt_id,
                 "token_ids": r.token_ids.tolist(),
@@ -201,7 +223,7 @@ class Learner:
         ]
         return out
 
-    def _train(self, batch, phase: str) -> dict:
+    def _train(self, batch, phase: str) -> RankResult:
         obj = self.objectives[phase]
         engine = self.engine  # before the forward: ZeRO-3 partitions the parameters when the engine is made
         t0 = time.perf_counter()
@@ -225,11 +247,11 @@ class Learner:
             flops = self.flops_counted[phase][0] * batch.num_positions
         engine.step()
         self.step += 1
-        return {
-            "loss": float(parts.loss.detach()), "acc": parts.acc, "rej": parts.rej, "n_acc": parts.n_acc, "n_rej": parts.n_rej,
-            "grad_norm": engine.grad_norm, "lr": engine.lr, "flops": flops,
-            "seconds": time.perf_counter() - t0, "positions": batch.num_positions, **diag, **parts.info,
-        }  # fmt: skip
+        return RankResult(
+            loss=float(parts.loss.detach()), acc=parts.acc, rej=parts.rej, n_acc=parts.n_acc, n_rej=parts.n_rej,
+            grad_norm=engine.grad_norm, lr=engine.lr, flops=flops, seconds=time.perf_counter() - t0,
+            positions=batch.num_positions, info={**diag, **parts.info},
+        )  # fmt: skip
 
     def _global_weight(self, local: float) -> float | None:
         """Every rank's token weight, summed, over the world size (None in a world of one: the batch's own)."""

@@ -232,8 +232,7 @@ class LearnerActor:
                 refused += bad
         wait_s = time.perf_counter() - t0
         out = self.learner.opd_step(recs, learner_version)
-        out["wait_s"] = wait_s
-        out["refused"] = len(refused)
+        out.wait_s, out.refused = wait_s, len(refused)
         return out
 
     def set_teacher(self, box: list) -> int:
@@ -241,7 +240,7 @@ class LearnerActor:
 
         return self.learner.set_teacher(ray.get(box[0]))
 
-    def sft_step(self) -> dict:
+    def sft_step(self):
         return self.learner.sft_step()
 
     def gather_weights(self):

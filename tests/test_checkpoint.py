@@ -108,12 +108,12 @@ def test_optimizer_state_moves_between_deepspeed_and_the_in_process_learner(tmp_
         a.sft_step()
     weights, state = a.gather_weights(), merge_training_states([a.training_state()])
     assert state["optimizer"] is not None and state["step"] == 2
-    after = [a.sft_step()["loss"] for _ in range(2)]
+    after = [a.sft_step().loss for _ in range(2)]
 
     b = make_rank(cfg, 0, 1, "127.0.0.1", port)
     b.load(weights, state)
     b.set_teacher(teacher)
-    assert [b.sft_step()["loss"] for _ in range(2)] == pytest.approx(after, rel=1e-6)
+    assert [b.sft_step().loss for _ in range(2)] == pytest.approx(after, rel=1e-6)
 
     lcfg = load_config(None, over)
     c = Learner(
@@ -129,4 +129,4 @@ def test_optimizer_state_moves_between_deepspeed_and_the_in_process_learner(tmp_
     )
     c.load(weights, state)
     c.set_teacher(teacher)
-    assert [c.sft_step()["loss"] for _ in range(2)] == pytest.approx(after, rel=1e-5)
+    assert [c.sft_step().loss for _ in range(2)] == pytest.approx(after, rel=1e-5)

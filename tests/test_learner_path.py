@@ -80,8 +80,8 @@ def test_duplicates_through_the_real_path_are_refused_and_never_trained(setup, t
         got = shard.get(cfg.learner.micro_batch_size, 1)
         if got:
             out = rank.opd_step(got, 1)
-            trained.extend(tuple(u) for u in out["uids"])
-            return [ledger.add(u) for u in out["uids"]]
+            trained.extend(tuple(u) for u in out.uids)
+            return [ledger.add(u) for u in out.uids]
         return []
 
     data, _ = worker.produce(2)
@@ -113,7 +113,7 @@ def test_resume_continues_like_the_uninterrupted_run(setup, tmp_path):
     weights, state = checkpoint_of(a)
     worker.set_weights(a.gather_weights(), 1)
     batches = [worker.produce(2)[0] for _ in range(2)]
-    losses_a = [a.opd_step(b, 1)["loss"] for b in batches]
+    losses_a = [a.opd_step(b, 1).loss for b in batches]
     w_a = a.gather_weights()
     assert all(math.isfinite(x) for x in losses_a)
 
@@ -121,7 +121,7 @@ def test_resume_continues_like_the_uninterrupted_run(setup, tmp_path):
     b.load(weights, state)
     assert b.step == 2
     rng_at_load, torch_rng_at_load = copy.deepcopy(b.rng.bit_generator.state), torch.get_rng_state()
-    losses_b = [b.opd_step(x, 1)["loss"] for x in batches]
+    losses_b = [b.opd_step(x, 1).loss for x in batches]
     w_b = b.gather_weights()
     assert losses_b == pytest.approx(losses_a, rel=1e-6, abs=1e-7)
     for k in w_a:

@@ -39,7 +39,7 @@ def test_dvi_trains_in_the_distributed_runner(ray_session, tmp_path):
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
     fresh = heldout_of_saved(cfg, cfg.out_dir)  # the saved drafter, measured again in this process
-    assert (fresh["tau"], fresh["alpha"]) == pytest.approx((summary["tau"], summary["alpha"]), abs=1e-9)
+    assert [fresh["tau"], *fresh["alpha"]] == pytest.approx([summary["tau"], *summary["alpha"]], abs=1e-9)
     steps = [r for r in rows(tmp_path) if r["event"] == "step"]
     assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [
         ("opd", "rl")
@@ -57,7 +57,7 @@ def test_bebop_expected_length_trains_in_the_distributed_runner(ray_session, tmp
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
     fresh = heldout_of_saved(cfg, cfg.out_dir)  # the saved drafter, measured again in this process
-    assert (fresh["tau"], fresh["alpha"]) == pytest.approx((summary["tau"], summary["alpha"]), abs=1e-9)
+    assert [fresh["tau"], *fresh["alpha"]] == pytest.approx([summary["tau"], *summary["alpha"]], abs=1e-9)
     r = rows(tmp_path)
     evals = [x for x in r if x["event"] == "eval"]
     assert evals and not any(x["simulated"] for x in evals)  # T = 1: the engine measures tau
@@ -95,8 +95,8 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
         worker.set_weights(rank.gather_weights(), v + 1)
         data, _ = worker.produce(2)
         out.append(rank.opd_step(data, v + 1))
-    assert rank.step == 4 and all(math.isfinite(o["loss"]) for o in out)
+    assert rank.step == 4 and all(math.isfinite(o.loss) for o in out)
     if method == "dvi":
-        assert [o.get("dvi_phase") for o in out] == [None, None, "kl", "rl"]
+        assert [o.info.get("dvi_phase") for o in out] == [None, None, "kl", "rl"]
     else:
         assert all(-cfg.rollout.block_size <= o["loss"] <= 0 for o in out[2:]) and "dvi_phase" not in out[-1]

@@ -96,7 +96,7 @@ def test_a_new_objective_trains_in_the_shared_learner(registered, tiny):
     data, _ = worker.produce(2)
     before = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
     out = learner.opd_step(data, 1)
-    assert out["test_positions"] > 0 and out["n_acc"] == out["test_positions"] and out["loss"] > 0
+    assert out.info["test_positions"] > 0 and out.n_acc == out.info["test_positions"] and out.loss > 0
     assert any(not torch.equal(before[k], v) for k, v in learner.drafter.state_dict().items())  # it trained
     with pytest.raises(ConfigError, match="loss.objective' must be one of .*test_top1_ce"):
         load_config(None, BASE + ["loss.objective=nope"])
