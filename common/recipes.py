@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError
+from .registry import Registry
 
 if TYPE_CHECKING:
     from .config import Config
 
-RECIPES: dict[str, type[Recipe]] = {}
+RECIPES: Registry[type[Recipe]] = Registry("recipes", "loss.recipe")
 
 # keys whose None means "not set, resolve it" (filled by the objective and the drafter kind): a recipe fills them
 # even where a YAML file spells them out as null
@@ -40,17 +41,8 @@ class Difference:
     key: str
 
 
-def register_recipe(cls: type[Recipe]) -> type[Recipe]:
-    if cls.name in RECIPES and RECIPES[cls.name] is not cls:
-        raise ConfigError(f"two recipes named '{cls.name}'")
-    RECIPES[cls.name] = cls
-    return cls
-
-
-def recipe_named(name: str) -> type[Recipe]:
-    if name not in RECIPES:
-        raise ConfigError(f"config key 'loss.recipe' must be one of {list(RECIPES)} (got {name!r})")
-    return RECIPES[name]
+register_recipe = RECIPES.register
+recipe_named = RECIPES.named
 
 
 def _get(cfg: Config, key: str) -> Any:
