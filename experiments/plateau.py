@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dopd.common.errors import DopdError
 from dopd.common.load import load_config
@@ -221,136 +222,163 @@ def plateau(
     out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = DEFAULT_ARMS, seeds: int | None = None,
     drafter: str = "dflash", report: Path | None = None, log=print,
 ) -> dict:  # fmt: skip
-    from dopd.common.models import load_target
-    from dopd.local import InProcess
-    from dopd.train import train
-
-    P = choose(PRESETS, preset)
-    if drafter not in P.drafters:
-        raise DopdError(f"unknown drafter '{drafter}' for the plateau experiment (known: {', '.join(P.drafters)})")
-    bad = [a for a in arms if a not in ARMS]
-    if bad or not arms:
-        raise DopdError(f"unknown arms {bad} (known: {', '.join(ARMS)})")
-    seeds = P.seeds if seeds is None else seeds
-    if seeds < 1:
-        raise DopdError(f"--seeds must be >= 1 (got {seeds})")
-    out.mkdir(parents=True, exist_ok=True)
     t_call = time.time()
-    W, N = P.warmup_for(drafter), P.arm_steps
-    base = P.overrides + P.drafters[drafter] + list(extra)
-    cfg0 = load_config(None, base + ["mode=sft"])  # the settings every run shares, read as the warm-up's (no OPD phase)
-    n_sft = cfg0.sft.num_prompts
-    pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on; seed s takes the s-th such sample
-    base += [f"data.num_train={n_sft + seeds * pool}", "data.rollout_prompts=after_sft"]
-    command = " ".join(
-        ["dopd-experiments plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"]
-        + ([f"--seeds {seeds}"] if seeds != P.seeds else [])
-        + ([f"--arms {','.join(arms)}"] if set(arms) != set(DEFAULT_ARMS) else [])
-        + list(extra)
-    )
-
+    ctx = _Setup.of(out, preset, extra, arms, seeds, drafter)
+    warmups = _Warmups(ctx, log)
     # 1. the shared warm-up, its held-out evaluation and the gate (an arm that needs another head gets its own)
-    target = None
-    warmups: dict[tuple[str, ...], tuple[Path, dict, dict]] = {}
-
-    def warmup(extra_warm: tuple[str, ...]) -> tuple[Path, list[dict], dict]:
-        nonlocal target
-        if extra_warm in warmups:
-            return warmups[extra_warm]
-        wdir = out / (
-            "warmup" if not extra_warm else "warmup_" + "_".join(x.split(".")[-1].replace("=", "") for x in extra_warm)
-        )
-        curve = sorted({W >> k for k in range(1, 5)} - {0})  # the SFT curve: held-out tau at W/16, W/8, W/4, W/2, W
-        wcfg = load_config(
-            None,
-            base
-            + list(extra_warm)
-            + [
-                "mode=sft",
-                f"sft.warmup_steps={W}",
-                f"learner.steps={W}",
-                f"learner.eval_every={10**9}",
-                f"learner.eval_at={curve}",
-                f"out_dir={wdir}",
-            ],
-        )
-        if target is None:
-            target = load_target(wcfg.model.target, wcfg.model.device, wcfg.model.dtype, forward=wcfg.model.forward)
-        if not (wdir / "summary.json").is_file():
-            log(
-                f"== warm-up{' (' + ', '.join(extra_warm) + ')' if extra_warm else ''}: {W} SFT steps on the target's answers to {n_sft} prompts"
-            )
-            train(wcfg, InProcess(wcfg, target=target, log=log))
-        wsum = json.loads((wdir / "summary.json").read_text())
-        warmups[extra_warm] = (
-            wdir / "checkpoints" / f"step_{W:07d}",
-            _rows(wdir / "metrics.jsonl", "eval"),
-            wsum["time"],
-        )
-        return warmups[extra_warm]
-
-    _, warm_evals, warm_state = warmup(())
+    _, warm_evals, warm_state = warmups.get(())
     warm = warm_evals[-1]  # the warm-up's own final evaluation (its drafter, at step W)
     sft_curve = [{k: e[k] for k in ("step", "flops", "tau", "steps", "position_accepted")} for e in warm_evals]
+    P = ctx.P
     gate = {"tau": warm["tau"], "required": P.gate, "met": bool(warm["tau"] >= P.gate)}
     log(
         f"== warm-up held-out tau {warm['tau']:.3f} on {warm['steps']} verification steps (gate {P.gate}: {'met' if gate['met'] else 'NOT met'})"
     )
-    K = cfg0.rollout.block_size
-
     # 2. the arms
     runs: dict[tuple[str, int], dict] = {}
-    for arm, seed in plan(arms, seeds):
-        rdir = out / "arms" / f"{arm}_{ARMS[arm].name}_s{seed}"
-        own, extra_warm = arm_overrides(arm, drafter, preset)
-        a_ckpt, a_evals, a_state = warmup(tuple(extra_warm))
-        ov = base + own + [
-            "mode=opd", f"seed={seed}", f"data.num_train={n_sft + (seed + 1) * pool}", f"data.rollout_skip={seed * pool}", f"sft.warmup_steps={W}", f"learner.steps={N}",
-            f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={a_ckpt}",
-        ]  # fmt: skip
-        if arm == "A" and drafter == "dflash":
-            # as many supervised positions per sequence as B's accepted stream trained (B of this seed, run first;
-            # without it, one block per verification step of the warm-up drafter on a rollout-length answer)
-            b = runs.get(("B", seed)) or runs.get(("B", 0))
-            per_seq = (
-                sum(r["n_acc"] for r in b["steps"])
-                / max(1, sum(r.get("records", cfg0.learner.micro_batch_size) for r in b["steps"]))
-                if b
-                else None
-            )
-            blocks = round(per_seq / K) if per_seq else round(cfg0.rollout.max_new_tokens / warm["tau"])
-            ov.append(f"loss.dflash_anchors_per_seq={max(1, blocks)}")
-        cfg = load_config(None, ov)
-        if not (rdir / "summary.json").is_file():
-            log(f"== arm {arm} ({ARMS[arm].what}), seed {seed}: {N} steps")
-            train(cfg, InProcess(cfg, target=target, log=log))
-        evals = _rows(rdir / "metrics.jsonl", "eval")
-        steps = _rows(rdir / "metrics.jsonl", "step")
-        # where the arm started: its FLOPs, time and tau are counted from its own warm-up (P has another head)
-        start = {
-            "flops": a_evals[-1]["flops"],
-            "tau": a_evals[-1]["tau"],
-            "steps": a_evals[-1]["steps"],
-            "state": a_state,
-            "overrides": list(extra_warm),
-        }
-        runs[(arm, seed)] = {
-            "evals": evals,
-            "steps": steps,
-            "summary": json.loads((rdir / "summary.json").read_text()),
-            "start": start,
-        }
-
+    for arm, seed in plan(arms, ctx.seeds):
+        runs[(arm, seed)] = _run_arm(ctx, warmups, arm, seed, runs, warm, log)
     # 3. statistics and reports
     summary = _summarize(
-        P, preset, drafter, cfg0, warm, gate, runs, warm_state, seeds, command, time.time() - t_call, sft_curve
-    )
+        P, preset, drafter, ctx.cfg0, warm, gate, runs, warm_state, ctx.seeds, ctx.command, time.time() - t_call,
+        sft_curve,
+    )  # fmt: skip
     for d in {out} | ({report} if report else set()):
         d.mkdir(parents=True, exist_ok=True)
         (d / "summary.json").write_text(json.dumps(summary, indent=1))
         _csv(d / "results.csv", warm, runs, sft_curve)
         render_report(d)
     return summary
+
+
+@dataclass
+class _Setup:
+    """What every run of one plateau call shares: the preset, the arm budget, the base overrides, the command."""
+
+    out: Path
+    P: Preset
+    drafter: str
+    preset: str
+    seeds: int
+    W: int  # warm-up SFT steps
+    N: int  # steps per arm
+    base: list[str]
+    cfg0: Any  # the shared settings, read as the warm-up's config
+    n_sft: int
+    pool: int  # the prompts one arm trains on; seed s takes the s-th such sample
+    command: str
+
+    @classmethod
+    def of(cls, out, preset, extra, arms, seeds, drafter) -> _Setup:
+        P = choose(PRESETS, preset)
+        if drafter not in P.drafters:
+            raise DopdError(f"unknown drafter '{drafter}' for the plateau experiment (known: {', '.join(P.drafters)})")
+        bad = [a for a in arms if a not in ARMS]
+        if bad or not arms:
+            raise DopdError(f"unknown arms {bad} (known: {', '.join(ARMS)})")
+        seeds = P.seeds if seeds is None else seeds
+        if seeds < 1:
+            raise DopdError(f"--seeds must be >= 1 (got {seeds})")
+        out.mkdir(parents=True, exist_ok=True)
+        W, N = P.warmup_for(drafter), P.arm_steps
+        base = P.overrides + P.drafters[drafter] + list(extra)
+        cfg0 = load_config(None, base + ["mode=sft"])  # the settings every run shares, read as the warm-up's
+        n_sft = cfg0.sft.num_prompts
+        pool = N * cfg0.learner.micro_batch_size
+        base += [f"data.num_train={n_sft + seeds * pool}", "data.rollout_prompts=after_sft"]
+        command = " ".join(
+            ["dopd-experiments plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"]
+            + ([f"--seeds {seeds}"] if seeds != P.seeds else [])
+            + ([f"--arms {','.join(arms)}"] if set(arms) != set(DEFAULT_ARMS) else [])
+            + list(extra)
+        )
+        return cls(out, P, drafter, preset, seeds, W, N, base, cfg0, n_sft, pool, command)
+
+
+class _Warmups:
+    """The warm-ups, one per distinct warm-up override set (run once, then read back), on one loaded target."""
+
+    def __init__(self, ctx: _Setup, log):
+        self.ctx, self.log, self.target = ctx, log, None
+        self.done: dict[tuple[str, ...], tuple[Path, list[dict], dict]] = {}
+
+    def get(self, extra_warm: tuple[str, ...]) -> tuple[Path, list[dict], dict]:
+        """(its checkpoint at step W, its eval rows, its summary's time) of the warm-up with these overrides."""
+        from dopd.common.models import load_target
+        from dopd.local import InProcess
+        from dopd.train import train
+
+        if extra_warm in self.done:
+            return self.done[extra_warm]
+        c, W = self.ctx, self.ctx.W
+        name = (
+            "warmup" if not extra_warm else "warmup_" + "_".join(x.split(".")[-1].replace("=", "") for x in extra_warm)
+        )
+        wdir = c.out / name
+        curve = sorted({W >> k for k in range(1, 5)} - {0})  # the SFT curve: held-out tau at W/16, W/8, W/4, W/2, W
+        wcfg = load_config(
+            None,
+            c.base + list(extra_warm) + [
+                "mode=sft", f"sft.warmup_steps={W}", f"learner.steps={W}", f"learner.eval_every={10**9}",
+                f"learner.eval_at={curve}", f"out_dir={wdir}",
+            ],
+        )  # fmt: skip
+        if self.target is None:
+            m = wcfg.model
+            self.target = load_target(m.target, m.device, m.dtype, forward=m.forward)
+        if not (wdir / "summary.json").is_file():
+            self.log(
+                f"== warm-up{' (' + ', '.join(extra_warm) + ')' if extra_warm else ''}: {W} SFT steps on the target's answers to {c.n_sft} prompts"
+            )
+            train(wcfg, InProcess(wcfg, target=self.target, log=self.log))
+        wsum = json.loads((wdir / "summary.json").read_text())
+        self.done[extra_warm] = (
+            wdir / "checkpoints" / f"step_{W:07d}",
+            _rows(wdir / "metrics.jsonl", "eval"),
+            wsum["time"],
+        )
+        return self.done[extra_warm]
+
+
+def _run_arm(ctx: _Setup, warmups: _Warmups, arm: str, seed: int, runs: dict, warm: dict, log) -> dict:
+    """One arm and seed from its warm-up's checkpoint (run once, then read back): its rows, summary and start."""
+    from dopd.local import InProcess
+    from dopd.train import train
+
+    c, P, N, W = ctx, ctx.P, ctx.N, ctx.W
+    rdir = c.out / "arms" / f"{arm}_{ARMS[arm].name}_s{seed}"
+    own, extra_warm = arm_overrides(arm, c.drafter, c.preset)
+    a_ckpt, a_evals, a_state = warmups.get(tuple(extra_warm))
+    ov = c.base + own + [
+        "mode=opd", f"seed={seed}", f"data.num_train={c.n_sft + (seed + 1) * c.pool}", f"data.rollout_skip={seed * c.pool}", f"sft.warmup_steps={W}", f"learner.steps={N}",
+        f"learner.eval_every={max(1, N // P.evals)}", f"out_dir={rdir}", f"resume_from={a_ckpt}",
+    ]  # fmt: skip
+    if arm == "A" and c.drafter == "dflash":
+        # as many supervised positions per sequence as B's accepted stream trained (B of this seed, run first;
+        # without it, one block per verification step of the warm-up drafter on a rollout-length answer)
+        b = runs.get(("B", seed)) or runs.get(("B", 0))
+        mb = c.cfg0.learner.micro_batch_size
+        per_seq = (
+            sum(r["n_acc"] for r in b["steps"]) / max(1, sum(r.get("records", mb) for r in b["steps"])) if b else None
+        )
+        K = c.cfg0.rollout.block_size
+        blocks = round(per_seq / K) if per_seq else round(c.cfg0.rollout.max_new_tokens / warm["tau"])
+        ov.append(f"loss.dflash_anchors_per_seq={max(1, blocks)}")
+    cfg = load_config(None, ov)
+    if not (rdir / "summary.json").is_file():
+        log(f"== arm {arm} ({ARMS[arm].what}), seed {seed}: {N} steps")
+        train(cfg, InProcess(cfg, target=warmups.target, log=log))
+    # where the arm started: its FLOPs, time and tau are counted from its own warm-up (P has another head)
+    start = {
+        "flops": a_evals[-1]["flops"], "tau": a_evals[-1]["tau"], "steps": a_evals[-1]["steps"], "state": a_state,
+        "overrides": list(extra_warm),
+    }  # fmt: skip
+    return {
+        "evals": _rows(rdir / "metrics.jsonl", "eval"),
+        "steps": _rows(rdir / "metrics.jsonl", "step"),
+        "summary": json.loads((rdir / "summary.json").read_text()),
+        "start": start,
+    }
 
 
 def render_report(d: Path) -> None:
