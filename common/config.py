@@ -9,7 +9,8 @@ to the field's type or rejected with the field's name. The in-process runner and
 `Config`, so a YAML file moves between them unchanged (`runner=local|ray`).
 
 Defaults that depend on other keys (the drafter kind's recipe, the objective's, the runner's) are resolved once, at
-load (`Config.resolve`): the resolved config is what a run records in config.yaml and what every module reads.
+load (`dopd.common.load.resolve`, which reads the kind, objective and recipe registries; this module
+imports none of them): the resolved config is what a run records in config.yaml and what every module reads.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class ReplayConfig:
 class LossConfig:
     """Acceptance-aware distillation (Draft-OPD) and the SFT objectives.
 
-    A None field is resolved at load (`Config.resolve`) from the objective's defaults, then the drafter kind's
+    A None field is resolved at load (`common/load.py`) from the objective's defaults, then the drafter kind's
     official [docs/recipes.md R4, R5, R10] recipe (each kind's `default_loss`): DFlash: blocks at the rollout's block starts, accepted stream =
     Bernoulli forward KL on the target's token, rejected stream = k3 on the drafted tokens (lambda 1); EAGLE-3: full
     training-time test over every response position (soft cross-entropy to the target, 0.8^step), rejected stream
@@ -324,7 +325,7 @@ class ClusterConfig:
 @dataclass
 class MetricsConfig:
     """The job's metrics: the Ray runner's Prometheus endpoint, and TensorBoard / W&B under the same names
-    (common/sinks.py; both runners)."""
+    (dopd/sinks.py; both runners)."""
 
     # serve Prometheus /metrics; None = on for the Ray runner (the in-process runner serves none)
     enabled: bool | None = None
@@ -369,41 +370,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def resolve(self) -> Config:
-        """Fill every default that depends on other keys, then check the whole: a named recipe's settings fill the
-        keys left unset (where the config was read; in code: fields still at their default), the drafter kind must
-        be registered, so must the objective; a None loss setting takes the objective's default, then the kind's;
-        the runner-dependent keys take the runner's values (a value the runner cannot honour is an error naming it).
-        Idempotent: a resolved config (config.yaml) resolves to itself."""
-        from dopd.common.drafters import KINDS  # noqa: PLC0415  (the registries import this module)
-        from dopd.learner.objectives import OBJECTIVES  # noqa: PLC0415
-
-        from .recipes import recipe_named  # noqa: PLC0415
-
-        recipe = recipe_named(self.loss.recipe) if self.loss.recipe is not None else None
-        if recipe is not None and not getattr(self, "_recipe_filled", False):
-            recipe.fill_config(self)  # built in code: no tree to fill (load_config filled its tree before building)
-            self._recipe_filled = True
-        if self.drafter.kind not in KINDS:
-            raise ConfigError(f"config key 'drafter.kind' must be one of {list(KINDS)} (got {self.drafter.kind!r})")
-        kind = KINDS[self.drafter.kind]
-        lc = self.loss
-        if lc.objective is None:
-            lc.objective = kind.default_loss.get("objective", "opd")
-        if lc.objective not in OBJECTIVES:
-            raise ConfigError(f"config key 'loss.objective' must be one of {list(OBJECTIVES)} (got {lc.objective!r})")
-        for defaults in (OBJECTIVES[lc.objective].defaults, kind.default_loss):
-            for key, value in defaults.items():
-                if getattr(lc, key) is None:
-                    setattr(lc, key, value)
-        self._resolve_runner()
-        self.validate()
-        OBJECTIVES[lc.objective].check(self)
-        kind.check_recipe(self)
-        if recipe is not None:
-            recipe.check(self)
-        return self
 
     def _resolve_runner(self) -> None:
         c, local = self.cluster, self.runner == "local"
@@ -649,8 +615,9 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
         cls = tp
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (optional) and apply `section.key=value` overrides; unknown keys are errors."""
+def read_tree(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw tree of a YAML file (optional) with `section.key=value` overrides applied; unknown keys are errors.
+    `dopd.common.load.load_config` builds and resolves it."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -670,24 +637,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override '{ov}' must look like section.key=value")
         key, raw = ov.split("=", 1)
         _set_path(tree, key.strip(), raw.strip())
-    return _from_tree(tree)
+    return tree
 
 
-def _from_tree(tree: dict[str, Any]) -> Config:
-    """A named recipe fills the keys the tree leaves unset (common/recipes.py), then the config is built and resolved."""
-    from .recipes import apply_recipe_tree  # noqa: PLC0415
-
-    apply_recipe_tree(tree)
-    cfg = _build(Config, tree, "")
-    cfg._recipe_filled = True
-    return cfg.resolve()
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `to_dict` (checkpoints, run directories)."""
-    import copy  # noqa: PLC0415
-
-    return _from_tree(copy.deepcopy(data))
+def build_config(tree: dict[str, Any]) -> Config:
+    """The typed, unresolved Config of a tree (every key checked and coerced); `dopd.common.load.resolve` resolves it."""
+    return _build(Config, tree, "")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -126,8 +126,8 @@ def eval_cmd(
     from dopd.common.evaluation import evaluate, evaluate_simulated
     from dopd.common.models import load_target
     from dopd.common.progress import Progress
-    from dopd.common.prompts import BUILTIN_SETS, encode_all, load_prompt_set, split_prompts
     from dopd.common.specdec import DecodeSettings
+    from dopd.prompts import BUILTIN_SETS, encode_all, load_prompt_set, split_prompts
 
     try:
         if block_size < 1:
@@ -280,7 +280,7 @@ def train_cmd(
 ) -> None:
     """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks."""
     _setup_torch(threads)
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.train import train
 
     overrides = list(ctx.args)
@@ -448,8 +448,8 @@ def config_show(
     ),
 ) -> None:
     """Every config key with its value (the defaults unless --config) and its meaning, as YAML to edit."""
-    from dopd.common.config import load_config
-    from dopd.common.config_help import render_yaml
+    from dopd.common.load import load_config
+    from dopd.config_help import render_yaml
 
     try:
         cfg = load_config(config, _overrides(ctx))
@@ -464,10 +464,11 @@ def config_check(
     config: Path = typer.Argument(..., help="YAML config to check"),
 ) -> None:
     """Validate a config without starting a run: keys, types, cross-key rules, the data file, the metrics sinks."""
-    from dopd.common.config import Config, load_config
-    from dopd.common.config_help import key_docs
-    from dopd.common.prompts import BUILTIN_SETS, load_examples
-    from dopd.common.sinks import check_sinks
+    from dopd.common.config import Config
+    from dopd.common.load import load_config
+    from dopd.config_help import key_docs
+    from dopd.prompts import BUILTIN_SETS, load_examples
+    from dopd.sinks import check_sinks
 
     try:
         cfg = load_config(config, _overrides(ctx))
@@ -505,7 +506,7 @@ def data_inspect(
     """What training would use: conversations, turns, tokens per turn, skips and why, one example templated."""
     from transformers import AutoTokenizer
 
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.common.models import resolve_target
     from dopd.data_inspect import format_report, inspect_data
 

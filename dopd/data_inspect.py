@@ -10,12 +10,12 @@ target would start writing (regenerate). Only the tokenizer is loaded, not the m
 from __future__ import annotations
 
 from dopd.common.config import Config
-from dopd.common.conversations import Limits, encode_turns, length_summary
+from dopd.conversations import Limits, encode_turns, length_summary
 
 
 def inspect_data(cfg: Config, tokenizer, show: int = 1) -> dict:
     """The report as a dict (`format_report` prints it)."""
-    from dopd.common.prompts import run_prompts
+    from dopd.prompts import run_prompts
 
     d = cfg.data
     p = run_prompts(cfg, tokenizer)

@@ -18,9 +18,9 @@ from dopd.backend import Backend, RunState, aggregate
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter
 from dopd.common.models import Target, load_target
-from dopd.common.prompts import read_sequences, run_prompts
-from dopd.common.sinks import RowMetrics
 from dopd.learner.learner import Learner, TorchEngine, merge_training_states
+from dopd.prompts import read_sequences, run_prompts
+from dopd.sinks import RowMetrics
 
 
 class InProcess(Backend):

@@ -30,6 +30,7 @@ from dopd.backend import Backend, RunState
 from dopd.common.config import Config, dump_config
 from dopd.common.drafters import write_drafter
 from dopd.common.errors import DopdError
+from dopd.common.load import resolve
 from dopd.common.models import resolve_dtype
 
 
@@ -107,7 +108,7 @@ def train(
     backend: where to run (default: the one `cfg.runner` names). resume: continue this out_dir from its newest good
     checkpoint. on_step(backend, step): called after every learner step (a hook for tests and tools).
     """
-    cfg.resolve()  # idempotent: a loaded config is already resolved
+    resolve(cfg)  # idempotent: a loaded config is already resolved
     backend = backend if backend is not None else backend_for(cfg)
     log = backend.log
     out = Path(cfg.out_dir)

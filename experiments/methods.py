@@ -34,9 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dopd.common import evaluation
-from dopd.common.config import Config, load_config
+from dopd.common.config import Config
 from dopd.common.errors import DopdError
 from dopd.common.evaluation import tau_se  # noqa: F401  (the histogram's tau and SE; tests read it here)
+from dopd.common.load import load_config
 from dopd.experiments.preset import Preset, choose
 from dopd.experiments.stats import SIGNIFICANT_SE, PerPrompt, arm_mean_se, contrast
 
@@ -189,7 +190,7 @@ def heldout(
 
 
 def _eval_prompts(cfg: Config, target) -> list[list[int]]:
-    from dopd.common.prompts import run_prompts  # the runners' own split: the arms were evaluated on these
+    from dopd.prompts import run_prompts  # the runners' own split: the arms were evaluated on these
 
     return run_prompts(cfg, target.tokenizer).eval_ids[: cfg.eval.num_prompts]
 

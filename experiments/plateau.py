@@ -40,8 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dopd.common.config import load_config
 from dopd.common.errors import DopdError
+from dopd.common.load import load_config
 from dopd.experiments.preset import Preset, choose
 from dopd.experiments.stats import PerPrompt, arm_mean_se, contrast
 

@@ -1,6 +1,6 @@
 """What a learner step reports besides its loss: where the gradient goes and how far the drafter is from the target.
 
-Every OPD step row (metrics.jsonl; Prometheus through common/metrics.py `JobMetrics.diagnostics`) gets:
+Every OPD step row (metrics.jsonl; Prometheus through dopd/metrics.py `JobMetrics.diagnostics`) gets:
 - `alpha_trained`: acceptance at each draft position of the rollout blocks just trained on (P(draft j accepted |
   drafts 1..j-1 accepted)): the policy's own acceptance, per position, at the moment it is trained;
 - `grad_norm_head` / `grad_norm_body`: the gradient norm of the drafter's own output head (a trainable head over a

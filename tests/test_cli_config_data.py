@@ -11,8 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from dopd.cli import app
-from dopd.common.config import Config, SFTConfig, load_config
-from dopd.common.config_help import field_comments, key_docs
+from dopd.common.config import Config, SFTConfig
+from dopd.common.load import load_config
+from dopd.config_help import field_comments, key_docs
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "conversations.jsonl"
@@ -159,7 +160,7 @@ def test_train_on_the_example_in_both_answer_modes(tmp_path):
     from transformers import AutoTokenizer
 
     from dopd.common.models import resolve_target
-    from dopd.common.prompts import run_prompts
+    from dopd.prompts import run_prompts
 
     tok = AutoTokenizer.from_pretrained(resolve_target("tiny-random-llama", quiet=True))
     given = {pid: ids + ans for pid, ids, ans in run_prompts(load_config(runs["as_is"][0] / "config.yaml"), tok).train}

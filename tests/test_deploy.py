@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dopd.common.config import MetricsConfig, load_config
+from dopd.common.config import MetricsConfig
+from dopd.common.load import load_config
 from dopd.dashboards.build import OUTPUTS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_tau_consistent
 
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.driver import RayFleet
 from dopd.train import train
 

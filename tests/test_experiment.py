@@ -118,7 +118,7 @@ def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
 def test_real_presets_start_the_arms_at_the_warmups_final_learning_rate(preset):
     """The arms resume a warm-up that annealed to lr x min_lr_ratio: a preset whose OPD phase peaks anywhere else
     restarts every arm, SFT included, at another step size (docs/plateau/v3: at 10x, all arms fell below the warm-up)."""
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.experiments.plateau import PRESETS
 
     P = PRESETS[preset]

@@ -10,7 +10,7 @@ import math
 import pytest
 from helpers import assert_tau_consistent
 
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.driver import RayFleet
 from dopd.train import train
 
@@ -71,9 +71,9 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
     import socket
 
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.common.record import encode_teacher
     from dopd.learner.zero import make_rank
+    from dopd.prompts import encode_all, load_prompt_set
 
     extra = ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=3"] if method == "dvi" else [
         "drafter.kind=eagle3", "loss.objective=expected_length", "rollout.temperature=1"]  # fmt: skip

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dopd.common.config import load_config
 from dopd.common.errors import ConfigError
+from dopd.common.load import load_config
 from dopd.learner.losses import BlockTargets
 from dopd.learner.objectives import objective_for
 

