@@ -19,7 +19,7 @@ from dopd.common.config import Config
 from dopd.common.drafters import Drafter
 from dopd.common.models import Target, load_target
 from dopd.learner.learner import Learner, TorchEngine, merge_training_states
-from dopd.prompts import read_sequences, run_prompts
+from dopd.prompts import check_sources, read_sequences, run_prompts
 from dopd.sinks import RowMetrics
 
 
@@ -29,6 +29,7 @@ class InProcess(Backend):
     def __init__(self, cfg: Config, target: Target | None = None, log=print):
         super().__init__(cfg, log)
         torch.manual_seed(cfg.seed)
+        check_sources(cfg)  # a missing data file is named before the target is loaded
         self.target = target or load_target(
             cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward
         )

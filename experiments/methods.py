@@ -1,4 +1,4 @@
-"""`dopd experiment methods`: Draft-OPD, Bebop and DVI on one target, one learner budget, one held-out measurement.
+"""`dopd-experiments methods`: Draft-OPD, Bebop and DVI on one target, one learner budget, one held-out measurement.
 
 Two groups of arms, each continuing from a shared SFT warm-up (a warm-up per drafter kind: EAGLE-3 and DVI) for the
 same number of learner steps (the same number of records of the same micro-batch size; learner FLOPs are reported
@@ -307,7 +307,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     P = choose(PRESETS, preset)
     out.mkdir(parents=True, exist_ok=True)
     base = P.overrides + list(extra)
-    command = " ".join(["dopd", "experiment", "methods", "--out", str(out), "--preset", preset]
+    command = " ".join(["dopd-experiments", "methods", "--out", str(out), "--preset", preset]
                        + ([] if set(arms) == set(ARMS) else ["--arms", ",".join(arms)]) + list(extra))  # fmt: skip
     t_start = time.time()
     cfg0 = load_config(None, base)

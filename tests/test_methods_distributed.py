@@ -8,7 +8,7 @@ import json
 import math
 
 import pytest
-from helpers import assert_tau_consistent
+from helpers import heldout_of_saved
 
 from dopd.common.load import load_config
 from dopd.driver import RayFleet
@@ -38,7 +38,8 @@ def test_dvi_trains_in_the_distributed_runner(ray_session, tmp_path):
     )
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
-    assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
+    fresh = heldout_of_saved(cfg, cfg.out_dir)  # the saved drafter, measured again in this process
+    assert (fresh["tau"], fresh["alpha"]) == pytest.approx((summary["tau"], summary["alpha"]), abs=1e-9)
     steps = [r for r in rows(tmp_path) if r["event"] == "step"]
     assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [
         ("opd", "rl")
@@ -55,7 +56,8 @@ def test_bebop_expected_length_trains_in_the_distributed_runner(ray_session, tmp
     ])  # fmt: skip
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
-    assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
+    fresh = heldout_of_saved(cfg, cfg.out_dir)  # the saved drafter, measured again in this process
+    assert (fresh["tau"], fresh["alpha"]) == pytest.approx((summary["tau"], summary["alpha"]), abs=1e-9)
     r = rows(tmp_path)
     evals = [x for x in r if x["event"] == "eval"]
     assert evals and not any(x["simulated"] for x in evals)  # T = 1: the engine measures tau
