@@ -57,7 +57,7 @@ class DrafterConfig:
     draft_vocab_size: int | None = None  # None = the full target vocabulary (frozen target head)
     train_lm_head: bool = False  # with a reduced vocabulary the head is the drafter's own and always trained
     # DFlash: train the MASK input vector (dopd's learned mask); false = a fixed vector, the embedding row of
-    # drafter.mask_token_id (or the mean embedding row), as the official DFlash drafter's frozen embedding gives it
+    # drafter.mask_token_id (or the mean embedding row), as the official [docs/recipes.md R8] DFlash drafter's frozen embedding gives it
     train_mask: bool = True
     intermediate_size: int | None = None  # None = the target's
     mask_token_id: int | None = None  # DFlash only; None = an unused/special token of the tokenizer
@@ -112,16 +112,16 @@ class RolloutConfig:
 
 @dataclass
 class ReplayConfig:
-    """Where the trained blocks start. The official Draft-OPD code trains the rollout's own verification blocks,
+    """Where the trained blocks start. The official [docs/recipes.md R1] Draft-OPD code trains the rollout's own verification blocks,
     re-run with the current weights, and drafts nothing a second time; everything else here is an ablation."""
 
-    # "rollout": the rollout's block starts (official); "shuffled": the paper's random-anchor ablation (the same
+    # "rollout": the rollout's block starts (official [docs/recipes.md R1, R9]); "shuffled": the paper's random-anchor ablation (the same
     # multiset of segment lengths shuffled over the response, for the accepted stream; the rejected stream stays at
     # the true block starts)
     anchors: Literal["rollout", "shuffled"] = "rollout"
     # extra blocks drafted again from chosen positions and scored by the target (dopd's first-wave mechanism, kept
     # as an option): "error" (the committed prefix before each rejected token), "random" (as many, uniformly over
-    # the answer), "all" (every answer position), "none" (official)
+    # the answer), "all" (every answer position), "none" (official [docs/recipes.md R2])
     extra: Literal["none", "error", "random", "all"] = "none"
     num_blocks: int = 1  # R extra blocks per extra anchor
     temperature: float = 0.0  # 0 = greedy extra drafts
@@ -134,7 +134,7 @@ class LossConfig:
     """Acceptance-aware distillation (Draft-OPD) and the SFT objectives.
 
     A None field is resolved at load (`common/load.py`) from the objective's defaults, then the drafter kind's
-    official recipe (each kind's `default_loss`): DFlash: blocks at the rollout's block starts, accepted stream =
+    official [docs/recipes.md R4, R5, R10] recipe (each kind's `default_loss`): DFlash: blocks at the rollout's block starts, accepted stream =
     Bernoulli forward KL on the target's token, rejected stream = k3 on the drafted tokens (lambda 1); EAGLE-3: full
     training-time test over every response position (soft cross-entropy to the target, 0.8^step), rejected stream
     off (lambda 0).
@@ -162,16 +162,16 @@ class LossConfig:
     # no floor on its inputs: a draft with log p - log q < ~-11 gets no gradient); "floored" = both log-probs
     # floored at -10 first, so every rejected token is pushed down (dopd-2511)
     k3: Literal["verl", "floored"] = "verl"
-    # floor on both log-probs of the Bernoulli forward KL (official -10: a drafter log q below it gets no gradient)
+    # floor on both log-probs of the Bernoulli forward KL (official [docs/recipes.md R4] -10: a drafter log q below it gets no gradient)
     log_floor: float = -10.0
     # the rejected stream keeps only each block's first rejected token, weight 1 (no decay): no label after a wrong
-    # draft (the official `rejected_draft_first_token_only`)
+    # draft (the official [docs/recipes.md R11] `rejected_draft_first_token_only`)
     rej_first_only: bool = False
     # the accepted stream's share of the joint mean's denominator: "response_tokens" = every answer token of the
-    # batch, supervised or not (the official code: verl's loss_mask = response_mask); "supervised" = the stream's
+    # batch, supervised or not (the official [docs/recipes.md R3] code: verl's loss_mask = response_mask); "supervised" = the stream's
     # own position weights
     acc_denominator: Literal["response_tokens", "supervised"] = "response_tokens"
-    # train block positions past the record's committed answer (its greedy lookahead); the official segments end
+    # train block positions past the record's committed answer (its greedy lookahead); the official [docs/recipes.md R1] segments end
     # at the response's end
     train_past_end: bool = False
     # OPD targets: "topk" = the records' top-k (+ tail bucket); "full" = the exact full-vocabulary distribution,
@@ -183,13 +183,14 @@ class LossConfig:
     lambda_rej: float | None = None
     # per-position decay of the block objective: position j weighs gamma^(j - offset)
     gamma: float = 0.8
-    # offset 1 = the block's first draft position (official: the first rejected token already weighs
+    # offset 1 = the block's first draft position (official [docs/recipes.md R3]: the first rejected token already weighs
     # gamma^accepted); "rejection" = offset 1 at the first rejected position (dopd's first-wave choice)
     gamma_offset: Literal["block", "rejection"] = "block"
-    # the first rejected position is also distilled toward the target (accepted-stream divergence), as the official
+    # the first rejected position is also distilled toward the target (accepted-stream divergence), as the official [docs/recipes.md R3]
     # code does: pull the target's token up where the rejected stream pushes the drafter's down
     acc_at_first_rejection: bool = True
-    clamp: float | None = 10.0  # per-position loss clamp of the block objective (official: 10); None = off
+    # per-position loss clamp of the block objective (official [docs/recipes.md R6]: 10); None = off
+    clamp: float | None = 10.0
     # SFT loss: kl = soft cross-entropy to the target's top-k, ce = the target's token, both = their sum
     sft_objective: Literal["kl", "ce", "both"] = "kl"
     ttt_depth: int | None = None  # EAGLE-3 training-time-test unroll depth; None = block_size
@@ -253,8 +254,8 @@ class LearnerConfig:
     min_lr_ratio: float = 0.1  # the cosine's floor, as a share of learner.lr
     opd_lr: float | None = None  # the Draft-OPD phase's peak learning rate (None = lr)
     # a run that starts the Draft-OPD phase from another run's checkpoint (resume_from at its last SFT step):
-    # "continue" its AdamW moments, or start them "fresh" (zero, step 0), as the official pipeline does by running
-    # OPD as a separate job from a saved drafter (REFERENCES.md: the e81a8bc script starts from a model directory)
+    # "continue" its AdamW moments, or start them "fresh" (zero, step 0), as the official [docs/recipes.md R13, R16] pipeline does by running
+    # OPD as a separate job from a saved drafter (docs/recipes.md R13: the e81a8bc script starts from a model directory)
     opd_optimizer: Literal["continue", "fresh"] = "continue"
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
@@ -296,7 +297,7 @@ class ClusterConfig:
     shards: int | None = None  # None = one per learner rank
     # "async": actors roll out continuously, records are trained up to `max_staleness` policy versions old (Ray's
     # default); "sync": each round of refresh_every steps trains records the version right before it rolled out,
-    # 0 versions stale (the official code's schedule; the in-process runner's only one). None = the runner's
+    # 0 versions stale (the official [docs/recipes.md R7] code's schedule; the in-process runner's only one). None = the runner's
     rollout: Literal["async", "sync"] | None = None
     # Ray resources per rollout actor
     actor_num_cpus: float = 1.0
@@ -335,7 +336,7 @@ class MetricsConfig:
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
     # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
     wandb: bool = False
-    # every OPD step: the official replay-mismatch split, KL(q || p) over the full vocabulary on matched / accepted /
+    # every OPD step: the official [docs/recipes.md R14] replay-mismatch split, KL(q || p) over the full vocabulary on matched / accepted /
     # first-rejected / post-rejection block positions (records then carry the target's final hidden state: docs/scale.md)
     replay_kl: bool = True
 

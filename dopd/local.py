@@ -6,7 +6,7 @@ as the queue carries them; the learner side is the shared `Learner` (learner/lea
 optimizer step. Rounds are synchronous: before an OPD step that finds fewer than a micro-batch of records, the
 worker rolls out `refresh_every * micro_batch_size` prompts with the last published weights, so each record is
 trained on once, by the learner version right after the one that produced it (0 versions stale), as in the
-official code. The loop (dopd/train.py) does the rest.
+official code [docs/recipes.md R7]. The loop (dopd/train.py) does the rest.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def test_every_key_has_a_meaning_from_its_dataclass():
     )
     assert by_key["data.answers"].type == "regenerate | as_is" and by_key["learner.betas"].default == [0.9, 0.95]
     assert by_key["replay.anchors"].meaning.startswith(
-        '"rollout": the rollout\'s block starts (official)'
+        '"rollout": the rollout\'s block starts (official [docs/recipes.md R1, R9])'
     )  # the lines above it
     from dopd.common.config import ModelConfig
 
