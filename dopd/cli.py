@@ -179,7 +179,11 @@ def _eval_run(cfg, drafter: str, baseline: bool, compare_match: bool) -> dict:
     from dopd.common.progress import Progress
     from dopd.prompts import check_sources, heldout_examples
 
-    check_sources(cfg)  # a missing prompt file is named before the target is loaded
+    check_sources(cfg)  # a missing prompt file or drafter directory is named before the target is loaded
+    if not drafter.startswith("init-") and not (Path(drafter) / "config.json").is_file():
+        raise DopdError(
+            f"--drafter {drafter}: no drafter there (no config.json); use init-<kind> or a drafter directory"
+        )
     tgt = load_target(cfg.model.target, device=cfg.model.device, dtype=cfg.model.dtype, forward=cfg.model.forward)
     ev = heldout_examples(cfg, tgt.tokenizer)
     n = min(cfg.eval.num_prompts, len(ev.items))

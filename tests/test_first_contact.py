@@ -71,6 +71,8 @@ def test_a_missing_prompt_file_is_reported_before_the_target_is_loaded(tmp_path,
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output, r.exception)
         assert f"{key}={missing}: prompt file not found" in r.output, r.output
+    r = runner.invoke(app, ["eval", "--drafter", str(tmp_path / "no-drafter")])  # nor a missing drafter
+    assert r.exit_code == 2 and "no drafter there (no config.json)" in r.output, r.output
 
 
 def test_identity_note_explains_a_16_bit_mismatch():
