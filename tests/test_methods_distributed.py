@@ -99,4 +99,4 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
     if method == "dvi":
         assert [o.info.get("dvi_phase") for o in out] == [None, None, "kl", "rl"]
     else:
-        assert all(-cfg.rollout.block_size <= o["loss"] <= 0 for o in out[2:]) and "dvi_phase" not in out[-1]
+        assert all(-cfg.rollout.block_size <= o.loss <= 0 for o in out[2:]) and "dvi_phase" not in out[-1].info
