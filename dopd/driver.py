@@ -66,7 +66,6 @@ class RayFleet(Backend):
         self.ray_mode = ""
         self.pg = None
         self.started = False
-        self.sink_step = 0
         self._spec: dict | None = None
         self._last_shards: list[dict] | None = None
         self.peak_before = 0
@@ -81,11 +80,9 @@ class RayFleet(Backend):
         self._prompts()
         self._place()
         self._serve_metrics()
-        # TensorBoard / W&B (when on) under the Prometheus names, fed by the same typed updates
-        # a learner step's series are written at the step it makes (the loop counts it after `learn` returns)
-        self.metrics.attach(
-            make_sinks(c, fresh=not resumed, step=state.step), step=lambda: max(state.step, self.sink_step)
-        )
+        # TensorBoard / W&B (when on) under the Prometheus names, fed by the same typed updates: the loop's rows
+        # (`observe`), written after the loop counted the step
+        self.metrics.attach(make_sinks(c, fresh=not resumed, step=state.step), step=lambda: state.step)
         if ckpt is None:
             return
         import ray
@@ -208,10 +205,7 @@ class RayFleet(Backend):
         for i, (data, st) in enumerate(self.fleet.produce(c.learner.refresh_every * need)):
             self.buffer.extend(data)
             self.acc["records_produced"] += len(data)
-            self.metrics.rollout(
-                str(i), st["tau"], st["alpha"], st["tokens"], st["rollout_s"], st["anchors"], st["replay_s"], len(data)
-            )
-            rows.append(rollout_row(i, st))
+            rows.append(rollout_row(i, {**st, "records": len(data)}))
         return rows
 
     def learn(self, phase: str, state: RunState) -> dict:
@@ -225,24 +219,17 @@ class RayFleet(Backend):
         else:
             res = self.learners.opd_step(state.policy_version, wait=self._watch_actors)
         out = aggregate(res)
-        self.sink_step = state.step + 1
         self.acc["records_consumed"] += out["records"]
         for uid in out["uids"]:
             if not self.ledger.add(tuple(uid)):
                 self.acc["records_trained_twice"] += 1
-        self.metrics.learner(
-            out["loss"],
-            out["acc_div"],
-            out["rej_div"],
-            out["grad_norm"],
-            out["seconds"],
-            out["step_flops"],
-            out["records"],
-            out["staleness"],
-        )
-        self.metrics.diagnostics(out)
         self._shard_stats()
         return out
+
+    def observe(self, row: dict, state: RunState) -> None:
+        """Every row the loop writes (steps, rollout batches, evaluations) -> Prometheus and the sinks: the same
+        path as the in-process runner's (JobMetrics.observe)."""
+        self.metrics.observe(row)
 
     def publish(self, version: int) -> None:
         t0 = time.perf_counter()
@@ -256,9 +243,7 @@ class RayFleet(Backend):
             self.started = True
 
     def evaluate(self) -> dict:
-        res = self.fleet.evaluate(self.learners.gather_weights(), self.eval_ids)
-        self.metrics.heldout(res["tau"], res["alpha"])
-        return res
+        return self.fleet.evaluate(self.learners.gather_weights(), self.eval_ids)
 
     def spec(self) -> dict:
         if self._spec is None:
@@ -316,18 +301,10 @@ class RayFleet(Backend):
             prev = self.actor_totals.get(key, {"tokens": 0, "anchors": 0, "records": 0, "batches": 0})
             tot, last = st["totals"], st["last"]
             if tot["batches"] > prev["batches"] and last:
-                records = tot["records"] - prev["records"]
-                self.metrics.rollout(
-                    str(i),
-                    last["tau"],
-                    last["alpha"],
-                    tot["tokens"] - prev["tokens"],
-                    last["rollout_s"],
-                    tot["anchors"] - prev["anchors"],
-                    last["replay_s"],
-                    records,
-                )
-                self.rows.append(rollout_row(i, {**last, "records": records}))
+                # the batches since the last look: their tokens, anchors and records (the row carries the totals'
+                # increments, so the run's token count and the metrics add up when several batches came in between)
+                inc = {k: tot[k] - prev[k] for k in ("tokens", "anchors", "records")}
+                self.rows.append(rollout_row(i, {**last, **inc}))
             self.actor_totals[key] = dict(tot)
 
     def _shard_stats(self) -> list[dict]:

@@ -264,6 +264,25 @@ class JobMetrics:
                     self.m["dopd_acceptance_rate"].labels(source="trained", position=str(i)).set(a)
             self._emit(("dopd_acceptance_rate",), source="trained")
 
+    def observe(self, row: dict) -> None:
+        """A row the training loop wrote to metrics.jsonl, as the typed updates: the one path from a run's rows to
+        Prometheus and the sinks, for both runners (dopd/train.py hands every row to its backend's `observe`)."""
+        ev = row.get("event")
+        if ev == "step":
+            self.m["dopd_policy_version"].set(row["policy_version"])
+            self.learner(
+                row["loss"], row["acc_div"], row["rej_div"], row["grad_norm"], row["seconds"], row["step_flops"],
+                row["records"], row["staleness"],
+            )  # fmt: skip
+            self.diagnostics(row)
+        elif ev == "rollout":
+            self.rollout(
+                str(row["actor"]), row["rollout_tau"], row["rollout_alpha"], row["rollout_tokens"], row["rollout_s"],
+                row["replay_anchors"], row["replay_s"], row["records"],
+            )  # fmt: skip
+        elif ev == "eval":
+            self.heldout(row["tau"], row["alpha"])
+
     def heldout(self, tau: float, alpha: list[float]) -> None:
         self.m["dopd_heldout_tau"].set(tau)
         self._emit(("dopd_heldout_tau",))

@@ -114,16 +114,13 @@ def make_sinks(cfg, fresh: bool, step: int = 0) -> Sinks | None:
 
 
 class RowMetrics:
-    """The in-process runner's metrics.jsonl rows as the distributed runner's `JobMetrics` updates (no endpoint),
-    so both runners write the same names. `state()` is the runner's TrainState (cumulative FLOPs, learner time)."""
+    """The in-process runner's metrics: a `JobMetrics` (no endpoint) attached to the TensorBoard / W&B sinks and fed
+    the loop's rows through `JobMetrics.observe`, the same path the distributed runner's rows take, so both runners
+    write the same names from the same rows. `state()` is the runner's RunState."""
 
     def __init__(self, cfg, sinks: Sinks, state: Callable):
-        self.cfg = cfg
-        self.state = state
         self.metrics = JobMetrics()
-        self.metrics.attach(sinks, step=lambda: self.state().step)
-        self.flops = state().flops
-        self.learner_s = state().learner_s
+        self.metrics.attach(sinks, step=lambda: state().step)
 
     @classmethod
     def for_config(cls, cfg, state: Callable, fresh: bool) -> RowMetrics | None:
@@ -131,30 +128,7 @@ class RowMetrics:
         return None if sinks is None else cls(cfg, sinks, state)
 
     def observe(self, row: dict) -> None:
-        m, st, ev = self.metrics, self.state(), row.get("event")
-        if ev == "step":
-            mb = self.cfg.learner.micro_batch_size
-            m["dopd_policy_version"].set(row["policy_version"])
-            m.learner(
-                row["loss"], row["acc_div"], row["rej_div"], row["grad_norm"], st.learner_s - self.learner_s, row["flops"] - self.flops,
-                mb, [0] * mb if row["phase"] == "opd" else [],  # in-process records are trained by the next version: 0 stale
-            )  # fmt: skip
-            m.diagnostics(row)
-            self.flops, self.learner_s = row["flops"], st.learner_s
-        elif ev == "rollout":
-            n = self.cfg.learner.refresh_every * self.cfg.learner.micro_batch_size  # one round's records
-            m.rollout(
-                "0",
-                row["rollout_tau"],
-                row["rollout_alpha"],
-                row["rollout_tokens"],
-                row["rollout_s"],
-                row["replay_anchors"],
-                row["replay_s"],
-                n,
-            )
-        elif ev == "eval":
-            m.heldout(row["tau"], row["alpha"])
+        self.metrics.observe(row)
 
     def close(self) -> None:
         self.metrics.close()

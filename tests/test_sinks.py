@@ -127,3 +127,32 @@ def test_missing_packages_are_clear_errors(tmp_path, monkeypatch):
     for fn in (lambda: check_sinks(cfg), lambda: make_sinks(cfg, fresh=True)):
         with pytest.raises(ConfigError, match="metrics.wandb=true needs the wandb package"):
             fn()
+
+
+def test_rows_reach_the_metrics_by_one_path():
+    """The rows the loop writes (dopd/train.py), through JobMetrics.observe (what both runners call for every row),
+    give the same Prometheus samples as the typed updates they stand for."""
+    from prometheus_client import generate_latest
+
+    from dopd.local import rollout_row
+
+    direct, rows = JobMetrics(), JobMetrics()
+    st = {"policy_version": 3, "records": 8, "tau": 2.5, "alpha": [0.9, 0.6], "tokens": 100, "rollout_s": 4.0,
+          "anchors": 7, "replay_s": 0.5, "path": "engine"}  # fmt: skip
+    direct.rollout("1", 2.5, [0.9, 0.6], tokens=100, seconds=4.0, anchors=7, replay_seconds=0.5, records=8)
+    rows.observe({"event": "rollout", "round": 0, **rollout_row(1, st)})
+    step = {"event": "step", "step": 1, "phase": "opd", "policy_version": 3, "loss": 1.5, "acc_div": 1.25,
+            "rej_div": 0.75, "grad_norm": 3.0, "seconds": 0.4, "step_flops": 1e9, "records": 4, "staleness": [0, 1],
+            "grad_norm_head": 0.0, "grad_norm_body": 2.0, "acc_silenced": 0.1, "alpha_trained": [0.3, None]}  # fmt: skip
+    direct["dopd_policy_version"].set(3)
+    direct.learner(1.5, 1.25, 0.75, grad_norm=3.0, seconds=0.4, flops=1e9, records=4, staleness=[0, 1])
+    direct.diagnostics(step)
+    rows.observe(step)
+    direct.heldout(1.75, [0.5, 0.25])
+    rows.observe({"event": "eval", "step": 1, "tau": 1.75, "alpha": [0.5, 0.25], "steps": 9})
+
+    def samples(jm):  # every sample but the _created timestamps (creation times differ)
+        return sorted(x for x in generate_latest(jm.registry).decode().splitlines() if "_created" not in x)
+
+    assert samples(rows) == samples(direct)
+    assert any(x.startswith("dopd_rollout_tau{") and x.endswith(" 2.5") for x in samples(rows))
