@@ -196,6 +196,11 @@ class LossConfig:
     dflash_decay: float | None = 7.0  # DFlash SFT position weight exp(-(k-1)/decay); None = flat
     # DFlash SFT: block starts sampled per sequence (all when fewer)
     dflash_anchors_per_seq: int = 64
+    # what the actor records for the objective, declared by it (`Objective.records`) and filled at load; a value
+    # set anyway must equal the declaration: "blocks" = the rollout's verification blocks feed the accepted stream,
+    # "teacher" = the target's per-position top-k + tail along the text, "hidden" = its final hidden state along the
+    # answer, "scored" = the drafted tails after a rejection scored by the target
+    records: list[Literal["blocks", "teacher", "hidden", "scored"]] | None = None
 
 
 @dataclass
@@ -396,6 +401,13 @@ class Config:
             for key, value in defaults.items():
                 if getattr(lc, key) is None:
                     setattr(lc, key, value)
+        declared = sorted(OBJECTIVES[lc.objective].records(self))
+        if lc.records is None:
+            lc.records = declared
+        elif sorted(lc.records) != declared:
+            raise ConfigError(
+                f"config key 'loss.records' is declared by loss.objective={lc.objective}: {declared} (got {lc.records})"
+            )
         self._resolve_runner()
         self.validate()
         OBJECTIVES[lc.objective].check(self)

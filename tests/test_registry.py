@@ -1,6 +1,7 @@
 """A drafter kind is one class and an objective is one object: both registered from this file alone (no other file
 edited), resolved into the config at load, refused by name when unknown, and trained by the shared learner. A kind
-owns its export formats (written, detected and read back by the kind, no edit of formats.py)."""
+owns its export formats (written, detected and read back by the kind, no edit of formats.py); an objective declares
+what the actor records (`Objective.records` -> `loss.records`), and the actor records exactly that."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dopd.common.drafters import KINDS, build_drafter, detect_format, export_dra
 from dopd.common.drafters.base import DrafterSpec, register_kind
 from dopd.common.drafters.eagle3 import Eagle3Drafter
 from dopd.common.errors import ConfigError, ModelError
+from dopd.common.record import decode_record
 from dopd.learner.losses import token_logq
 from dopd.learner.objectives import OBJECTIVES, Mask, Objective, logq, register
 
@@ -67,6 +69,10 @@ def registered():
         name = "test_top1_ce"
         source = "a test of the extension point"
         defaults = {"response": "blocks", "lambda_rej": 0.0}
+
+        @classmethod
+        def records(cls, cfg):
+            return {"blocks", "hidden"}  # this objective wants the target's hidden state on its records
 
         def mask(self, batch, t2d):
             return Mask({"acc": batch.targets.valid.float()}, {"acc": self.lc.lambda_acc})
@@ -140,6 +146,10 @@ def test_a_new_objective_trains_in_the_shared_learner(registered, tiny):
     )
     worker.set_weights(learner.gather_weights(), 1)
     data, _ = worker.produce(2)
+    assert cfg.loss.records == ["blocks", "hidden"]  # its declaration, resolved into the config the actor reads
+    assert all(decode_record(b).target_hidden is not None for b in data)  # ... and recorded
+    with pytest.raises(ConfigError, match="loss.records' is declared by loss.objective=test_top1_ce"):
+        load_config(None, BASE + ["drafter.kind=dflash", "loss.objective=test_top1_ce", "loss.records=[blocks]"])
     before = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
     out = learner.opd_step(data, 1)
     assert out["test_positions"] > 0 and out["n_acc"] == out["test_positions"] and out["loss"] > 0
