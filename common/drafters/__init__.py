@@ -12,7 +12,7 @@ from ..errors import ModelError
 from ..models import TargetInfo
 
 # the kinds: each module registers its class in KINDS (a new kind is a new module and one line here)
-from . import eagle3, dflash, dvi  # noqa: F401  isort: skip  (registration order: the order kinds are listed in)
+from . import eagle3, dflash, dvi, peagle  # noqa: F401  isort: skip  (registration order: the order kinds are listed in)
 from .base import KINDS, Drafter, DrafterSpec, DraftState, Proposal, kind_class, write_drafter
 from .formats import detect_format, export_drafter, export_formats, import_drafter
 
