@@ -10,7 +10,7 @@ from dopd.common.config import Config
 from .base import OBJECTIVES, Mask, Objective, logq, register
 
 # the objectives (registration order = the order they are listed in errors)
-from . import opd, dvi, expected_length, e2e_tv  # noqa: F401  isort: skip
+from . import opd, dvi, expected_length, e2e_tv, lk  # noqa: F401  isort: skip
 from .sft import SFT  # noqa: E402  isort: skip
 
 
