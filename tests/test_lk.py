@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from dopd.cli import app
-from dopd.common.config import load_config
 from dopd.common.errors import ConfigError
+from dopd.common.load import load_config
 from dopd.learner.objectives import OBJECTIVES
 from dopd.learner.objectives.lk import LK, acceptance, lk_alpha_loss
 
@@ -58,9 +58,9 @@ def test_lk_loss_on_rollout_records_matches_reference(tiny):
     """The objective's loss on a real batch = the token mean, over the blocks' offsets 1..r, of -log sum_v
     min(p, q) computed position by position here (p from the target's hidden state, q over the draft vocabulary)."""
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.learner.batch import opd_batch
     from dopd.learner.learner import Learner, TorchEngine
+    from dopd.prompts import encode_all, load_prompt_set
 
     cfg = load_config(None, BASE + ["drafter.kind=dflash", "drafter.draft_vocab_size=64"])
     prompts = load_prompt_set("champ-problems")[:2]

@@ -89,7 +89,7 @@ def speculators_logits(path, tok, hs, layer_ids, monkeypatch):
 
 
 def test_peagle_is_registered_with_its_defaults(tiny):
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
 
     assert KINDS["peagle"] is PEagleDrafter
     cfg = load_config(None, ["model.target=tiny-random-llama", "drafter.kind=peagle"])

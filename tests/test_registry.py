@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dopd.common.config import load_config
 from dopd.common.drafters import KINDS, build_drafter, detect_format, export_drafter, load_drafter, spec_for
 from dopd.common.drafters.base import DrafterSpec, register_kind
 from dopd.common.drafters.eagle3 import Eagle3Drafter
 from dopd.common.errors import ConfigError, ModelError
+from dopd.common.load import load_config
 from dopd.common.record import decode_record
 from dopd.learner.losses import token_logq
 from dopd.learner.objectives import OBJECTIVES, Mask, Objective, logq, register
@@ -121,8 +121,8 @@ def test_a_new_kind_owns_its_export_format(registered, tiny, tmp_path):
 
 def test_a_new_objective_trains_in_the_shared_learner(registered, tiny):
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.learner.learner import Learner, TorchEngine
+    from dopd.prompts import encode_all, load_prompt_set
 
     cfg = load_config(None, BASE + ["drafter.kind=dflash", "loss.objective=test_top1_ce"])
     assert (cfg.loss.response, cfg.loss.lambda_rej, cfg.loss.acc_divergence) == (
