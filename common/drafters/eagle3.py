@@ -155,7 +155,7 @@ class Eagle3Drafter(Drafter):
     def detect_format(cls, meta: dict) -> str | None:
         if meta.get("speculators_model_type") == cls.speculators_type:
             return f"speculators-{cls.speculators_type}"
-        if cls.speculators_type == "eagle3" and "LlamaForCausalLMEagle3" in (meta.get("architectures") or []):
+        if "sglang-eagle3" in cls.import_formats and "LlamaForCausalLMEagle3" in (meta.get("architectures") or []):
             return "sglang-eagle3"
         return None
 
