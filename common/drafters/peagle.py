@@ -39,6 +39,9 @@ class MaskHidden(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(0.02 * torch.randn(dim))
 
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
 
 @register_kind
 class PEagleDrafter(Eagle3Drafter):
@@ -76,7 +79,7 @@ class PEagleDrafter(Eagle3Drafter):
             T = K - 1
             ids = torch.full((B, M, T), self.mask_token, dtype=torch.long, device=h0.device)
             emb = self.embed(ids)
-            h = self.fc(self.mask_hidden.weight.to(emb.dtype)).expand(B, M, T, H)
+            h = self.fc(self.mask_hidden().to(emb.dtype)).expand(B, M, T, H)
             pos = (a - 1)[..., None] + torch.arange(1, K, device=h0.device)  # [B,M,T]
             own = torch.ones(T, T, dtype=torch.bool, device=h0.device).tril()
             for li, layer in enumerate(self.layers):
