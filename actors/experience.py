@@ -11,7 +11,8 @@ A round (`records`):
 2. lay out the blocks the recipe trains (`cfg.loss`, resolved at load; `cfg.replay`):
    - `replay.anchors=rollout` (official [docs/recipes.md R1]): the rollout's own verification blocks, re-run by the learner with the
      current weights; they feed the accepted stream (unless `loss.response=ttt`: EAGLE-3's recipe trains every
-     position instead) and, when lambda_rej > 0, the rejected stream (then the tails are scored by the target);
+     position instead) and, when lambda_rej > 0, the rejected stream (then the tails are scored by the target):
+     what the objective declared (`loss.records`);
    - `replay.anchors=shuffled` (the paper's ablation): the same multiset of segment lengths shuffled over the
      response with random gaps, teacher-labelled, for the accepted stream; the true blocks only for the rejected one;
    - `replay.extra`: extra blocks drafted again from chosen positions and scored (dopd's first-wave mechanism);
@@ -117,19 +118,29 @@ class ExperienceMaker:
     def resegment(self) -> bool:
         return self.cfg.rollout.path == "auto" and self.cfg.rollout.temperature <= 0
 
+    # what the objective declared it needs (`loss.records`, filled at load by `Objective.records`), plus what this
+    # side's own settings need (shuffled anchors are teacher-labelled; the replay diagnostic compares hidden states)
     @property
     def needs_rejected(self) -> bool:
-        return bool(self.loss.lambda_rej)
+        return "scored" in self.records_declared
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss.response == "ttt" or self.cfg.replay.anchors == "shuffled"
+        return "teacher" in self.records_declared or self.cfg.replay.anchors == "shuffled"
 
     @property
     def needs_hidden(self) -> bool:
-        """Records carry the target's final hidden state along the answer: exact full-vocabulary targets
-        (`loss.targets=full`) or the replay-mismatch diagnostic (`metrics.replay_kl`)."""
-        return self.loss.targets == "full" or self.cfg.metrics.replay_kl
+        """Records carry the target's final hidden state along the answer: the objective's declaration or the
+        replay-mismatch diagnostic (`metrics.replay_kl`)."""
+        return "hidden" in self.records_declared or self.cfg.metrics.replay_kl
+
+    @property
+    def records_declared(self) -> set[str]:
+        if self.loss.records is None:
+            raise ValueError(
+                "loss.records is unset: the config was not resolved (dopd.common.load: load_config / resolve)"
+            )
+        return set(self.loss.records)
 
     def rollout(self, drafter: Drafter, prompts: list[tuple], seed: int) -> tuple[list[Rolled], RoundStats]:
         cfg = self.cfg
@@ -201,7 +212,7 @@ class ExperienceMaker:
     def _true_blocks(self, s: Rolled) -> Blocks:
         """The rollout's verification blocks, flagged with the streams this recipe trains on them."""
         b = s.blocks if s.scored else acc_only(s.blocks)
-        acc = self.loss.response == "blocks" and self.cfg.replay.anchors == "rollout"
+        acc = "blocks" in self.records_declared and self.cfg.replay.anchors == "rollout"
         rej = self.needs_rejected and s.scored
         flag = (STREAM_ACC if acc else 0) | (STREAM_REJ if rej else 0)
         if flag == 0:

@@ -60,7 +60,7 @@ class DrafterConfig:
     # drafter.mask_token_id (or the mean embedding row), as the official [docs/recipes.md R8] DFlash drafter's frozen embedding gives it
     train_mask: bool = True
     intermediate_size: int | None = None  # None = the target's
-    mask_token_id: int | None = None  # DFlash only; None = an unused/special token of the tokenizer
+    mask_token_id: int | None = None  # the MASK input token of a parallel kind (DFlash, P-EAGLE); None = its default
     lora_rank: int = 16  # DVI only: rank r of the head's low-rank term gamma * A B (A [V, r], B [r, H])
     lora_gamma: float = 1.0  # DVI only: gamma
 
@@ -198,6 +198,11 @@ class LossConfig:
     dflash_decay: float | None = 7.0  # DFlash SFT position weight exp(-(k-1)/decay); None = flat
     # DFlash SFT: block starts sampled per sequence (all when fewer)
     dflash_anchors_per_seq: int = 64
+    # what the actor records for the objective, declared by it (`Objective.records`) and filled at load; a value
+    # set anyway must equal the declaration: "blocks" = the rollout's verification blocks feed the accepted stream,
+    # "teacher" = the target's per-position top-k + tail along the text, "hidden" = its final hidden state along the
+    # answer, "scored" = the drafted tails after a rejection scored by the target
+    records: list[Literal["blocks", "teacher", "hidden", "scored"]] | None = None
 
 
 @dataclass

@@ -33,6 +33,7 @@ def resolve(cfg: Config) -> Config:
     """Fill every default that depends on other keys, then check the whole: a named recipe's settings fill the
     keys left unset (where the config was read; in code: fields still at their default), the drafter kind must
     be registered, so must the objective; a None loss setting takes the objective's default, then the kind's;
+    `loss.records` takes the objective's declaration of what the actor records;
     the runner-dependent keys take the runner's values (a value the runner cannot honour is an error naming it).
     Idempotent: a resolved config (config.yaml) resolves to itself. Returns `cfg`, resolved in place."""
     registry = objectives()
@@ -52,6 +53,13 @@ def resolve(cfg: Config) -> Config:
         for key, value in defaults.items():
             if getattr(lc, key) is None:
                 setattr(lc, key, value)
+    declared = sorted(registry[lc.objective].records(cfg))  # what the actor records for it (actors read this key)
+    if lc.records is None:
+        lc.records = declared
+    elif sorted(lc.records) != declared:
+        raise ConfigError(
+            f"config key 'loss.records' is declared by loss.objective={lc.objective}: {declared} (got {lc.records})"
+        )
     cfg._resolve_runner()
     cfg.validate()
     registry[lc.objective].check(cfg)

@@ -127,11 +127,7 @@ class Learner:
             .to(self.device)
             .train()
         )
-        mask_vec = getattr(self.drafter, "mask_embedding", None)
-        if (
-            mask_vec is not None and not cfg.drafter.train_mask
-        ):  # a fixed MASK input, as the official [docs/recipes.md R8] frozen embedding row
-            mask_vec.weight.requires_grad_(False)
+        self.drafter.configure_training(cfg.drafter)  # the kind freezes what its config keeps fixed
         self.vocab_chosen = cfg.drafter.draft_vocab_size is None or bool(cfg.drafter.init)
         self._make_engine = engine
         self._engine = None

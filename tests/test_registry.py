@@ -1,16 +1,23 @@
 """A drafter kind is one class and an objective is one object: both registered from this file alone (no other file
-edited), resolved into the config at load, refused by name when unknown, and trained by the shared learner."""
+edited), resolved into the config at load, refused by name when unknown, and trained by the shared learner. A kind
+owns its export formats (written, detected and read back by the kind, no edit of formats.py); an objective declares
+what the actor records (`Objective.records` -> `loss.records`), and the actor records exactly that."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from dopd.common.drafters import KINDS, build_drafter, export_drafter, spec_for
-from dopd.common.drafters.base import register_kind
+from dopd.common.drafters import KINDS, build_drafter, detect_format, export_drafter, load_drafter, spec_for
+from dopd.common.drafters.base import DrafterSpec, register_kind
 from dopd.common.drafters.eagle3 import Eagle3Drafter
 from dopd.common.errors import ConfigError, ModelError
 from dopd.common.load import load_config
+from dopd.common.record import decode_record
 from dopd.learner.losses import token_logq
 from dopd.learner.objectives import OBJECTIVES, Mask, Objective, logq, register
 
@@ -34,11 +41,38 @@ def registered():
         def default_feature_layers(cls, num_target_layers, num_draft_layers):
             return [1, num_target_layers // 2, num_target_layers - 2]
 
+    @register_kind
+    class JsonEagle3(Eagle3Drafter):
+        """A kind with a server format of its own: spec as JSON + flat weights, marked `test_json_kind`."""
+
+        kind = "test_eagle3_json"
+        export_formats = ("test-json",)
+        import_formats = ("test-json",)
+
+        def export(self, fmt, out, verifier, verifier_archs, speculative_tokens):
+            spec = {**asdict(self.spec), "kind": self.kind}
+            (out / "config.json").write_text(json.dumps({"test_json_kind": spec, "verifier": verifier}))
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "model.safetensors"))
+
+        @classmethod
+        def detect_format(cls, meta):
+            return "test-json" if "test_json_kind" in meta else None
+
+        @classmethod
+        def import_format(cls, fmt, path, meta, state, info, embed_weight, head_weight):
+            d = cls(DrafterSpec(**meta["test_json_kind"]), embed_weight, head_weight)
+            d.load_state_dict(load_file(str(path / "model.safetensors")))
+            return d
+
     @register
     class TopOneCE(Objective):
         name = "test_top1_ce"
         source = "a test of the extension point"
         defaults = {"response": "blocks", "lambda_rej": 0.0}
+
+        @classmethod
+        def records(cls, cfg):
+            return {"blocks", "hidden"}  # this objective wants the target's hidden state on its records
 
         def mask(self, batch, t2d):
             return Mask({"acc": batch.targets.valid.float()}, {"acc": self.lc.lambda_acc})
@@ -65,6 +99,24 @@ def test_a_new_kind_declares_its_defaults(registered, tiny):
         export_drafter(d, "speculators", "/nonexistent")
     with pytest.raises(ConfigError, match="drafter.kind' must be one of .*test_eagle3_wide"):
         load_config(None, BASE + ["drafter.kind=medusa"])
+
+
+def test_a_new_kind_owns_its_export_format(registered, tiny, tmp_path):
+    """Written, detected and read back by the kind alone; listed among the export formats; refused for others."""
+    from dopd.common.drafters import export_formats
+
+    cfg = load_config(None, BASE + ["drafter.kind=test_eagle3_json"])
+    d = build_drafter(cfg.drafter, tiny.info, tiny.model.config, tiny.embed_tokens.weight, tiny.lm_head.weight, seed=1)
+    assert "test-json" in export_formats()
+    export_drafter(d, "test-json", tmp_path)
+    assert detect_format(tmp_path) == "test-json"
+    back = load_drafter(tmp_path, tiny.info, tiny.embed_tokens.weight, tiny.lm_head.weight)
+    assert type(back) is type(d) and all(torch.equal(back.state_dict()[k], v) for k, v in d.state_dict().items())
+    with pytest.raises(ModelError, match="kind 'eagle3' has no test-json export"):
+        export_drafter(build_drafter(load_config(None, BASE).drafter, tiny.info, tiny.model.config,
+                                     tiny.embed_tokens.weight, tiny.lm_head.weight), "test-json", tmp_path / "x")  # fmt: skip
+    with pytest.raises(ModelError, match="unknown export format 'onnx'"):
+        export_drafter(d, "onnx", tmp_path / "y")
 
 
 def test_a_new_objective_trains_in_the_shared_learner(registered, tiny):
@@ -94,6 +146,10 @@ def test_a_new_objective_trains_in_the_shared_learner(registered, tiny):
     )
     worker.set_weights(learner.gather_weights(), 1)
     data, _ = worker.produce(2)
+    assert cfg.loss.records == ["blocks", "hidden"]  # its declaration, resolved into the config the actor reads
+    assert all(decode_record(b).target_hidden is not None for b in data)  # ... and recorded
+    with pytest.raises(ConfigError, match="loss.records' is declared by loss.objective=test_top1_ce"):
+        load_config(None, BASE + ["drafter.kind=dflash", "loss.objective=test_top1_ce", "loss.records=[blocks]"])
     before = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
     out = learner.opd_step(data, 1)
     assert out.info["test_positions"] > 0 and out.n_acc == out.info["test_positions"] and out.loss > 0

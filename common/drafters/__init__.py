@@ -12,9 +12,9 @@ from ..errors import ModelError
 from ..models import TargetInfo
 
 # the kinds: each module registers its class in KINDS (a new kind is a new module and one line here)
-from . import eagle3, dflash, dvi  # noqa: F401  isort: skip  (registration order: the order kinds are listed in)
+from . import eagle3, dflash, dvi, peagle  # noqa: F401  isort: skip  (registration order: the order kinds are listed in)
 from .base import KINDS, Drafter, DrafterSpec, DraftState, Proposal, kind_class, write_drafter
-from .formats import EXPORT_FORMATS, detect_format, export_drafter, import_drafter
+from .formats import detect_format, export_drafter, export_formats, import_drafter
 
 __all__ = [
     "KINDS",
@@ -30,7 +30,7 @@ __all__ = [
     "spec_for",
     "token_counts",
     "write_drafter",
-    "EXPORT_FORMATS",
+    "export_formats",
     "detect_format",
     "export_drafter",
     "import_drafter",

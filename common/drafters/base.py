@@ -137,6 +137,7 @@ class Drafter(nn.Module):
     # the loss settings of this kind's official recipe, filled into `loss.*` keys the config leaves unset (at load)
     default_loss: ClassVar[dict[str, Any]] = {"objective": "opd"}
     export_formats: ClassVar[tuple[str, ...]] = ()  # `dopd export --format` values this kind can be written in
+    import_formats: ClassVar[tuple[str, ...]] = ()  # foreign formats this kind reads (`detect_format` names them)
 
     # --- what a kind declares ---------------------------------------------------------------------------------
     @classmethod
@@ -171,6 +172,31 @@ class Drafter(nn.Module):
     def sft_anchors(cls, rec: TeacherRecord, cfg: Config, rng: np.random.Generator) -> np.ndarray:
         """Answer positions (prefix lengths) to start teacher-forced blocks at: every one by default."""
         return np.arange(max(rec.prompt_len, 1), rec.token_ids.shape[0], dtype=np.int64)
+
+    def configure_training(self, cfg: DrafterConfig) -> None:
+        """Freeze what this kind's config says stays fixed while training (the learner calls it once)."""
+
+    # --- what a kind declares: its formats (formats.py holds the pieces every format shares) -----------------
+    def check_export(self, fmt: str) -> None:
+        """Refuse, naming it, what format `fmt` cannot represent of this drafter (before anything is written)."""
+
+    def export(self, fmt: str, out: Path, verifier: str, verifier_archs: list[str], speculative_tokens: int) -> None:
+        """Write this drafter to directory `out` in `fmt` (one of `export_formats`); `verifier` / `verifier_archs`
+        are the target as the server should name it."""
+        raise ModelError(f"drafter kind '{self.kind}' has no {fmt} export")
+
+    @classmethod
+    def detect_format(cls, meta: dict) -> str | None:
+        """The foreign format (one of `import_formats`) a drafter config.json is in, when this kind reads it."""
+        return None
+
+    @classmethod
+    def import_format(
+        cls, fmt: str, path: Path, meta: dict, state: dict, info: TargetInfo, embed_weight, head_weight
+    ) -> Drafter:
+        """A drafter of this kind from foreign format `fmt` (config `meta`, safetensors `state`), checked against
+        the target."""
+        raise ModelError(f"drafter kind '{cls.kind}' imports no {fmt} drafter")
 
     @classmethod
     def trainable_positions(

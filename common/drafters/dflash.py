@@ -7,14 +7,23 @@ committed token's own feature is not known yet at inference), projected by that 
 (KV injection). Context K/V are cached across verification steps; the block's K/V are recomputed each step.
 Deviation from the public DFlash code: the MASK input is a learned vector (initialised from a token embedding)
 rather than a reserved vocabulary row, so no unused token id is needed.
+
+Formats (written and read here; facts in formats.py): `speculators` / `vllm` = the z-lab `DFlashDraftModel` layout
+(vLLM; speculators converts it), with dopd's learned MASK as `mask_embedding.pt`; `sglang` = the same without head
+and MASK file (only a drafter whose MASK is still an embedding row and whose head is the target's fits).
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import ModelError
+from . import formats as fm
 from .base import Drafter, DrafterSpec, DraftState, Proposal, register_kind
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, grouped_attention
 
@@ -51,6 +60,7 @@ class DFlashDrafter(Drafter):
     kind = "dflash"
     default_loss = {"objective": "opd", "response": "blocks", "acc_divergence": "bernoulli", "lambda_rej": 1.0}
     export_formats = ("speculators", "vllm", "sglang")
+    import_formats = ("vllm-dflash",)
 
     @classmethod
     def default_feature_layers(cls, num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -70,6 +80,92 @@ class DFlashDrafter(Drafter):
         if span.size > cfg.loss.dflash_anchors_per_seq:
             span = np.sort(rng.choice(span, size=cfg.loss.dflash_anchors_per_seq, replace=False))
         return span
+
+    def configure_training(self, cfg) -> None:
+        if not cfg.train_mask:  # a fixed MASK input, as the official [docs/recipes.md R8] frozen embedding row
+            self.mask_embedding.weight.requires_grad_(False)
+
+    # --- formats --------------------------------------------------------------------------------------------
+    def check_export(self, fmt: str) -> None:
+        """SGLang's DFlash uses the target's embedding and head and the embedding row of mask_token_id as the MASK:
+        only a drafter whose MASK vector is still exactly that row, with the target's full head, fits."""
+        if fmt != "sglang":
+            return
+        spec = self.spec
+        mask = self.mask_embedding.weight.detach().cpu().float()
+        row = self.embed_weight[spec.mask_token_id].detach().cpu().float() if spec.mask_token_id is not None else None
+        if row is None or not torch.equal(mask, row):
+            raise ModelError(
+                "SGLang cannot represent this DFlash drafter: its MASK input is a learned vector (mask_embedding) and "
+                "SGLang's DFlash takes the mask from the target embedding row of mask_token_id; export with --format vllm"
+            )
+        if self.lm_head is not None:
+            raise ModelError(
+                "SGLang cannot represent this DFlash drafter: it has its own LM head (reduced vocabulary or "
+                "train_lm_head) and SGLang's DFlash always uses the target's head; export with --format vllm"
+            )
+
+    def export(self, fmt, out, verifier, verifier_archs, speculative_tokens) -> None:
+        spec = self.spec
+        with_mask_file = fmt != "sglang"
+        ids, head, _ = fm.vocab_tensors(self)
+        V, Vd = spec.vocab_size, ids.numel()
+        state = {k: v for k, v in fm.module_state(self).items() if k != "mask_embedding.weight"}
+        if with_mask_file or self.lm_head is not None:
+            state["lm_head.weight"] = head.contiguous()
+        if Vd != V:
+            state["d2t"] = fm.vocab_maps(ids, V)[0]
+        cfg = {
+            **fm.llama_layer_config(spec, spec.target["max_positions"], V),
+            "model_type": "qwen3",
+            "architectures": ["DFlashDraftModel"],
+            "draft_vocab_size": Vd,
+            "block_size": speculative_tokens + 1,
+            "num_target_layers": spec.target["num_layers"],
+            "dflash_config": {
+                "mask_token_id": spec.mask_token_id if spec.mask_token_id is not None else 0,
+                "target_layer_ids": [i - 1 for i in spec.feature_layers],
+            },
+        }
+        cfg.pop("rope_scaling")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_file(state, str(out / "model.safetensors"))
+        if with_mask_file:
+            torch.save(self.mask_embedding.weight.detach().cpu().float().clone(), out / "mask_embedding.pt")
+
+    @classmethod
+    def detect_format(cls, meta: dict) -> str | None:
+        if "DFlashDraftModel" in (meta.get("architectures") or []) or "dflash_config" in meta:
+            return "vllm-dflash"
+        return None
+
+    @classmethod
+    def import_format(cls, fmt, path, meta, state, info, embed_weight, head_weight) -> Drafter:
+        where = f"drafter {path} ({fmt})"
+        V = info.vocab_size
+        c = meta
+        fm.refuse_unsupported_layer_config(c, where)
+        fm.check_target(c, info, where)
+        dc = c.get("dflash_config") or {}
+        if "target_layer_ids" not in dc:
+            raise ModelError(f"{where}: dflash_config.target_layer_ids is missing")
+        layers = [i + 1 for i in dc["target_layer_ids"]]
+        Vd = int(c.get("draft_vocab_size") or V)
+        body = {k: v for k, v in state.items() if k.startswith(("layers.", "fc.", "norm.", "hidden_norm."))}
+        mask_file = path / "mask_embedding.pt"
+        mtid = dc.get("mask_token_id")
+        if mask_file.is_file():
+            mask = torch.load(mask_file, map_location="cpu", weights_only=True).float().flatten()
+        elif mtid is not None and 0 <= int(mtid) < V:
+            mask = embed_weight[int(mtid)].detach().cpu().float()  # z-lab: the MASK is an embedding row
+        else:
+            raise ModelError(f"{where}: neither mask_embedding.pt nor a valid dflash_config.mask_token_id ({mtid})")
+        if mask.numel() != info.hidden_size:
+            raise ModelError(
+                f"{where}: mask embedding has {mask.numel()} values, the target's hidden size is {info.hidden_size}"
+            )
+        body["mask_embedding.weight"] = mask
+        return fm.finish_import(cls, c, state, info, embed_weight, head_weight, layers, Vd, body, where, mtid)
 
     def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
         super().__init__(spec, embed_weight, head_weight, draft_ids)

@@ -8,16 +8,24 @@ features known up to a-2):
            position a+j-1; it attends to the context entries p <= a-1 and its own block's earlier steps.
 The first layer sees concat(input_norm(embedding), hidden_norm(hidden)) (2H wide, residual = hidden); further
 layers are ordinary decoder layers. The token embedding (and by default the LM head) is the target's, frozen.
+
+Formats (the kind writes and reads them here; formats.py has the shared pieces and the flag facts): `speculators`
+/ `vllm` = speculators' `Eagle3Speculator` (vLLM loads it), `sglang` = SGLang / SpecForge `LlamaForCausalLMEagle3`
+(one `midlayer`, aux layer ids one less than HF's); import of both.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import ModelError
+from . import formats as fm
 from .base import Drafter, DrafterSpec, DraftState, Proposal, register_kind
 from .layers import Attention, RMSNorm, Rotary, SwiGLU, causal_attention, grouped_attention
 
@@ -55,6 +63,9 @@ class Eagle3Drafter(Drafter):
     kind = "eagle3"
     default_loss = {"objective": "opd", "response": "ttt", "acc_divergence": "fkl", "lambda_rej": 0.0}
     export_formats = ("speculators", "vllm", "sglang")
+    import_formats = ("speculators-eagle3", "sglang-eagle3")
+    speculators_type = "eagle3"  # `speculators_model_type` / `speculators_config.algorithm` of the speculators format
+    speculators_architecture = "Eagle3Speculator"
 
     @classmethod
     def default_feature_layers(cls, num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -72,6 +83,134 @@ class Eagle3Drafter(Drafter):
     @classmethod
     def sft_anchors(cls, rec, cfg, rng) -> np.ndarray:
         return np.arange(max(rec.prompt_len, 2), rec.token_ids.shape[0], dtype=np.int64)  # entry 0 has no feature
+
+    # --- formats --------------------------------------------------------------------------------------------
+    def check_export(self, fmt: str) -> None:
+        spec = self.spec
+        if len(spec.feature_layers) != 3:
+            raise ModelError(
+                f"{fmt} cannot represent an EAGLE-3 drafter with {len(spec.feature_layers)} feature layers "
+                f"{spec.feature_layers}: the servers' fc takes exactly 3 (low, mid, high)"
+            )
+        if fmt == "sglang" and spec.num_layers != 1:
+            raise ModelError(
+                f"SGLang cannot represent a {spec.num_layers}-layer EAGLE-3 drafter: LlamaForCausalLMEagle3 holds one "
+                "`midlayer` (multi-layer support differs by SGLang version); export with --format speculators for vLLM"
+            )
+
+    def speculators_extra(self, state: dict[str, torch.Tensor]) -> dict:
+        """Config entries the speculators format of this kind adds to EAGLE-3's; may rename entries of `state` (a
+        subclass's own weights under speculators' names)."""
+        return {}
+
+    def export(self, fmt, out, verifier, verifier_archs, speculative_tokens) -> None:
+        spec = self.spec
+        ids, head, _ = fm.vocab_tensors(self)
+        V, Vd = spec.vocab_size, ids.numel()
+        state = fm.module_state(self)
+        state["lm_head.weight"] = head.contiguous()
+        state["embed_tokens.weight"] = self.embed_weight.detach().cpu().float().contiguous()
+        layer_cfg = fm.llama_layer_config(spec, spec.target["max_positions"], V)
+        if fmt == "sglang":
+            state = {k.replace("layers.0.", "midlayer.", 1): v for k, v in state.items()}
+            state["d2t"], state["t2d"] = fm.vocab_maps(ids, V)  # always written (identity offsets for a full one)
+            config = {
+                **layer_cfg,
+                "architectures": ["LlamaForCausalLMEagle3"],
+                "num_hidden_layers": 1,
+                "draft_vocab_size": Vd,
+                "target_hidden_size": spec.target_hidden_size,
+                "eagle_config": {
+                    "eagle_aux_hidden_state_layer_ids": [i - 1 for i in spec.feature_layers],
+                    "use_aux_hidden_state": True,
+                },
+            }
+        else:
+            if Vd != V:
+                state["d2t"], state["t2d"] = fm.vocab_maps(ids, V)
+            t = self.speculators_type
+            config = {
+                "architectures": [self.speculators_architecture],
+                "speculators_model_type": t,
+                "speculators_version": "0.9.0",
+                "draft_vocab_size": Vd,
+                "target_hidden_size": spec.target_hidden_size,
+                "eagle_aux_hidden_state_layer_ids": list(spec.feature_layers),
+                **dict.fromkeys(fm.EAGLE3_FLAGS, False),
+                "embed_requires_grad": False,
+                "transformer_layer_config": layer_cfg,
+                **self.speculators_extra(state),
+                "speculators_config": {
+                    "algorithm": t,
+                    "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": speculative_tokens}],
+                    "default_proposal_method": "greedy",
+                    "verifier": {"name_or_path": verifier, "architectures": verifier_archs},
+                },
+                "torch_dtype": "float32",
+            }
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(state, str(out / "model.safetensors"))
+
+    @classmethod
+    def detect_format(cls, meta: dict) -> str | None:
+        if meta.get("speculators_model_type") == cls.speculators_type:
+            return f"speculators-{cls.speculators_type}"
+        if "sglang-eagle3" in cls.import_formats and "LlamaForCausalLMEagle3" in (meta.get("architectures") or []):
+            return "sglang-eagle3"
+        return None
+
+    @classmethod
+    def import_format(cls, fmt, path, meta, state, info, embed_weight, head_weight) -> Drafter:
+        where = f"drafter {path} ({fmt})"
+        L, V = info.num_layers, info.vocab_size
+        if fmt.startswith("speculators-"):
+            c = meta.get("transformer_layer_config") or {}
+            if c.get("model_type", "llama") != "llama":
+                raise ModelError(
+                    f"{where}: transformer_layer_config.model_type '{c.get('model_type')}' is not implemented by dopd's {cls.kind} (llama layers only)"
+                )
+            on = [f for f in fm.EAGLE3_FLAGS if meta.get(f, False)]
+            if on:
+                raise ModelError(
+                    f"{where}: {', '.join(f + '=true' for f in on)} is not implemented by dopd's {cls.kind} drafter"
+                )
+            fm.refuse_unsupported_layer_config(c, where)
+            fm.check_target(c, info, where)
+            if meta.get("target_hidden_size") not in (None, info.hidden_size):
+                raise ModelError(
+                    f"{where}: target_hidden_size {meta['target_hidden_size']} vs the target's {info.hidden_size}"
+                )
+            layers = meta.get("eagle_aux_hidden_state_layer_ids") or cls.default_feature_layers(L, 1)
+            Vd = int(meta.get("draft_vocab_size", V))
+            body = {k: v for k, v in state.items() if k.startswith(("layers.", "fc.", "norm."))}
+        else:
+            c = meta
+            fm.refuse_unsupported_layer_config(c, where)
+            fm.check_target(c, info, where)
+            if int(c.get("num_hidden_layers", 1)) != 1:
+                raise ModelError(
+                    f"{where}: {c['num_hidden_layers']} layers; dopd imports the one-midlayer SGLang EAGLE-3"
+                )
+            ids = (c.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+            layers = [i + 1 for i in ids] if ids else cls.default_feature_layers(L, 1)
+            Vd = int(c.get("draft_vocab_size") or V)
+            body = {
+                k.replace("midlayer.", "layers.0.", 1): v
+                for k, v in state.items()
+                if k.startswith(("midlayer.", "fc.", "norm."))
+            }
+        body.update(cls.import_extra(meta, state, where))
+        return fm.finish_import(cls, c, state, info, embed_weight, head_weight, layers, Vd, body, where,
+                                cls.import_mask_token_id(meta))  # fmt: skip
+
+    @classmethod
+    def import_extra(cls, meta: dict, state: dict, where: str) -> dict:
+        """Weights of a subclass's own modules read from a foreign state (none for EAGLE-3)."""
+        return {}
+
+    @classmethod
+    def import_mask_token_id(cls, meta: dict) -> int | None:
+        return None
 
     def __init__(self, spec: DrafterSpec, embed_weight, head_weight, draft_ids=None):
         super().__init__(spec, embed_weight, head_weight, draft_ids)
@@ -185,10 +324,10 @@ class Eagle3Drafter(Drafter):
         vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         return DraftState(ks, vs, torch.full((batch,), self.context_start(), dtype=torch.long, device=device))
 
-    @torch.no_grad()
-    def propose(
-        self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
-    ) -> Proposal:
+    def _extend(self, state, rows, tokens, features, lengths):
+        """The inference context pass: add the entries new since the last call to the cache of slots `rows` and
+        return (pre-norm output of the entry at n-1 [b,1,H], per-layer context K/V [b,Hkv,n,d] in its dtype, the
+        context mask [b,1,n] of a block anchored at a = n, a [b,1])."""
         dev = tokens.device
         sel = (lambda t: t) if rows is None else (lambda t: t[rows])
         tok, feat, n = sel(tokens), sel(features), sel(lengths)
@@ -219,10 +358,15 @@ class Eagle3Drafter(Drafter):
         h = h.gather(1, last)  # [b,1,H] step 1 (entry at n-1)
         a = n[:, None]
         ctx_mask = (s[None, None, :] >= 1) & (s[None, None, :] <= (a - 1)[..., None])
+        return h, [k.to(h.dtype) for k in ks], [v.to(h.dtype) for v in vs], ctx_mask, a
+
+    @torch.no_grad()
+    def propose(
+        self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
+    ) -> Proposal:
+        h, ks, vs, ctx_mask, a = self._extend(state, rows, tokens, features, lengths)
         own_k = [[] for _ in self.layers]
         own_v = [[] for _ in self.layers]
-        ks = [k.to(h.dtype) for k in ks]
-        vs = [v.to(h.dtype) for v in vs]
 
         def advance(tok, h, j):
             return self._step(self.embed(tok[:, None]), h, a + j - 2, ks, vs, ctx_mask, own_k, own_v)

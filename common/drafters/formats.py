@@ -1,7 +1,9 @@
-"""Drafters that leave dopd: export to the servers' formats, and import drafters trained elsewhere.
-
-Why one module: every format is a bijection between dopd's modules and someone else's key names and flags; writing
-each direction in one place keeps export and import from drifting. The facts below were read from the loaders
+"""Drafters that leave dopd: the generic half of export to the servers' formats and import of drafters trained
+elsewhere. A kind owns its formats: it declares `export_formats`, writes them (`Drafter.export`), recognises a
+foreign config.json (`Drafter.detect_format`) and reads it (`Drafter.import_format`), each in the kind's own file
+next to its modules, so export and import of one format cannot drift apart; this module only asks the registered
+kinds and holds the pieces every format shares (vocabulary maps, the Llama layer config, the verifier, the checks
+against the target). The facts for EAGLE-3 and DFlash, per kind file, are summarised here. The facts below were read from the loaders
 (speculators 0.9.0 `models/eagle3`, vLLM `llama_eagle3.py` / DFlash, SGLang `llama_eagle3.py`, SpecForge export).
 
 dopd's EAGLE-3 (see eagle3.py) is the speculators/vLLM EAGLE-3 with every optional flag off, which is why no flag
@@ -49,20 +51,25 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import ModelError
 from ..models import TargetInfo
-from .base import Drafter, DrafterSpec, kind_class, read_drafter_config
+from .base import KINDS, Drafter, DrafterSpec, kind_class, read_drafter_config
 
-EXPORT_FORMATS = ("speculators", "vllm", "sglang")
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
 }
+# the speculators EAGLE-3 flags dopd's EAGLE-3 modules have off (written false, refused when true on import)
 EAGLE3_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output")
+
+
+def export_formats() -> tuple[str, ...]:
+    """Every `dopd export --format` value some registered kind writes, in registration order."""
+    return tuple(dict.fromkeys(f for cls in KINDS.values() for f in cls.export_formats))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,31 +77,42 @@ EAGLE3_FLAGS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_outpu
 
 
 def detect_format(path: str | Path) -> str:
-    """`dopd`, `speculators-eagle3`, `sglang-eagle3` or `vllm-dflash` for a drafter directory (config.json)."""
+    """`dopd`, or the foreign format a registered kind recognises in a drafter directory's config.json
+    (`speculators-eagle3`, `sglang-eagle3`, `vllm-dflash`, ...)."""
     meta = read_drafter_config(path)
     if "dopd_spec_version" in meta:
         return "dopd"
+    for cls in KINDS.values():
+        fmt = cls.detect_format(meta)
+        if fmt is not None:
+            return fmt
+    known = [f for cls in KINDS.values() for f in cls.import_formats]
     smt = meta.get("speculators_model_type")
-    if smt == "eagle3":
-        return "speculators-eagle3"
     if smt is not None:
-        raise ModelError(f"drafter {path} is a speculators '{smt}' model; dopd imports speculators eagle3 only")
+        raise ModelError(f"drafter {path} is a speculators '{smt}' model; dopd imports {', '.join(known)}")
     archs = meta.get("architectures") or []
-    if "LlamaForCausalLMEagle3" in archs:
-        return "sglang-eagle3"
-    if "DFlashDraftModel" in archs or "dflash_config" in meta:
-        return "vllm-dflash"
     raise ModelError(
-        f"{Path(path) / 'config.json'} is not a drafter dopd knows: no dopd_spec_version, no speculators_model_type, and architectures "
-        f"{archs} is none of LlamaForCausalLMEagle3 (SGLang/SpecForge) or DFlashDraftModel (vLLM/z-lab)"
+        f"{Path(path) / 'config.json'} is not a drafter dopd knows: no dopd_spec_version, no speculators_model_type "
+        f"a kind reads, and architectures {archs} is none a registered kind reads (formats: {', '.join(known)})"
     )
 
 
+def kind_of_format(fmt: str) -> type[Drafter]:
+    """The registered kind that imports foreign format `fmt`."""
+    for cls in KINDS.values():
+        if fmt in cls.import_formats:
+            return cls
+    known = [f for cls in KINDS.values() for f in cls.import_formats]
+    raise ModelError(f"not an importable format: '{fmt}' (known: {', '.join(known)})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# export
+# export: shared pieces
 
 
-def _check_feature_layers(spec: DrafterSpec, fmt: str) -> None:
+def check_feature_layers(spec: DrafterSpec, fmt: str) -> None:
+    """Servers capture the outputs of layers 1..L-1: feature layer 0 (embeddings) or L (after the final norm) is
+    not representable in any server format."""
     L = spec.target["num_layers"]
     bad = [i for i in spec.feature_layers if i <= 0 or i >= L]
     if bad:
@@ -102,14 +120,9 @@ def _check_feature_layers(spec: DrafterSpec, fmt: str) -> None:
             f"{fmt} cannot represent feature layer(s) {bad} of a {L}-layer target: servers capture the outputs of "
             f"layers 1..{L - 1} (hidden_states index 0 is the embeddings, index {L} is after the final norm)"
         )
-    if spec.kind == "eagle3" and len(spec.feature_layers) != 3:
-        raise ModelError(
-            f"{fmt} cannot represent an EAGLE-3 drafter with {len(spec.feature_layers)} feature layers "
-            f"{spec.feature_layers}: the servers' fc takes exactly 3 (low, mid, high)"
-        )
 
 
-def _verifier(spec: DrafterSpec, verifier: str | None) -> tuple[str, list[str]]:
+def verifier_entry(spec: DrafterSpec, verifier: str | None) -> tuple[str, list[str]]:
     """(name_or_path written into the config, its architectures). A local directory or builtin alias is written as
     an absolute directory and checked against the drafter's target; a hub id is written as given (servers resolve
     it) with the architecture of the drafter's target."""
@@ -131,7 +144,7 @@ def _verifier(spec: DrafterSpec, verifier: str | None) -> tuple[str, list[str]]:
     return str(Path(path).resolve()), archs
 
 
-def _vocab_tensors(d: Drafter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def vocab_tensors(d: Drafter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ascending draft->target ids, lm_head rows in that order, permutation applied). Servers assume ascending."""
     ids = d.draft_ids.detach().cpu()
     order = torch.argsort(ids)
@@ -139,7 +152,14 @@ def _vocab_tensors(d: Drafter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ids[order], head.detach().cpu().float()[order], order
 
 
-def _llama_layer_config(spec: DrafterSpec, max_pos: int, vocab: int) -> dict:
+def vocab_maps(ids: torch.Tensor, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d2t as int64 OFFSETS: target id = d2t[i] + i, t2d as a bool mask over V) for ascending draft ids."""
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[ids] = True
+    return (ids - torch.arange(ids.numel())).to(torch.int64), t2d
+
+
+def llama_layer_config(spec: DrafterSpec, max_pos: int, vocab: int) -> dict:
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -163,8 +183,8 @@ def _llama_layer_config(spec: DrafterSpec, max_pos: int, vocab: int) -> dict:
     }
 
 
-def _eagle3_body(d: Drafter) -> dict[str, torch.Tensor]:
-    """fc, layers.N.*, norm: dopd's module names are already the servers' names."""
+def module_state(d: Drafter) -> dict[str, torch.Tensor]:
+    """The drafter's own weights in fp32 (the draft map and own head left out: every format writes them its way)."""
     skip = ("draft_ids", "lm_head.weight")
     return {k: v.detach().cpu().float().contiguous() for k, v in d.state_dict().items() if k not in skip}
 
@@ -172,155 +192,36 @@ def _eagle3_body(d: Drafter) -> dict[str, torch.Tensor]:
 def export_drafter(
     d: Drafter, fmt: str, out: str | Path, verifier: str | None = None, speculative_tokens: int = 3
 ) -> Path:
-    """Write drafter `d` in server format `fmt` (speculators | vllm | sglang) to `out`; refuses what it cannot
-    represent, naming it."""
-    if fmt not in EXPORT_FORMATS:
-        raise ModelError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
+    """Write drafter `d` in server format `fmt` (one of its kind's `export_formats`) to `out`; refuses what it
+    cannot represent, naming it. The kind writes the format (`Drafter.export`)."""
+    known = export_formats()
+    if fmt not in known:
+        raise ModelError(f"unknown export format '{fmt}' (known: {', '.join(known)})")
     spec = d.spec
-    if fmt not in kind_class(spec.kind).export_formats:
+    cls = kind_class(spec.kind)
+    if fmt not in cls.export_formats:
         raise ModelError(
-            f"drafter kind '{spec.kind}' has no {fmt} export (its formats: {', '.join(kind_class(spec.kind).export_formats) or 'none'})"
+            f"drafter kind '{spec.kind}' has no {fmt} export (its formats: {', '.join(cls.export_formats) or 'none'})"
         )
-    _check_feature_layers(spec, fmt)
+    check_feature_layers(spec, fmt)
+    d.check_export(fmt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vname, varchs = _verifier(spec, verifier)
-    if spec.kind == "eagle3":
-        if fmt == "sglang":
-            _export_eagle3_sglang(d, out)
-        else:
-            _export_eagle3_speculators(d, out, vname, varchs, speculative_tokens)
-    elif spec.kind == "dflash":
-        if fmt == "sglang":
-            _check_dflash_sglang(d)
-        _export_dflash_vllm(d, out, speculative_tokens, with_mask_file=fmt != "sglang")
-    else:
-        raise ModelError(f"drafter kind '{spec.kind}' has no export")
+    vname, varchs = verifier_entry(spec, verifier)
+    d.export(fmt, out, vname, varchs, speculative_tokens)
     return out
 
 
-def _export_eagle3_speculators(d: Drafter, out: Path, vname: str, varchs: list[str], k: int) -> None:
-    spec = d.spec
-    ids, head, _ = _vocab_tensors(d)
-    V, Vd = spec.vocab_size, ids.numel()
-    state = _eagle3_body(d)
-    state["lm_head.weight"] = head.contiguous()
-    state["embed_tokens.weight"] = d.embed_weight.detach().cpu().float().contiguous()
-    if Vd != V:
-        state["d2t"] = (ids - torch.arange(Vd)).to(torch.int64)
-        t2d = torch.zeros(V, dtype=torch.bool)
-        t2d[ids] = True
-        state["t2d"] = t2d
-    config = {
-        "architectures": ["Eagle3Speculator"],
-        "speculators_model_type": "eagle3",
-        "speculators_version": "0.9.0",
-        "draft_vocab_size": Vd,
-        "target_hidden_size": spec.target_hidden_size,
-        "eagle_aux_hidden_state_layer_ids": list(spec.feature_layers),
-        **{flag: False for flag in EAGLE3_FLAGS},
-        "embed_requires_grad": False,
-        "transformer_layer_config": _llama_layer_config(spec, spec.target["max_positions"], V),
-        "speculators_config": {
-            "algorithm": "eagle3",
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": k}],
-            "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": vname, "architectures": varchs},
-        },
-        "torch_dtype": "float32",
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(state, str(out / "model.safetensors"))
-
-
-def _export_eagle3_sglang(d: Drafter, out: Path) -> None:
-    spec = d.spec
-    if spec.num_layers != 1:
-        raise ModelError(
-            f"SGLang cannot represent a {spec.num_layers}-layer EAGLE-3 drafter: LlamaForCausalLMEagle3 holds one "
-            "`midlayer` (multi-layer support differs by SGLang version); export with --format speculators for vLLM"
-        )
-    ids, head, _ = _vocab_tensors(d)
-    V, Vd = spec.vocab_size, ids.numel()
-    state = {k.replace("layers.0.", "midlayer.", 1): v for k, v in _eagle3_body(d).items()}
-    state["lm_head.weight"] = head.contiguous()
-    state["embed_tokens.weight"] = d.embed_weight.detach().cpu().float().contiguous()
-    state["d2t"] = (ids - torch.arange(Vd)).to(torch.int64)
-    t2d = torch.zeros(V, dtype=torch.bool)
-    t2d[ids] = True
-    state["t2d"] = t2d
-    config = {
-        **_llama_layer_config(spec, spec.target["max_positions"], V),
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "num_hidden_layers": 1,
-        "draft_vocab_size": Vd,
-        "target_hidden_size": spec.target_hidden_size,
-        "eagle_config": {
-            "eagle_aux_hidden_state_layer_ids": [i - 1 for i in spec.feature_layers],
-            "use_aux_hidden_state": True,
-        },
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(state, str(out / "model.safetensors"))
-
-
-def _check_dflash_sglang(d: Drafter) -> None:
-    """SGLang's DFlash uses the target's embedding and head and the embedding row of mask_token_id as the MASK:
-    only a drafter whose MASK vector is still exactly that row, with the target's full head, fits."""
-    spec = d.spec
-    mask = d.mask_embedding.weight.detach().cpu().float()
-    row = d.embed_weight[spec.mask_token_id].detach().cpu().float() if spec.mask_token_id is not None else None
-    if row is None or not torch.equal(mask, row):
-        raise ModelError(
-            "SGLang cannot represent this DFlash drafter: its MASK input is a learned vector (mask_embedding) and "
-            "SGLang's DFlash takes the mask from the target embedding row of mask_token_id; export with --format vllm"
-        )
-    if d.lm_head is not None:
-        raise ModelError(
-            "SGLang cannot represent this DFlash drafter: it has its own LM head (reduced vocabulary or "
-            "train_lm_head) and SGLang's DFlash always uses the target's head; export with --format vllm"
-        )
-
-
-def _export_dflash_vllm(d: Drafter, out: Path, k: int, with_mask_file: bool = True) -> None:
-    spec = d.spec
-    ids, head, _ = _vocab_tensors(d)
-    V, Vd = spec.vocab_size, ids.numel()
-    state = {k2: v.detach().cpu().float().contiguous() for k2, v in d.state_dict().items()
-             if k2 not in ("draft_ids", "lm_head.weight", "mask_embedding.weight")}  # fmt: skip
-    if with_mask_file or d.lm_head is not None:
-        state["lm_head.weight"] = head.contiguous()
-    if Vd != V:
-        state["d2t"] = (ids - torch.arange(Vd)).to(torch.int64)
-    cfg = {
-        **_llama_layer_config(spec, spec.target["max_positions"], V),
-        "model_type": "qwen3",
-        "architectures": ["DFlashDraftModel"],
-        "draft_vocab_size": Vd,
-        "block_size": k + 1,
-        "num_target_layers": spec.target["num_layers"],
-        "dflash_config": {
-            "mask_token_id": spec.mask_token_id if spec.mask_token_id is not None else 0,
-            "target_layer_ids": [i - 1 for i in spec.feature_layers],
-        },
-    }
-    cfg.pop("rope_scaling")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(state, str(out / "model.safetensors"))
-    if with_mask_file:
-        torch.save(d.mask_embedding.weight.detach().cpu().float().clone(), out / "mask_embedding.pt")
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# import
+# import: shared pieces
 
 
-def _rope_theta(c: dict) -> float:
+def rope_theta_of(c: dict) -> float:
     rp = c.get("rope_parameters") or {}
     return float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
-def _refuse_unsupported_layer_config(c: dict, where: str) -> None:
+def refuse_unsupported_layer_config(c: dict, where: str) -> None:
     if c.get("rope_scaling") or (c.get("rope_parameters") or {}).get("rope_type", "default") != "default":
         raise ModelError(
             f"{where}: RoPE scaling {c.get('rope_scaling') or c.get('rope_parameters')} is not implemented by dopd's drafters"
@@ -332,7 +233,7 @@ def _refuse_unsupported_layer_config(c: dict, where: str) -> None:
         raise ModelError(f"{where}: hidden_act '{c['hidden_act']}' is not implemented by dopd's drafters (silu only)")
 
 
-def _check_target(c: dict, info: TargetInfo, where: str, vocab_key: str = "vocab_size") -> None:
+def check_target(c: dict, info: TargetInfo, where: str, vocab_key: str = "vocab_size") -> None:
     diffs = []
     if c.get("hidden_size") != info.hidden_size:
         diffs.append(f"hidden size {c.get('hidden_size')} vs the target's {info.hidden_size}")
@@ -342,7 +243,7 @@ def _check_target(c: dict, info: TargetInfo, where: str, vocab_key: str = "vocab
         raise ModelError(f"{where} does not fit target '{info.name}': " + ", ".join(diffs))
 
 
-def _spec(kind: str, c: dict, info: TargetInfo, feature_layers: list[int], draft_vocab: int, own_head: bool, where: str,
+def foreign_spec(kind: str, c: dict, info: TargetInfo, feature_layers: list[int], draft_vocab: int, own_head: bool, where: str,
           mask_token_id: int | None = None) -> DrafterSpec:  # fmt: skip
     missing = [
         k for k in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers") if k not in c
@@ -369,14 +270,14 @@ def _spec(kind: str, c: dict, info: TargetInfo, feature_layers: list[int], draft
         vocab_size=info.vocab_size,
         draft_vocab_size=draft_vocab if reduced else None,
         train_lm_head=own_head and not reduced,
-        rope_theta=_rope_theta(c),
+        rope_theta=rope_theta_of(c),
         rms_eps=float(c.get("rms_norm_eps", 1e-6)),
         mask_token_id=mask_token_id,
         target=info.to_dict(),
     )
 
 
-def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_foreign(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads((path / "config.json").read_text())
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -418,7 +319,7 @@ def _check_embed(state: dict, embed_weight: torch.Tensor, where: str) -> None:
         )
 
 
-def _load(
+def load_foreign(
     kind_cls, spec: DrafterSpec, embed_weight, head_weight, draft_ids, body: dict, head: torch.Tensor | None, where: str
 ) -> Drafter:
     model = kind_cls(spec, embed_weight, head_weight, draft_ids)
@@ -442,80 +343,14 @@ def _load(
     return model.to(torch.float32)
 
 
-def import_drafter(
-    path: str | Path, info: TargetInfo, embed_weight: torch.Tensor, head_weight: torch.Tensor, fmt: str | None = None
-) -> Drafter:
-    """A dopd drafter from a speculators / SGLang (SpecForge) EAGLE-3 or a vLLM (z-lab) DFlash directory, checked
-    against the target `info` (shapes, vocabulary, feature layers, embedding)."""
-    from .dflash import DFlashDrafter
-    from .eagle3 import Eagle3Drafter
-
-    path = Path(path)
-    fmt = fmt or detect_format(path)
-    where = f"drafter {path} ({fmt})"
-    meta, state = _read(path)
-    L, V = info.num_layers, info.vocab_size
-    if fmt == "speculators-eagle3":
-        c = meta.get("transformer_layer_config") or {}
-        if c.get("model_type", "llama") != "llama":
-            raise ModelError(
-                f"{where}: transformer_layer_config.model_type '{c.get('model_type')}' is not implemented by dopd's EAGLE-3 (llama layers only)"
-            )
-        on = [f for f in EAGLE3_FLAGS if meta.get(f, False)]
-        if on:
-            raise ModelError(
-                f"{where}: {', '.join(f + '=true' for f in on)} is not implemented by dopd's EAGLE-3 drafter"
-            )
-        _refuse_unsupported_layer_config(c, where)
-        _check_target(c, info, where)
-        if meta.get("target_hidden_size") not in (None, info.hidden_size):
-            raise ModelError(
-                f"{where}: target_hidden_size {meta['target_hidden_size']} vs the target's {info.hidden_size}"
-            )
-        layers = meta.get("eagle_aux_hidden_state_layer_ids") or kind_class("eagle3").default_feature_layers(L, 1)
-        Vd = int(meta.get("draft_vocab_size", V))
-        body = {k: v for k, v in state.items() if k.startswith(("layers.", "fc.", "norm."))}
-    elif fmt == "sglang-eagle3":
-        c = meta
-        _refuse_unsupported_layer_config(c, where)
-        _check_target(c, info, where)
-        if int(c.get("num_hidden_layers", 1)) != 1:
-            raise ModelError(f"{where}: {c['num_hidden_layers']} layers; dopd imports the one-midlayer SGLang EAGLE-3")
-        ids = (c.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        layers = [i + 1 for i in ids] if ids else kind_class("eagle3").default_feature_layers(L, 1)
-        Vd = int(c.get("draft_vocab_size") or V)
-        body = {
-            k.replace("midlayer.", "layers.0.", 1): v
-            for k, v in state.items()
-            if k.startswith(("midlayer.", "fc.", "norm."))
-        }
-    elif fmt == "vllm-dflash":
-        c = meta
-        _refuse_unsupported_layer_config(c, where)
-        _check_target(c, info, where)
-        dc = c.get("dflash_config") or {}
-        if "target_layer_ids" not in dc:
-            raise ModelError(f"{where}: dflash_config.target_layer_ids is missing")
-        layers = [i + 1 for i in dc["target_layer_ids"]]
-        Vd = int(c.get("draft_vocab_size") or V)
-        body = {k: v for k, v in state.items() if k.startswith(("layers.", "fc.", "norm.", "hidden_norm."))}
-        mask_file = path / "mask_embedding.pt"
-        mtid = dc.get("mask_token_id")
-        if mask_file.is_file():
-            mask = torch.load(mask_file, map_location="cpu", weights_only=True).float().flatten()
-        elif mtid is not None and 0 <= int(mtid) < V:
-            mask = embed_weight[int(mtid)].detach().cpu().float()  # z-lab: the MASK is an embedding row
-        else:
-            raise ModelError(f"{where}: neither mask_embedding.pt nor a valid dflash_config.mask_token_id ({mtid})")
-        if mask.numel() != info.hidden_size:
-            raise ModelError(
-                f"{where}: mask embedding has {mask.numel()} values, the target's hidden size is {info.hidden_size}"
-            )
-        body["mask_embedding.weight"] = mask
-    else:
-        raise ModelError(f"{where}: not an importable format (speculators-eagle3, sglang-eagle3, vllm-dflash)")
+def finish_import(
+    cls: type[Drafter], c: dict, state: dict, info: TargetInfo, embed_weight, head_weight, layers: list[int], Vd: int,
+    body: dict, where: str, mask_token_id: int | None = None,
+) -> Drafter:  # fmt: skip
+    """The part of every import after the kind has read its layout: embedding and draft map checked against the
+    target, the head kept as the target's when it equals it (else the drafter's own), the modules loaded."""
     _check_embed(state, embed_weight, where)
-    draft_ids = _draft_ids(state, V, Vd, where)
+    draft_ids = _draft_ids(state, info.vocab_size, Vd, where)
     head = state.get("lm_head.weight")
     if head is not None and head.shape != (Vd, info.hidden_size):
         raise ModelError(
@@ -523,13 +358,23 @@ def import_drafter(
         )
     # a full-vocabulary head equal to the target's stays the target's (frozen); a different one is the drafter's own
     own_head = head is not None and (
-        Vd != V or not torch.allclose(head.float(), head_weight.detach().cpu().float(), atol=1e-6)
+        Vd != info.vocab_size or not torch.allclose(head.float(), head_weight.detach().cpu().float(), atol=1e-6)
     )
-    kind = "dflash" if fmt == "vllm-dflash" else "eagle3"
-    spec = _spec(kind, c, info, layers, Vd, own_head, where, mtid if kind == "dflash" else None)
+    spec = foreign_spec(cls.kind, c, info, layers, Vd, own_head, where, mask_token_id)
     if spec.hidden_size != info.hidden_size:
         raise ModelError(
             f"{where}: drafter hidden size {spec.hidden_size} differs from the target's {info.hidden_size}"
         )
-    cls = DFlashDrafter if kind == "dflash" else Eagle3Drafter
-    return _load(cls, spec, embed_weight, head_weight, draft_ids, body, head if own_head else None, where)
+    return load_foreign(cls, spec, embed_weight, head_weight, draft_ids, body, head if own_head else None, where)
+
+
+def import_drafter(
+    path: str | Path, info: TargetInfo, embed_weight: torch.Tensor, head_weight: torch.Tensor, fmt: str | None = None
+) -> Drafter:
+    """A dopd drafter from a foreign drafter directory (any format a registered kind reads), checked against the
+    target `info` (shapes, vocabulary, feature layers, embedding)."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    cls = kind_of_format(fmt)
+    meta, state = read_foreign(path)
+    return cls.import_format(fmt, path, meta, state, info, embed_weight, head_weight)

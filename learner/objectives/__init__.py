@@ -1,29 +1,17 @@
 """Objectives: what the learner optimises. Each is one object in one module that registers itself here
 (`register`); `loss.objective=<name>` picks one for the rollout phase, `SFT` trains the warm-up. A new objective is a
-new module and one import line below (its math may use learner/losses.py). See base.py for the interface."""
+new module and one import line below (its math may use learner/losses.py); the registry itself lives in base.py, so
+the modules import no package `__init__` that imports them. See base.py for the interface."""
 
 from __future__ import annotations
 
 from dopd.common.config import Config
-from dopd.common.errors import ConfigError
 
-from .base import Mask, Objective, logq
-
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register(cls: type[Objective]) -> type[Objective]:
-    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
-        raise ConfigError(
-            f"two objectives named '{cls.name}': {OBJECTIVES[cls.name].__qualname__} and {cls.__qualname__}"
-        )
-    OBJECTIVES[cls.name] = cls
-    return cls
-
+from .base import OBJECTIVES, Mask, Objective, logq, register
 
 # the objectives (registration order = the order they are listed in errors)
-from . import opd, dvi, expected_length, e2e_tv  # noqa: E402, F401  isort: skip
-from .sft import SFT  # noqa: E402
+from . import opd, dvi, expected_length, e2e_tv, lk  # noqa: F401  isort: skip
+from .sft import SFT  # noqa: E402  isort: skip
 
 
 def objective_for(cfg: Config, phase: str) -> Objective:

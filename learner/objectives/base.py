@@ -11,7 +11,8 @@ The learner asks an objective for three things, in this order, every step:
    here once, so the weight and the sums cannot disagree and a new objective cannot forget a branch.
 
 An objective registers itself (`register`) under its `name`, the value of `loss.objective`; its `defaults` are
-loss settings it implies (filled at config load where the config leaves them unset) and `check` refuses settings
+loss settings it implies (filled at config load where the config leaves them unset), `records` declares what the
+actor must record for it (filled into `loss.records`, which is all the actor reads) and `check` refuses settings
 it cannot train. `source` names what it reproduces (paper, or file and commit of the official code).
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from dopd.common.config import Config
+from dopd.common.errors import ConfigError
 
 from ..losses import EPS, LossParts
 
@@ -65,6 +67,16 @@ class Objective(ABC):
     @classmethod
     def check(cls, cfg: Config) -> None:
         """Refuse settings this objective cannot train (ConfigError naming the key); called at config load."""
+
+    @classmethod
+    def records(cls, cfg: Config) -> set[str]:
+        """What the actor must record for this objective (filled into `loss.records` at load, which is all the actor
+        reads): "blocks" (the verification blocks feed the accepted stream), "teacher" (per-position top-k + tail
+        along the text), "hidden" (the target's final hidden state along the answer), "scored" (rejected tails
+        scored by the target). By default the rollout's blocks, their scored tails when the rejected stream is on,
+        and the hidden state for exact full-vocabulary targets."""
+        lc = cfg.loss
+        return {"blocks"} | ({"scored"} if lc.lambda_rej else set()) | ({"hidden"} if lc.targets == "full" else set())
 
     def prepare(self, batch: TrainBatch, records: list, rng: np.random.Generator, device) -> TrainBatch:
         return batch
@@ -108,3 +120,16 @@ def logq(drafter: Drafter, b: TrainBatch) -> torch.Tensor:
     """The drafter's log-distribution at every block position of a batch (the inference-identical block forward)."""
     h = drafter.block_hidden(b.tokens, b.features, b.lengths, b.anchors, b.block_tokens)
     return torch.log_softmax(drafter.logits(h).float(), dim=-1)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: an objective registers itself under `cls.name` (the value of `loss.objective`)."""
+    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
+        raise ConfigError(
+            f"two objectives named '{cls.name}': {OBJECTIVES[cls.name].__qualname__} and {cls.__qualname__}"
+        )
+    OBJECTIVES[cls.name] = cls
+    return cls

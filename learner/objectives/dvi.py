@@ -8,8 +8,7 @@ from dopd.common.config import Config
 from dopd.common.errors import ConfigError
 
 from ..losses import dvi_samples, dvi_sums
-from . import register
-from .base import Mask, Objective, logq
+from .base import Mask, Objective, logq, register
 
 
 def check_block_objective(cfg: Config) -> None:

@@ -19,8 +19,7 @@ from dopd.common.errors import ConfigError
 
 from ..diagnostics import replay_split
 from ..losses import full_tv, tv_block_loss, tv_positions
-from . import register
-from .base import Mask, Objective
+from .base import Mask, Objective, register
 from .dvi import check_block_objective
 
 
@@ -44,6 +43,10 @@ class ExactTV(Objective):
                 "rejected_draft_first_token_only=True; later rejections would need the target on the drafter's prefix): "
                 "set loss.rej_first_only=true"
             )
+
+    @classmethod
+    def records(cls, cfg: Config) -> set[str]:
+        return {"blocks", "hidden"}  # exact TV needs the target's hidden state on the rollout's own blocks
 
     def mask(self, batch, t2d) -> Mask:
         return Mask({"tv": tv_positions(batch.targets).any(-1).float()}, {"tv": 1.0})

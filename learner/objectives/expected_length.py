@@ -8,8 +8,7 @@ from dopd.common.config import Config
 from dopd.common.errors import ConfigError
 
 from ..losses import e2e_blocks, e2e_sums
-from . import register
-from .base import Mask, Objective, logq
+from .base import Mask, Objective, logq, register
 from .dvi import check_block_objective
 
 

@@ -31,8 +31,7 @@ from ..losses import (
     token_args,
     token_silenced,
 )
-from . import register
-from .base import Mask, Objective, logq
+from .base import Mask, Objective, logq, register
 
 
 def silenced_share(
@@ -63,6 +62,12 @@ class DraftOPD(Objective):
                 "streams train top-k bucket divergences (bernoulli and k3 are exact from the records as they are); "
                 "use loss.targets=topk, loss.response=ttt, or loss.objective=e2e_tv for exact full-vocabulary TV"
             )
+
+    @classmethod
+    def records(cls, cfg: Config) -> set[str]:
+        """TTT (`loss.response=ttt`) trains the records' text with the per-position teacher instead of the blocks."""
+        rec = super().records(cfg)
+        return (rec - {"blocks"}) | {"teacher"} if cfg.loss.response == "ttt" else rec
 
     def prepare(self, batch, records, rng, device):
         if self.lc.response == "ttt":
