@@ -9,7 +9,10 @@ One run prints, per dtype and batch size, tokens/s of
 - `engine_lean_nopack`: the lean Llama-family forward (fused q/k/v and gate/up, SDPA over the used cache) with
   plain `F.linear` weights: the gain of the lean forward alone (reduced precision on CPU only);
 - `engine_lean`: the same with the weights prepacked once for oneDNN: the gain of prepacking;
-- `spec_K<k>`: speculative decoding with the drafter (lean forward), and `spec_K<k>_hf_fwd` over HF's modules;
+- `engine_lean_compiled`: the lean forward's decode steps through torch.compile (model.compile=on,
+  common/compile.py); the warm-up call's seconds (compiling included) are printed under the row;
+- `spec_K<k>`: speculative decoding with the drafter (lean forward), `spec_K<k>_hf_fwd` over HF's modules and
+  `spec_K<k>_compiled` with the compiled lean forward;
 then the teacher-forced prefill (what SFT data and held-out texts cost) with both forwards, and the roofline limit:
 the larger of (FLOPs / measured matmul peak) and (bytes moved / measured memory bandwidth) per step, printed as
 the share of that limit each row reaches. Counted: new tokens up to and including EOS over wall time, after one
@@ -122,7 +125,7 @@ def same(out, ref) -> float:
     return sum(a == b for a, b in zip(out, ref)) / max(len(ref), 1)
 
 
-QUICK = dict(dtypes=["bfloat16"], batch_sizes=[1, 64], prompts_per_row=1, max_new_tokens=32, prefill_texts=8)
+QUICK = dict(dtypes=["bfloat16"], batch_sizes=[1, 64], prompts_per_row=1, max_new_tokens=24, prefill_texts=8)
 
 
 def fmt_row(r: dict) -> str:
@@ -162,10 +165,16 @@ def main() -> None:
     ap.add_argument("--prefill-texts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
+        "--compile",
+        default="on",
+        choices=["on", "off"],
+        help="also measure the lean forward through torch.compile (model.compile=on; common/compile.py)",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
-        help="bf16 only, batch 1 and 64, one prompt per row, 32 new tokens, the lean engine and HF only "
-        "(under 3 minutes on 2 cores)",
+        help="bf16 only, batch 1 and 64, one prompt per row, 24 new tokens, the lean engine (eager and compiled) "
+        "and HF only, speculative rows at batch 1 (under 3 minutes on 2 cores, compile caches warm)",
     )
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -198,6 +207,10 @@ def main() -> None:
         lean = with_forward(target, LeanForward(target.model))
         variants["engine_lean"] = lean
         spec_variants = [("", lean)] + ([] if a.quick else [("_hf_fwd", variants["engine_hf_fwd"])])
+        if a.compile == "on":
+            compiled = with_forward(target, LeanForward(target.model, compile="on"))
+            variants["engine_lean_compiled"] = compiled
+            spec_variants.append(("_compiled", compiled))
         for b in a.batch_sizes:
             n_b1 = 2 if a.quick else 4
             ps = prompts[: max(n_b1, b * a.prompts_per_row)] if b > 1 else prompts[:n_b1]
@@ -213,19 +226,29 @@ def main() -> None:
 
             add("hf_generate", hf_tps)
             for name, t in variants.items():
-                engine(t, None, ps[:b], b, 4, 0)
+                t0 = time.perf_counter()
+                engine(t, None, ps[:b], b, 4, 0)  # warm-up (a compiled forward compiles its graphs here)
+                warm = time.perf_counter() - t0
                 out, st = engine(t, None, ps, b, a.max_new_tokens, 0)
-                add(name, st.tokens_per_s, match=same(out, ref))
+                add(name, st.tokens_per_s, match=same(out, ref), extra={"warmup_s": warm})
+                if "compiled" in name:
+                    print(f"  ({name} at batch {b}: warm-up call incl. compiling {warm:.1f} s)", flush=True)
+            if a.quick and b > 1:
+                continue  # --quick: speculative rows at batch 1 only
             for name, t in spec_variants:
+                t0 = time.perf_counter()
                 engine(t, drafter, ps[:b], b, 4, a.block_size)
+                warm = time.perf_counter() - t0
                 out, st = engine(t, drafter, ps, b, a.max_new_tokens, a.block_size)
                 add(
                     f"spec_K{a.block_size}{name}",
                     st.tokens_per_s,
                     st.tau,
                     same(out, ref),
-                    {"draft_s": st.draft_s, "target_s": st.target_s},
+                    {"draft_s": st.draft_s, "target_s": st.target_s, "warmup_s": warm},
                 )
+                if "compiled" in name:
+                    print(f"  ({name} at batch {b}: warm-up call incl. compiling {warm:.1f} s)", flush=True)
         # teacher-forced prefill over target-length texts (prompt + answer), features of the drafter's layers
         texts = [(str(i), p + p[: a.max_new_tokens], len(p)) for i, p in enumerate(prompts[: a.prefill_texts])]
         ntok = sum(len(t) for _, t, _ in texts)

@@ -41,6 +41,10 @@ class ModelConfig:
     # the engine's target forward: "lean" (fused, prepacked weights; Llama-family), "hf" (the Hugging Face modules,
     # the reference), "auto" (lean where the architecture has it)
     forward: Literal["auto", "lean", "hf"] = "auto"
+    # the lean forward's decode and verification steps through torch.compile (inductor C++/OpenMP on CPU with
+    # frozen prepacked weights, CUDA graphs on GPU; dynamic shapes; kernels cached under DOPD_CACHE/inductor): "on",
+    # "off", or "auto" (on where a measured check on this machine, target and dtype finds it faster; cached)
+    compile: Literal["auto", "on", "off"] = "off"
 
 
 @dataclass

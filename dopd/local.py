@@ -30,7 +30,7 @@ class InProcess(Backend):
         super().__init__(cfg, log)
         torch.manual_seed(cfg.seed)
         self.target = target or load_target(
-            cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward
+            cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward, compile=cfg.model.compile
         )
         t = self.target
         self.target_info = t.info.to_dict()
