@@ -21,9 +21,10 @@ import uuid
 import numpy as np
 import torch
 
-from dopd.common.config import Config, config_from_dict
+from dopd.common.config import Config
 from dopd.common.drafters import Drafter, build_drafter
 from dopd.common.greedy import prefill
+from dopd.common.load import config_from_dict
 from dopd.common.models import Target, load_target
 from dopd.common.record import encode_record, encode_teacher
 from dopd.common.sampler import EpochSampler

@@ -9,7 +9,7 @@ A round (`records`):
 1. roll out with the current drafter: at T = 0 by re-segmenting the cached greedy text (`actors/resegmented.py`),
    else with the engine (`actors/rollout.py`);
 2. lay out the blocks the recipe trains (`cfg.loss`, resolved at load; `cfg.replay`):
-   - `replay.anchors=rollout` (official): the rollout's own verification blocks, re-run by the learner with the
+   - `replay.anchors=rollout` (official [docs/recipes.md R1]): the rollout's own verification blocks, re-run by the learner with the
      current weights; they feed the accepted stream (unless `loss.response=ttt`: EAGLE-3's recipe trains every
      position instead) and, when lambda_rej > 0, the rejected stream (then the tails are scored by the target);
    - `replay.anchors=shuffled` (the paper's ablation): the same multiset of segment lengths shuffled over the
@@ -75,7 +75,7 @@ def shuffled_blocks(seq: Rolled, K: int, topk: int, rng: np.random.Generator) ->
     """Accepted-stream blocks at shuffled anchors, teacher-labelled (block inputs = the true tokens)."""
     b, t = seq.blocks, seq.teacher
     committed = np.diff(np.append(b.anchor.astype(np.int64), len(seq.tokens)))
-    lens = np.minimum(committed, K)  # the official segment: the step's committed tokens, at most K
+    lens = np.minimum(committed, K)  # the official [docs/recipes.md R1] segment: the step's committed tokens, at most K
     anchors, lens = shuffled_plan(lens, seq.prompt_len, len(seq.tokens) - seq.prompt_len, rng)
     n_rows = t.topk_ids.shape[0]
     pos = anchors[:, None] + np.arange(K)[None, :]  # token positions a..a+K-1

@@ -1,4 +1,4 @@
-"""Extra replay blocks (an ablation; the official recipe drafts nothing a second time).
+"""Extra replay blocks (an ablation; the official [docs/recipes.md R2] recipe drafts nothing a second time).
 
 For each chosen anchor the current drafter drafts R blocks of K tokens, conditioned on the true target features of
 that prefix, exactly as it would at inference; the target scores every block of a sequence in ONE tree-masked

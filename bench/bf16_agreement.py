@@ -20,8 +20,8 @@ import json
 from dopd.common.drafters import drafter_for_target
 from dopd.common.evaluation import simulated_tau
 from dopd.common.models import load_target
-from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
 from dopd.common.specdec import DecodeSettings, SpecEngine
+from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
 
 def agreeing_prefix(a: list[int], b: list[int]) -> float:

@@ -33,9 +33,9 @@ from dopd.common.drafters import drafter_for_target
 from dopd.common.greedy import prefill
 from dopd.common.hardware import bench_start, describe
 from dopd.common.models import load_target
-from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
 from dopd.common.specdec import DecodeSettings, SpecEngine
 from dopd.common.target_forward import HFForward, LeanForward
+from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
 
 def hf_generate(target, prompts, batch, max_new):

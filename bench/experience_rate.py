@@ -32,10 +32,10 @@ def main() -> None:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.common.models import resolve_target
-    from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
     from dopd.fleet import remote_class
+    from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
     ov = [f"model.target={a.target}", f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.batch_size=4"]
     if a.drafter:

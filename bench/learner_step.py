@@ -20,10 +20,10 @@ import time
 import torch
 
 from dopd.actors.actor import RolloutWorker
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.common.models import load_target
-from dopd.common.prompts import run_prompts
 from dopd.learner.learner import Learner, TorchEngine
+from dopd.prompts import run_prompts
 
 
 def learner_for(cfg, target):

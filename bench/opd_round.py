@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from dopd.actors.experience import ExperienceMaker
-from dopd.common.config import load_config
 from dopd.common.drafters import drafter_for_target
 from dopd.common.evaluation import quick_tau, simulated_tau
+from dopd.common.load import load_config
 from dopd.common.models import load_target
-from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
 from dopd.common.specdec import DecodeSettings
+from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

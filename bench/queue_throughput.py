@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dopd.common import queue as new_queue
+from dopd import queue as new_queue
 from dopd.common import record as new_record
 
 
 def load_checkout(root: str):
-    """Another checkout's common/record.py and common/queue.py, imported as the package `baseline_common`."""
+    """Another checkout's common/record.py and dopd/queue.py, imported as the package `baseline_common`."""
     spec = importlib.util.spec_from_file_location(
         "baseline_common",
         Path(root) / "common" / "__init__.py",

@@ -29,10 +29,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.common.models import resolve_target
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.common.record import decode_record
+    from dopd.prompts import encode_all, load_prompt_set
 
     cfg = load_config(
         None,

@@ -9,7 +9,8 @@ to the field's type or rejected with the field's name. The in-process runner and
 `Config`, so a YAML file moves between them unchanged (`runner=local|ray`).
 
 Defaults that depend on other keys (the drafter kind's recipe, the objective's, the runner's) are resolved once, at
-load (`Config.resolve`): the resolved config is what a run records in config.yaml and what every module reads.
+load (`dopd.common.load.resolve`, which reads the kind, objective and recipe registries; this module
+imports none of them): the resolved config is what a run records in config.yaml and what every module reads.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class DrafterConfig:
     draft_vocab_size: int | None = None  # None = the full target vocabulary (frozen target head)
     train_lm_head: bool = False  # with a reduced vocabulary the head is the drafter's own and always trained
     # DFlash: train the MASK input vector (dopd's learned mask); false = a fixed vector, the embedding row of
-    # drafter.mask_token_id (or the mean embedding row), as the official DFlash drafter's frozen embedding gives it
+    # drafter.mask_token_id (or the mean embedding row), as the official [docs/recipes.md R8] DFlash drafter's frozen embedding gives it
     train_mask: bool = True
     intermediate_size: int | None = None  # None = the target's
     mask_token_id: int | None = None  # DFlash only; None = an unused/special token of the tokenizer
@@ -116,16 +117,16 @@ class RolloutConfig:
 
 @dataclass
 class ReplayConfig:
-    """Where the trained blocks start. The official Draft-OPD code trains the rollout's own verification blocks,
+    """Where the trained blocks start. The official [docs/recipes.md R1] Draft-OPD code trains the rollout's own verification blocks,
     re-run with the current weights, and drafts nothing a second time; everything else here is an ablation."""
 
-    # "rollout": the rollout's block starts (official); "shuffled": the paper's random-anchor ablation (the same
+    # "rollout": the rollout's block starts (official [docs/recipes.md R1, R9]); "shuffled": the paper's random-anchor ablation (the same
     # multiset of segment lengths shuffled over the response, for the accepted stream; the rejected stream stays at
     # the true block starts)
     anchors: Literal["rollout", "shuffled"] = "rollout"
     # extra blocks drafted again from chosen positions and scored by the target (dopd's first-wave mechanism, kept
     # as an option): "error" (the committed prefix before each rejected token), "random" (as many, uniformly over
-    # the answer), "all" (every answer position), "none" (official)
+    # the answer), "all" (every answer position), "none" (official [docs/recipes.md R2])
     extra: Literal["none", "error", "random", "all"] = "none"
     num_blocks: int = 1  # R extra blocks per extra anchor
     temperature: float = 0.0  # 0 = greedy extra drafts
@@ -137,8 +138,8 @@ class ReplayConfig:
 class LossConfig:
     """Acceptance-aware distillation (Draft-OPD) and the SFT objectives.
 
-    A None field is resolved at load (`Config.resolve`) from the objective's defaults, then the drafter kind's
-    official recipe (each kind's `default_loss`): DFlash: blocks at the rollout's block starts, accepted stream =
+    A None field is resolved at load (`common/load.py`) from the objective's defaults, then the drafter kind's
+    official [docs/recipes.md R4, R5, R10] recipe (each kind's `default_loss`): DFlash: blocks at the rollout's block starts, accepted stream =
     Bernoulli forward KL on the target's token, rejected stream = k3 on the drafted tokens (lambda 1); EAGLE-3: full
     training-time test over every response position (soft cross-entropy to the target, 0.8^step), rejected stream
     off (lambda 0).
@@ -166,16 +167,16 @@ class LossConfig:
     # no floor on its inputs: a draft with log p - log q < ~-11 gets no gradient); "floored" = both log-probs
     # floored at -10 first, so every rejected token is pushed down (dopd-2511)
     k3: Literal["verl", "floored"] = "verl"
-    # floor on both log-probs of the Bernoulli forward KL (official -10: a drafter log q below it gets no gradient)
+    # floor on both log-probs of the Bernoulli forward KL (official [docs/recipes.md R4] -10: a drafter log q below it gets no gradient)
     log_floor: float = -10.0
     # the rejected stream keeps only each block's first rejected token, weight 1 (no decay): no label after a wrong
-    # draft (the official `rejected_draft_first_token_only`)
+    # draft (the official [docs/recipes.md R11] `rejected_draft_first_token_only`)
     rej_first_only: bool = False
     # the accepted stream's share of the joint mean's denominator: "response_tokens" = every answer token of the
-    # batch, supervised or not (the official code: verl's loss_mask = response_mask); "supervised" = the stream's
+    # batch, supervised or not (the official [docs/recipes.md R3] code: verl's loss_mask = response_mask); "supervised" = the stream's
     # own position weights
     acc_denominator: Literal["response_tokens", "supervised"] = "response_tokens"
-    # train block positions past the record's committed answer (its greedy lookahead); the official segments end
+    # train block positions past the record's committed answer (its greedy lookahead); the official [docs/recipes.md R1] segments end
     # at the response's end
     train_past_end: bool = False
     # OPD targets: "topk" = the records' top-k (+ tail bucket); "full" = the exact full-vocabulary distribution,
@@ -187,13 +188,14 @@ class LossConfig:
     lambda_rej: float | None = None
     # per-position decay of the block objective: position j weighs gamma^(j - offset)
     gamma: float = 0.8
-    # offset 1 = the block's first draft position (official: the first rejected token already weighs
+    # offset 1 = the block's first draft position (official [docs/recipes.md R3]: the first rejected token already weighs
     # gamma^accepted); "rejection" = offset 1 at the first rejected position (dopd's first-wave choice)
     gamma_offset: Literal["block", "rejection"] = "block"
-    # the first rejected position is also distilled toward the target (accepted-stream divergence), as the official
+    # the first rejected position is also distilled toward the target (accepted-stream divergence), as the official [docs/recipes.md R3]
     # code does: pull the target's token up where the rejected stream pushes the drafter's down
     acc_at_first_rejection: bool = True
-    clamp: float | None = 10.0  # per-position loss clamp of the block objective (official: 10); None = off
+    # per-position loss clamp of the block objective (official [docs/recipes.md R6]: 10); None = off
+    clamp: float | None = 10.0
     # SFT loss: kl = soft cross-entropy to the target's top-k, ce = the target's token, both = their sum
     sft_objective: Literal["kl", "ce", "both"] = "kl"
     ttt_depth: int | None = None  # EAGLE-3 training-time-test unroll depth; None = block_size
@@ -257,8 +259,8 @@ class LearnerConfig:
     min_lr_ratio: float = 0.1  # the cosine's floor, as a share of learner.lr
     opd_lr: float | None = None  # the Draft-OPD phase's peak learning rate (None = lr)
     # a run that starts the Draft-OPD phase from another run's checkpoint (resume_from at its last SFT step):
-    # "continue" its AdamW moments, or start them "fresh" (zero, step 0), as the official pipeline does by running
-    # OPD as a separate job from a saved drafter (REFERENCES.md: the e81a8bc script starts from a model directory)
+    # "continue" its AdamW moments, or start them "fresh" (zero, step 0), as the official [docs/recipes.md R13, R16] pipeline does by running
+    # OPD as a separate job from a saved drafter (docs/recipes.md R13: the e81a8bc script starts from a model directory)
     opd_optimizer: Literal["continue", "fresh"] = "continue"
     micro_batch_size: int = 2  # sequence records per optimizer step (per learner rank)
     steps: int = 24  # optimizer steps after warm-up (opd mode) or in total (sft mode)
@@ -300,7 +302,7 @@ class ClusterConfig:
     shards: int | None = None  # None = one per learner rank
     # "async": actors roll out continuously, records are trained up to `max_staleness` policy versions old (Ray's
     # default); "sync": each round of refresh_every steps trains records the version right before it rolled out,
-    # 0 versions stale (the official code's schedule; the in-process runner's only one). None = the runner's
+    # 0 versions stale (the official [docs/recipes.md R7] code's schedule; the in-process runner's only one). None = the runner's
     rollout: Literal["async", "sync"] | None = None
     # Ray resources per rollout actor
     actor_num_cpus: float = 1.0
@@ -328,7 +330,7 @@ class ClusterConfig:
 @dataclass
 class MetricsConfig:
     """The job's metrics: the Ray runner's Prometheus endpoint, and TensorBoard / W&B under the same names
-    (common/sinks.py; both runners)."""
+    (dopd/sinks.py; both runners)."""
 
     # serve Prometheus /metrics; None = on for the Ray runner (the in-process runner serves none)
     enabled: bool | None = None
@@ -339,7 +341,7 @@ class MetricsConfig:
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard (the Prometheus names)
     # also log an offline W&B run to <out_dir>/wandb (needs the wandb package; `wandb sync` uploads it)
     wandb: bool = False
-    # every OPD step: the official replay-mismatch split, KL(q || p) over the full vocabulary on matched / accepted /
+    # every OPD step: the official [docs/recipes.md R14] replay-mismatch split, KL(q || p) over the full vocabulary on matched / accepted /
     # first-rejected / post-rejection block positions (records then carry the target's final hidden state: docs/scale.md)
     replay_kl: bool = True
 
@@ -373,41 +375,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def resolve(self) -> Config:
-        """Fill every default that depends on other keys, then check the whole: a named recipe's settings fill the
-        keys left unset (where the config was read; in code: fields still at their default), the drafter kind must
-        be registered, so must the objective; a None loss setting takes the objective's default, then the kind's;
-        the runner-dependent keys take the runner's values (a value the runner cannot honour is an error naming it).
-        Idempotent: a resolved config (config.yaml) resolves to itself."""
-        from dopd.common.drafters import KINDS  # noqa: PLC0415  (the registries import this module)
-        from dopd.learner.objectives import OBJECTIVES  # noqa: PLC0415
-
-        from .recipes import recipe_named  # noqa: PLC0415
-
-        recipe = recipe_named(self.loss.recipe) if self.loss.recipe is not None else None
-        if recipe is not None and not getattr(self, "_recipe_filled", False):
-            recipe.fill_config(self)  # built in code: no tree to fill (load_config filled its tree before building)
-            self._recipe_filled = True
-        if self.drafter.kind not in KINDS:
-            raise ConfigError(f"config key 'drafter.kind' must be one of {list(KINDS)} (got {self.drafter.kind!r})")
-        kind = KINDS[self.drafter.kind]
-        lc = self.loss
-        if lc.objective is None:
-            lc.objective = kind.default_loss.get("objective", "opd")
-        if lc.objective not in OBJECTIVES:
-            raise ConfigError(f"config key 'loss.objective' must be one of {list(OBJECTIVES)} (got {lc.objective!r})")
-        for defaults in (OBJECTIVES[lc.objective].defaults, kind.default_loss):
-            for key, value in defaults.items():
-                if getattr(lc, key) is None:
-                    setattr(lc, key, value)
-        self._resolve_runner()
-        self.validate()
-        OBJECTIVES[lc.objective].check(self)
-        kind.check_recipe(self)
-        if recipe is not None:
-            recipe.check(self)
-        return self
 
     def _resolve_runner(self) -> None:
         c, local = self.cluster, self.runner == "local"
@@ -653,8 +620,9 @@ def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
         cls = tp
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML file (optional) and apply `section.key=value` overrides; unknown keys are errors."""
+def read_tree(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw tree of a YAML file (optional) with `section.key=value` overrides applied; unknown keys are errors.
+    `dopd.common.load.load_config` builds and resolves it."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -674,24 +642,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override '{ov}' must look like section.key=value")
         key, raw = ov.split("=", 1)
         _set_path(tree, key.strip(), raw.strip())
-    return _from_tree(tree)
+    return tree
 
 
-def _from_tree(tree: dict[str, Any]) -> Config:
-    """A named recipe fills the keys the tree leaves unset (common/recipes.py), then the config is built and resolved."""
-    from .recipes import apply_recipe_tree  # noqa: PLC0415
-
-    apply_recipe_tree(tree)
-    cfg = _build(Config, tree, "")
-    cfg._recipe_filled = True
-    return cfg.resolve()
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `to_dict` (checkpoints, run directories)."""
-    import copy  # noqa: PLC0415
-
-    return _from_tree(copy.deepcopy(data))
+def build_config(tree: dict[str, Any]) -> Config:
+    """The typed, unresolved Config of a tree (every key checked and coerced); `dopd.common.load.resolve` resolves it."""
+    return _build(Config, tree, "")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -43,6 +43,15 @@ class EvalReport:
         return dict(self.__dict__)
 
 
+def eval_settings(cfg) -> DecodeSettings:
+    """The held-out measurement's decoding from a run's config (`eval.*`, the rollout batch, the run's seed): what
+    `dopd eval` decodes with (actors/experience.py builds the same for the runners' periodic held-out tau)."""
+    return DecodeSettings(
+        block_size=cfg.eval_block_size, temperature=cfg.eval.temperature, max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.rollout.batch_size, seed=cfg.seed,
+    )  # fmt: skip
+
+
 def evaluate(
     target: Target,
     drafter: Drafter,

@@ -6,10 +6,10 @@ the config leaves unset (YAML or command line), so a key set anyway is a deliber
 them and the training loop logs them; config.yaml records the resolved values. `required` keys define the recipe
 (e.g. the DFlash recipes' frozen full-vocabulary head): another value is an error naming the key, not a deviation.
 What a recipe cannot set (model scale, block size, schedule, data) stays a config key; each recipe's `differences`
-lists them with the official value and the key (README: "Recipes").
+lists them with the official value and the key (docs/recipes.md).
 
-Sources (bingyang-lei/Draft-OPD, read line by line: ../notes/issue19-research.md; commits 69b03da = 69b03dab8697,
-e81a8bc = e81a8bc488ef, a737810 = a73781096436; upstream verl at 68227b907, the fork's base).
+Sources: bingyang-lei/Draft-OPD, each fact a row of docs/recipes.md (R1-R16) with its file and commit (69b03da =
+69b03dab8697, e81a8bc = e81a8bc488ef, a737810 = a73781096436; upstream verl at 68227b907, the fork's base).
 """
 
 from __future__ import annotations
@@ -319,8 +319,8 @@ def apply_recipe_tree(tree: dict[str, Any]) -> None:
 
 
 def recipe_table() -> str:
-    """The README's recipe table (recipe, what it reproduces, each remaining difference with the official value and
-    the key that controls it), generated from the recipes (tests/test_recipes.py keeps the README current)."""
+    """docs/recipes.md's recipe table (recipe, what it reproduces, each remaining difference with the official value and
+    the key that controls it), generated from the recipes (tests/test_recipes.py keeps docs/recipes.md current)."""
     lines = ["| recipe | reproduces | what still differs here | official | key |", "|---|---|---|---|---|"]
     for r in RECIPES.values():
         for i, d in enumerate(r.differences):

@@ -1,6 +1,6 @@
 """The two Grafana dashboards, as code: `python -m dopd.dashboards.build [--check]`.
 
-Why code and not hand-edited JSON: every metric name comes from `dopd.common.metrics.METRICS` (through `_s`), so a
+Why code and not hand-edited JSON: every metric name comes from `dopd.metrics.METRICS` (through `_s`), so a
 panel cannot name a series the job does not export, and `--check` (run by the tests) fails when the committed JSON
 drifts from this file. The JSON is written by grafana-foundation-sdk, the builder Grafana publishes from its own
 schema, pinned in pyproject.toml (the `dashboards` extra) because its versions are `<epoch>!<grafana version>` and an
@@ -40,8 +40,8 @@ from grafana_foundation_sdk.models.common import (
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh, VariableSort
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from dopd.common.metrics import METRICS
 from dopd.dashboards.queries import DASHBOARD_FILES, HERE, expand_variables, load, panel_queries, walk  # noqa: F401
+from dopd.metrics import METRICS
 
 OUTPUTS = dict(zip(DASHBOARD_FILES, ("training", "fleet")))
 

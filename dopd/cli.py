@@ -17,8 +17,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Targets: builtin aliases, p
 app.add_typer(models_app, name="models")
 cluster_app = typer.Typer(no_args_is_help=True, help="A Ray cluster for dopd jobs (loopback unless told otherwise).")
 app.add_typer(cluster_app, name="cluster")
-experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments that write their plots and numbers.")
-app.add_typer(experiment_app, name="experiment")
 config_app = typer.Typer(
     no_args_is_help=True, help="The run config: every key with its default and meaning; checking a file."
 )
@@ -86,107 +84,160 @@ def models_pull(name: str = typer.Argument(..., help="builtin alias, local direc
     typer.echo(json.dumps(info.to_dict()))
 
 
-@app.command("eval")
+# `dopd eval`'s shortcuts: option -> the config key it sets (defaults are the config's, like every other key)
+EVAL_KEYS = {
+    "target": "model.target", "prompts": "data.prompts", "num_prompts": "eval.num_prompts",
+    "max_new_tokens": "eval.max_new_tokens", "block_size": "eval.block_size", "temperature": "eval.temperature",
+    "max_prompt_tokens": "data.max_prompt_tokens", "device": "model.device", "dtype": "model.dtype",
+    "simulate": "eval.simulate",
+}  # fmt: skip
+
+
+@app.command("eval", context_settings={"allow_extra_args": True})
 def eval_cmd(
-    target: str = typer.Option("smollm2-135m", help="builtin alias, local HF directory or hub id"),
+    ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="a run's config.yaml (its held-out split, eval.* and model.*) or any config file"
+    ),
     drafter: str = typer.Option(
         "init-eagle3",
         help="init-eagle3, init-dflash or a drafter directory (dopd, speculators, SGLang/SpecForge EAGLE-3, vLLM DFlash)",
     ),
-    prompts: str = typer.Option("champ-problems", help="humaneval | champ | champ-problems | path.jsonl"),
-    num_prompts: int = typer.Option(8, help="builtin sets: the held-out split of this size; files: the first N"),
-    max_new_tokens: int = typer.Option(64),
-    block_size: int = typer.Option(4, "--block-size", "-k", help="K draft tokens per verification step"),
-    temperature: float = typer.Option(0.0),
-    top_p: float = typer.Option(1.0),
-    batch_size: int = typer.Option(8),
-    seed: int = typer.Option(0),
-    split_seed: int = typer.Option(0, help="seed of the train/held-out split (builtin sets)"),
-    max_prompt_tokens: int = typer.Option(1024),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    dtype: str = typer.Option(
-        "auto", help="auto (bf16 where the device computes it natively, else float32) | float32 | bfloat16 | float16"
+    target: str | None = typer.Option(None, help="= model.target: builtin alias, local HF directory or hub id"),
+    prompts: str | None = typer.Option(None, help="= data.prompts: humaneval | champ | champ-problems | a file"),
+    num_prompts: int | None = typer.Option(
+        None, help="= eval.num_prompts (at most the held-out split's, data.num_eval)"
+    ),
+    max_new_tokens: int | None = typer.Option(None, help="= eval.max_new_tokens"),
+    block_size: int | None = typer.Option(None, "--block-size", "-k", help="= eval.block_size: K drafts per step"),
+    temperature: float | None = typer.Option(None, help="= eval.temperature"),
+    max_prompt_tokens: int | None = typer.Option(None, help="= data.max_prompt_tokens"),
+    device: str | None = typer.Option(None, help="= model.device: cpu | cuda | cuda:N"),
+    dtype: str | None = typer.Option(
+        None, help="= model.dtype: auto (bf16 where native) | float32 (the exact check) | bfloat16 | float16"
+    ),
+    simulate: bool | None = typer.Option(
+        None,
+        "--simulate/--decode",
+        help="= eval.simulate: T = 0 exact tau from the cached greedy text, drafter forwards only (no speeds); "
+        "--decode runs the engine against plain decoding (speeds, identity check)",
     ),
     threads: int | None = typer.Option(None, help="torch CPU threads"),
     json_out: Path | None = typer.Option(None, "--json", help="write the report as JSON here"),
     dump_outputs: Path | None = typer.Option(None, help="write one JSON line per prompt (ids and text)"),
     no_baseline: bool = typer.Option(False, help="skip plain target decoding (no speedup / identity check)"),
-    simulate: bool = typer.Option(
-        False,
-        help="T = 0 only: exact tau/alpha from the target's cached greedy text with drafter forwards only (no decoding, no speeds)",
-    ),
     compare_match: bool = typer.Option(
         True,
         help="T > 0: also decode with greedy-match acceptance (greedy drafts, accepted iff equal to the target's sample) and report its tau next to rejection sampling's",
     ),
 ) -> None:
-    """Speculative decoding on held-out prompts: tau, per-position acceptance, tokens/s vs plain decoding."""
+    """Speculative decoding on the run's held-out prompts: tau, per-position acceptance, tokens/s vs plain decoding.
+    Every setting is a config key (key=value arguments, --config); the options above are shortcuts for some."""
     _setup_torch(threads)
-    from dopd.common.drafters import drafter_for_target
-    from dopd.common.evaluation import evaluate, evaluate_simulated
-    from dopd.common.models import load_target
-    from dopd.common.progress import Progress
-    from dopd.common.prompts import BUILTIN_SETS, encode_all, load_prompt_set, split_prompts
-    from dopd.common.specdec import DecodeSettings
-
+    params = dict(locals())  # the shortcut options given, by name
+    given = {k: v for k, v in params.items() if k in EVAL_KEYS and v is not None}
     try:
-        if block_size < 1:
-            raise DopdError(f"--block-size must be >= 1 (got {block_size})")
-        if num_prompts < 1:
-            raise DopdError(f"--num-prompts must be >= 1 (got {num_prompts})")
-        all_prompts = load_prompt_set(prompts)
-        chosen = (
-            split_prompts(all_prompts, num_prompts, split_seed, prompts).eval
-            if prompts in BUILTIN_SETS
-            else all_prompts[:num_prompts]
-        )
-        tgt = load_target(target, device=device, dtype=dtype)
-        ids, chosen = encode_all(tgt.tokenizer, chosen, max_prompt_tokens, drop_long=False)
-        d = drafter_for_target(drafter, tgt, seed=seed)
-        settings = DecodeSettings(
-            block_size=block_size, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, seed=seed,
-        )  # fmt: skip
-        match = None  # the greedy-match report at T > 0
-        if simulate:
-            rep, texts = evaluate_simulated(tgt, d, ids, settings)
-            outputs = [(t.prompt_ids, t.answer) for t in texts]
-        else:
-            with Progress("eval: speculative decoding", len(ids), "prompts") as prog:
-                rep, spec, _ = evaluate(
-                    tgt, d, ids, settings, baseline=not no_baseline, progress=lambda seqs, _tokens: prog.update(seqs)
-                )
-            outputs = [(r.prompt_ids, r.output_ids) for r in spec]
-            if temperature > 0 and compare_match:
-                import dataclasses
-
-                match, _, _ = evaluate(tgt, d, ids, dataclasses.replace(settings, acceptance="match"), baseline=False)
+        cfg = _eval_config(config, given, _overrides(ctx))
+        res = _eval_run(cfg, drafter, baseline=not no_baseline, compare_match=compare_match)
     except DopdError as e:
         _fail(e)
+    _eval_print(cfg, drafter, res)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res["out"], indent=2))
+    if dump_outputs:
+        dump_outputs.parent.mkdir(parents=True, exist_ok=True)
+        tok = res["target"].tokenizer
+        with open(dump_outputs, "w") as f:
+            for pid, (pids, oids) in zip(res["out"]["prompt_ids"], res["outputs"]):
+                f.write(
+                    json.dumps({"id": pid, "prompt_ids": pids, "output_ids": oids, "text": tok.decode(oids)}) + "\n"
+                )
+
+
+def _eval_config(config: Path | None, given: dict, overrides: list[str]):
+    """The config `dopd eval` measures with: the file's (or the defaults), the shortcuts, then key=value."""
+    from dopd.common.load import load_config
+
+    if given.get("block_size") is not None and given["block_size"] < 1:
+        raise DopdError(f"--block-size must be >= 1 (got {given['block_size']})")
+    if given.get("num_prompts") is not None and given["num_prompts"] < 1:
+        raise DopdError(f"--num-prompts must be >= 1 (got {given['num_prompts']})")
+    cfg = load_config(config, [f"{EVAL_KEYS[k]}={v}" for k, v in given.items()] + overrides)
+    if given.get("simulate") and cfg.eval.temperature > 0:
+        raise DopdError("--simulate is greedy decoding only (T = 0): use --decode at eval.temperature > 0")
+    return cfg
+
+
+def _eval_run(cfg, drafter: str, baseline: bool, compare_match: bool) -> dict:
+    """Load, choose the held-out prompts, decode (or simulate): the report and what was decoded."""
+    import dataclasses
+
+    from dopd.common.drafters import drafter_for_target
+    from dopd.common.evaluation import eval_settings, evaluate, evaluate_simulated
+    from dopd.common.models import load_target
+    from dopd.common.progress import Progress
+    from dopd.prompts import check_sources, heldout_examples
+
+    check_sources(cfg)  # a missing prompt file is named before the target is loaded
+    tgt = load_target(cfg.model.target, device=cfg.model.device, dtype=cfg.model.dtype, forward=cfg.model.forward)
+    ev = heldout_examples(cfg, tgt.tokenizer)
+    n = min(cfg.eval.num_prompts, len(ev.items))
+    ids, chosen = [it[1] for it in ev.items[:n]], [p.id for p in ev.prompts[:n]]
+    d = drafter_for_target(drafter, tgt, seed=cfg.seed)
+    settings = eval_settings(cfg)
+    match = None  # the greedy-match report at T > 0
+    if cfg.eval.simulate and settings.temperature <= 0:
+        rep, texts = evaluate_simulated(tgt, d, ids, settings)
+        outputs = [(t.prompt_ids, t.answer) for t in texts]
+    else:
+        with Progress("eval: speculative decoding", len(ids), "prompts") as prog:
+            rep, spec, _ = evaluate(tgt, d, ids, settings, baseline=baseline, progress=lambda s, _t: prog.update(s))
+        outputs = [(r.prompt_ids, r.output_ids) for r in spec]
+        if settings.temperature > 0 and compare_match:
+            match, _, _ = evaluate(tgt, d, ids, dataclasses.replace(settings, acceptance="match"), baseline=False)
     out = {
-        **rep.to_dict(),
-        "target": target,
-        "drafter": drafter,
-        "drafter_kind": d.kind,
-        "drafter_params": d.num_parameters(),
-        "block_size": block_size,
-        "temperature": temperature,
-        "top_p": top_p,
-        "device": str(tgt.device),
-        "prompts": prompts,
-        "prompt_ids": [p.id for p in chosen],
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-    }
+        **rep.to_dict(), "target": cfg.model.target, "drafter": drafter, "drafter_kind": d.kind,
+        "drafter_params": d.num_parameters(), "block_size": settings.block_size, "temperature": settings.temperature,
+        "top_p": settings.top_p, "device": str(tgt.device), "dtype": str(tgt.dtype).removeprefix("torch."),
+        "prompts": cfg.data.prompts, "prompt_ids": chosen, "max_new_tokens": settings.max_new_tokens,
+        "seed": settings.seed, "asked_prompts": cfg.eval.num_prompts,
+    }  # fmt: skip
     if match is not None:
         out["acceptance"] = {
             "rejection_sampling": {"tau": rep.tau, "alpha": rep.alpha, "steps": rep.num_steps},
             "greedy_match": {"tau": match.tau, "alpha": match.alpha, "steps": match.num_steps},
         }
-    typer.echo(f"{'target':22s} {target}  ({tgt.info.num_layers} layers, hidden {tgt.info.hidden_size})")
+    return {"out": out, "rep": rep, "match": match, "target": tgt, "drafter": d, "outputs": outputs}
+
+
+def identity_note(identical: bool, dtype: str) -> str:
+    """Why speculative and plain greedy decoding can differ: in 16-bit the target's logits depend on the batch shape
+    (a verification step scores K + 1 positions where plain decoding scores 1), so a near-tie can round to another
+    greedy token; float32 is the exact check."""
+    if identical:
+        return ""
+    if dtype in ("bfloat16", "float16"):
+        return (
+            f"  ({dtype}: the target's logits round differently with the batch shape (a verification step scores K + 1 "
+            "positions, plain decoding 1), so a near-tie can pick another greedy token; --dtype float32 is the exact check)"
+        )
+    return "  (float32: speculative greedy decoding must equal plain decoding; this is a bug, please report it)"
+
+
+def _eval_print(cfg, drafter: str, res: dict) -> None:
+    rep, match, tgt, d, out = res["rep"], res["match"], res["target"], res["drafter"], res["out"]
+    k, temp = out["block_size"], out["temperature"]
+    typer.echo(f"{'target':22s} {cfg.model.target}  ({tgt.info.num_layers} layers, hidden {tgt.info.hidden_size})")
     typer.echo(f"{'drafter':22s} {drafter}  ({d.kind}, {d.num_parameters() / 1e6:.2f}M trainable params)")
+    held = len(out["prompt_ids"])
+    note = (
+        f" (of {out['asked_prompts']} asked: the held-out split has {held}, data.num_eval)"
+        if held < out["asked_prompts"]
+        else ""
+    )
     typer.echo(
-        f"{'prompts':22s} {len(ids)} from {prompts}, {rep.new_tokens} new tokens, K={block_size}, T={temperature}"
+        f"{'prompts':22s} {held} held out from {cfg.data.prompts}{note}, {rep.new_tokens} new tokens, K={k}, T={temp}"
     )
     typer.echo(f"{'tau (tokens/step)':22s} {rep.tau:.3f}   over {rep.num_steps} verification steps")
     typer.echo(f"{'alpha per position':22s} " + " ".join(f"{a:.2f}" for a in rep.alpha))
@@ -199,23 +250,14 @@ def eval_cmd(
         typer.echo(f"{'speculative tok/s':22s} {rep.tokens_per_s:.1f}")
     else:
         typer.echo(
-            f"{'simulated':22s} exact greedy tau from the cached target text ({rep.wall_s:.1f}s, drafter forwards only)"
+            f"{'simulated':22s} exact greedy tau from the cached target text ({rep.wall_s:.1f}s, drafter forwards only; --decode for speeds)"
         )
     if rep.baseline_tokens_per_s is not None:
         typer.echo(f"{'plain target tok/s':22s} {rep.baseline_tokens_per_s:.1f}   speedup {rep.speedup:.2f}x")
     if rep.identical_to_target is not None:
-        typer.echo(f"{'identical to target':22s} {rep.identical_to_target}")
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(out, indent=2))
-    if dump_outputs:
-        dump_outputs.parent.mkdir(parents=True, exist_ok=True)
-        with open(dump_outputs, "w") as f:
-            for p, (pids, oids) in zip(chosen, outputs):
-                f.write(
-                    json.dumps({"id": p.id, "prompt_ids": pids, "output_ids": oids, "text": tgt.tokenizer.decode(oids)})
-                    + "\n"
-                )
+        typer.echo(
+            f"{'identical to target':22s} {rep.identical_to_target}{identity_note(rep.identical_to_target, out['dtype'])}"
+        )
 
 
 @app.command("export")
@@ -280,7 +322,7 @@ def train_cmd(
 ) -> None:
     """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks."""
     _setup_torch(threads)
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.train import train
 
     overrides = list(ctx.args)
@@ -316,7 +358,7 @@ def _next_steps(cfg) -> None:
     k = cfg.eval_block_size
     typer.echo(f"\ndrafter: {d}")
     typer.echo(
-        f"  evaluate: dopd eval --target {cfg.model.target} --drafter {d} --block-size {k} --num-prompts 64 --max-new-tokens 256 --simulate"
+        f"  evaluate: dopd eval --config {Path(cfg.out_dir) / 'config.yaml'} --drafter {d}   (its held-out prompts, K={k}; --decode for speeds)"
     )
     typer.echo(
         f"  export:   dopd export {d} --format speculators --out {Path(cfg.out_dir) / 'export-vllm'}   (or --format sglang)"
@@ -367,68 +409,6 @@ def cluster_status() -> None:
         _fail(e)
 
 
-@experiment_app.command("plateau", context_settings={"allow_extra_args": True})
-def experiment_plateau(
-    ctx: typer.Context,
-    out: Path = typer.Option(..., help="output directory (a rerun skips the warm-up and every finished arm and seed)"),
-    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option(
-        "A,B,G,C,D,H,P", help="comma-separated arms of A B G C D H P E F (experiments/plateau.py)"
-    ),
-    seeds: int | None = typer.Option(None, help="seeds of arms A, B, G, C (default: the preset's)"),
-    drafter: str = typer.Option("dflash", help="dflash | eagle3"),
-    report: Path | None = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
-    threads: int | None = typer.Option(None, help="torch CPU threads"),
-) -> None:
-    """SFT vs Draft-OPD vs its ablations from one gated warm-up, with seeds and paired bootstrap contrasts."""
-    _setup_torch(threads)
-    from dopd.experiments.plateau import main_plateau
-
-    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
-    try:
-        summary = main_plateau(out, preset, list(ctx.args), chosen, seeds, drafter, report)
-    except DopdError as e:
-        _fail(e)
-    typer.echo(json.dumps({k: summary[k] for k in ("gate", "tau_final", "tau_se", "contrasts")}, indent=1))
-
-
-@experiment_app.command("methods", context_settings={"allow_extra_args": True})
-def experiment_methods(
-    ctx: typer.Context,
-    out: Path = typer.Option(..., help="output directory (re-running skips finished arms and evaluations)"),
-    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
-    arms: str = typer.Option(
-        ",".join(("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e", "dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")),
-        help="comma-separated subset of the arms",
-    ),
-    threads: int | None = typer.Option(None, help="torch CPU threads"),
-) -> None:
-    """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
-    _setup_torch(threads)
-    from dopd.experiments.methods import ARMS, PRESETS, main_methods
-
-    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
-    bad = [a for a in chosen if a not in ARMS]
-    if preset not in PRESETS or bad or not chosen:
-        _fail(
-            DopdError(
-                f"unknown preset '{preset}' (known: {', '.join(PRESETS)})"
-                if preset not in PRESETS
-                else f"unknown arms {bad} (known: {', '.join(ARMS)})"
-            )
-        )
-    try:
-        summary = main_methods(out, preset, list(ctx.args), chosen)
-    except DopdError as e:
-        _fail(e)
-    typer.echo(
-        json.dumps(
-            {a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()},
-            indent=1,
-        )
-    )
-
-
 def _overrides(ctx: typer.Context) -> list[str]:
     extra = list(ctx.args)
     for a in extra:
@@ -448,8 +428,8 @@ def config_show(
     ),
 ) -> None:
     """Every config key with its value (the defaults unless --config) and its meaning, as YAML to edit."""
-    from dopd.common.config import load_config
-    from dopd.common.config_help import render_yaml
+    from dopd.common.load import load_config
+    from dopd.config_help import render_yaml
 
     try:
         cfg = load_config(config, _overrides(ctx))
@@ -464,10 +444,11 @@ def config_check(
     config: Path = typer.Argument(..., help="YAML config to check"),
 ) -> None:
     """Validate a config without starting a run: keys, types, cross-key rules, the data file, the metrics sinks."""
-    from dopd.common.config import Config, load_config
-    from dopd.common.config_help import key_docs
-    from dopd.common.prompts import BUILTIN_SETS, load_examples
-    from dopd.common.sinks import check_sinks
+    from dopd.common.config import Config
+    from dopd.common.load import load_config
+    from dopd.config_help import key_docs
+    from dopd.prompts import BUILTIN_SETS, load_examples
+    from dopd.sinks import check_sinks
 
     try:
         cfg = load_config(config, _overrides(ctx))
@@ -505,7 +486,7 @@ def data_inspect(
     """What training would use: conversations, turns, tokens per turn, skips and why, one example templated."""
     from transformers import AutoTokenizer
 
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.common.models import resolve_target
     from dopd.data_inspect import format_report, inspect_data
 
@@ -520,28 +501,6 @@ def data_inspect(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(rep, indent=1))
-
-
-@experiment_app.command("render")
-def experiment_render(
-    report: Path = typer.Argument(
-        ..., help="a report directory: an experiment's --out / --report, docs/plateau, docs/methods"
-    ),
-) -> None:
-    """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
-    from dopd.experiments import methods, plateau
-
-    if (report / "results.json").is_file():
-        methods.render_report(report)
-        typer.echo(f"re-rendered {report / 'results.csv'} and {report / 'summary.md'} from {report / 'results.json'}")
-    elif (report / "summary.json").is_file() and (report / "results.csv").is_file():
-        try:
-            plateau.render_report(report)
-        except DopdError as e:
-            _fail(e)
-        typer.echo(f"re-rendered {report / 'summary.md'} and {report / 'plot.png'} from summary.json and results.csv")
-    else:
-        _fail(DopdError(f"{report} holds no experiment results (results.json, or summary.json + results.csv)"))
 
 
 def main() -> None:

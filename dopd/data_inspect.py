@@ -1,6 +1,6 @@
 """`dopd data inspect`: a dataset seen through the target's chat template before any compute is spent on it.
 
-It runs the runners' own data path (`common.prompts.run_prompts`) with the run's config, so what it reports is
+It runs the runners' own data path (`dopd.prompts.run_prompts`) with the run's config, so what it reports is
 what `dopd train` would train on: the conversations and turns read, the train / held-out split (by conversation),
 every skip and truncation by reason, tokens per turn, and one example exactly as the target sees it (its token
 ids decoded, special tokens included) followed by the answer that would be teacher-forced (as_is) or where the
@@ -10,15 +10,15 @@ target would start writing (regenerate). Only the tokenizer is loaded, not the m
 from __future__ import annotations
 
 from dopd.common.config import Config
-from dopd.common.conversations import Limits, encode_turns, length_summary
+from dopd.conversations import Limits, encode_turns, length_summary
 
 
 def inspect_data(cfg: Config, tokenizer, show: int = 1) -> dict:
     """The report as a dict (`format_report` prints it)."""
-    from dopd.common.prompts import run_prompts
+    from dopd.prompts import run_prompts
 
     d = cfg.data
-    p = run_prompts(cfg, tokenizer)
+    p = run_prompts(cfg, tokenizer, need_eval=False)  # inspecting needs no held-out split (training does)
     tr, ev = p.encoded["train"], p.encoded["eval"]
     as_is = d.answers == "as_is"
     limit_answer = d.max_answer_tokens or cfg.rollout.max_new_tokens
@@ -53,6 +53,7 @@ def inspect_data(cfg: Config, tokenizer, show: int = 1) -> dict:
         "held_out": {
             "groups": len({q.group for q in ev.prompts}),
             "examples": len(p.eval_ids),
+            **({"note": p.split["eval_note"]} if "eval_note" in p.split else {}),
             **dict(data.get("eval", {})),
         },
         "split_seed": d.seed,
@@ -96,6 +97,8 @@ def format_report(r: dict) -> str:
     )
     if held:
         out.append(f"{'held-out':18s} " + ", ".join(f"{k} {v}" for k, v in held.items()))
+    if "note" in r["held_out"]:
+        out.append(f"{'held-out':18s} none: {r['held_out']['note']} (`dopd train` needs one)")
     out.append(
         f"{'context tokens':18s} {_lens(r['context_tokens'])}; limit {r['context_tokens']['limit']} (data.max_prompt_tokens)"
     )

@@ -27,12 +27,12 @@ import time
 from dopd.backend import Backend, RunState, aggregate
 from dopd.common.config import Config
 from dopd.common.errors import DopdError
-from dopd.common.metrics import JobMetrics
-from dopd.common.sinks import make_sinks
 from dopd.connection import cluster_address, connect
 from dopd.exactly_once import TrainedLedger
 from dopd.fleet import LearnerGroup, LearnerLost, RolloutFleet, make_shards
 from dopd.local import rollout_row
+from dopd.metrics import JobMetrics
+from dopd.sinks import make_sinks
 
 _COUNT_KEYS = ("accepted", "rejected", "dropped_stale", "dropped_full", "delivered")
 
@@ -116,7 +116,7 @@ class RayFleet(Backend):
         from transformers import AutoTokenizer
 
         from dopd.common.models import load_target_info, resolve_target
-        from dopd.common.prompts import run_prompts
+        from dopd.prompts import run_prompts
 
         c = self.cfg
         tok = AutoTokenizer.from_pretrained(resolve_target(c.model.target, quiet=True))
@@ -182,7 +182,7 @@ class RayFleet(Backend):
             return
         c = self.cfg
         if c.sft.sequences:
-            from dopd.common.prompts import read_sequences
+            from dopd.prompts import read_sequences
 
             items = read_sequences(c.sft.sequences)
             self.log(

@@ -46,7 +46,7 @@ def remote_class(kind: str):
 
         return ray.remote(LearnerActor)
     if kind == "shard":
-        from dopd.common.queue import QueueShard
+        from dopd.queue import QueueShard
 
         return ray.remote(**QueueShard.RAY_OPTIONS)(QueueShard)
     raise ValueError(f"unknown Ray actor kind '{kind}' (rollout, learner or shard)")

@@ -6,7 +6,7 @@ as the queue carries them; the learner side is the shared `Learner` (learner/lea
 optimizer step. Rounds are synchronous: before an OPD step that finds fewer than a micro-batch of records, the
 worker rolls out `refresh_every * micro_batch_size` prompts with the last published weights, so each record is
 trained on once, by the learner version right after the one that produced it (0 versions stale), as in the
-official code. The loop (dopd/train.py) does the rest.
+official code [docs/recipes.md R7]. The loop (dopd/train.py) does the rest.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dopd.backend import Backend, RunState, aggregate
 from dopd.common.config import Config
 from dopd.common.drafters import Drafter
 from dopd.common.models import Target, load_target
-from dopd.common.prompts import read_sequences, run_prompts
-from dopd.common.sinks import RowMetrics
 from dopd.learner.learner import Learner, TorchEngine, merge_training_states
+from dopd.prompts import check_sources, read_sequences, run_prompts
+from dopd.sinks import RowMetrics
 
 
 class InProcess(Backend):
@@ -29,6 +29,7 @@ class InProcess(Backend):
     def __init__(self, cfg: Config, target: Target | None = None, log=print):
         super().__init__(cfg, log)
         torch.manual_seed(cfg.seed)
+        check_sources(cfg)  # a missing data file is named before the target is loaded
         self.target = target or load_target(
             cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward, compile=cfg.model.compile
         )

@@ -30,7 +30,9 @@ from dopd.backend import Backend, RunState
 from dopd.common.config import Config, dump_config
 from dopd.common.drafters import write_drafter
 from dopd.common.errors import DopdError
+from dopd.common.load import resolve
 from dopd.common.models import resolve_dtype
+from dopd.prompts import check_sources
 
 
 def every(step: int, n: int, start: int = 0) -> bool:
@@ -107,7 +109,8 @@ def train(
     backend: where to run (default: the one `cfg.runner` names). resume: continue this out_dir from its newest good
     checkpoint. on_step(backend, step): called after every learner step (a hook for tests and tools).
     """
-    cfg.resolve()  # idempotent: a loaded config is already resolved
+    resolve(cfg)  # idempotent: a loaded config is already resolved
+    check_sources(cfg)  # before a backend loads the target: a missing data file is named first
     backend = backend if backend is not None else backend_for(cfg)
     log = backend.log
     out = Path(cfg.out_dir)

@@ -1,4 +1,4 @@
-"""`dopd experiment methods`: Draft-OPD, Bebop and DVI on one target, one learner budget, one held-out measurement.
+"""`dopd-experiments methods`: Draft-OPD, Bebop and DVI on one target, one learner budget, one held-out measurement.
 
 Two groups of arms, each continuing from a shared SFT warm-up (a warm-up per drafter kind: EAGLE-3 and DVI) for the
 same number of learner steps (the same number of records of the same micro-batch size; learner FLOPs are reported
@@ -34,9 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dopd.common import evaluation
-from dopd.common.config import Config, load_config
+from dopd.common.config import Config
 from dopd.common.errors import DopdError
 from dopd.common.evaluation import tau_se  # noqa: F401  (the histogram's tau and SE; tests read it here)
+from dopd.common.load import load_config
 from dopd.experiments.preset import Preset, choose
 from dopd.experiments.stats import SIGNIFICANT_SE, PerPrompt, arm_mean_se, contrast
 
@@ -189,7 +190,7 @@ def heldout(
 
 
 def _eval_prompts(cfg: Config, target) -> list[list[int]]:
-    from dopd.common.prompts import run_prompts  # the runners' own split: the arms were evaluated on these
+    from dopd.prompts import run_prompts  # the runners' own split: the arms were evaluated on these
 
     return run_prompts(cfg, target.tokenizer).eval_ids[: cfg.eval.num_prompts]
 
@@ -306,7 +307,7 @@ def methods(out: Path, preset: str, extra: list[str], arms: tuple[str, ...] = AR
     P = choose(PRESETS, preset)
     out.mkdir(parents=True, exist_ok=True)
     base = P.overrides + list(extra)
-    command = " ".join(["dopd", "experiment", "methods", "--out", str(out), "--preset", preset]
+    command = " ".join(["dopd-experiments", "methods", "--out", str(out), "--preset", preset]
                        + ([] if set(arms) == set(ARMS) else ["--arms", ",".join(arms)]) + list(extra))  # fmt: skip
     t_start = time.time()
     cfg0 = load_config(None, base)

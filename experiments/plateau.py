@@ -1,4 +1,4 @@
-"""`dopd experiment plateau`: does error-anchored on-policy distillation beat SFT on the same text, and by how much?
+"""`dopd-experiments plateau`: does error-anchored on-policy distillation beat SFT on the same text, and by how much?
 
 Design (issue "[2 of 6]"), top to bottom:
 1. ONE shared SFT warm-up on target-written answers (`sft.num_prompts` prompts) to the preset's step budget; its
@@ -40,8 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dopd.common.config import load_config
 from dopd.common.errors import DopdError
+from dopd.common.load import load_config
 from dopd.experiments.preset import Preset, choose
 from dopd.experiments.stats import PerPrompt, arm_mean_se, contrast
 
@@ -243,7 +243,7 @@ def plateau(
     pool = N * cfg0.learner.micro_batch_size  # exactly the prompts one arm trains on; seed s takes the s-th such sample
     base += [f"data.num_train={n_sft + seeds * pool}", "data.rollout_prompts=after_sft"]
     command = " ".join(
-        ["dopd experiment plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"]
+        ["dopd-experiments plateau", f"--out {out}", f"--preset {preset}", f"--drafter {drafter}"]
         + ([f"--seeds {seeds}"] if seeds != P.seeds else [])
         + ([f"--arms {','.join(arms)}"] if set(arms) != set(DEFAULT_ARMS) else [])
         + list(extra)

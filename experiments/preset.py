@@ -1,4 +1,4 @@
-"""One typed shape for the presets of `dopd experiment plateau` and `dopd experiment methods`.
+"""One typed shape for the presets of `dopd-experiments plateau` and `dopd-experiments methods`.
 
 Both experiments are "one shared SFT warm-up, then arms that each take the same learner budget, evaluated on held-out
 prompts"; a knob added to one (a gate, more seeds, a stopping rule for sampled evaluation) is a field both see, and an

@@ -29,7 +29,8 @@ class TrainBatch:
     step_weight: torch.Tensor | None = None  # [K] (SFT)
     num_records: int = 0
     ttt: TrainBatch | None = None  # teacher-forced blocks at every response position (EAGLE-3's recipe)
-    response_tokens: int = 0  # answer tokens of the batch's records, supervised or not (the official denominator)
+    # answer tokens of the batch's records, supervised or not (the official [docs/recipes.md R3] denominator)
+    response_tokens: int = 0
 
     @property
     def num_positions(self) -> int:
@@ -191,7 +192,7 @@ def sft_batch(records: list[TeacherRecord], cfg, rng: np.random.Generator, devic
 
 def opd_batch(records: list[ExperienceRecord], cfg, device) -> TrainBatch:
     """Experience records' blocks, restricted to the positions where the kind's training forward is exact and,
-    unless `loss.train_past_end`, to positions inside each record's committed answer (the official segments end at
+    unless `loss.train_past_end`, to positions inside each record's committed answer (the official [docs/recipes.md R1] segments end at
     the response's end; what follows is the greedy lookahead exact acceptance is measured against)."""
     batch = collate_records(records, device)
     T = batch.targets

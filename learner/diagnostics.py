@@ -1,6 +1,6 @@
 """What a learner step reports besides its loss: where the gradient goes and how far the drafter is from the target.
 
-Every OPD step row (metrics.jsonl; Prometheus through common/metrics.py `JobMetrics.diagnostics`) gets:
+Every OPD step row (metrics.jsonl; Prometheus through dopd/metrics.py `JobMetrics.diagnostics`) gets:
 - `alpha_trained`: acceptance at each draft position of the rollout blocks just trained on (P(draft j accepted |
   drafts 1..j-1 accepted)): the policy's own acceptance, per position, at the moment it is trained;
 - `grad_norm_head` / `grad_norm_body`: the gradient norm of the drafter's own output head (a trainable head over a
@@ -8,7 +8,7 @@ Every OPD step row (metrics.jsonl; Prometheus through common/metrics.py `JobMetr
   position is how a loss on one position moves the others;
 - `acc_silenced` / `rej_silenced`: the share of each stream's positions whose gradient a floor, clip or the loss
   clamp sets to exactly zero (official-2605: confidently wrong drafts, r < ~-11, are silent);
-- `replay_kl_<group>`: the official replay-mismatch split (`_compute_replay_dis_mismatch`, dflash_student.py
+- `replay_kl_<group>`: the official [docs/recipes.md R14] replay-mismatch split (`_compute_replay_dis_mismatch`, dflash_student.py
   @a737810; never part of the loss): KL(q || p) over the full vocabulary, no gradient, at every block position of
   the rollout's verification steps inside the answer, with p the target on its OWN text at that position (its
   final hidden state carried by the record, through the frozen head), grouped as matched (all), accepted (offset

@@ -10,7 +10,7 @@ else is shared, so the two runners train the same function the same way:
   batch RNG (DFlash's random anchors, TTT) is seeded (seed, rank);
 - a step asks the objective (learner/objectives/) for the batch's mask, all-reduces its weight when world > 1
   (DeepSpeed averages gradients across ranks, so dividing each rank's loss sum by the global weight / world gives
-  the gradient of one token mean over every rank's micro-batch, as the official code does), and trains its loss;
+  the gradient of one token mean over every rank's micro-batch, as the official [docs/recipes.md R3] code does), and trains its loss;
 - learner FLOPs are counted by PyTorch's FlopCounterMode around forward and backward (matmuls, attention,
   convolutions: everything that scales with model size; elementwise ops are not counted) on the first steps of
   each phase and one step in `FLOP_COUNT_EVERY`; the others are scaled from the last counted step of their phase
@@ -106,7 +106,7 @@ class Learner:
         mask_vec = getattr(self.drafter, "mask_embedding", None)
         if (
             mask_vec is not None and not cfg.drafter.train_mask
-        ):  # a fixed MASK input, as the official frozen embedding row
+        ):  # a fixed MASK input, as the official [docs/recipes.md R8] frozen embedding row
             mask_vec.weight.requires_grad_(False)
         self.vocab_chosen = cfg.drafter.draft_vocab_size is None or bool(cfg.drafter.init)
         self._make_engine = engine

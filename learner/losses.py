@@ -4,19 +4,19 @@ Every block position carries the target's top-k distribution (ids, probs) plus i
 with the target's p(d), and whether verification accepted it; each block says which loss streams it feeds
 (`record.STREAM_ACC`, `STREAM_REJ`). Against the drafter's log-distribution log q:
 
-- accepted stream (blocks flagged STREAM_ACC): the accepted positions and, with `acc_at_first_rejection` (official),
+- accepted stream (blocks flagged STREAM_ACC): the accepted positions and, with `acc_at_first_rejection` (official [docs/recipes.md R3]),
   the first rejected position, labelled by the target: a divergence between the target's (top-k + tail bucket)
   distribution and q on the same buckets (forward KL, TV as in Bebop, JSD), or `bernoulli` = Bernoulli forward KL
-  on the target's top-1 token (the official DFlash recipe);
+  on the target's top-1 token (the official [docs/recipes.md R4] DFlash recipe);
 - rejected stream (blocks flagged STREAM_REJ): the drafted tokens from the first rejection to the block end, a
   divergence on the drafted token (k3 = the sampled reverse-KL estimator exp(r) - 1 - r, r = log p(d) - log q(d),
-  with verl's clips (`k3_verl`, the official form) or on log-probs floored at -10 (`k3_floored`, dopd-2511); or
+  with verl's clips (`k3_verl`, the official [docs/recipes.md R5] form) or on log-probs floored at -10 (`k3_floored`, dopd-2511); or
   Bernoulli forward KL), weighted gamma^(offset-1) (or only the first rejected token, `rej_first_only`), offset
-  counted from the block's first draft (`gamma_offset="block"`, official) or from the first rejection;
-- each position's loss is clamped at `clamp` (official: 10), then
+  counted from the block's first draft (`gamma_offset="block"`, official [docs/recipes.md R3]) or from the first rejection;
+- each position's loss is clamped at `clamp` (official [docs/recipes.md R6]: 10), then
   L = (lambda_acc * sum L_acc + lambda_rej * sum w * L_rej) / (lambda_acc * N_acc + lambda_rej * sum w),
-  the joint token mean of the official implementation, so a batch with few rejections is not up-weighted (the
-  objective sets N_acc: every response token, officially, or the supervised positions);
+  the joint token mean of the official [docs/recipes.md R3] implementation, so a batch with few rejections is not up-weighted (the
+  objective sets N_acc: every response token, officially [docs/recipes.md R3], or the supervised positions);
 - exact full-vocabulary targets (`full_soft_ce`, `full_tv`) from the target's final hidden state the records
   carry, through the frozen head (`loss.targets=full`).
 - the EAGLE-3 recipe's accepted stream is the training-time test over every response position instead (`sft_sums`
@@ -133,7 +133,7 @@ def k3_floored(lq: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 
 
 def bernoulli_fkl(lq: torch.Tensor, lp: torch.Tensor, floor: float) -> torch.Tensor:
-    """Bernoulli forward KL on one token, as the official `_local_bernoulli_forward_kl` (losses.py @69b03da): both
+    """Bernoulli forward KL on one token, as the official [docs/recipes.md R4] `_local_bernoulli_forward_kl` (losses.py @69b03da): both
     log-probs clamped to [floor, log(1 - eps)] in fp32, then p (log p - log q) + (1-p) (log(1-p) - log(1-q)).
     A drafter log q below the floor gets no gradient (a dead zone, not a bound)."""
     ls = lq.float().clamp_min(floor).clamp(max=LOG1M_EPS)
@@ -172,7 +172,7 @@ def token_silenced(
     clamp: float | None,
 ) -> torch.Tensor:
     """[...] bool: where a clip, floor or the loss clamp makes the token's gradient in log q exactly zero (the
-    official metrics' `loss_clamp_fraction`, plus the floors that silence without clamping the value)."""
+    official [docs/recipes.md R6] metrics' `loss_clamp_fraction`, plus the floors that silence without clamping the value)."""
     with torch.no_grad():
         lq, lp = _token_logprobs(logq, t2d, tokens, p_tokens)
         if kind == "k3" and k3 == "verl":
@@ -236,7 +236,7 @@ def opd_masks(T: BlockTargets, cfg: LossConfig) -> tuple[torch.Tensor, torch.Ten
         acc_mask = acc_mask | first_rejection(T.accept, T.valid)
     if T.acc_block is not None:
         acc_mask = acc_mask & T.acc_block[..., None]
-    if cfg.rej_first_only:  # the official first-token-only filter: weight 1, no decay
+    if cfg.rej_first_only:  # the official [docs/recipes.md R11] first-token-only filter: weight 1, no decay
         w = first_rejection(T.accept, T.valid).float()
     else:
         w = rejection_weights(T.accept, T.valid, cfg.gamma, cfg.gamma_offset)
@@ -267,7 +267,7 @@ class StreamSums:
 
 
 def _clamped(x: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """The per-token loss clamp (official `loss_max_clamp`: clamp(min=-c, max=c); the divergences here are >= 0)."""
+    """The per-token loss clamp (official [docs/recipes.md R6] `loss_max_clamp`: clamp(min=-c, max=c); the divergences here are >= 0)."""
     return x.clamp(-cfg.clamp, cfg.clamp) if cfg.clamp is not None else x
 
 

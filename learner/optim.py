@@ -12,8 +12,8 @@ from dopd.common.config import Config
 def lr_factor(step: int, cfg: Config) -> float:
     """The learning rate at optimizer step `step`, as a share of `learner.lr`.
 
-    Each phase is its own schedule, as the official pipeline runs them as two jobs (SpecForge's SFT, then the verl
-    OPD run, both warm-up + cosine: REFERENCES.md, the 69b03da / e81a8bc scripts): SFT steps [0, sft.warmup_steps),
+    Each phase is its own schedule, as the official [docs/recipes.md R16] pipeline runs them as two jobs (SpecForge's SFT, then the verl
+    OPD run, both warm-up + cosine: docs/recipes.md R16): SFT steps [0, sft.warmup_steps),
     then Draft-OPD's learner.steps (mode=sft: one phase of learner.steps). Within a phase: linear warm-up over
     learner.warmup_steps, then (lr_schedule=cosine) a cosine down to learner.min_lr_ratio at the phase's last step.
     The Draft-OPD phase peaks at learner.opd_lr where set (a drafter fresh from SFT ends its warm-up at a tenth of

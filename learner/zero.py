@@ -174,7 +174,7 @@ class LearnerActor:
     """
 
     def __init__(self, cfg_dict: dict, rank: int, world: int, shards: list, device: str):
-        from dopd.common.config import config_from_dict
+        from dopd.common.load import config_from_dict
 
         torch.set_num_threads(max(1, int(os.environ.get("DOPD_LEARNER_THREADS", "1"))))
         self.cfg = config_from_dict(cfg_dict)

@@ -57,7 +57,7 @@ def tiny_prompts(tiny):
 @pytest.fixture(scope="session")
 def trained_tiny_drafter(tiny, tmp_path_factory):
     """A tiny EAGLE-3 drafter after a short SFT (partial acceptance: exercises accept and reject paths)."""
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.local import InProcess
     from dopd.train import train
 
@@ -80,7 +80,7 @@ def trained_tiny_dflash(tiny, tmp_path_factory):
     on a random tiny target: tau 1.02.)"""
     import json
 
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.local import InProcess
     from dopd.train import train
 

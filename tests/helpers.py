@@ -156,14 +156,50 @@ class HashOracleDrafter(Drafter):
         raise NotImplementedError("test double: inference only")
 
 
-def assert_tau_consistent(tau: float, alpha: list[float], K: int) -> None:
-    """tau (tokens per verification step) against the per-position acceptance rates it must agree with:
-    tau = 1 + sum_i prod_{j <= i} alpha_j (the expected number of accepted drafts, plus the target's token), and
-    1 <= tau <= K + 1. Two figures computed from the same steps: a wrong count in either breaks the identity."""
-    assert len(alpha) == K and all(0 <= a <= 1 for a in alpha), alpha
-    reach, expect = 1.0, 1.0
-    for a in alpha:
-        reach *= a
-        expect += reach
-    assert abs(tau - expect) <= 1e-6 * max(1.0, tau), (tau, expect, alpha)
-    assert 1 <= tau <= K + 1
+def hash_oracle_accepted(prompt_len: int, num_new: int, K: int, period: int) -> list[int]:
+    """The accepted drafts per verification step of greedy speculative decoding with `HashOracleDrafter(period)`,
+    counted from first principles (no engine, no drafter): a step at position `pos` accepts drafts up to the first
+    position p = pos + j with p % period == 0 (a wrong draft), then commits that many plus the target's token."""
+    pos, left, out = prompt_len, num_new, []
+    while left > 0:
+        a = next((j for j in range(K) if (pos + j) % period == 0), K)
+        out.append(a)
+        pos, left = pos + a + 1, left - (a + 1)
+    return out
+
+
+def tau_alpha_of(accepted: list[int], K: int) -> tuple[float, list[float]]:
+    """tau (tokens per step) and alpha (per-position acceptance given the position was reached) of accepted counts."""
+    tau = sum(a + 1 for a in accepted) / len(accepted)
+    alpha = [
+        sum(a > i for a in accepted) / reached if (reached := sum(a >= i for a in accepted)) else 0.0 for i in range(K)
+    ]
+    return tau, alpha
+
+
+def assert_counts_agree(rep: dict, outputs: list[dict], K: int) -> None:
+    """A report's tau against the tokens actually written (`--dump-outputs`, counted independently of the engine's
+    statistics): new_tokens is the sum of the output lengths, and the steps committed tau x steps tokens, of which
+    each prompt's last step may have cut at most K at max_new_tokens / end of turn."""
+    written = sum(len(o["output_ids"]) for o in outputs)
+    assert rep["new_tokens"] == written, (rep["new_tokens"], written)
+    committed = rep["tau"] * rep["num_steps"]
+    assert committed - K * len(outputs) - 1e-6 <= written <= committed + 1e-6, (committed, written, K)
+    assert 1.0 <= rep["tau"] <= K + 1 and len(rep["alpha"]) == K
+
+
+def heldout_of_saved(cfg, out_dir) -> dict:
+    """The held-out measurement of the drafter a run saved (out_dir/drafter), recomputed in this process with a fresh
+    target and the drafter loaded from disk, on the run's own held-out prompts and settings: what a run's summary tau
+    must equal."""
+    from pathlib import Path
+
+    from dopd.common.drafters import load_drafter
+    from dopd.common.evaluation import eval_settings, heldout
+    from dopd.common.models import load_target
+    from dopd.prompts import run_prompts
+
+    tgt = load_target(cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward)
+    d = load_drafter(Path(out_dir) / "drafter", tgt.info, tgt.embed_tokens.weight, tgt.lm_head.weight)
+    ids = run_prompts(cfg, tgt.tokenizer).eval_ids[: cfg.eval.num_prompts]
+    return heldout(tgt, d, ids, eval_settings(cfg), simulate=cfg.eval.simulate)

@@ -14,8 +14,8 @@ import pytest
 from dopd.common.config import DrafterConfig
 from dopd.common.drafters import build_drafter
 from dopd.common.models import load_target
-from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
 from dopd.common.specdec import DecodeSettings, SpecEngine
+from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import socket
 import pytest
 
 from dopd import checkpoint
-from dopd.common.config import load_config
 from dopd.common.errors import DopdError
+from dopd.common.load import load_config
 from dopd.local import InProcess
 from dopd.train import train
 
@@ -87,9 +87,9 @@ def test_optimizer_state_moves_between_deepspeed_and_the_in_process_learner(tmp_
     """A ZeRO rank's gathered state (world 1, gloo, no Ray), loaded by a fresh ZeRO rank and by the in-process
     learner: both continue with the same losses as the rank that never stopped."""
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.learner.learner import Learner, TorchEngine, merge_training_states
     from dopd.learner.zero import make_rank
+    from dopd.prompts import encode_all, load_prompt_set
 
     # fp32: DeepSpeed's flat-partition AdamW and the in-process per-tensor AdamW agree to float precision there; under
     # bf16 autocast they differ by more (measured: rel 6e-4 at ZeRO-3 on freshly decoded teacher data)

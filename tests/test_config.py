@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dopd.common.config import Config, config_from_dict, load_config
+from dopd.common.config import Config
 from dopd.common.errors import ConfigError
+from dopd.common.load import config_from_dict, load_config
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dopd.common.config import SFTConfig, load_config
-from dopd.common.conversations import Limits, conversation_turns, encode_turns, read_conversations
+from dopd.common.config import SFTConfig
 from dopd.common.errors import ConfigError, PromptError
-from dopd.common.prompts import load_examples, run_prompts
+from dopd.common.load import load_config
+from dopd.conversations import Limits, conversation_turns, encode_turns, read_conversations
+from dopd.prompts import load_examples, run_prompts
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "conversations.jsonl"
 

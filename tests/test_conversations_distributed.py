@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dopd.common.config import load_config
-from dopd.common.metrics import METRICS
+from dopd.common.load import load_config
 from dopd.common.record import decode_teacher
 from dopd.driver import RayFleet
+from dopd.metrics import METRICS
 from dopd.train import train
 
 pytestmark = pytest.mark.ray

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from dopd.common.metrics import METRICS
 from dopd.dashboards import build
 from dopd.dashboards.build import HERE, OUTPUTS, expand_variables, panel_queries
+from dopd.metrics import METRICS
 
 SERIES_RE = re.compile(r"\bdopd_[a-z_]+")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from dopd import checkpoint
-from dopd.common.config import load_config
 from dopd.common.errors import DopdError
-from dopd.common.metrics import METRICS
+from dopd.common.load import load_config
 from dopd.driver import RayFleet
+from dopd.metrics import METRICS
 from dopd.train import train
 
 pytestmark = pytest.mark.ray

@@ -1,4 +1,4 @@
-"""`dopd experiment plateau` end to end on the tiny target: the gated warm-up, every arm and seed, the reports."""
+"""`dopd-experiments plateau` end to end on the tiny target: the gated warm-up, every arm and seed, the reports."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dopd.cli import app
+from dopd.experiments.cli import app
 
 
 @pytest.mark.heavy
 def test_plateau_smoke(tmp_path):
     out, rep = tmp_path / "run", tmp_path / "report"
-    r = CliRunner().invoke(app, ["experiment", "plateau", "--out", str(out), "--preset", "smoke", "--report", str(rep)])
+    r = CliRunner().invoke(app, ["plateau", "--out", str(out), "--preset", "smoke", "--report", str(rep)])
     assert r.exit_code == 0, r.output
     s = json.loads((rep / "summary.json").read_text())
     for key in ("preset", "drafter", "block_size", "gate", "eval_steps", "seeds", "tau_final", "tau_se", "contrasts"):
@@ -87,28 +87,28 @@ def test_plateau_smoke(tmp_path):
 
     # resumable: a rerun trains nothing (every run's summary exists) and writes the same contrasts
     before = {p: p.stat().st_mtime for p in (out / "arms").glob("*/summary.json")}
-    r2 = CliRunner().invoke(app, ["experiment", "plateau", "--out", str(out), "--preset", "smoke"])
+    r2 = CliRunner().invoke(app, ["plateau", "--out", str(out), "--preset", "smoke"])
     assert r2.exit_code == 0, r2.output
     assert {p: p.stat().st_mtime for p in (out / "arms").glob("*/summary.json")} == before
     assert json.loads((out / "summary.json").read_text())["contrasts"] == s["contrasts"]
 
 
 def test_plateau_refuses_unknown_arms_and_presets(tmp_path):
-    r = CliRunner().invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--preset", "smoke", "--arms", "B,Z"])
+    r = CliRunner().invoke(app, ["plateau", "--out", str(tmp_path), "--preset", "smoke", "--arms", "B,Z"])
     assert r.exit_code != 0 and "unknown arms ['Z']" in r.output
-    r = CliRunner().invoke(app, ["experiment", "plateau", "--out", str(tmp_path), "--preset", "laptop"])
+    r = CliRunner().invoke(app, ["plateau", "--out", str(tmp_path), "--preset", "laptop"])
     assert r.exit_code != 0 and "unknown preset 'laptop'" in r.output
 
 
 def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
     """docs/plateau's (and its side run fresh/ and earlier runs v3/, v2/) summary.md and plot come back from its summary.json and results.csv through the code the
-    command runs (`dopd experiment render`): the experiment left the core without changing what it reports."""
+    command runs (`dopd-experiments render`): the experiment left the core without changing what it reports."""
     for src in (Path(__file__).resolve().parents[1] / "docs" / "plateau" / v for v in ("", "fresh", "v3", "v2")):
         d = tmp_path / (src.name or "v3")
         d.mkdir()
         for f in ("summary.json", "results.csv"):
             shutil.copy(src / f, d / f)
-        r = CliRunner().invoke(app, ["experiment", "render", str(d)])
+        r = CliRunner().invoke(app, ["render", str(d)])
         assert r.exit_code == 0, r.output
         assert (d / "summary.md").read_text() == (src / "summary.md").read_text(), src
         assert (d / "plot.png").stat().st_size > 10_000
@@ -118,7 +118,7 @@ def test_committed_plateau_reports_rerender_from_their_results(tmp_path):
 def test_real_presets_start_the_arms_at_the_warmups_final_learning_rate(preset):
     """The arms resume a warm-up that annealed to lr x min_lr_ratio: a preset whose OPD phase peaks anywhere else
     restarts every arm, SFT included, at another step size (docs/plateau/v3: at 10x, all arms fell below the warm-up)."""
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.experiments.plateau import PRESETS
 
     P = PRESETS[preset]

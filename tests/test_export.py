@@ -312,7 +312,7 @@ def test_import_checks_shapes_vocabulary_and_embedding(tiny, tmp_path):
 
 @pytest.mark.heavy
 def test_imported_speculators_checkpoint_trains_one_opd_step(tiny, tmp_path):
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
     from dopd.local import InProcess
     from dopd.train import train
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from dopd.common.config import load_config
-from dopd.common.queue import QueueShard
+from dopd.common.load import load_config
 from dopd.exactly_once import TrainedLedger
+from dopd.queue import QueueShard
 
 pytestmark = pytest.mark.heavy  # trains drafters: left out of the fast subset
 
@@ -37,8 +37,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def setup(tiny, tmp_path_factory):
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.common.record import encode_teacher
+    from dopd.prompts import encode_all, load_prompt_set
 
     out = tmp_path_factory.mktemp("learner_path")
     cfg = load_config(None, BASE + [f"out_dir={out}"])

@@ -206,7 +206,7 @@ def test_ranks_with_the_all_reduced_denominator_average_to_the_global_token_mean
 
 
 def test_official_defaults_per_drafter_kind():
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
 
     d = load_config(None, ["drafter.kind=dflash"]).loss
     assert (d.response, d.acc_divergence, d.rej_divergence, d.lambda_rej, d.gamma, d.gamma_offset, d.clamp) == (
@@ -246,7 +246,7 @@ def test_official_dflash_loss_by_hand():
 
 
 def load_official(kind: str) -> LossConfig:
-    from dopd.common.config import load_config
+    from dopd.common.load import load_config
 
     return load_config(None, [f"drafter.kind={kind}"]).loss
 

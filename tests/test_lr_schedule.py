@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from dopd.common.config import ConfigError, load_config
+from dopd.common.config import ConfigError
+from dopd.common.load import load_config
 from dopd.learner.optim import lr_factor, make_optimizer
 
 

@@ -8,9 +8,9 @@ import json
 import math
 
 import pytest
-from helpers import assert_tau_consistent
+from helpers import heldout_of_saved
 
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.driver import RayFleet
 from dopd.train import train
 
@@ -38,7 +38,8 @@ def test_dvi_trains_in_the_distributed_runner(ray_session, tmp_path):
     )
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
-    assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
+    fresh = heldout_of_saved(cfg, cfg.out_dir)  # the saved drafter, measured again in this process
+    assert (fresh["tau"], fresh["alpha"]) == pytest.approx((summary["tau"], summary["alpha"]), abs=1e-9)
     steps = [r for r in rows(tmp_path) if r["event"] == "step"]
     assert [(r["phase"], r.get("dvi_phase")) for r in steps] == [("sft", None)] * 2 + [("opd", "kl")] * 2 + [
         ("opd", "rl")
@@ -55,7 +56,8 @@ def test_bebop_expected_length_trains_in_the_distributed_runner(ray_session, tmp
     ])  # fmt: skip
     summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
     assert summary["steps"] == 6 and summary["records_trained_twice"] == 0
-    assert_tau_consistent(summary["tau"], summary["alpha"], cfg.rollout.block_size)
+    fresh = heldout_of_saved(cfg, cfg.out_dir)  # the saved drafter, measured again in this process
+    assert (fresh["tau"], fresh["alpha"]) == pytest.approx((summary["tau"], summary["alpha"]), abs=1e-9)
     r = rows(tmp_path)
     evals = [x for x in r if x["event"] == "eval"]
     assert evals and not any(x["simulated"] for x in evals)  # T = 1: the engine measures tau
@@ -71,9 +73,9 @@ def test_zero_rank_trains_the_methods_without_ray(tmp_path, tiny, method):
     import socket
 
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.common.record import encode_teacher
     from dopd.learner.zero import make_rank
+    from dopd.prompts import encode_all, load_prompt_set
 
     extra = ["drafter.kind=dvi", "drafter.lora_rank=4", "dvi.rl_start_step=3"] if method == "dvi" else [
         "drafter.kind=eagle3", "loss.objective=expected_length", "rollout.temperature=1"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""`dopd experiment methods --preset smoke`: every arm of both groups on the tiny target, the reports, and a re-run
+"""`dopd-experiments methods --preset smoke`: every arm of both groups on the tiny target, the reports, and a re-run
 that skips what is finished."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dopd.cli import app
+from dopd.experiments.cli import app
 from dopd.experiments.methods import ARMS, T1_ARMS, markdown, methods, tau_se
 
 
@@ -100,12 +100,12 @@ def test_an_arm_another_live_process_runs_is_skipped_not_wiped(tmp_path):
 
 
 def test_committed_methods_reports_rerender_from_their_results(tmp_path):
-    """docs/methods' summary.md and results.csv come back from its results.json (`dopd experiment render`)."""
+    """docs/methods' summary.md and results.csv come back from its results.json (`dopd-experiments render`)."""
     src = Path(__file__).resolve().parents[1] / "docs" / "methods"
     shutil.copy(src / "results.json", tmp_path / "results.json")
-    r = CliRunner().invoke(app, ["experiment", "render", str(tmp_path)])
+    r = CliRunner().invoke(app, ["render", str(tmp_path)])
     assert r.exit_code == 0, r.output
     for f in ("summary.md", "results.csv"):
         assert (tmp_path / f).read_text() == (src / f).read_text(), f
-    r = CliRunner().invoke(app, ["experiment", "render", str(tmp_path / "nothing")])
+    r = CliRunner().invoke(app, ["render", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "holds no experiment results" in r.output

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from dopd.common.config import DVIConfig, LossConfig, load_config
+from dopd.common.config import DVIConfig, LossConfig
 from dopd.common.errors import ConfigError
+from dopd.common.load import load_config
 from dopd.common.specdec import DecodeSettings, SpecEngine
 from dopd.learner.losses import BlockTargets, bucket_divergence, dvi_phase, dvi_sums, e2e_sums, expected_length, finish
 

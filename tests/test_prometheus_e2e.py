@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from dopd import prometheus
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.dashboards.check import missing_panels, missing_variables
 from dopd.dashboards.queries import HERE
 from dopd.driver import RayFleet

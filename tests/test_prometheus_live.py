@@ -22,9 +22,9 @@ import yaml
 
 from dopd import prometheus
 from dopd.common.errors import DopdError
-from dopd.common.metrics import METRICS, JobMetrics
 from dopd.dashboards.check import missing_panels, missing_variables
 from dopd.dashboards.queries import HERE, load, panel_queries
+from dopd.metrics import METRICS, JobMetrics
 from dopd.paths import prom_targets_dir
 
 ROOT = Path(__file__).resolve().parents[1]

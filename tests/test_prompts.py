@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dopd.common.errors import PromptError
-from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
+from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
 
 def test_builtin_sets_load_and_split_by_group():
@@ -70,8 +70,8 @@ def test_too_long_prompts(tiny):
 def test_run_prompts_rollout_after_sft(tiny):
     """`data.rollout_prompts=after_sft`: OPD rounds roll out only prompts the warm-up did not answer; the
     `data.num_train` cap counts prompts that fit (too-long ones are dropped first)."""
-    from dopd.common.config import load_config
-    from dopd.common.prompts import run_prompts
+    from dopd.common.load import load_config
+    from dopd.prompts import run_prompts
 
     base = [
         "model.target=tiny-random-llama",

@@ -8,8 +8,8 @@ import time
 
 from test_record import make_record
 
-from dopd.common.queue import QueueShard
 from dopd.common.record import HEADER, encode_record
+from dopd.queue import QueueShard
 
 
 def rec_bytes(version=0, seq=0, actor=3, incarnation=77):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.local import InProcess
 from dopd.train import train
 

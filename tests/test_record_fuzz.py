@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from test_record import body, frame, make_record, make_teacher, topk_dist
 
 from dopd.common.errors import RecordError
-from dopd.common.queue import QueueShard
 from dopd.common.record import (
     HEADER,
     KIND_TEACHER,
@@ -31,6 +30,7 @@ from dopd.common.record import (
     encode_record,
     encode_teacher,
 )
+from dopd.queue import QueueShard
 
 VOCAB = 1000
 # deterministic (a CI run is repeatable); `pytest --hypothesis-seed=N -p no:randomly` explores other inputs

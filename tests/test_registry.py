@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dopd.common.config import load_config
 from dopd.common.drafters import KINDS, build_drafter, export_drafter, spec_for
 from dopd.common.drafters.base import register_kind
 from dopd.common.drafters.eagle3 import Eagle3Drafter
 from dopd.common.errors import ConfigError, ModelError
+from dopd.common.load import load_config
 from dopd.learner.losses import token_logq
 from dopd.learner.objectives import OBJECTIVES, Mask, Objective, logq, register
 
@@ -69,8 +69,8 @@ def test_a_new_kind_declares_its_defaults(registered, tiny):
 
 def test_a_new_objective_trains_in_the_shared_learner(registered, tiny):
     from dopd.actors.actor import RolloutWorker
-    from dopd.common.prompts import encode_all, load_prompt_set
     from dopd.learner.learner import Learner, TorchEngine
+    from dopd.prompts import encode_all, load_prompt_set
 
     cfg = load_config(None, BASE + ["drafter.kind=dflash", "loss.objective=test_top1_ce"])
     assert (cfg.loss.response, cfg.loss.lambda_rej, cfg.loss.acc_divergence) == (

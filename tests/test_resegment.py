@@ -10,10 +10,10 @@ from helpers import HashOracleDrafter
 from dopd.actors.experience import shuffled_plan
 from dopd.actors.resegmented import resegmented_rollout
 from dopd.actors.rollout import engine_rollout
-from dopd.common.config import load_config
 from dopd.common.drafters import drafter_for_target
 from dopd.common.errors import PromptError
 from dopd.common.evaluation import quick_tau, simulated_tau
+from dopd.common.load import load_config
 from dopd.common.specdec import DecodeSettings
 
 TEXTS = ["hi", "write a function that sums a list", "2+2=?", "tell me a long story about a dragon and a knight"]

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dopd import checkpoint
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.driver import RayFleet
 from dopd.local import InProcess
 from dopd.train import train

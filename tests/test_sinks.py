@@ -7,10 +7,10 @@ import types
 
 import pytest
 
-from dopd.common.config import load_config
 from dopd.common.errors import ConfigError
-from dopd.common.metrics import METRICS, JobMetrics
-from dopd.common.sinks import check_sinks, make_sinks
+from dopd.common.load import load_config
+from dopd.metrics import METRICS, JobMetrics
+from dopd.sinks import check_sinks, make_sinks
 
 
 def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
@@ -66,7 +66,7 @@ def test_tensorboard_has_every_prometheus_series(tmp_path):
     _feed(jm, state)
     jm.close()
     got = _scalars(tmp_path / "tensorboard")
-    # every metric of common/metrics.py is there under its Prometheus series name
+    # every metric of dopd/metrics.py is there under its Prometheus series name
     names = {t.split("/")[0] for t in got}
     for d in METRICS.values():
         want = {d.series} if d.kind != "histogram" else {d.name + "_sum", d.name + "_count"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import OracleDrafter
+from helpers import HashOracleDrafter, OracleDrafter, hash_oracle_accepted, tau_alpha_of
 
 from dopd.common import sampling
 from dopd.common.config import DrafterConfig
@@ -109,7 +109,7 @@ def test_records_are_consistent(tiny, tiny_prompts):
 @pytest.mark.slow
 @pytest.mark.parametrize("K", [1, 4, 8])
 def test_greedy_spec_equals_target_smollm2(smollm2, K):
-    from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
+    from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
     sp = split_prompts(load_prompt_set("champ-problems"), 4, 0, "champ-problems")
     ids, _ = encode_all(smollm2.tokenizer, sp.eval, 512, False)
@@ -262,3 +262,18 @@ def test_unsupported_architecture_is_refused_at_load(tmp_path):
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="'gpt2'.*llama, qwen2, qwen3, mistral"):
         load_target(str(tmp_path))
+
+
+@pytest.mark.parametrize("period,K", [(3, 4), (5, 3), (2, 2)])
+def test_engine_tau_equals_an_independent_count(tiny, tiny_prompts, period, K):
+    """The engine's accepted drafts per step, tau and alpha against counts made without it: a drafter that is wrong
+    exactly at positions p % period == 0 accepts a known number of drafts at every step (helpers.hash_oracle_accepted)."""
+    res, st = SpecEngine(tiny, HashOracleDrafter(tiny, period=period)).generate(
+        tiny_prompts, DecodeSettings(block_size=K, max_new_tokens=20, batch_size=2)
+    )
+    expected = [hash_oracle_accepted(len(r.prompt_ids), len(r.output_ids), K, period) for r in res]
+    assert [r.accepted for r in res] == expected
+    tau, alpha = tau_alpha_of([a for e in expected for a in e], K)
+    assert st.num_steps == sum(map(len, expected))
+    assert st.tau == pytest.approx(tau, abs=1e-12) and st.alpha == pytest.approx(alpha, abs=1e-12)
+    assert 1 < tau < K + 1  # partial acceptance: neither all nor none

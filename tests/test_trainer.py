@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dopd import checkpoint
-from dopd.common.config import load_config
+from dopd.common.load import load_config
 from dopd.local import InProcess
 from dopd.train import train
 

@@ -39,7 +39,7 @@ class Mask:
     """Per-stream position weights (0 = not trained; any shape per stream: positions [B,M,K], or blocks [B,M] for
     an objective normalised per block) and each stream's lambda. Streams named "acc" and "rej" feed the step row's
     acc_div / n_acc and rej_div / n_rej; any other stream is logged by name. `counts` replaces a stream's share of
-    the normaliser where it is not the sum of its weights (the official accepted stream counts every response token
+    the normaliser where it is not the sum of its weights (the official [docs/recipes.md R3] accepted stream counts every response token
     of the batch, supervised or not). Whatever the unit, `weight` is one number a learner group all-reduces."""
 
     streams: dict[str, torch.Tensor]

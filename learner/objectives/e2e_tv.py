@@ -6,7 +6,7 @@ drafts and the first rejection; every position of a block without one), d_k = ex
 vocabulary between the drafter and the target on its own trajectory (the target's hidden state from the record,
 through the frozen head: `loss.targets=full`), block loss 1 - (1/n) sum_k prod_{j<=k} clip(1 - d_j, 0, 1); the
 mean over blocks. The normaliser is per BLOCK (the mask is [B,M]): a learner group all-reduces the block count as it
-does a token count, so every rank divides by the blocks of the whole global batch (the official all-reduced
+does a token count, so every rank divides by the blocks of the whole global batch (the official [docs/recipes.md R12] all-reduced
 `opd_tv_global_block_count`). Math: learner/losses.py `tv_positions`, `full_tv`, `tv_block_loss`.
 """
 

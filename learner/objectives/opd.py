@@ -8,7 +8,7 @@ positions (+ the first rejected one, `loss.acc_at_first_rejection`) of blocks fl
 rejected stream is the drafted tokens from the first rejection to the block end, weighted gamma^(offset-1), of
 blocks flagged STREAM_REJ (only the first rejected token, weight 1, with `loss.rej_first_only`). The normaliser is
 lambda_acc * N_acc + lambda_rej * sum of the rejected weights, N_acc = every answer token of the batch
-(`loss.acc_denominator=response_tokens`, the official one) or the accepted stream's own weights.
+(`loss.acc_denominator=response_tokens`, the official [docs/recipes.md R3] one) or the accepted stream's own weights.
 """
 
 from __future__ import annotations

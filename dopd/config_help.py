@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import Config
+from dopd.common.config import Config
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """TensorBoard and W&B beside Prometheus: the same metrics under the same names, written by existing writers.
 
 Why: people who train drafters watch runs in TensorBoard or W&B; a second set of names would make them learn the
-job twice. Every value is a series of `common/metrics.py` as Prometheus exports it (`dopd_heldout_tau`,
+job twice. Every value is a series of `dopd/metrics.py` as Prometheus exports it (`dopd_heldout_tau`,
 `dopd_learner_loss{stream="accepted"}`, counters as `_total`, histograms as `_sum` / `_count`), flattened to one
 tag: `name/label=value,...` (`dopd_learner_loss/stream=accepted`, `dopd_acceptance_rate/source=heldout,position=1`;
 TensorBoard groups tags by the part before the '/'). The x axis is the learner step.
@@ -19,7 +19,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError
+from dopd.common.errors import ConfigError
+
 from .metrics import JobMetrics
 
 

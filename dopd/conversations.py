@@ -40,10 +40,32 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import PromptError
-from .prompts import Prompt, encode
+from dopd.common.errors import PromptError
+
 
 # role names as datasets spell them -> the chat template's role
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    group: str
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    canonical: bool = True  # the group's main statement (held-out prompts are canonical ones)
+    answer: str | None = None  # the dataset's own answer to this context (data.answers=as_is teacher-forces it)
+
+    def as_messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+def encode(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of the prompt with the chat template and the assistant turn opened."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            prompt.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+    return list(tokenizer(prompt.messages[-1][1])["input_ids"])
+
+
 ROLES = {
     "system": "system",
     "user": "user", "human": "user",

