@@ -21,7 +21,7 @@ import torch
 
 from dopd.common.kvcache import SlotCache
 from dopd.common.models import load_target
-from dopd.common.prompts import encode_all, load_prompt_set, split_prompts
+from dopd.prompts import encode_all, load_prompt_set, split_prompts
 
 CATEGORIES = (
     ("matmul", ("linear", "addmm", "aten::mm", "matmul", "bmm", "_linear_pointwise", "mkldnn")),

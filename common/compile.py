@@ -13,7 +13,7 @@ Where the compile is paid: inductor's on-disk caches (the FX-graph cache and its
 loads the compiled kernels instead of generating and compiling C++ again; `bench/compile_cost.py` prints the cold
 and warm seconds.
 
-`auto` compiles where a measured check says it pays: `decide_auto` times the eager and the compiled step of this
+`auto` compiles where a measured check says it pays: `decide_auto` (with `target_forward.measure_steps`) times the eager and the compiled step of this
 target at one and at many rows, once per machine, target and dtype, and caches the verdict next to the kernels.
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -90,9 +89,10 @@ def _auto_path(key: str) -> Path:
     return cache_root() / f"auto-{machine_key()}-{key}.json"
 
 
-def decide_auto(target, measure=None, quiet: bool = False) -> bool:
-    """`model.compile=auto`: compile or not, by `measure(target) -> (eager_s, compiled_s)` (default
-    `measure_steps`), once per machine x target x dtype x device, cached under DOPD_CACHE/inductor."""
+def decide_auto(target, measure, quiet: bool = False) -> bool:
+    """`model.compile=auto`: compile or not, by `measure(target) -> (eager_s, compiled_s)` (seconds per step by
+    batch size; `target_forward.measure_steps`), once per machine x target x dtype x device, cached under
+    DOPD_CACHE/inductor."""
     key = f"{target.fingerprint or target.name}-{str(target.dtype).replace('torch.', '')}-{target.device.type}"
     path = _auto_path(key)
     if path.is_file():
@@ -103,7 +103,7 @@ def decide_auto(target, measure=None, quiet: bool = False) -> bool:
             path.unlink()
             return decide_auto(target, measure, quiet)
     else:
-        eager_s, compiled_s = (measure or measure_steps)(target)
+        eager_s, compiled_s = measure(target)
         on, why = choose(eager_s, compiled_s)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -112,31 +112,3 @@ def decide_auto(target, measure=None, quiet: bool = False) -> bool:
     if not quiet:
         print(f"dopd: model.compile=auto -> {'on' if on else 'off'}: {why}", file=sys.stderr, flush=True)
     return on
-
-
-def measure_steps(target, batches=(1, 16), steps: int = 5) -> tuple[dict[int, float], dict[int, float]]:
-    """Best-of-`steps` seconds of one plain decode step at each row count, eager lean vs compiled lean."""
-    from .kvcache import SlotCache
-    from .target_forward import LeanForward
-
-    cfg = target.model.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dev = target.device
-    out = ({}, {})
-    fwds = (LeanForward(target.model), LeanForward(target.model, compile="on"))
-    L = 64
-    for b in batches:
-        ids = torch.randint(0, cfg.vocab_size, (b, L), generator=torch.Generator().manual_seed(0)).to(dev)
-        for which, fwd in enumerate(fwds):
-            cache = SlotCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, d, L + 8, dev, target.dtype)
-            fwd(ids[:, :-1], torch.arange(L - 1, device=dev).expand(b, L - 1), cache, None, L - 1, causal=True)
-            pos = torch.full((b, 1), L - 1, device=dev)
-            best = float("inf")
-            for _ in range(steps + 2):
-                t0 = time.perf_counter()
-                fwd(ids[:, -1:], pos, cache, None, L)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                best = min(best, time.perf_counter() - t0)
-            out[which][b] = best
-    return out

@@ -317,11 +317,11 @@ class Target:
         mode = check_mode(self.compile)
         if mode == "off" or self.forward_kind == "hf":
             return False
-        from .target_forward import LEAN_ARCHITECTURES
+        from .target_forward import LEAN_ARCHITECTURES, measure_steps
 
         if self.model.config.model_type not in LEAN_ARCHITECTURES:
             return False
-        return mode == "on" or decide_auto(self)
+        return mode == "on" or decide_auto(self, measure_steps)
 
     @property
     def device(self) -> torch.device:

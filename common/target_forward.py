@@ -15,6 +15,7 @@ Both return the logits of every fed position (when asked) and the target feature
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -304,3 +305,28 @@ def forward_for(model: torch.nn.Module, kind: str = "auto", compiled: bool = Fal
     if kind == "hf" or (kind == "auto" and model.config.model_type not in LEAN_ARCHITECTURES):
         return HFForward(model)
     return LeanForward(model, compile="on" if compiled else "off")
+
+
+def measure_steps(target, batches=(1, 16), steps: int = 5) -> tuple[dict[int, float], dict[int, float]]:
+    """Best-of-`steps` seconds of one plain decode step at each row count, eager lean vs compiled lean."""
+    cfg = target.model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dev = target.device
+    out = ({}, {})
+    fwds = (LeanForward(target.model), LeanForward(target.model, compile="on"))
+    L = 64
+    for b in batches:
+        ids = torch.randint(0, cfg.vocab_size, (b, L), generator=torch.Generator().manual_seed(0)).to(dev)
+        for which, fwd in enumerate(fwds):
+            cache = SlotCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, d, L + 8, dev, target.dtype)
+            fwd(ids[:, :-1], torch.arange(L - 1, device=dev).expand(b, L - 1), cache, None, L - 1, causal=True)
+            pos = torch.full((b, 1), L - 1, device=dev)
+            best = float("inf")
+            for _ in range(steps + 2):
+                t0 = time.perf_counter()
+                fwd(ids[:, -1:], pos, cache, None, L)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                best = min(best, time.perf_counter() - t0)
+            out[which][b] = best
+    return out

@@ -71,7 +71,9 @@ def test_auto_is_measured_once_and_cached(tmp_path, monkeypatch, capsys):
 
 def test_auto_off_keeps_the_eager_forward(tmp_path, monkeypatch):
     monkeypatch.setenv("DOPD_CACHE", str(tmp_path))
-    monkeypatch.setattr(dcompile, "measure_steps", lambda target: ({1: 1.0}, {1: 2.0}))
+    from dopd.common import target_forward
+
+    monkeypatch.setattr(target_forward, "measure_steps", lambda target: ({1: 1.0}, {1: 2.0}))
     t = load_target("tiny-random-llama", "cpu", "float32", quiet=True, compile="auto")
     assert isinstance(t.forward, LeanForward) and t.forward._compiled is None
     assert load_target("tiny-random-llama", "cpu", "float32", quiet=True, compile="off").compile_on() is False
