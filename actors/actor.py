@@ -47,7 +47,12 @@ class RolloutWorker:
         self.actor_id = actor_id
         self.incarnation = incarnation if incarnation is not None else uuid.uuid4().int & 0x7FFFFFFF
         self.target = target or load_target(
-            cfg.model.target, cfg.model.device, cfg.model.dtype, quiet=True, forward=cfg.model.forward
+            cfg.model.target,
+            cfg.model.device,
+            cfg.model.dtype,
+            quiet=True,
+            forward=cfg.model.forward,
+            compile=cfg.model.compile,
         )
         t = self.target
         # a reduced draft vocabulary is chosen by the learner side from the SFT data; until the first weights

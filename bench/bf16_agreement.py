@@ -40,7 +40,11 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: 8 prompts x 48 tokens")
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(num_prompts=8, max_new_tokens=48, batch_size=8))
     out = {"args": vars(a), "rows": []}
     print(
         f"target {a.target}, drafter {a.drafter}, {a.num_prompts} held-out champ-problems prompts x {a.max_new_tokens} tokens, K={a.block_size}, greedy"

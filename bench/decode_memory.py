@@ -136,7 +136,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=float, default=63.9)
     ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: 8 MiB inputs")
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(mib=8.0))
     size = int(a.mib * 2**20)
     ctx = mp.get_context("spawn")
     rows = []

@@ -9,7 +9,10 @@ One run prints, per dtype and batch size, tokens/s of
 - `engine_lean_nopack`: the lean Llama-family forward (fused q/k/v and gate/up, SDPA over the used cache) with
   plain `F.linear` weights: the gain of the lean forward alone (reduced precision on CPU only);
 - `engine_lean`: the same with the weights prepacked once for oneDNN: the gain of prepacking;
-- `spec_K<k>`: speculative decoding with the drafter (lean forward), and `spec_K<k>_hf_fwd` over HF's modules;
+- `engine_lean_compiled`: the lean forward's decode steps through torch.compile (model.compile=on,
+  common/compile.py); the warm-up call's seconds (compiling included) are printed under the row;
+- `spec_K<k>`: speculative decoding with the drafter (lean forward), `spec_K<k>_hf_fwd` over HF's modules and
+  `spec_K<k>_compiled` with the compiled lean forward;
 then the teacher-forced prefill (what SFT data and held-out texts cost) with both forwards, and the roofline limit:
 the larger of (FLOPs / measured matmul peak) and (bytes moved / measured memory bandwidth) per step, printed as
 the share of that limit each row reaches. Counted: new tokens up to and including EOS over wall time, after one
@@ -28,6 +31,7 @@ import torch
 
 from dopd.common.drafters import drafter_for_target
 from dopd.common.greedy import prefill
+from dopd.common.hardware import bench_start, describe
 from dopd.common.models import load_target
 from dopd.common.specdec import DecodeSettings, SpecEngine
 from dopd.common.target_forward import HFForward, LeanForward
@@ -121,6 +125,24 @@ def same(out, ref) -> float:
     return sum(a == b for a, b in zip(out, ref)) / max(len(ref), 1)
 
 
+QUICK = dict(dtypes=["bfloat16"], batch_sizes=[1, 64], prompts_per_row=1, max_new_tokens=24, prefill_texts=8)
+
+
+def fmt_row(r: dict) -> str:
+    tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+    vs = f"{r['vs_hf']:6.2f}x" if r["vs_hf"] is not None else "      -"
+    lim = f"{r['vs_limit']:7.0%}" if r["vs_limit"] is not None else "      -"
+    sm = f"{r['same_as_hf']:.2f}" if r["same_as_hf"] is not None else "-"
+    return (
+        f"{r['dtype']:9s} {r['method']:22s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {vs} {lim:>8s} {tau:>6s} {sm:>5s}"
+    )
+
+
+HEADER = (
+    f"{'dtype':9s} {'method':22s} {'batch':>5s} {'tok/s':>9s} {'vs HF':>7s} {'of limit':>8s} {'tau':>6s} {'same':>5s}"
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m")
@@ -142,26 +164,56 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--prefill-texts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--compile",
+        default="on",
+        choices=["on", "off"],
+        help="also measure the lean forward through torch.compile (model.compile=on; common/compile.py)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="bf16 only, batch 1 and 64, one prompt per row, 24 new tokens, the lean engine (eager and compiled) "
+        "and HF only, speculative rows at batch 1 (under 3 minutes on 2 cores, compile caches warm)",
+    )
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    bench_start(a, QUICK)
+    print(
+        f"target {a.target} on {a.device}, {torch.get_num_threads()} threads, drafter {a.drafter}, "
+        f"{a.max_new_tokens} new tokens, greedy, K={a.block_size}{' (--quick)' if a.quick else ''}",
+        flush=True,
+    )
     n_prompts = max(a.batch_sizes) * a.prompts_per_row
-    rows, meta = [], {"args": vars(a), "threads": torch.get_num_threads()}
+    rows, meta = [], {"args": vars(a), "threads": torch.get_num_threads(), "machine": describe()}
     for dt in a.dtypes:
         target = load_target(a.target, a.device, dt, quiet=True, forward="hf")
         hw = hardware(target.device, target.dtype)
         meta[dt] = hw
+        print(
+            f"{dt}: measured matmul peak {hw['matmul_gflops']:.0f} GFLOP/s, memory bandwidth "
+            f"{hw['bandwidth_gbs']:.1f} GB/s",
+            flush=True,
+        )
+        print(HEADER, flush=True)
         sp = split_prompts(load_prompt_set("champ-problems"), n_prompts, 0, "champ-problems")
         prompts, _ = encode_all(target.tokenizer, sp.eval, 1024, drop_long=False)
         drafter = drafter_for_target(a.drafter, target)
-        variants = {"engine_hf_fwd": with_forward(target, HFForward(target.model))}
-        if target.dtype != torch.float32 and target.device.type == "cpu":
+        variants = {} if a.quick else {"engine_hf_fwd": with_forward(target, HFForward(target.model))}
+        if target.dtype != torch.float32 and target.device.type == "cpu" and not a.quick:
             variants["engine_lean_nopack"] = with_forward(target, LeanForward(target.model, pack=False))
         lean = with_forward(target, LeanForward(target.model))
         variants["engine_lean"] = lean
+        spec_variants = [("", lean)] + ([] if a.quick else [("_hf_fwd", variants["engine_hf_fwd"])])
+        if a.compile == "on":
+            compiled = with_forward(target, LeanForward(target.model, compile="on"))
+            variants["engine_lean_compiled"] = compiled
+            spec_variants.append(("_compiled", compiled))
         for b in a.batch_sizes:
-            ps = prompts[: max(4, b * a.prompts_per_row)] if b > 1 else prompts[:4]
+            n_b1 = 2 if a.quick else 4
+            ps = prompts[: max(n_b1, b * a.prompts_per_row)] if b > 1 else prompts[:n_b1]
             ctx = sum(map(len, ps)) / len(ps) + a.max_new_tokens / 2
             hf_generate(target, ps[:b], b, 4)  # warm-up
             ref, hf_tps = hf_generate(target, ps, b, a.max_new_tokens)
@@ -170,61 +222,45 @@ def main() -> None:
             def add(method, tps, tau=None, match=1.0, extra=None, dt=dt, b=b, hf_tps=hf_tps, lim=lim):
                 rows.append({"dtype": dt, "method": method, "batch": b, "tokens_per_s": tps, "vs_hf": tps / hf_tps,
                              "vs_limit": tps / lim, "tau": tau, "same_as_hf": match, **(extra or {})})  # fmt: skip
+                print(fmt_row(rows[-1]), flush=True)
 
             add("hf_generate", hf_tps)
             for name, t in variants.items():
-                engine(t, None, ps[:b], b, 4, 0)
+                t0 = time.perf_counter()
+                engine(t, None, ps[:b], b, 4, 0)  # warm-up (a compiled forward compiles its graphs here)
+                warm = time.perf_counter() - t0
                 out, st = engine(t, None, ps, b, a.max_new_tokens, 0)
-                add(name, st.tokens_per_s, match=same(out, ref))
-            for name, t in (("", lean), ("_hf_fwd", variants["engine_hf_fwd"])):
+                add(name, st.tokens_per_s, match=same(out, ref), extra={"warmup_s": warm})
+                if "compiled" in name:
+                    print(f"  ({name} at batch {b}: warm-up call incl. compiling {warm:.1f} s)", flush=True)
+            if a.quick and b > 1:
+                continue  # --quick: speculative rows at batch 1 only
+            for name, t in spec_variants:
+                t0 = time.perf_counter()
                 engine(t, drafter, ps[:b], b, 4, a.block_size)
+                warm = time.perf_counter() - t0
                 out, st = engine(t, drafter, ps, b, a.max_new_tokens, a.block_size)
                 add(
                     f"spec_K{a.block_size}{name}",
                     st.tokens_per_s,
                     st.tau,
                     same(out, ref),
-                    {"draft_s": st.draft_s, "target_s": st.target_s},
+                    {"draft_s": st.draft_s, "target_s": st.target_s, "warmup_s": warm},
                 )
+                if "compiled" in name:
+                    print(f"  ({name} at batch {b}: warm-up call incl. compiling {warm:.1f} s)", flush=True)
         # teacher-forced prefill over target-length texts (prompt + answer), features of the drafter's layers
         texts = [(str(i), p + p[: a.max_new_tokens], len(p)) for i, p in enumerate(prompts[: a.prefill_texts])]
         ntok = sum(len(t) for _, t, _ in texts)
-        for name, t in (("prefill_hf_fwd", variants["engine_hf_fwd"]), ("prefill_lean", lean)):
+        pre = [("prefill_lean", lean)] + ([] if a.quick else [("prefill_hf_fwd", variants["engine_hf_fwd"])])
+        for name, t in pre:
             prefill(t, drafter.feature_layers, texts[:2], 16)
             t0 = time.perf_counter()
             prefill(t, drafter.feature_layers, texts, 16)
             tps = ntok / (time.perf_counter() - t0)
-            rows.append(
-                {
-                    "dtype": dt,
-                    "method": name,
-                    "batch": 8,
-                    "tokens_per_s": tps,
-                    "vs_hf": None,
-                    "vs_limit": None,
-                    "tau": None,
-                    "same_as_hf": None,
-                }
-            )
-    print(
-        f"target {a.target} on {a.device}, {torch.get_num_threads()} threads, drafter {a.drafter}, {a.max_new_tokens} new tokens, greedy, K={a.block_size}"
-    )
-    for dt in a.dtypes:
-        hw = meta[dt]
-        print(
-            f"{dt}: measured matmul peak {hw['matmul_gflops']:.0f} GFLOP/s, memory bandwidth {hw['bandwidth_gbs']:.1f} GB/s"
-        )
-    print(
-        f"{'dtype':9s} {'method':20s} {'batch':>5s} {'tok/s':>9s} {'vs HF':>7s} {'of limit':>8s} {'tau':>6s} {'same':>5s}"
-    )
-    for r in rows:
-        tau = f"{r['tau']:.2f}" if r["tau"] else "-"
-        vs = f"{r['vs_hf']:6.2f}x" if r["vs_hf"] is not None else "      -"
-        lim = f"{r['vs_limit']:7.0%}" if r["vs_limit"] is not None else "      -"
-        sm = f"{r['same_as_hf']:.2f}" if r["same_as_hf"] is not None else "-"
-        print(
-            f"{r['dtype']:9s} {r['method']:20s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {vs} {lim:>8s} {tau:>6s} {sm:>5s}"
-        )
+            rows.append({"dtype": dt, "method": name, "batch": 8, "tokens_per_s": tps, "vs_hf": None,
+                         "vs_limit": None, "tau": None, "same_as_hf": None})  # fmt: skip
+            print(fmt_row(rows[-1]), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({**meta, "rows": rows}, f, indent=1)

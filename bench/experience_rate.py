@@ -21,7 +21,11 @@ def main() -> None:
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--seconds", type=float, default=90)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: 1 and 2 actors, 20 s windows")
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(actors=[1, 2], seconds=20.0, max_new_tokens=32))
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray

@@ -42,7 +42,11 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: EAGLE-3 only, 8 prompts, 4 steps")
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(kinds=["eagle3"], prompts=8, steps=4))
     if a.threads:
         torch.set_num_threads(a.threads)
     target = load_target(a.target, "cpu", "auto", quiet=True)

@@ -55,7 +55,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="under 3 minutes on 2 cores: 4 prompts per round, 8 held-out x 64 tokens, 1 repeat",
+    )
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(prompts=4, eval_prompts=8, eval_max_new=64, repeats=1))
     torch.manual_seed(0)
     target = load_target(a.target, a.device, a.dtype)
     allp = load_prompt_set("champ")

@@ -24,7 +24,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--actors", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: 4 actors, 2 repeats")
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(actors=4, repeats=2))
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray

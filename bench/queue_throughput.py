@@ -95,7 +95,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--codec-only", action="store_true", help="skip the Ray measurement")
     ap.add_argument("--baseline", help="another checkout: measure its codec too, interleaved, and print the ratios")
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: 10 records x 3 rounds")
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(records=10, rounds=3))
     sides = {"this": (new_record, new_queue)}
     if a.baseline:
         sides["baseline"] = load_checkout(a.baseline)

@@ -21,7 +21,11 @@ def main() -> None:
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: 2 prompts x 48 tokens")
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(prompts=2, max_new_tokens=48))
     from transformers import AutoTokenizer
 
     from dopd.actors.actor import RolloutWorker

@@ -162,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actor", default=".*", help="regex for the actor label")
     ap.add_argument("--rate-interval", default="15s", help="window for rate(); >= 4x the scrape interval")
     ap.add_argument("--out", type=Path, default=Path("docs/dashboard_overview.png"))
+    ap.add_argument("--quick", action="store_true", help="under 3 minutes on 2 cores: one query range, as without it")
     args = ap.parse_args(argv)
+    from dopd.common.hardware import bench_start
+
+    bench_start(args, None)
     end = args.end if args.end is not None else time.time()
     start = args.start if args.start is not None else end - args.since
     path = render(

@@ -57,7 +57,13 @@ def main() -> None:
     ap.add_argument("--ttt", type=int, default=4, help="positions trained per token (EAGLE-3 unroll / block size K)")
     ap.add_argument("--nic-gb-s", type=float, default=12.5, help="one node's NIC (100 GbE)")
     ap.add_argument("--ib-gb-s", type=float, default=50.0, help="one GPU's InfiniBand link (400 Gb/s) for NCCL")
+    ap.add_argument(
+        "--quick", action="store_true", help="under 3 minutes on 2 cores: a computation: the same as without it"
+    )
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, None)
     taus = [float(t) for t in a.taus.split(",")]
     print("inputs: " + ", ".join(f"{k}={v}" for k, v in vars(a).items()))
     print("\n## bytes per token (3 feature layers, bf16) and per 500-token record")

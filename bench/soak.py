@@ -441,7 +441,13 @@ def main() -> None:
         "--num-cpus", type=int, default=8, help="CPUs the soak's Ray head advertises (actors/learners take 1 each)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--quick", action="store_true", help="under 3 minutes on 2 cores: a 1.5-minute soak with a 20 s throttle"
+    )
     a = ap.parse_args()
+    from dopd.common.hardware import bench_start
+
+    bench_start(a, dict(minutes=1.5, throttle_s=20.0))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the job and the Ray head on SIGTERM too
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     report = Soak(a).run()

@@ -33,14 +33,19 @@ class ModelConfig:
     """The target model that drafts are verified against."""
 
     target: str = "smollm2-135m"  # alias | local HF directory | hub id
-    # auto: bf16 where the device computes it natively (a CPU with AMX-BF16 or AVX512-BF16, a GPU with bf16), else
-    # float32 (the exactness reference); the target, its features and the drafting copy run in it, the learner
-    # computes in it with fp32 master weights
+    # auto: bf16 where the device computes it natively (a GPU with bf16; a CPU with AMX-BF16 or AVX512-BF16 where a
+    # micro-benchmark of the decode matmuls, run once per machine and cached under DOPD_CACHE, finds bf16 faster),
+    # else float32 (the exactness reference); the run's first lines say which and why; the target, its features and
+    # the drafting copy run in it, the learner computes in it with fp32 master weights
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"  # cpu | cuda | cuda:N
     # the engine's target forward: "lean" (fused, prepacked weights; Llama-family), "hf" (the Hugging Face modules,
     # the reference), "auto" (lean where the architecture has it)
     forward: Literal["auto", "lean", "hf"] = "auto"
+    # the lean forward's decode and verification steps through torch.compile (inductor C++/OpenMP on CPU with
+    # frozen prepacked weights, CUDA graphs on GPU; dynamic shapes; kernels cached under DOPD_CACHE/inductor): "on",
+    # "off", or "auto" (on where a measured check on this machine, target and dtype finds it faster; cached)
+    compile: Literal["auto", "on", "off"] = "off"
 
 
 @dataclass

@@ -297,6 +297,7 @@ class Target:
     info: TargetInfo
     fingerprint: str = ""
     forward_kind: str = "auto"  # the engine's forward: "auto" | "lean" | "hf" (common/target_forward.py)
+    compile: str = "off"  # model.compile: "auto" | "on" | "off" (common/compile.py; the lean forward's steps)
     _forward: object = field(default=None, repr=False, compare=False)
 
     @property
@@ -305,8 +306,22 @@ class Target:
         if self._forward is None:
             from .target_forward import forward_for
 
-            self._forward = forward_for(self.model, self.forward_kind)
+            self._forward = forward_for(self.model, self.forward_kind, self.compile_on())
         return self._forward
+
+    def compile_on(self) -> bool:
+        """Whether the engine's steps run compiled: `on`, or `auto` where the measured check says it pays (decided
+        once per machine, target and dtype; common/compile.py). Only the lean forward compiles."""
+        from .compile import check_mode, decide_auto
+
+        mode = check_mode(self.compile)
+        if mode == "off" or self.forward_kind == "hf":
+            return False
+        from .target_forward import LEAN_ARCHITECTURES, measure_steps
+
+        if self.model.config.model_type not in LEAN_ARCHITECTURES:
+            return False
+        return mode == "on" or decide_auto(self, measure_steps)
 
     @property
     def device(self) -> torch.device:
@@ -351,10 +366,19 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> str:
-    """`auto` -> "bfloat16" where the device computes it natively, else "float32"; other names are checked."""
+def resolve_dtype(dtype: str, device: str | torch.device = "cpu", quiet: bool = False) -> str:
+    """`auto` -> "bfloat16" where the device computes it natively and, on a CPU, a measured micro-benchmark of the
+    decode matmuls finds it faster than fp32 (`hardware.auto_cpu_dtype`: once per machine, cached under
+    DOPD_CACHE, the choice and its reason printed once per process), else "float32"; other names are checked."""
     if dtype == "auto":
-        return "bfloat16" if native_bf16(resolve_device(str(device))) else "float32"
+        dev = resolve_device(str(device))
+        if not native_bf16(dev):
+            return "float32"
+        if dev.type != "cpu":
+            return "bfloat16"
+        from .hardware import auto_cpu_dtype
+
+        return auto_cpu_dtype(quiet=quiet)[0]
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}' (use auto or one of {', '.join(DTYPES)})")
     return dtype
@@ -404,10 +428,19 @@ def attention_implementation(device: torch.device) -> str:
 
 
 def load_target(
-    name: str, device: str = "cpu", dtype: str = "float32", quiet: bool = False, forward: str = "auto"
+    name: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quiet: bool = False,
+    forward: str = "auto",
+    compile: str = "off",
 ) -> Target:
     """Resolve and load a target for inference (eval mode, no grads, SDPA attention). `dtype` may be "auto"
-    (`resolve_dtype`); fp32 is the default here because it is the exactness reference of the tests."""
+    (`resolve_dtype`); fp32 is the default here because it is the exactness reference of the tests. `compile`:
+    model.compile (auto | on | off) for the engine's decode and verification steps (common/compile.py)."""
+    from .compile import check_mode
+
+    check_mode(compile)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = resolve_dtype(dtype, device)
@@ -433,6 +466,7 @@ def load_target(
         info=info,
         fingerprint=fingerprint(path),
         forward_kind=forward,
+        compile=compile,
     )
 
 

@@ -15,6 +15,7 @@ Both return the logits of every fed position (when asked) and the target feature
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -135,11 +136,81 @@ def _fused(*linears: torch.nn.Linear, pack: bool = True) -> Linear:
     return fused
 
 
-class LeanForward(TargetForward):
-    """The Llama-family layer with fused, prepacked weights (see the module docstring)."""
+class LeanCore(torch.nn.Module):
+    """The lean step over the slot cache as one module, for `torch.compile` (common/compile.py): the fused weights
+    as parameters (so inductor's freezing folds and prepacks them), the cache tensors as inputs written in place.
+    Same arithmetic as `LeanForward.__call__` (HF's norm, rotary and activation modules)."""
 
-    def __init__(self, model: torch.nn.Module, pack: bool = True):
+    def __init__(self, lean: LeanForward):
+        super().__init__()
+        inner = lean.inner
+        self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
+        self.rope = lean.rope
+        self.d, self.H, self.Hkv = lean.head_dim, lean.heads, lean.kv_heads
+        self.layers = torch.nn.ModuleList()
+        for w in lean.layers:
+            m = torch.nn.Module()
+            m.ln1, m.ln2, m.act = w["ln1"], w["ln2"], w["act"]
+            m.q_norm, m.k_norm = w["q_norm"], w["k_norm"]
+            for name in ("qkv", "o", "gate_up", "down"):
+                lin = w[name]
+                if lin.weight is None:
+                    raise ValueError("LeanCore needs the plain (unpacked) weights: build LeanForward with pack=False")
+                setattr(m, f"{name}_w", torch.nn.Parameter(lin.weight, requires_grad=False))
+                setattr(m, f"{name}_b", None if lin.bias is None else torch.nn.Parameter(lin.bias, requires_grad=False))
+            m.scaling = w["scaling"]
+            self.layers.append(m)
+        self.head_w = torch.nn.Parameter(lean.head.weight, requires_grad=False)
+
+    def forward(self, ids, pos, mask, rows, slots, kv_len: int, Ks: list, Vs: list, want: tuple, want_logits: bool):
+        """`want`: one bool per hidden state 0..L (bools, not layer indices: dynamo treats ints as symbols and
+        `i in (ints)` then misjudges; bools are specialised, so each feature set gets its own graph)."""
+        b, T = ids.shape
+        d, H, Hkv = self.d, self.H, self.Hkv
+        h = self.embed(ids)
+        cos, sin = self.rotary(h, position_ids=pos)
+        feats = []
+        for i, m in enumerate(self.layers):
+            if want[i]:
+                feats.append(h)
+            x = m.ln1(h)
+            q, k, v = F.linear(x, m.qkv_w, m.qkv_b).split([H * d, Hkv * d, Hkv * d], dim=-1)
+            q, k, v = q.view(b, T, H, d), k.view(b, T, Hkv, d), v.view(b, T, Hkv, d)
+            if m.q_norm is not None:
+                q, k = m.q_norm(q), m.k_norm(k)
+            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            K, V = Ks[i], Vs[i]
+            r = torch.arange(K.shape[0], device=K.device) if rows is None else rows
+            K[r[:, None], :, slots] = k.transpose(1, 2).to(K.dtype)
+            V[r[:, None], :, slots] = v.to(V.dtype)
+            if rows is None:
+                Kr, Vr = K[:, :, :kv_len], V[:, :, :kv_len]
+            else:
+                Kr, Vr = K[:, :, :kv_len].index_select(0, rows), V[:, :, :kv_len].index_select(0, rows)
+            att = F.scaled_dot_product_attention(q, Kr, Vr, attn_mask=mask, scale=m.scaling, enable_gqa=Hkv != H)
+            h = h + F.linear(att.transpose(1, 2).reshape(b, T, H * d), m.o_w, m.o_b)
+            x = m.ln2(h)
+            gate, up = F.linear(x, m.gate_up_w, m.gate_up_b).chunk(2, dim=-1)
+            h = h + F.linear(m.act(gate) * up, m.down_w, m.down_b)
+        last = self.norm(h)
+        if want[len(self.layers)]:
+            feats.append(last)
+        logits = F.linear(last, self.head_w) if want_logits else None
+        return logits, (torch.cat(feats, dim=-1) if feats else None), last
+
+
+class LeanForward(TargetForward):
+    """The Llama-family layer with fused, prepacked weights (see the module docstring). `compile="on"`: decode and
+    verification steps (not the causal prefill, whose shapes vary with every prompt) run `LeanCore` through
+    `torch.compile` (common/compile.py); the weights are then left unpacked for inductor to pack."""
+
+    def __init__(self, model: torch.nn.Module, pack: bool = True, compile: str = "off"):
         super().__init__(model)
+        if compile not in ("on", "off"):
+            raise ValueError(
+                f"LeanForward compile must be on or off (auto is decided by common/compile.py), got {compile!r}"
+            )
+        pack = pack and compile == "off"
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         cfg = model.config
@@ -170,6 +241,12 @@ class LeanForward(TargetForward):
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head = Linear(model.lm_head.weight.detach(), pack=pack)
+        self._compiled = None
+        if compile == "on":
+            from .compile import compile_step
+
+            self.core = LeanCore(self)
+            self._compiled = compile_step(self.core, model.lm_head.weight.device)
 
     @torch.no_grad()
     def __call__(
@@ -177,6 +254,17 @@ class LeanForward(TargetForward):
     ) -> ForwardOut:
         if cache is not None:
             cache.prepare(rows, pos, kv_len)
+        if self._compiled is not None and cache is not None and not causal:
+            want = tuple(sorted(set(feature_layers or ())))
+            flags = tuple(i in want for i in range(self.num_layers + 1))
+            logits, feats, last = self._compiled(
+                ids, pos, attention_mask(pos, kv_len), rows, pos, kv_len, cache.k, cache.v, flags, want_logits
+            )
+            if feature_layers and list(want) != list(feature_layers):  # the caller's order (and repeats)
+                H = last.shape[-1]
+                by = {i: feats[..., j * H : (j + 1) * H] for j, i in enumerate(want)}
+                feats = torch.cat([by[i] for i in feature_layers], dim=-1)
+            return ForwardOut(logits, feats, last)
         b, T = ids.shape
         d, H, Hkv = self.head_dim, self.heads, self.kv_heads
         h = self.inner.embed_tokens(ids)
@@ -209,10 +297,36 @@ class LeanForward(TargetForward):
         return ForwardOut(self.head(last) if want_logits else None, features, last)
 
 
-def forward_for(model: torch.nn.Module, kind: str = "auto") -> TargetForward:
-    """`kind`: "hf" (reference), "lean", or "auto" (lean where the architecture has one, else HF)."""
+def forward_for(model: torch.nn.Module, kind: str = "auto", compiled: bool = False) -> TargetForward:
+    """`kind`: "hf" (reference), "lean", or "auto" (lean where the architecture has one, else HF); `compiled`: the
+    lean forward's steps through torch.compile."""
     if kind not in ("auto", "hf", "lean"):
         raise ValueError(f"unknown target forward '{kind}' (auto | hf | lean)")
     if kind == "hf" or (kind == "auto" and model.config.model_type not in LEAN_ARCHITECTURES):
         return HFForward(model)
-    return LeanForward(model)
+    return LeanForward(model, compile="on" if compiled else "off")
+
+
+def measure_steps(target, batches=(1, 16), steps: int = 5) -> tuple[dict[int, float], dict[int, float]]:
+    """Best-of-`steps` seconds of one plain decode step at each row count, eager lean vs compiled lean."""
+    cfg = target.model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dev = target.device
+    out = ({}, {})
+    fwds = (LeanForward(target.model), LeanForward(target.model, compile="on"))
+    L = 64
+    for b in batches:
+        ids = torch.randint(0, cfg.vocab_size, (b, L), generator=torch.Generator().manual_seed(0)).to(dev)
+        for which, fwd in enumerate(fwds):
+            cache = SlotCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, d, L + 8, dev, target.dtype)
+            fwd(ids[:, :-1], torch.arange(L - 1, device=dev).expand(b, L - 1), cache, None, L - 1, causal=True)
+            pos = torch.full((b, 1), L - 1, device=dev)
+            best = float("inf")
+            for _ in range(steps + 2):
+                t0 = time.perf_counter()
+                fwd(ids[:, -1:], pos, cache, None, L)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                best = min(best, time.perf_counter() - t0)
+            out[which][b] = best
+    return out

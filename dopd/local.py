@@ -31,7 +31,7 @@ class InProcess(Backend):
         torch.manual_seed(cfg.seed)
         check_sources(cfg)  # a missing data file is named before the target is loaded
         self.target = target or load_target(
-            cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward
+            cfg.model.target, cfg.model.device, cfg.model.dtype, forward=cfg.model.forward, compile=cfg.model.compile
         )
         t = self.target
         self.target_info = t.info.to_dict()
