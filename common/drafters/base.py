@@ -365,6 +365,15 @@ class Drafter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draft K tokens from every anchor at once: (target ids, raw log-probs, processed q(d)), each [B,M,K]."""
 
+    def _sample_blocks(
+        self, h: torch.Tensor, temperature: float, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`draft_blocks` for a kind whose K block positions come from one forward: sample every position of the
+        hidden states h [B,M,K,H] at once and return (target ids, raw log-probs, processed q(d)), each [B,M,K]."""
+        B, M, K = h.shape[:3]
+        ids, _, qt, lp, _ = self._sample(self.logits(h).reshape(B * M * K, -1), temperature, 1.0, generator)
+        return ids.view(B, M, K), lp.view(B, M, K), qt.view(B, M, K)
+
     # --- persistence ----------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         write_drafter(path, self.spec, self.state_dict())

@@ -174,8 +174,7 @@ class DVIDrafter(Drafter):
         h = self.block_hidden(
             tokens, features, lengths, anchors, torch.zeros(B, M, K, dtype=torch.long, device=anchors.device)
         )
-        ids, _, qt, lp, _ = self._sample(self.logits(h).reshape(B * M * K, -1), temperature, 1.0, generator)
-        return ids.view(B, M, K), lp.view(B, M, K), qt.view(B, M, K)
+        return self._sample_blocks(h, temperature, generator)
 
     # --- inference (the shared layers, early exit) -------------------------------------------------------------
     def new_state(self, batch, max_len, device, dtype) -> DraftState:

@@ -108,10 +108,7 @@ class PEagleDrafter(Eagle3Drafter):
 
     @torch.no_grad()
     def draft_blocks(self, tokens, features, lengths, anchors, K, temperature=0.0, generator=None):
-        h = self._parallel(tokens, features, lengths, anchors, K)
-        B, M = anchors.shape
-        ids, _, qt, lp, _ = self._sample(self.logits(h).reshape(B * M * K, -1), temperature, 1.0, generator)
-        return ids.view(B, M, K), lp.view(B, M, K), qt.view(B, M, K)
+        return self._sample_blocks(self._parallel(tokens, features, lengths, anchors, K), temperature, generator)
 
     @torch.no_grad()
     def propose(
