@@ -7,7 +7,7 @@
 Part 1 (records/s): the same prompts, seen before (their greedy text and prefill are cached, as for a prompt
 revisited in a later epoch), rolled out into experience records by the shared recipe (`ExperienceMaker.records`)
 with `rollout.path=engine` (speculative decoding step by step) and `rollout.path=auto` (re-segmentation of the
-cached text), for EAGLE-3's official recipe (no target forward per round) and DFlash's (the drafted tails after a
+cached text), for EAGLE-3's official recipe [docs/recipes.md R10] (no target forward per round) and DFlash's (the drafted tails after a
 first rejection scored by the target). Both paths produce the same records (tests/test_resegment.py).
 Part 2 (seconds): held-out tau by decoding (the engine, no baseline) vs simulated from the cached text, same
 drafter, same prompts; both taus are printed (they are equal by construction, and tested).

@@ -377,3 +377,26 @@ def test_readme_lists_every_recipe_difference():
     from dopd.common.recipes import recipe_table
 
     assert recipe_table() in (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+
+
+def test_every_citation_names_a_row_of_docs_recipes_md():
+    """Each `[docs/recipes.md R..]` citation in the code and docs names rows that exist (a row removed or renumbered
+    fails here with the file), and no file cites a path outside the repository (../shared, ../notes)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    rows = set(re.findall(r"^\| (R\d+) \|", (root / "docs" / "recipes.md").read_text(), re.M))
+    assert {"R1", "R10", "R17", "R20"} <= rows
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=root, capture_output=True, text=True).stdout.split()
+    cited, bad = 0, []
+    for f in files:
+        text = (root / f).read_text()
+        bad += [f"{f}: {m}" for m in re.findall(r"\.\./(?:shared|notes)/\S+", text)]
+        for group in re.findall(r"\[docs/recipes\.md ([^\]]+)\]", text):
+            for a, b in re.findall(r"R(\d+)(?:\s*-\s*R(\d+))?", group):
+                named = {f"R{i}" for i in range(int(a), int(b or a) + 1)}
+                cited += 1
+                bad += [f"{f}: [docs/recipes.md {group}] names {r}, not a row" for r in sorted(named - rows)]
+    assert cited > 20 and not bad, bad

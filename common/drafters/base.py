@@ -130,8 +130,9 @@ class Proposal:
 
 class Drafter(nn.Module):
     """A drafter kind is one subclass in one file, registered with `@register_kind`. Besides its forwards it
-    declares its defaults: the feature layers it reads, its SFT plan, the loss settings of its official recipe and
-    the server formats it exports to; nothing else in dopd branches on the kind's name."""
+    declares its defaults: the feature layers it reads, its SFT plan, the loss settings of its official recipe (its
+    docstring cites the docs/recipes.md rows) and the server formats it exports to; nothing else in dopd branches on
+    the kind's name."""
 
     kind: str = "base"
     # the loss settings of this kind's official recipe, filled into `loss.*` keys the config leaves unset (at load)
