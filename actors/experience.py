@@ -3,7 +3,7 @@
 `ExperienceMaker` holds a target and the run config; the in-process runner (dopd/local.py) and every Ray rollout
 actor (actors/actor.py) call the same methods, so the two runners cannot drift apart. A prompt item is (id, prompt
 ids), or (id, prompt ids, answer ids) with data.answers=as_is: the target's text for it is then the dataset's
-answer, teacher-forced (`common/target_text.py`), in the SFT data and in the rounds alike.
+answer, teacher-forced (`actors/target_text.py`), in the SFT data and in the rounds alike.
 
 A round (`records`):
 1. roll out with the current drafter: at T = 0 by re-segmenting the cached greedy text (`actors/resegmented.py`),
@@ -34,11 +34,11 @@ from dopd.common.greedy import prefill
 from dopd.common.models import Target
 from dopd.common.record import SOURCE_SHUFFLED, STREAM_ACC, STREAM_REJ, Blocks, ExperienceRecord, TeacherRecord
 from dopd.common.specdec import DecodeSettings, tau_alpha
-from dopd.common.target_text import text_data
 
 from .replay import Replayer, choose_anchors
 from .resegmented import resegmented_rollout
 from .rollout import Rolled, acc_only, engine_rollout
+from .target_text import text_data
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..models import TargetInfo
+from ..registry import Registry
 from ..sampling import processed_probs, sample
 
 if TYPE_CHECKING:
@@ -63,15 +64,9 @@ class DrafterSpec:
         return self.draft_vocab_size is not None or self.train_lm_head
 
 
-KINDS: dict[str, type[Drafter]] = {}
-
-
-def register_kind(cls: type[Drafter]) -> type[Drafter]:
-    """Class decorator: a drafter kind registers itself under `cls.kind` (the value of `drafter.kind`)."""
-    if cls.kind in KINDS and KINDS[cls.kind] is not cls:
-        raise ModelError(f"two drafter kinds named '{cls.kind}': {KINDS[cls.kind].__qualname__} and {cls.__qualname__}")
-    KINDS[cls.kind] = cls
-    return cls
+KINDS: Registry[type[Drafter]] = Registry("drafter kinds", "drafter.kind", attr="kind", error=ModelError)
+# class decorator: a drafter kind registers itself under `cls.kind` (the value of `drafter.kind`)
+register_kind = KINDS.register
 
 
 def kind_class(kind: str) -> type[Drafter]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dopd.common.config import Config
-from dopd.common.errors import ConfigError
+from dopd.common.registry import Registry
 
 from ..losses import EPS, LossParts
 
@@ -122,14 +122,6 @@ def logq(drafter: Drafter, b: TrainBatch) -> torch.Tensor:
     return torch.log_softmax(drafter.logits(h).float(), dim=-1)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: an objective registers itself under `cls.name` (the value of `loss.objective`)."""
-    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
-        raise ConfigError(
-            f"two objectives named '{cls.name}': {OBJECTIVES[cls.name].__qualname__} and {cls.__qualname__}"
-        )
-    OBJECTIVES[cls.name] = cls
-    return cls
+OBJECTIVES: Registry[type[Objective]] = Registry("objectives", "loss.objective")
+# class decorator: an objective registers itself under `cls.name` (the value of `loss.objective`)
+register = OBJECTIVES.register
