@@ -240,3 +240,39 @@ def objective_loss(
     drafter = FixedLogits(logits, t2d)
     mask = obj.mask(batch, t2d)
     return obj.loss(drafter, batch, mask, step, denom), mask
+
+
+def random_drafter(tiny, kind="eagle3", layers=1, reduced=False, seed=0, spec=None, **cfg):
+    """A drafter of `kind` with every weight perturbed (norms included, so a swapped or missing norm shows), a RoPE
+    base other than the target's (so a lost rope_theta shows) and, when reduced, an UNSORTED draft vocabulary; the
+    export and interop tests (test_export, test_peagle) compare its logits with an independent implementation's.
+    spec: DrafterSpec fields set after `spec_for` (e.g. P-EAGLE's mask_token_id); cfg: DrafterConfig fields. DFlash's
+    MASK (`mask_embedding`) stays the embedding row of mask_token_id (z-lab's rule)."""
+    from dataclasses import replace
+
+    from dopd.common.config import DrafterConfig
+    from dopd.common.drafters import KINDS, spec_for
+
+    g = torch.Generator().manual_seed(seed)
+    dcfg = DrafterConfig(kind=kind, num_layers=layers, draft_vocab_size=100 if reduced else None, **cfg)
+    s = replace(spec_for(dcfg, tiny.info, tiny.model.config), rope_theta=5e4, **(spec or {}))
+    ids = torch.randperm(tiny.info.vocab_size, generator=g)[:100] if reduced else None
+    d = KINDS[kind](s, tiny.embed_tokens.weight, tiny.lm_head.weight, ids)
+    with torch.no_grad():
+        for n, p in d.named_parameters():
+            if "mask_embedding" not in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return d.eval()
+
+
+def target_states(tiny, S: int):
+    """One random sequence of S tokens (seed 1) and the target's hidden states for it."""
+    tok = torch.randint(0, tiny.info.vocab_size, (1, S), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hs = tiny.model(tok, output_hidden_states=True).hidden_states
+    return tok, hs
+
+
+def features(d, hs):
+    """The drafter's input features: its feature layers' hidden states, concatenated."""
+    return torch.cat([hs[i] for i in d.feature_layers], -1)
