@@ -291,15 +291,14 @@ def test_official_eagle3_ttt_soft_ce_loss_and_gradient():
     hid[0, 1, 2, 5] = 9.0  # this step's target argmax is outside the draft vocabulary: masked
     top1 = hid.argmax(-1)
     valid = torch.ones(1, 2, Kt, dtype=torch.bool)
-    Tt = BlockTargets(
-        top1[..., None],
-        torch.full((1, 2, Kt, 1), 0.5),
-        torch.full((1, 2, Kt), 0.5),
-        top1,
-        torch.full((1, 2, Kt), 0.5),
-        valid.clone(),
-        valid,
-    )
+
+    def blocks() -> BlockTargets:  # every position valid, labelled by the target's argmax (p 0.5, tail 0.5)
+        return BlockTargets(
+            top1[..., None], torch.full((1, 2, Kt, 1), 0.5), torch.full((1, 2, Kt), 0.5), top1,
+            torch.full((1, 2, Kt), 0.5), valid.clone(), valid,
+        )  # fmt: skip
+
+    Tt = blocks()
     Tt.hidden, Tt.hidden_ok = hid, valid.clone()
     sw = torch.tensor([1.0, 0.8, 0.64])
     ttt = SimpleNamespace(
@@ -313,15 +312,7 @@ def test_official_eagle3_ttt_soft_ce_loss_and_gradient():
         response_tokens=9,
     )
     # the rollout's verification blocks: none feeds a stream (lambda_rej = 0, the TTT blocks are the accepted stream)
-    Tb = BlockTargets(
-        top1[..., None],
-        torch.full((1, 2, Kt, 1), 0.5),
-        torch.full((1, 2, Kt), 0.5),
-        top1,
-        torch.full((1, 2, Kt), 0.5),
-        valid.clone(),
-        valid,
-    )
+    Tb = blocks()
     Tb.acc_block = torch.zeros(1, 2, dtype=torch.bool)
     batch = batch_of(Tb, 9)
     batch.ttt = ttt
