@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dopd.common.config import Config
+from dopd.common.errors import ConfigError
 from dopd.common.registry import Registry
 
 from ..losses import EPS, LossParts
@@ -120,6 +121,25 @@ def logq(drafter: Drafter, b: TrainBatch) -> torch.Tensor:
     """The drafter's log-distribution at every block position of a batch (the inference-identical block forward)."""
     h = drafter.block_hidden(b.tokens, b.features, b.lengths, b.anchors, b.block_tokens)
     return torch.log_softmax(drafter.logits(h).float(), dim=-1)
+
+
+class BlockObjective(Objective):
+    """An objective over the rollout's own verification blocks only (DVI, Bebop's expected length, exact TV, LK):
+    no rejected stream, no extra or shuffled anchors; `check` refuses settings that would train anything else."""
+
+    defaults: ClassVar[dict[str, Any]] = {"response": "blocks", "lambda_rej": 0.0}
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        lc, what = cfg.loss, f"loss.objective={cfg.loss.objective}"
+        if lc.response != "blocks":
+            raise ConfigError(
+                f"{what} trains the rollout's verification blocks: loss.response must be blocks (got {lc.response})"
+            )
+        if lc.lambda_rej:
+            raise ConfigError(f"{what} has no rejected stream: loss.lambda_rej must be 0 (got {lc.lambda_rej})")
+        if cfg.replay.extra != "none" or cfg.replay.anchors != "rollout":
+            raise ConfigError(f"{what} trains the rollout's own blocks: replay.extra=none and replay.anchors=rollout")
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objectives", "loss.objective")
