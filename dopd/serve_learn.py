@@ -78,7 +78,9 @@ class Learning:
             )
         except BaseException as e:  # noqa: BLE001 - whatever ends learning must not end serving
             self.error = traceback.format_exc()[-3000:]
-            self.log(f"dopd serve: learning stopped ({type(e).__name__}: {e}); serving goes on. Resume it with --resume")
+            self.log(
+                f"dopd serve: learning stopped ({type(e).__name__}: {e}); serving goes on. Resume it with --resume"
+            )
 
     def start(self) -> Learning:
         self.thread.start()
