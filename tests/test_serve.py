@@ -11,8 +11,9 @@ import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
-import httpx
 import pytest
 
 from dopd.common.config import DrafterConfig
@@ -23,6 +24,16 @@ from dopd.common.specdec import DecodeSettings, SpecEngine
 pytestmark = pytest.mark.ray
 
 MODEL = "tiny-random-llama"
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, str]:
+    """(status, text) of one plain HTTP request (the stdlib: the bad requests are sent as raw bytes)."""
+    req = urllib.request.Request(url, data=body, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
 def free_port() -> int:
@@ -52,9 +63,9 @@ def server(ray_session, tiny, tmp_path_factory):
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            if http("GET", f"{url}/health", timeout=5)[0] == 200:
                 break
-        except httpx.HTTPError:
+        except OSError:
             pass
         time.sleep(0.5)
     yield url
@@ -141,7 +152,7 @@ def test_sampling_with_top_p_answers(client):
 
 
 def _info(server):
-    return httpx.get(f"{server}/health", timeout=30).json()
+    return json.loads(http("GET", f"{server}/health")[1])
 
 
 @pytest.mark.parametrize(
@@ -158,9 +169,9 @@ def _info(server):
 )  # fmt: skip
 def test_bad_requests_get_a_4xx_naming_the_problem(server, client, body, status, code, words):
     before = _info(server)["pid"]
-    r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
+    code_, text = http("POST", f"{server}/v1/completions", body)
+    assert code_ == status, text
+    err = json.loads(text)["error"]
     assert err["code"] == code and words in err["message"], err
     assert set(err) == {"message", "type", "param", "code"}
     # the replica is the same process and still answers
@@ -199,7 +210,7 @@ def test_non_loopback_without_a_key_is_refused(monkeypatch, tmp_path):
 
 def test_metrics_and_health(server, client):
     client.completions.create(model=MODEL, prompt="count tokens", max_tokens=6, temperature=0)
-    text = httpx.get(f"{server}/metrics", timeout=30).text
+    text = http("GET", f"{server}/metrics")[1]
     for name in ("dopd_serve_generated_tokens_total", "dopd_serve_tau", "dopd_serve_ttft_seconds_bucket",
                  "dopd_serve_request_seconds_count", "dopd_serve_in_flight", "dopd_serve_policy_version"):  # fmt: skip
         assert name in text, name
