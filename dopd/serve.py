@@ -13,8 +13,8 @@ offer it each finished request's token ids (fire and forget: serving never waits
 drafter weights, swapped in between engine steps.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Serve's ingress wraps the route methods, and FastAPI must resolve
+# their `Request` annotations as real classes (as strings they resolve in the wrapper's module and the routes 422)
 import asyncio
 import hashlib
 import hmac
