@@ -87,6 +87,7 @@ class RolloutFleet:
         prompts: list,
         log: Callable = print,
         on_restart: Callable | None = None,
+        feed=None,
     ):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -105,7 +106,7 @@ class RolloutFleet:
                 max_restarts=c.max_actor_restarts,
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(cfg.to_dict(), i, per_actor[i] or prompts, routes[i])
+            ).remote(cfg.to_dict(), i, per_actor[i] or prompts, routes[i], feed)
             for i in range(N)
         ]
         self.known: dict[int, int] = {}  # actor index -> incarnation
