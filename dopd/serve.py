@@ -196,6 +196,7 @@ class DopdServer:
         self.started = time.time()
         self.feed = None
         self.policy_version = 0
+        self.feed_version = -1  # the newest feed version swapped in (the feed says -1 before its first publish)
         if opts.feed_name:
             threading.Thread(target=self._follow_feed, name="dopd-feed", daemon=True).start()
 
@@ -237,8 +238,9 @@ class DopdServer:
         while True:
             try:
                 version, box = ray.get(self.feed.latest.remote(), timeout=30)
-                if box and version > self.policy_version:
-                    self.set_drafter_weights(ray.get(box[0]), version)
+                if box and version > self.feed_version:
+                    self.set_drafter_weights(ray.get(box[0], timeout=60), version)
+                    self.feed_version = version
             except Exception:  # a learner or feed restart: serving goes on, the next poll retries
                 pass
             time.sleep(1.0)
@@ -251,7 +253,7 @@ class DopdServer:
             m.ttft.labels(self.replica).observe(r.first_token_at - r.submitted)
             if len(r.output_ids) > 1:
                 m.per_token.labels(self.replica).observe((now - r.first_token_at) / (len(r.output_ids) - 1))
-        if self.feed is not None and r.learn:
+        if self.feed is not None and r.learn and r.output_ids:
             rec = {"id": r.rid, "prompt": list(r.prompt_ids), "output": list(r.output_ids), "replica": self.replica}
             self.feed.offer.remote([rec])  # fire and forget: never waited on
             m.offered.labels(self.replica).inc()

@@ -52,12 +52,15 @@ def eagle(tiny, seed):
 @pytest.fixture(scope="module")
 def server(ray_session, tiny, tmp_path_factory):
     from dopd import serve as dserve
+    from dopd.traffic import FEED_NAME, feed_actor
 
+    feed_actor(64)  # the learning side's feed: replicas offer it finished requests and poll it for weights
     d = tmp_path_factory.mktemp("serve_drafter")
     eagle(tiny, 0).save_pretrained(d)
     opts = dserve.ServeOptions(
         target=MODEL, drafter=str(d), port=free_port(), block_size=3, batch_size=4, max_tokens=64,
         max_prompt_tokens=512, max_body_bytes=200_000, max_concurrent=16, replica_num_cpus=1,
+        feed_name=FEED_NAME,
     )  # fmt: skip
     url = dserve.start(opts)
     deadline = time.time() + 120
@@ -216,6 +219,44 @@ def test_metrics_and_health(server, client):
         assert name in text, name
     h = _info(server)
     assert h["status"] == "ok" and h["steps"] > 0
+
+
+def test_finished_requests_feed_learning_unless_opted_out(tiny, server, client, ray_session):
+    """What `--learn` builds on: a finished request's token ids reach the traffic feed (fire and forget); a request
+    that opts out (body field or header) does not; weights the learner publishes to the feed reach the replica."""
+    from dopd.serve import handle
+    from dopd.traffic import FEED_NAME
+
+    ray = ray_session
+    feed = ray.get_actor(FEED_NAME, namespace="dopd")
+
+    def drain(wait):
+        return ray.get(feed.take.remote(1000, wait))
+
+    deadline = time.time() + 30
+    while drain(0.5) and time.time() < deadline:  # what earlier tests offered
+        pass
+    prompt = [int(t) for t in tiny.tokenizer.encode("learn from me", add_special_tokens=False)]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
+    got = drain(10.0)
+    assert len(got) == 1, got
+    rid, p, o, replica = got[0]
+    assert (p, len(o)) == (prompt, r.usage.completion_tokens) and rid == r.id and replica
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, extra_body={"dopd_learn": False})
+    client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0, extra_headers={"X-Dopd-Learn": "0"}
+    )
+    assert drain(2.0) == []
+
+    h = handle()
+    v0 = h.info.remote().result()["weights_version"]
+    sd = {k: v.numpy() for k, v in eagle(tiny, 55).state_dict().items()}
+    feed.publish.remote([ray.put(sd)], 7)
+    deadline = time.time() + 60
+    while (info := h.info.remote().result())["weights_version"] == v0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert info["policy_version"] == 7 and info["weights_version"] == v0 + 1
+    assert "dopd_serve_policy_version" in http("GET", f"{server}/metrics")[1]
 
 
 def test_greedy_is_lossless_while_weights_swap_under_load(tiny, server):
