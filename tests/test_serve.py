@@ -54,7 +54,9 @@ def server(ray_session, tiny, tmp_path_factory):
     from dopd import serve as dserve
     from dopd.traffic import FEED_NAME, feed_actor
 
-    feed_actor(64)  # the learning side's feed: replicas offer it finished requests and poll it for weights
+    feed = feed_actor(
+        64
+    )  # (kept referenced: a non-detached actor dies with its last handle) the learning side's feed: replicas offer it finished requests and poll it for weights
     d = tmp_path_factory.mktemp("serve_drafter")
     eagle(tiny, 0).save_pretrained(d)
     opts = dserve.ServeOptions(
@@ -73,6 +75,7 @@ def server(ray_session, tiny, tmp_path_factory):
         time.sleep(0.5)
     yield url
     dserve.stop()
+    del feed
 
 
 @pytest.fixture(scope="module")
