@@ -54,9 +54,9 @@ def server(ray_session, tiny, tmp_path_factory):
     from dopd import serve as dserve
     from dopd.traffic import FEED_NAME, feed_actor
 
-    feed = feed_actor(
-        64
-    )  # (kept referenced: a non-detached actor dies with its last handle) the learning side's feed: replicas offer it finished requests and poll it for weights
+    # the learning side's feed: replicas offer it finished requests and poll it for weights (kept referenced until
+    # teardown: a non-detached actor dies with its last handle)
+    feed = feed_actor(64)
     d = tmp_path_factory.mktemp("serve_drafter")
     eagle(tiny, 0).save_pretrained(d)
     opts = dserve.ServeOptions(
