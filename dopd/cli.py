@@ -507,8 +507,9 @@ def data_inspect(
         json_out.write_text(json.dumps(rep, indent=1))
 
 
-@app.command("serve")
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def serve_cmd(
+    ctx: typer.Context,
     drafter: str | None = typer.Option(
         None, help="drafter directory (or init-<kind>); none: the target alone (plain decoding, block size 0)"
     ),
@@ -528,13 +529,33 @@ def serve_cmd(
     model_name: str | None = typer.Option(None, help="the model id clients send (default: the target's name)"),
     dtype: str = typer.Option("float32", help="target dtype (float32 | bfloat16 | auto)"),
     threads: int = typer.Option(1, help="torch threads per replica"),
+    learn: bool = typer.Option(
+        False, help="train the drafter on the served requests (Draft-OPD on the traffic; docs/serve.md)"
+    ),
+    learners: int = typer.Option(1, help="--learn: DeepSpeed ZeRO learner ranks"),
+    learn_actors: int = typer.Option(1, help="--learn: rollout actors re-segmenting the served answers"),
+    out: Path = typer.Option(Path("runs/serve"), "--out", "-o", help="--learn: the learning run's directory"),
+    resume: Path | None = typer.Option(None, help="--learn: continue the learning run in this directory"),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="--learn: YAML config of the learning run; key=value arguments override it"
+    ),
 ) -> None:
     """An OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on
-    Ray Serve, speculative decoding with the drafter; Ctrl-C stops it."""
+    Ray Serve, speculative decoding with the drafter; with --learn the drafter also learns from what it serves
+    (section.key=value arguments configure the learning run, as for `dopd train`). Ctrl-C stops it."""
     import time
 
     from dopd.serve import ServeOptions, check_bind, read_api_key, start, stop
 
+    overrides = list(ctx.args)
+    for a in overrides:
+        if "=" not in a:
+            _fail(DopdError(f"unexpected argument '{a}': overrides look like section.key=value"))
+    if resume is not None:
+        learn, out = True, resume
+    if overrides and not learn:
+        _fail(DopdError(f"key=value arguments ({overrides[0]} ...) configure the learning run: they need --learn"))
+    learning = None
     try:
         key = read_api_key(api_key_file)
         check_bind(host, key)  # before anything starts
@@ -551,10 +572,23 @@ def serve_cmd(
             block_size=block_size, batch_size=batch_size, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
             max_concurrent=max_concurrent, max_body_bytes=max_body_bytes, dtype=dtype, threads=threads,
         )  # fmt: skip
-        url = start(opts, api_key=key)
+        if learn:
+            from dopd.serve_learn import learn_config, serve_and_learn
+
+            cfg = learn_config(
+                target, drafter, out, learn_actors, learners, config, overrides, resume=resume is not None
+            )
+            url, learning = serve_and_learn(opts, cfg, key, resume=resume is not None, log=typer.echo)
+        else:
+            url = start(opts, api_key=key)
     except DopdError as e:
         _fail(e)
     typer.echo(f"serving {opts.model_name or target} at {url}/v1 ({replicas} replica(s), drafter {drafter or 'none'})")
+    if learning is not None:
+        typer.echo(
+            f"learning from the traffic: {learn_actors} actor(s), {learners} learner rank(s), run in {out}"
+            ' (requests opt out with "dopd_learn": false or the header X-Dopd-Learn: 0)'
+        )
     try:
         while True:
             time.sleep(3600)

@@ -14,8 +14,6 @@ import pytest
 from dopd.common.errors import DopdError
 from dopd.common.specdec import DecodeSettings, SpecEngine
 
-pytestmark = [pytest.mark.ray, pytest.mark.heavy]
-
 MODEL = "tiny-random-llama"
 TEXTS = ["hi", "write a function that sums a list", "2+2=?", "tell me a story", "ok", "why", "abc", "xyz"]
 
@@ -35,6 +33,8 @@ def test_learn_needs_a_trained_drafter_directory(tmp_path):
         learn_config(MODEL, str(tmp_path), tmp_path / "run", 0, 1)
 
 
+@pytest.mark.ray
+@pytest.mark.heavy
 def test_serve_learn_answers_losslessly_while_the_drafter_learns(ray_session, tiny, trained_tiny_drafter, tmp_path):
     import openai
 
@@ -113,3 +113,21 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(ray_session, ti
             ray.kill(ray.get_actor(FEED_NAME, namespace="dopd"))
         except ValueError:
             pass
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--target", MODEL, "learner.steps=3"], "need --learn"),
+        (["--target", MODEL, "learner.steps"], "overrides look like section.key=value"),
+        (["--target", MODEL, "--drafter", "init-eagle3", "--learn"], "--drafter must be a drafter directory"),
+    ],
+)
+def test_serve_cli_refuses_a_learning_run_it_cannot_start(args, words):
+    """Each is refused before Ray or a model starts, with the flag that fixes it."""
+    from typer.testing import CliRunner
+
+    from dopd.cli import app
+
+    r = CliRunner().invoke(app, ["serve", *args])
+    assert r.exit_code != 0 and words in r.output, r.output
