@@ -318,13 +318,19 @@ def train_cmd(
     ctx: typer.Context,
     mode: str | None = typer.Option(None, help="sft | opd (default: the config's, opd)"),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config; key=value arguments override it"),
-    actors: int | None = typer.Option(None, help="rollout actors; given (>= 1) -> the Ray runner (runner=ray)"),
+    actors: int | None = typer.Option(
+        None, help="rollout actors (>= 1) -> the Ray runner (runner=ray); leave it out for the in-process runner"
+    ),
     learners: int | None = typer.Option(None, help="DeepSpeed ZeRO learner ranks (Ray runner)"),
     resume: Path | None = typer.Option(None, help="continue the run in this directory from its newest good checkpoint"),
     out: Path | None = typer.Option(None, help="output directory (= out_dir=...)"),
     threads: int | None = typer.Option(None, help="torch CPU threads (in-process runner)"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="print the resource plan and exit (status 2 when it does not fit); start nothing"
+    ),
 ) -> None:
-    """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks."""
+    """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks.
+    The run's resource plan (memory and cores per actor and learner rank, what is left) is printed first."""
     _setup_torch(threads)
     from dopd.common.load import load_config
     from dopd.train import train
@@ -337,7 +343,9 @@ def train_cmd(
         overrides.append(f"mode={mode}")
     if out is not None:
         overrides.append(f"out_dir={out}")
-    if actors is not None and actors > 0:
+    if actors is not None and actors < 1:
+        _fail(DopdError(f"--actors must be >= 1 (got {actors}); leave the flag out for the in-process runner"))
+    if actors is not None:
         overrides += ["runner=ray", f"cluster.actors={actors}"]
     if learners is not None:
         overrides.append(f"cluster.learners={learners}")
@@ -349,11 +357,45 @@ def train_cmd(
             cfg = load_config(saved, overrides + [f"out_dir={resume}"])
         else:
             cfg = load_config(config, overrides)
+        if dry_run:
+            _dry_run(cfg)
+        if cfg.runner == "local":  # the Ray runner prints its plan once it knows the cluster (dopd/driver.py)
+            from dopd.plan import Machine, check, make_plan
+
+            plan = make_plan(cfg, Machine.local())
+            typer.echo(plan.render())
+            check(plan)
         summary = train(cfg, resume=resume is not None)
         typer.echo(json.dumps(summary, indent=1))
         _next_steps(cfg)
     except DopdError as e:
         _fail(e)
+
+
+def _dry_run(cfg) -> None:
+    """Print the plan on this machine (or on the recorded / configured cluster, joined and left) and exit."""
+    from dopd.connection import cluster_address, join_cluster
+    from dopd.plan import Machine, make_plan
+
+    machine = None
+    if cfg.runner == "ray":
+        address = cluster_address(cfg)
+        if address:
+            join_cluster(address)
+            import ray
+
+            try:
+                machine = Machine.from_ray()
+            finally:
+                ray.shutdown()
+    plan = make_plan(cfg, machine or Machine.local())
+    typer.echo(plan.render())
+    if plan.warning():
+        typer.echo(plan.warning())
+    if not plan.fits:
+        typer.secho(f"dopd: error: {plan.refusal()}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(0)
 
 
 def _next_steps(cfg) -> None:

@@ -87,13 +87,19 @@ class RolloutFleet:
         prompts: list,
         log: Callable = print,
         on_restart: Callable | None = None,
+        env: dict[str, str] | None = None,
     ):
+        c = cfg.cluster
+        N = c.actors
+        if len(prompts) < N:  # an actor without prompts of its own would have rolled out everyone's
+            raise DopdError(
+                f"{N} rollout actors but only {len(prompts)} rollout prompts: each actor needs prompts of its own "
+                f"(use --actors {max(1, len(prompts))} or fewer, or more prompts)"
+            )
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        c = cfg.cluster
         self.cfg, self.log, self.on_restart = cfg, log, on_restart
         self.looping = False  # the actors' produce loops run (cluster.rollout=async, after the first publish)
-        N = c.actors
         Actor = remote_class("rollout")
         per_actor = [prompts[i::N] for i in range(N)]
         routes = actor_routes(shards, N)
@@ -105,7 +111,8 @@ class RolloutFleet:
                 max_restarts=c.max_actor_restarts,
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(cfg.to_dict(), i, per_actor[i] or prompts, routes[i])
+                **({"runtime_env": {"env_vars": env}} if env else {}),
+            ).remote(cfg.to_dict(), i, per_actor[i], routes[i])
             for i in range(N)
         ]
         self.known: dict[int, int] = {}  # actor index -> incarnation
@@ -288,7 +295,9 @@ def actor_routes(shards: list, N: int) -> list[list]:
 class LearnerGroup:
     """M learner ranks in one torch.distributed group; rank r reads shards s with s % M == r."""
 
-    def __init__(self, cfg: Config, name: str, pg, shards: list, first_bundle: int | None):
+    def __init__(
+        self, cfg: Config, name: str, pg, shards: list, first_bundle: int | None, env: dict[str, str] | None = None
+    ):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -300,6 +309,8 @@ class LearnerGroup:
         for r in range(M):
             mine = [shards[s] for s in range(S) if s % M == r] or [shards[r % S]]
             opts = {"name": f"{name}.learner.{r}", "num_cpus": c.learner_num_cpus, "num_gpus": c.learner_num_gpus}
+            if env:
+                opts["runtime_env"] = {"env_vars": env}
             if first_bundle is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=first_bundle + r
