@@ -435,9 +435,37 @@ def cluster_up(
     typer.echo("dopd train now runs on this cluster; stop it with: dopd cluster down")
 
 
+@cluster_app.command("join")
+def cluster_join(
+    address: str = typer.Argument(..., help="the head's HOST:PORT"),
+    token_file: Path | None = typer.Option(
+        None,
+        help="a file with the head's token (its ~/.ray/auth_token); passed to Ray in its environment, never on argv",
+    ),
+    num_cpus: int | None = typer.Option(None),
+    num_gpus: int | None = typer.Option(None),
+    host: str = typer.Option("127.0.0.1", help="address this node binds and advertises"),
+    object_store_memory: int | None = typer.Option(None, help="bytes"),
+    resources: str | None = typer.Option(None, help="custom resources of this node, JSON: '{\"node_b\": 1}'"),
+) -> None:
+    """Start a worker node of the cluster at ADDRESS on this machine (`dopd cluster down` stops it)."""
+    from dopd.cluster import join
+
+    try:
+        extra = json.loads(resources) if resources else None
+        info = join(address, token_file, num_cpus, num_gpus, host, object_store_memory, extra)
+    except json.JSONDecodeError as e:
+        _fail(DopdError(f"--resources is not JSON: {e}"))
+    except DopdError as e:
+        _fail(e)
+    typer.echo(
+        f"ray: worker of {info['address']} ({len(info['processes'])} processes started; stop: dopd cluster down)"
+    )
+
+
 @cluster_app.command("down")
 def cluster_down() -> None:
-    """Stop what `dopd cluster up` started."""
+    """Stop what `dopd cluster up` / `join` started on this machine (the processes it recorded), nothing else."""
     from dopd.cluster import down
 
     for line in down():
@@ -446,7 +474,7 @@ def cluster_down() -> None:
 
 @cluster_app.command("status")
 def cluster_status() -> None:
-    """Nodes, resources, running dopd jobs, Prometheus address."""
+    """Nodes (resources, used share), running dopd jobs, the processes started here, Prometheus address."""
     from dopd.cluster import status
 
     try:

@@ -42,9 +42,12 @@ def cluster_address(cfg: Config) -> str | None:
 
 
 def use_recorded_auth(info: dict) -> None:
-    """A head `dopd cluster up` started wants the token in ~/.ray/auth_token; call before `import ray`."""
+    """A head `dopd cluster up` started wants the token (in ~/.ray/auth_token, or the file `dopd cluster join
+    --token-file` named: its path goes to RAY_AUTH_TOKEN_PATH, the token itself nowhere); call before `import ray`."""
     if info.get("auth") == "token":
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if info.get("token_file"):
+            os.environ.setdefault("RAY_AUTH_TOKEN_PATH", info["token_file"])
 
 
 def is_loopback(address: str) -> bool:
