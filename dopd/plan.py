@@ -283,7 +283,7 @@ class Plan:
             + (f" (ZeRO-{self.zero_stage})" if self.runner == "ray" else ""),
             f"  have      {where}: {m.cpus} CPUs, {m.gpus} GPUs, {_gb(m.memory_available)} memory available"
             f" of {_gb(m.memory_total)}",
-            f"  target    {s.target_params / 1e6:.1f}M params in {s.target_dtype} ({s.dtype_note})",
+            f"  target    {s.target_params / 1e6:.1f}M params in {s.target_dtype}: {s.dtype_note}",
             f"  drafter   {s.drafter_trainable / 1e6:.2f}M trainable params, {s.drafter_frozen / 1e6:.1f}M frozen",
             f"  per actor {_gb(self.actor_bytes)}: target copy {_gb(self.actor_target_bytes)}, KV cache "
             f"{_gb(self.actor_kv_bytes)}, drafter {_gb(self.actor_drafter_bytes)}, process {_gb(PROCESS_BASE_BYTES)};"
