@@ -87,8 +87,25 @@ def _start(cmd: list[str], env: dict, temp_dir: Path, what: str) -> list[dict]:
     return procs
 
 
-def _node_flags(num_cpus, num_gpus, object_store_memory, resources: dict | None, labels: dict | None) -> list[str]:
-    cmd = []
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _node_flags(
+    num_cpus, num_gpus, object_store_memory, resources: dict | None, labels: dict | None, host: str = "127.0.0.1"
+) -> list[str]:
+    """The node's resources, and free ports for its agents: Ray's fixed defaults (52365 for the dashboard agent)
+    collide with any other Ray node on this machine, another user's or this cluster's head."""
+    cmd = [
+        f"--dashboard-agent-listen-port={_free_port(host)}",
+        f"--dashboard-agent-grpc-port={_free_port(host)}",
+        f"--metrics-export-port={_free_port(host)}",
+        f"--runtime-env-agent-port={_free_port(host)}",
+    ]
     if num_cpus is not None:
         cmd += [f"--num-cpus={num_cpus}"]
     if num_gpus is not None:
@@ -120,14 +137,17 @@ def up(
         raise DopdError("`dopd cluster up` already started a node here (see `dopd cluster status`; `down` first)")
     cmd = [_ray_bin(), "start", "--disable-usage-stats", f"--node-ip-address={host}", "--head", f"--port={port}"]
     cmd += ["--include-dashboard=true", f"--dashboard-host={host}", "--dashboard-port=0"]
-    cmd += _node_flags(num_cpus, num_gpus, object_store_memory, None, None)
+    cmd += _node_flags(num_cpus, num_gpus, object_store_memory, None, None, host)
+    cmd += [f"--ray-client-server-port={_free_port(host)}"]
     temp = node_temp_dir(str(port))
     procs = _start(cmd, _env(), temp, "head")
     info = {"address": f"{host}:{port}", "role": "head", "auth": "token", "temp_dir": str(temp), "processes": procs}
     if with_prometheus:
         from dopd import prometheus
 
-        cfg_path = prometheus.write_config(state_dir() / "prometheus" / "prometheus.yml")
+        # Ray's dashboard writes its service-discovery file into this node's own temp dir (not /tmp/ray)
+        sd = temp / "prom_metrics_service_discovery.json"
+        cfg_path = prometheus.write_config(state_dir() / "prometheus" / "prometheus.yml", ray_sd_file=sd)
         proc = prometheus.start(cfg_path, state_dir() / "prometheus" / "data", host=host, port=prometheus_port)
         info["prometheus"] = {"url": f"http://{host}:{prometheus_port}", "pid": proc.pid, "config": str(cfg_path)}
     _write(info)
@@ -161,7 +181,7 @@ def join(
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         env.pop("RAY_AUTH_TOKEN_PATH", None)
     cmd = [_ray_bin(), "start", "--disable-usage-stats", f"--node-ip-address={host}", f"--address={address}"]
-    cmd += _node_flags(num_cpus, num_gpus, object_store_memory, resources, labels)
+    cmd += _node_flags(num_cpus, num_gpus, object_store_memory, resources, labels, host)
     temp = node_temp_dir(f"w{int(time.time() * 1000) % 10**9}")
     procs = _start(cmd, env, temp, "worker")
     info = {"address": address, "role": "worker", "auth": "token", "temp_dir": str(temp), "processes": procs}
