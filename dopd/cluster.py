@@ -72,7 +72,9 @@ def processes_under(temp_dir: Path) -> list[dict]:
         except (psutil.Error, TypeError):
             continue
         if key in cmd and p.pid != os.getpid():
-            out.append({"pid": p.pid, "create_time": p.info["create_time"], "name": p.info["name"]})
+            scripts = [Path(a).name for a in p.info["cmdline"] if a.endswith(".py")]  # python daemons: their script
+            name = scripts[0] if scripts else p.info["name"]
+            out.append({"pid": p.pid, "create_time": p.info["create_time"], "name": name})
     return out
 
 
@@ -119,6 +121,18 @@ def _node_flags(
     return cmd
 
 
+def _ensure_token(env: dict) -> None:
+    """A head with token auth needs a token before it starts: Ray's own `ray get-auth-token --generate` writes
+    ~/.ray/auth_token when there is none (its stdout, the token, is discarded, never printed)."""
+    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    if (Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token").is_file():
+        return
+    res = subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise DopdError(f"could not create Ray's auth token (~/.ray/auth_token): {res.stderr.strip()[-300:]}")
+
+
 def up(
     address: str | None,
     num_cpus: int | None,
@@ -140,7 +154,10 @@ def up(
     cmd += _node_flags(num_cpus, num_gpus, object_store_memory, None, None, host)
     cmd += [f"--ray-client-server-port={_free_port(host)}"]
     temp = node_temp_dir(str(port))
-    procs = _start(cmd, _env(), temp, "head")
+    env = _env()
+    if env.get("RAY_AUTH_MODE") == "token":
+        _ensure_token(env)
+    procs = _start(cmd, env, temp, "head")
     info = {"address": f"{host}:{port}", "role": "head", "auth": "token", "temp_dir": str(temp), "processes": procs}
     if with_prometheus:
         from dopd import prometheus
