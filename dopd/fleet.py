@@ -53,11 +53,16 @@ def remote_class(kind: str):
 
 
 def make_shards(cfg: Config, name: str) -> list:
-    """S byte-bounded queue shards (Ray actors without a CPU: they only move bytes)."""
+    """S byte-bounded queue shards (Ray actors without a CPU: they only move bytes), on the driver's node when it
+    can hold them: they die with the job anyway, and a worker node lost mid-run then takes no shard with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     c = cfg.cluster
     Shard = remote_class("shard")
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return [
-        Shard.options(name=f"{name}.shard.{s}").remote(
+        Shard.options(name=f"{name}.shard.{s}", scheduling_strategy=here).remote(
             s, c.queue_max_bytes, c.queue_policy, c.max_staleness, c.max_record_bytes
         )
         for s in range(c.shards or c.learners)
