@@ -187,6 +187,9 @@ def join(
     if _read().get("processes"):
         raise DopdError("`dopd cluster up/join` already started a node here (see `dopd cluster status`; `down` first)")
     env = _env()
+    # `ray start --address` refuses to start a worker node while this is 0 (its "single-node only" switch); the
+    # node still binds the address given (--node-ip-address), so a loopback worker stays on loopback
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     if token_file is not None:
         token_file = Path(token_file).expanduser().resolve()
         try:
