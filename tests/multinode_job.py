@@ -64,7 +64,11 @@ def main(out: str) -> None:
             seen["duplicate"] = ray.get(job.shards[0].put_many.remote([taken[0], taken[0]]))
         if step == 4:
             b = seen["bundles"]
-            actor_only = [n for n in set(b.values()) if n in by_id and n not in seen["learner_nodes"]]
+            # every node here is 127.0.0.1, so the driver may have attached to a worker's raylet: the queue shards
+            # live on the driver's node (dopd/fleet.py), and that node must survive with the driver
+            seen["driver_node"] = ray.get_runtime_context().get_node_id()
+            keep = set(seen["learner_nodes"]) | {seen["driver_node"]}
+            actor_only = sorted(n for n in set(b.values()) if n in by_id and n not in keep)
             seen["killed"] = actor_only[0] if actor_only else None
             if actor_only:
                 seen["killed_bundles"] = sorted(k for k, v in b.items() if v == actor_only[0])
