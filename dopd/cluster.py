@@ -24,7 +24,21 @@ from pathlib import Path
 from dopd.common.errors import DopdError
 from dopd.paths import state_dir
 
-from .connection import CLUSTER_FILE, join_cluster, use_recorded_auth
+from .connection import CLUSTER_FILE, is_loopback, join_cluster, use_recorded_auth
+
+# `ray start` for a worker of a loopback head: Ray refuses a worker node unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1,
+# and with it set rewrites the head's 127.0.0.1 to this machine's primary IP, where a loopback head does not listen
+# (the same rewrite dopd/connection.py keep_ray_on_loopback stops for drivers). This runs Ray's own CLI with that
+# rewrite turned off for loopback hosts only.
+_LOOPBACK_RAY = (
+    "import sys\n"
+    "import ray._private.services as s\n"
+    "_resolve = s.resolve_ip_for_localhost\n"
+    "s.resolve_ip_for_localhost = lambda h: h if s.is_localhost(h) else _resolve(h)\n"
+    "from ray.scripts.scripts import main\n"
+    "sys.argv[0] = 'ray'\n"
+    "sys.exit(main())\n"
+)
 
 
 def _ray_bin() -> str:
@@ -200,7 +214,10 @@ def join(
             raise DopdError(f"--token-file {token_file} is empty")
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         env.pop("RAY_AUTH_TOKEN_PATH", None)
-    cmd = [_ray_bin(), "start", "--disable-usage-stats", f"--node-ip-address={host}", f"--address={address}"]
+    ray_cmd = [_ray_bin()]
+    if is_loopback(address):
+        ray_cmd = [sys.executable, "-c", _LOOPBACK_RAY]
+    cmd = ray_cmd + ["start", "--disable-usage-stats", f"--node-ip-address={host}", f"--address={address}"]
     cmd += _node_flags(num_cpus, num_gpus, object_store_memory, resources, labels, host)
     temp = node_temp_dir(f"w{int(time.time() * 1000) % 10**9}")
     procs = _start(cmd, env, temp, "worker")
