@@ -160,14 +160,15 @@ def test_printed_plan_for_16_actors_4_learners_on_smollm2(no_training, home, mon
     """From config.json and the safetensors header only: load_target would fail the test."""
     monkeypatch.setattr(Machine, "local", classmethod(lambda cls: TWO_CORES))
     res = CliRunner().invoke(
-        app, ["train", "--actors", "16", "--learners", "4", "model.target=smollm2-135m", "--dry-run"]
+        app,
+        ["train", "--actors", "16", "--learners", "4", "model.target=smollm2-135m", "model.dtype=float32", "--dry-run"],
     )
     assert res.exit_code == 0, res.output
     out = res.output
     print(out)
     assert "plan: ray runner, 16 rollout actor(s), 4 learner rank(s) (ZeRO-2)" in out
     assert "2 CPUs, 0 GPUs, 20.00 GiB memory available of 23.00 GiB" in out
-    assert "134.5M params" in out  # SmolLM2-135M: 134,515,008 parameters (tied embedding)
+    assert "134.5M params in float32" in out  # SmolLM2-135M: 134,515,008 parameters (tied embedding)
     assert "5.09M trainable params" in out  # a one-layer EAGLE-3 drafter at width 576
     assert "per actor 1.00 GiB" in out and "0.1 Ray CPU" in out
     assert "CPUs oversubscribed (20 processes on 2 CPUs)" in out
