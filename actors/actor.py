@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -66,6 +67,9 @@ class RolloutWorker:
         self.batch_no = 0
         self.sampler = EpochSampler(len(prompts), (cfg.seed, actor_id))
         self.rng = np.random.default_rng([cfg.seed, actor_id, self.incarnation])
+        # rollout.source=traffic: n -> up to n served texts (id, prompt ids, answer ids), set by the Ray actor
+        # around this worker (dopd/traffic.py); None = the run's prompt set, in the sampler's order
+        self.source: Callable[[int], list[tuple]] | None = None
 
     def _copy(self) -> Drafter:
         t = self.target
@@ -109,7 +113,11 @@ class RolloutWorker:
     def produce(self, n: int | None = None) -> tuple[list[bytes], dict]:
         """One batch of n prompts (default rollout.batch_size): rollout with the current weights -> encoded records."""
         cfg = self.cfg
-        batch = self._next_prompts(n or cfg.rollout.batch_size)
+        n = n or cfg.rollout.batch_size
+        batch = self._next_prompts(n) if self.source is None else self.source(n)
+        if not batch:  # no served text arrived in time (rollout.source=traffic): nothing to roll out
+            return [], {"tau": 0.0, "alpha": [], "tokens": 0, "rollout_s": 0.0, "anchors": 0, "replay_s": 0.0,
+                        "records": 0, "bytes": 0, "policy_version": self.policy_version, "path": "none"}  # fmt: skip
         seed = int(self.rng.integers(1 << 31))
         recs, st = self.maker.records(
             self.drafter,
@@ -163,13 +171,18 @@ class RolloutActor:
 
     RAY_OPTIONS = {"max_concurrency": 4}  # the loop thread + set_weights / stats / evaluate calls at the same time
 
-    def __init__(self, cfg_dict: dict, actor_id: int, prompts, shards: list):
+    def __init__(self, cfg_dict: dict, actor_id: int, prompts, shards: list, feed=None):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, int(os.environ.get("DOPD_ACTOR_THREADS", "1"))))
         self.cfg = config_from_dict(cfg_dict)
         self.notes: list[str] = []  # the worker's log lines (target work's progress), relayed by the driver
         self.notes_lock = threading.Lock()
         self.worker = RolloutWorker(self.cfg, actor_id, prompts, log=self._note)
+        self.feed = feed  # rollout.source=traffic: the served texts' feed (dopd/traffic.py), a Ray actor handle
+        if self.cfg.rollout.source == "traffic":
+            if feed is None:
+                raise ValueError("rollout.source=traffic: the rollout actor was given no traffic feed")
+            self.worker.source = self._take_traffic
         self.shards = shards
         self.lock = threading.Lock()  # the worker: held by the loop for a whole rollout batch
         # new weights wait here for the next batch boundary; their own lock, so that publishing never waits for
@@ -191,6 +204,14 @@ class RolloutActor:
         self.last: dict = {}
         self.error = ""
         self.put_error = ""  # the last failed put call (its records are counted as rejected)
+
+    def _take_traffic(self, n: int) -> list[tuple]:
+        """Up to n served texts from the feed (waiting ~1 s for the first), as items with given answers; the
+        prompt id names the replica and the request, so opd_sequences.jsonl says where each record came from."""
+        import ray
+
+        got = ray.get(self.feed.take.remote(n, 1.0))
+        return [(f"{replica or 'serve'}/{rid}", prompt, output) for rid, prompt, output, replica in got]
 
     def ready(self) -> dict:
         return {"actor_id": self.worker.actor_id, "incarnation": self.worker.incarnation}
@@ -256,6 +277,8 @@ class RolloutActor:
                 if not ready:  # no weights yet: `set_weights` wakes this up
                     self.weights_arrived.wait(timeout=1.0)
                     self.weights_arrived.clear()
+                    continue
+                if not data:  # rollout.source=traffic and nothing was served meanwhile
                     continue
                 self._push(data, first)
                 self.totals["tokens"] += stats["tokens"]

@@ -110,6 +110,11 @@ class RolloutConfig:
     max_new_tokens: int = 128
     batch_size: int = 4  # sequences decoded together (per actor)
     topk: int = 16  # target top-k kept per draft position in records
+    # where rollout prompts come from: "prompts" = the run's prompt set (data.prompts); "traffic" = the requests a
+    # `dopd serve --learn` answered (prompt + the served answer, re-segmented by the current drafter; dopd/traffic.py)
+    source: Literal["prompts", "traffic"] = "prompts"
+    # rollout.source=traffic: served texts waiting for the rollout actors, at most; the oldest is dropped (counted)
+    traffic_buffer: int = 4096
     # "auto": at T = 0 the target's greedy text is decoded once (cached) and the current drafter re-segments it
     # (common/resegment.py), at T > 0 the engine decodes; "engine": always the engine (the slow reference path)
     path: Literal["auto", "engine"] = "auto"
@@ -423,6 +428,19 @@ class Config:
             raise ConfigError(f"rollout.topk must be >= 1 (got {r.topk})")
         if r.batch_size < 1 or r.max_new_tokens < 1:
             raise ConfigError("rollout.batch_size and rollout.max_new_tokens must be >= 1")
+        if r.traffic_buffer < 1:
+            raise ConfigError(f"rollout.traffic_buffer must be >= 1 (got {r.traffic_buffer})")
+        if r.source == "traffic":
+            if self.runner != "ray" or self.cluster.rollout != "async":
+                raise ConfigError(
+                    "rollout.source=traffic learns from a running `dopd serve --learn`: it needs the Ray runner with"
+                    f" cluster.rollout=async (got runner={self.runner}, cluster.rollout={self.cluster.rollout})"
+                )
+            if r.path != "auto" or r.temperature > 0:
+                raise ConfigError(
+                    "rollout.source=traffic re-segments the served answers with the current drafter: it needs"
+                    f" rollout.path=auto and rollout.temperature=0 (got path={r.path}, temperature={r.temperature})"
+                )
         if not 0 < self.loss.gamma <= 1:
             raise ConfigError(f"loss.gamma must be in (0, 1] (got {self.loss.gamma})")
         if self.replay.num_blocks < 1:

@@ -70,6 +70,8 @@ class Accounts:
     shards: int = 0
     zero_stage: int | None = None
     metrics_port: int | None = None
+    # rollout.source=traffic: the served texts' hand-off (dopd/traffic.py FeedStats); empty otherwise
+    traffic: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -79,6 +79,11 @@ class RayFleet(Backend):
             f"dopd: Ray {'(embedded, local)' if mode == 'embedded' else mode}; {c.cluster.actors} actors, {c.cluster.learners} learner ranks (ZeRO-{c.learner.zero_stage}), {c.cluster.rollout} rollouts"
         )
         self._prompts()
+        self.feed = None
+        if c.rollout.source == "traffic":  # learning from a `dopd serve` (get-or-create: the serve side may own it)
+            from dopd.traffic import feed_actor
+
+            self.feed = feed_actor(c.rollout.traffic_buffer)
         self._place()
         self._serve_metrics()
         # TensorBoard / W&B (when on) under the Prometheus names, fed by the same typed updates: the loop's rows
@@ -182,6 +187,7 @@ class RayFleet(Backend):
             log=self.log,
             on_restart=self._on_actor_restart,
             env=env,
+            feed=self.feed,
         )
 
     def _serve_metrics(self):
@@ -271,6 +277,8 @@ class RayFleet(Backend):
         t0 = time.perf_counter()
         ref = self.learners.gather_weights()
         self.fleet.set_weights(ref, version)
+        if self.feed is not None:  # the serving replicas poll it between engine steps
+            self.feed.publish.remote([ref], version)
         self.policy_version = version  # the newest the actors hold (what a learner asks a shard for)
         self.metrics["dopd_publish_latency_seconds"].observe(time.perf_counter() - t0)
         self.metrics["dopd_policy_version"].set(version)
@@ -423,8 +431,19 @@ class RayFleet(Backend):
             queue_peak_bytes=max([s["peak_bytes"] for s in shards] + [self.peak_before]), queue_max_bytes=c.queue_max_bytes,
             exactly_once_state_bytes=len(json.dumps(self.ledger.to_json())), actor_restarts=self.acc["actor_restarts"],
             actors=c.actors, learners=c.learners, shards=c.shards or c.learners, zero_stage=self.cfg.learner.zero_stage,
-            metrics_port=self.metrics_port,
+            metrics_port=self.metrics_port, traffic=self._traffic_stats(),
         )  # fmt: skip
+
+    def _traffic_stats(self) -> dict:
+        """rollout.source=traffic: the feed's counts (served texts offered, queued, dropped, taken, waiting)."""
+        if self.feed is None:
+            return {}
+        import ray
+
+        try:
+            return ray.get(self.feed.stats.remote(), timeout=10)
+        except Exception as e:  # the feed is gone: say so in the summary rather than fail the run's end
+            return {"error": f"{type(e).__name__}: {str(e)[-200:]}"}
 
     def close(self) -> None:
         import ray

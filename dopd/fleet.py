@@ -93,10 +93,12 @@ class RolloutFleet:
         log: Callable = print,
         on_restart: Callable | None = None,
         env: dict[str, str] | None = None,
+        feed=None,
     ):
         c = cfg.cluster
         N = c.actors
-        if len(prompts) < N:  # an actor without prompts of its own would have rolled out everyone's
+        traffic = cfg.rollout.source == "traffic"  # served texts are rolled out, not the prompt set
+        if len(prompts) < N and not traffic:  # an actor without prompts of its own would have rolled out everyone's
             raise DopdError(
                 f"{N} rollout actors but only {len(prompts)} rollout prompts: each actor needs prompts of its own "
                 f"(use --actors {max(1, len(prompts))} or fewer, or more prompts)"
@@ -117,7 +119,7 @@ class RolloutFleet:
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
                 **({"runtime_env": {"env_vars": env}} if env else {}),
-            ).remote(cfg.to_dict(), i, per_actor[i], routes[i])
+            ).remote(cfg.to_dict(), i, per_actor[i] or (prompts if traffic else []), routes[i], feed)
             for i in range(N)
         ]
         self.known: dict[int, int] = {}  # actor index -> incarnation
