@@ -67,7 +67,9 @@ def main(out: str) -> None:
             # every node here is 127.0.0.1, so the driver may have attached to a worker's raylet: the queue shards
             # live on the driver's node (dopd/fleet.py), and that node must survive with the driver
             seen["driver_node"] = ray.get_runtime_context().get_node_id()
-            keep = set(seen["learner_nodes"]) | {seen["driver_node"]}
+            where = lambda self: ray.get_runtime_context().get_node_id()  # noqa: E731  (runs inside the shard)
+            seen["shard_nodes"] = sorted(set(ray.get([sh.__ray_call__.remote(where) for sh in job.shards])))
+            keep = set(seen["learner_nodes"]) | {seen["driver_node"]} | set(seen["shard_nodes"])
             actor_only = sorted(n for n in set(b.values()) if n in by_id and n not in keep)
             seen["killed"] = actor_only[0] if actor_only else None
             if actor_only:
