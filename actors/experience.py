@@ -3,7 +3,7 @@
 `ExperienceMaker` holds a target and the run config; the in-process runner (dopd/local.py) and every Ray rollout
 actor (actors/actor.py) call the same methods, so the two runners cannot drift apart. A prompt item is (id, prompt
 ids), or (id, prompt ids, answer ids) with data.answers=as_is: the target's text for it is then the dataset's
-answer, teacher-forced (`common/target_text.py`), in the SFT data and in the rounds alike.
+answer, teacher-forced (`actors/target_text.py`), in the SFT data and in the rounds alike.
 
 A round (`records`):
 1. roll out with the current drafter: at T = 0 by re-segmenting the cached greedy text (`actors/resegmented.py`),
@@ -13,7 +13,7 @@ A round (`records`):
      current weights; they feed the accepted stream (unless `loss.response=ttt`: EAGLE-3's recipe trains every
      position instead) and, when lambda_rej > 0, the rejected stream (then the tails are scored by the target):
      what the objective declared (`loss.records`);
-   - `replay.anchors=shuffled` (the paper's ablation): the same multiset of segment lengths shuffled over the
+   - `replay.anchors=shuffled` (the authors' ablation [docs/recipes.md R9]): the same multiset of segment lengths shuffled over the
      response with random gaps, teacher-labelled, for the accepted stream; the true blocks only for the rejected one;
    - `replay.extra`: extra blocks drafted again from chosen positions and scored (dopd's first-wave mechanism);
 3. records carry the text, its features (bf16), those blocks, and the per-position teacher when TTT needs it.
@@ -34,11 +34,11 @@ from dopd.common.greedy import prefill
 from dopd.common.models import Target
 from dopd.common.record import SOURCE_SHUFFLED, STREAM_ACC, STREAM_REJ, Blocks, ExperienceRecord, TeacherRecord
 from dopd.common.specdec import DecodeSettings, tau_alpha
-from dopd.common.target_text import text_data
 
 from .replay import Replayer, choose_anchors
 from .resegmented import resegmented_rollout
 from .rollout import Rolled, acc_only, engine_rollout
+from .target_text import text_data
 
 
 @dataclass
@@ -55,7 +55,7 @@ class RoundStats:
 def shuffled_plan(
     seg_lens: np.ndarray, prompt_len: int, response_len: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's random-anchor ablation: the segment lengths in random order, laid over the response with the
+    """The authors' random-anchor ablation [docs/recipes.md R9]: the segment lengths in random order, laid over the response with the
     leftover tokens spread as random gaps (token count preserved). Returns (anchors as prefix lengths, lengths)."""
     lens = rng.permutation(np.asarray(seg_lens, dtype=np.int64))
     spare = response_len - int(lens.sum())

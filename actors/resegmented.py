@@ -24,10 +24,10 @@ from dopd.common.greedy import GreedyText
 from dopd.common.models import Target
 from dopd.common.record import SOURCE_ROLLOUT, STREAM_ACC, STREAM_BOTH, Blocks, TeacherRecord
 from dopd.common.resegment import Segmentation, segment
-from dopd.common.target_text import text_data
 
 from .rollout import Rolled
 from .scoring import score_branches
+from .target_text import text_data
 
 
 @dataclass

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -143,7 +144,7 @@ HEADER = (
 )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument(
@@ -177,7 +178,55 @@ def main() -> None:
         "and HF only, speculative rows at batch 1 (under 3 minutes on 2 cores, compile caches warm)",
     )
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def forwards(target, a: argparse.Namespace) -> tuple[dict, list, Any]:
+    """The target forwards measured: plain decoding variants by name, the speculative ones (suffix, target), and the
+    lean forward (also the prefill's)."""
+    variants = {} if a.quick else {"engine_hf_fwd": with_forward(target, HFForward(target.model))}
+    if target.dtype != torch.float32 and target.device.type == "cpu" and not a.quick:
+        variants["engine_lean_nopack"] = with_forward(target, LeanForward(target.model, pack=False))
+    lean = with_forward(target, LeanForward(target.model))
+    variants["engine_lean"] = lean
+    spec_variants = [("", lean)] + ([] if a.quick else [("_hf_fwd", variants["engine_hf_fwd"])])
+    if a.compile == "on":
+        compiled = with_forward(target, LeanForward(target.model, compile="on"))
+        variants["engine_lean_compiled"] = compiled
+        spec_variants.append(("_compiled", compiled))
+    return variants, spec_variants, lean
+
+
+def timed_engine(name: str, t, drafter, ps: list, b: int, new_tokens: int, K: int):
+    """A warm-up call on the first b prompts (a compiled forward compiles its graphs here), then the measured one:
+    (outputs, stats, warm-up seconds)."""
+    t0 = time.perf_counter()
+    engine(t, drafter, ps[:b], b, 4, K)
+    warm = time.perf_counter() - t0
+    out, st = engine(t, drafter, ps, b, new_tokens, K)
+    if "compiled" in name:
+        print(f"  ({name} at batch {b}: warm-up call incl. compiling {warm:.1f} s)", flush=True)
+    return out, st, warm
+
+
+def prefill_rows(dt: str, a: argparse.Namespace, prompts: list, drafter, pre: list) -> list[dict]:
+    """Teacher-forced prefill over target-length texts (prompt + answer), features of the drafter's layers."""
+    texts = [(str(i), p + p[: a.max_new_tokens], len(p)) for i, p in enumerate(prompts[: a.prefill_texts])]
+    ntok = sum(len(t) for _, t, _ in texts)
+    rows = []
+    for name, t in pre:
+        prefill(t, drafter.feature_layers, texts[:2], 16)
+        t0 = time.perf_counter()
+        prefill(t, drafter.feature_layers, texts, 16)
+        tps = ntok / (time.perf_counter() - t0)
+        rows.append({"dtype": dt, "method": name, "batch": 8, "tokens_per_s": tps, "vs_hf": None,
+                     "vs_limit": None, "tau": None, "same_as_hf": None})  # fmt: skip
+        print(fmt_row(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    a = parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     bench_start(a, QUICK)
@@ -201,16 +250,7 @@ def main() -> None:
         sp = split_prompts(load_prompt_set("champ-problems"), n_prompts, 0, "champ-problems")
         prompts, _ = encode_all(target.tokenizer, sp.eval, 1024, drop_long=False)
         drafter = drafter_for_target(a.drafter, target)
-        variants = {} if a.quick else {"engine_hf_fwd": with_forward(target, HFForward(target.model))}
-        if target.dtype != torch.float32 and target.device.type == "cpu" and not a.quick:
-            variants["engine_lean_nopack"] = with_forward(target, LeanForward(target.model, pack=False))
-        lean = with_forward(target, LeanForward(target.model))
-        variants["engine_lean"] = lean
-        spec_variants = [("", lean)] + ([] if a.quick else [("_hf_fwd", variants["engine_hf_fwd"])])
-        if a.compile == "on":
-            compiled = with_forward(target, LeanForward(target.model, compile="on"))
-            variants["engine_lean_compiled"] = compiled
-            spec_variants.append(("_compiled", compiled))
+        variants, spec_variants, lean = forwards(target, a)
         for b in a.batch_sizes:
             n_b1 = 2 if a.quick else 4
             ps = prompts[: max(n_b1, b * a.prompts_per_row)] if b > 1 else prompts[:n_b1]
@@ -226,20 +266,12 @@ def main() -> None:
 
             add("hf_generate", hf_tps)
             for name, t in variants.items():
-                t0 = time.perf_counter()
-                engine(t, None, ps[:b], b, 4, 0)  # warm-up (a compiled forward compiles its graphs here)
-                warm = time.perf_counter() - t0
-                out, st = engine(t, None, ps, b, a.max_new_tokens, 0)
+                out, st, warm = timed_engine(name, t, None, ps, b, a.max_new_tokens, 0)
                 add(name, st.tokens_per_s, match=same(out, ref), extra={"warmup_s": warm})
-                if "compiled" in name:
-                    print(f"  ({name} at batch {b}: warm-up call incl. compiling {warm:.1f} s)", flush=True)
             if a.quick and b > 1:
                 continue  # --quick: speculative rows at batch 1 only
             for name, t in spec_variants:
-                t0 = time.perf_counter()
-                engine(t, drafter, ps[:b], b, 4, a.block_size)
-                warm = time.perf_counter() - t0
-                out, st = engine(t, drafter, ps, b, a.max_new_tokens, a.block_size)
+                out, st, warm = timed_engine(name, t, drafter, ps, b, a.max_new_tokens, a.block_size)
                 add(
                     f"spec_K{a.block_size}{name}",
                     st.tokens_per_s,
@@ -247,20 +279,8 @@ def main() -> None:
                     same(out, ref),
                     {"draft_s": st.draft_s, "target_s": st.target_s, "warmup_s": warm},
                 )
-                if "compiled" in name:
-                    print(f"  ({name} at batch {b}: warm-up call incl. compiling {warm:.1f} s)", flush=True)
-        # teacher-forced prefill over target-length texts (prompt + answer), features of the drafter's layers
-        texts = [(str(i), p + p[: a.max_new_tokens], len(p)) for i, p in enumerate(prompts[: a.prefill_texts])]
-        ntok = sum(len(t) for _, t, _ in texts)
         pre = [("prefill_lean", lean)] + ([] if a.quick else [("prefill_hf_fwd", variants["engine_hf_fwd"])])
-        for name, t in pre:
-            prefill(t, drafter.feature_layers, texts[:2], 16)
-            t0 = time.perf_counter()
-            prefill(t, drafter.feature_layers, texts, 16)
-            tps = ntok / (time.perf_counter() - t0)
-            rows.append({"dtype": dt, "method": name, "batch": 8, "tokens_per_s": tps, "vs_hf": None,
-                         "vs_limit": None, "tau": None, "same_as_hf": None})  # fmt: skip
-            print(fmt_row(rows[-1]), flush=True)
+        rows.extend(prefill_rows(dt, a, prompts, drafter, pre))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({**meta, "rows": rows}, f, indent=1)

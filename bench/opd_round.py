@@ -7,7 +7,7 @@
 Part 1 (records/s): the same prompts, seen before (their greedy text and prefill are cached, as for a prompt
 revisited in a later epoch), rolled out into experience records by the shared recipe (`ExperienceMaker.records`)
 with `rollout.path=engine` (speculative decoding step by step) and `rollout.path=auto` (re-segmentation of the
-cached text), for EAGLE-3's official recipe (no target forward per round) and DFlash's (the drafted tails after a
+cached text), for EAGLE-3's official recipe [docs/recipes.md R10] (no target forward per round) and DFlash's (the drafted tails after a
 first rejection scored by the target). Both paths produce the same records (tests/test_resegment.py).
 Part 2 (seconds): held-out tau by decoding (the engine, no baseline) vs simulated from the cached text, same
 drafter, same prompts; both taus are printed (they are equal by construction, and tested).
@@ -107,27 +107,32 @@ def main() -> None:
         report["rounds"][kind] = {**rows, "ratio": ratio, "block_size": K, "drafter": init}
 
     if not a.skip_eval:
-        d = drafter_for_target(a.drafter or "init-eagle3", target, seed=0)
-        s = DecodeSettings(block_size=4, max_new_tokens=a.eval_max_new, batch_size=16)
-        ids = eval_ids[: a.eval_prompts]
-        cache: dict = {}
-        t0 = time.perf_counter()
-        simulated_tau(target, d, ids, s, cache=cache)  # generates and caches the greedy text once
-        first = time.perf_counter() - t0
-        sec_sim, sim = timed(lambda: simulated_tau(target, d, ids, s, cache=cache), a.repeats)
-        sec_eng, eng = timed(lambda: quick_tau(target, d, ids, s), 1)
-        print(
-            f"\nPart 2: held-out tau on {len(ids)} prompts x {a.eval_max_new} tokens, K=4 ({sim.num_steps} verification steps)"
-        )
-        print(f"{'dopd eval (engine)':34s} {sec_eng:9.1f}s  tau {eng.tau:.4f}")
-        print(
-            f"{'dopd eval --simulate (cached text)':34s} {sec_sim:9.1f}s  tau {sim.tau:.4f}   {sec_eng / sec_sim:.1f}x faster (first call, text not cached yet: {first:.1f}s)"
-        )
-        report["eval"] = {"prompts": len(ids), "max_new_tokens": a.eval_max_new, "steps": sim.num_steps, "engine_s": sec_eng, "simulate_s": sec_sim,
-                          "simulate_first_s": first, "ratio": sec_eng / sec_sim, "tau_engine": eng.tau, "tau_simulated": sim.tau}  # fmt: skip
+        report["eval"] = heldout_part(a, target, eval_ids)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def heldout_part(a: argparse.Namespace, target, eval_ids: list) -> dict:
+    """Part 2: held-out tau by decoding (the engine) against simulated from the cached greedy text."""
+    d = drafter_for_target(a.drafter or "init-eagle3", target, seed=0)
+    s = DecodeSettings(block_size=4, max_new_tokens=a.eval_max_new, batch_size=16)
+    ids = eval_ids[: a.eval_prompts]
+    cache: dict = {}
+    t0 = time.perf_counter()
+    simulated_tau(target, d, ids, s, cache=cache)  # generates and caches the greedy text once
+    first = time.perf_counter() - t0
+    sec_sim, sim = timed(lambda: simulated_tau(target, d, ids, s, cache=cache), a.repeats)
+    sec_eng, eng = timed(lambda: quick_tau(target, d, ids, s), 1)
+    print(
+        f"\nPart 2: held-out tau on {len(ids)} prompts x {a.eval_max_new} tokens, K=4 ({sim.num_steps} verification steps)"
+    )
+    print(f"{'dopd eval (engine)':34s} {sec_eng:9.1f}s  tau {eng.tau:.4f}")
+    print(
+        f"{'dopd eval --simulate (cached text)':34s} {sec_sim:9.1f}s  tau {sim.tau:.4f}   {sec_eng / sec_sim:.1f}x faster (first call, text not cached yet: {first:.1f}s)"
+    )
+    return {"prompts": len(ids), "max_new_tokens": a.eval_max_new, "steps": sim.num_steps, "engine_s": sec_eng, "simulate_s": sec_sim,
+            "simulate_first_s": first, "ratio": sec_eng / sec_sim, "tau_engine": eng.tau, "tau_simulated": sim.tau}  # fmt: skip
 
 
 if __name__ == "__main__":

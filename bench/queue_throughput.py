@@ -131,9 +131,13 @@ def main() -> None:
     per = (time.perf_counter() - t0) / (a.records * a.rounds)
     dec = statistics.median(t["decode"] for t in times["this"]) / a.records
     print(f"value checks alone: {per * 1e3:.3f} ms per record, {100 * per / dec:.0f}% of this side's decode")
-    if a.codec_only:
-        return
+    if not a.codec_only:
+        ray_round(objs["this"], a.records * a.rounds, size)
 
+
+def ray_round(objs: list, n: int, size: float) -> None:
+    """n records through a real shard actor on a local Ray: one producing task (the actor's encode and batched
+    puts), one consuming task (a learner rank's waiting gets and decode); prints records/s and MiB/s."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -149,7 +153,6 @@ def main() -> None:
     QueueShard, encode_record, decode_record = new_queue.QueueShard, new_record.encode_record, new_record.decode_record
     Shard = ray.remote(**QueueShard.RAY_OPTIONS)(QueueShard)
     shard = Shard.remote(0, 2**34)
-    n = a.records * a.rounds
 
     @ray.remote(num_cpus=1)
     def produce(shard, objs, n):  # an actor: encode, one batched put per 8 records (waiting inside the shard if full)
@@ -171,7 +174,7 @@ def main() -> None:
 
     ray.get(shard.get_stats.remote())
     t0 = time.perf_counter()
-    ray.get([produce.remote(shard, objs["this"], n), consume.remote(shard, n)])
+    ray.get([produce.remote(shard, objs, n), consume.remote(shard, n)])
     dt = time.perf_counter() - t0
     print(
         f"Ray        : {n / dt:9.1f} records/s {n * size / dt / 2**20:9.1f} MiB/s  (encode, batched put -> shard actor -> waiting get, decode)"

@@ -23,6 +23,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -223,6 +224,45 @@ def prefill(
     return [done[i] for i in range(len(items))]
 
 
+def _prefill_path(
+    target: Target,
+    p: list[int],
+    max_new_tokens: int,
+    feature_layers: list[int],
+    topk: int,
+    feature_dtype: torch.dtype,
+    lookahead: bool,
+    hidden: bool,
+) -> Path:
+    """The prefill cache entry of prompt `p`: keyed by its text's own cache key plus everything the rows depend on."""
+    ident = [
+        _key(target, p, max_new_tokens + LOOKAHEAD), max_new_tokens, feature_layers, topk, str(feature_dtype),
+        lookahead, SCHEMA_VERSION, ROWS_REVISION,
+    ] + (["hidden"] if hidden else [])  # fmt: skip
+    return cache_dir() / "prefill" / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
+
+
+def _cached_teacher(path: Path, target: Target, pid: str, hidden: bool) -> TeacherRecord | None:
+    """The cached rows at `path`, or None when the entry is missing, unreadable or lacks the hidden state asked for
+    (then they are recomputed)."""
+    try:
+        rec = decode_teacher(path.read_bytes(), vocab_size=target.info.vocab_size, hidden_size=target.info.hidden_size)
+    except (OSError, RecordError):
+        return None
+    if hidden and rec.hidden is None:
+        return None
+    rec.prompt_id = pid
+    return rec
+
+
+def _write_atomic(path: Path, rec: TeacherRecord) -> None:
+    """Write through a per-process temporary file and rename: a concurrent reader sees the old entry or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(encode_teacher(rec))
+    tmp.replace(path)
+
+
 def teacher_data(
     target: Target,
     feature_layers: list[int],
@@ -248,36 +288,12 @@ def teacher_data(
         target, [p for _, p in prompts], max_new_tokens, batch_size, log=log, capture=(feature_layers, topk, hidden)
     )
     t1 = time.perf_counter()
-    root = cache_dir() / "prefill"
-    recs: list[TeacherRecord | None] = []
-    paths = []
 
-    def path_of(p: list[int], lookahead: bool):
-        ident = [
-            _key(target, p, max_new_tokens + LOOKAHEAD),
-            max_new_tokens,
-            feature_layers,
-            topk,
-            str(feature_dtype),
-            lookahead,
-            SCHEMA_VERSION,
-            ROWS_REVISION,
-        ] + (["hidden"] if hidden else [])
-        return root / (hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24] + ".msgpack")
+    def path_of(p: list[int], lookahead: bool) -> Path:
+        return _prefill_path(target, p, max_new_tokens, feature_layers, topk, feature_dtype, lookahead, hidden)
 
-    for (pid, p), _text in zip(prompts, texts):
-        path = path_of(p, with_lookahead)
-        paths.append(path)
-        try:
-            rec = decode_teacher(
-                path.read_bytes(), vocab_size=target.info.vocab_size, hidden_size=target.info.hidden_size
-            )
-            if hidden and rec.hidden is None:
-                raise RecordError("the cache entry carries no hidden state")
-            rec.prompt_id = pid
-            recs.append(rec)
-        except (OSError, RecordError):  # a missing or unreadable cache entry is recomputed
-            recs.append(None)
+    paths = [path_of(p, with_lookahead) for _, p in prompts]
+    recs = [_cached_teacher(path, target, pid, hidden) for path, (pid, _) in zip(paths, prompts)]
     missing = [i for i, r in enumerate(recs) if r is None]
     for i in missing:  # decoded just now: the decoding already computed the rows
         if texts[i].decoded is not None:
@@ -294,7 +310,6 @@ def teacher_data(
         ):
             recs[i] = rec
     if missing:
-        root.mkdir(parents=True, exist_ok=True)
         writes = [(paths[i], recs[i]) for i in missing]
         # a decoded text gives the other variant for free: SFT data (no lookahead) now, rollouts (lookahead) later
         writes += [
@@ -302,9 +317,7 @@ def teacher_data(
             for i in missing if texts[i].decoded is not None
         ]  # fmt: skip
         for path, rec in writes:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(encode_teacher(rec))
-            tmp.replace(path)
+            _write_atomic(path, rec)
     if log is not None and missing:
         log(
             f"target text: {len(missing)} of {len(prompts)} prompts new ({t1 - t0:.0f}s decoding, {time.perf_counter() - t1:.0f}s "

@@ -8,7 +8,7 @@ them and the training loop logs them; config.yaml records the resolved values. `
 What a recipe cannot set (model scale, block size, schedule, data) stays a config key; each recipe's `differences`
 lists them with the official value and the key (docs/recipes.md).
 
-Sources: bingyang-lei/Draft-OPD, each fact a row of docs/recipes.md (R1-R16) with its file and commit (69b03da =
+Sources: bingyang-lei/Draft-OPD, each fact a row of docs/recipes.md (R1-R16; SpecForge's R17-R20) with its file and commit (69b03da =
 69b03dab8697, e81a8bc = e81a8bc488ef, a737810 = a73781096436; upstream verl at 68227b907, the fork's base).
 """
 
@@ -136,7 +136,7 @@ _DFLASH_DIFFERENCES = (
 
 @register_recipe
 class Official2605(Recipe):
-    """The official Draft-OPD recipe for DFlash as published: `run_qwen_gsm8k_forward-ins.sh` over
+    """The official Draft-OPD recipe for DFlash as published [docs/recipes.md R1-R8]: `run_qwen_gsm8k_forward-ins.sh` over
     `run_qwen_gsm8k.sh` at commit 69b03da, loss in `verl/verl/trainer/distillation/losses.py` (`distillation_loss`,
     `_local_bernoulli_forward_kl`) and verl's `kl_penalty` (`verl/trainer/ppo/core_algos.py` @68227b907).
 
@@ -173,7 +173,7 @@ class Official2605(Recipe):
 
 @register_recipe
 class OfficialTV(Recipe):
-    """The authors' newer DFlash recipe: `run_qwen_gsm8k_forward-8b-local.sh` at commit e81a8bc (use_tv_loss=True,
+    """The authors' newer DFlash recipe [docs/recipes.md R12, R13]: `run_qwen_gsm8k_forward-8b-local.sh` at commit e81a8bc (use_tv_loss=True,
     rejected_draft_first_token_only=True, accept decay off) over the TV loss of commit a737810
     (`verl/verl/trainer/distillation/losses.py` `_exact_tv_distillation_loss`, `verl/verl/models/transformers/
     dflash_student.py` `_forward_opd_tv`, `full_vocab_tv_distance`).
@@ -212,7 +212,7 @@ class OfficialTV(Recipe):
 
 @register_recipe
 class OfficialEagle3(Recipe):
-    """The official Draft-OPD recipe for EAGLE-3: `run_qwen_eagle3.sh` and `verl/verl/models/transformers/
+    """The official Draft-OPD recipe for EAGLE-3 [docs/recipes.md R10]: `run_qwen_eagle3.sh` and `verl/verl/models/transformers/
     eagle3_student.py` (`_run_eagle3_full_ttt_forward`) at commit a737810, aggregated by `distillation_loss` in
     `verl/verl/trainer/distillation/losses.py` (`compute_eagle3_native_target_distribution_loss`).
 
@@ -236,7 +236,7 @@ class OfficialEagle3(Recipe):
     required = ("drafter.kind", "loss.objective", "loss.response")
     differences = (
         Difference("starting drafter", "a trained EAGLE-3 drafter", "drafter.init"),
-        Difference("draft vocabulary", "SpecForge's (32,000 ids for Qwen3)", "drafter.draft_vocab_size"),
+        Difference("draft vocabulary", "SpecForge's (32,000 ids for Qwen3)", "drafter.draft_vocab_size"),  # R20
         Difference("chain length", "7 drafts (num_draft_tokens 8)", "rollout.block_size"),
         Difference("learning rate", "1e-4", "learner.lr"),
         Difference("warm-up", "1.5% of the steps", "learner.warmup_steps"),

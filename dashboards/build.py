@@ -202,8 +202,18 @@ def _dashboard(title: str, uid: str) -> Dashboard:
 def training_overview() -> Dashboard:
     """Is the drafter getting better? tau (held-out and per-actor rollout), per-position acceptance, the learner."""
     d = _dashboard("dopd training overview", "dopd-training-overview")
-    acc = _s("dopd_acceptance_rate")
-    panels = [
+    return _add(d, [*_acceptance_panels(), *_learner_panels(), *_freshness_panels(), *_diagnostics_panels()])
+
+
+def _acceptance_bars(pid: int, title: str, pos: GridPos, source: str) -> BarGauge:
+    """The latest acceptance rate at each block position of one source (heldout, rollout, trained), 0..1."""
+    expr = f'{_s("dopd_acceptance_rate")}{{{JOB}, source="{source}"}}'
+    return _bars(pid, title, pos, _q(expr, "pos {{position}}"), "percentunit", 0, 1)
+
+
+def _acceptance_panels() -> list[Any]:
+    """Row 1 (ids 1-8): tau held-out and per actor, per-position acceptance as bars and over time."""
+    return [
         _row(1, "Acceptance length", 0),
         _stat(2, "Held-out tau", _pos(0, 1, 4, 4), _q(f"max({_s('dopd_heldout_tau')}{{{JOB}}})")),
         _stat(3, "Rollout tau (mean over actors)", _pos(0, 5, 4, 4), _q(f"avg({_s('dopd_rollout_tau')}{{{ACTOR}}})")),
@@ -217,26 +227,16 @@ def training_overview() -> Dashboard:
             ],
             desc="Tokens committed per verification step: held-out prompts (the number to report) and each actor's latest rollout batch.",
         ),
-        _bars(
-            5,
-            "Per-position acceptance (held-out)",
-            _pos(0, 9, 12, 7),
-            _q(f'{acc}{{{JOB}, source="heldout"}}', "pos {{position}}"),
-            "percentunit",
-            0,
-            1,
-        ),
-        _bars(
-            6,
-            "Per-position acceptance (rollout)",
-            _pos(12, 9, 12, 7),
-            _q(f'{acc}{{{JOB}, source="rollout"}}', "pos {{position}}"),
-            "percentunit",
-            0,
-            1,
-        ),
+        _acceptance_bars(5, "Per-position acceptance (held-out)", _pos(0, 9, 12, 7), "heldout"),
+        _acceptance_bars(6, "Per-position acceptance (rollout)", _pos(12, 9, 12, 7), "rollout"),
         _acceptance_heatmap(7, "Acceptance by position over time (held-out)", _pos(0, 16, 12, 8), "heldout"),
         _acceptance_heatmap(8, "Acceptance by position over time (rollout)", _pos(12, 16, 12, 8), "rollout"),
+    ]
+
+
+def _learner_panels() -> list[Any]:
+    """Row 9 (ids 9-13): loss per stream, step time, FLOPs, steps/s and gradient norm."""
+    return [
         _row(9, "Learner", 24),
         _ts(
             10, "Learner loss per stream", _pos(0, 25, 12, 8), [_q(f"{_s('dopd_learner_loss')}{{{JOB}}}", "{{stream}}")]
@@ -260,6 +260,12 @@ def training_overview() -> Dashboard:
                 _q(f"{_s('dopd_learner_grad_norm')}{{{JOB}}}", "grad norm (pre-clip)", "B"),
             ],
         ),
+    ]
+
+
+def _freshness_panels() -> list[Any]:
+    """Row 14 (ids 14-18): policy version, record staleness, publish latency."""
+    return [
         _row(14, "Policy freshness and publishing", 41),
         _ts(
             15,
@@ -298,6 +304,12 @@ def training_overview() -> Dashboard:
             .calculate(False)
             .color(_colors("Oranges", "dark-orange", hm_models.HeatmapColorScale.EXPONENTIAL))
         ),
+    ]
+
+
+def _diagnostics_panels() -> list[Any]:
+    """Row 19 (ids 19-23): gradient norm by part, silenced share, replay mismatch, acceptance of trained blocks."""
+    return [
         _row(19, "Learner diagnostics", 58),
         _ts(
             20,
@@ -327,17 +339,8 @@ def training_overview() -> Dashboard:
             ],
             desc="Full-vocabulary KL at the rollout's block positions: matched (all), accepted, first rejected, after the rejection.",
         ),
-        _bars(
-            23,
-            "Per-position acceptance (blocks trained on)",
-            _pos(0, 67, 24, 7),
-            _q(f'{acc}{{{JOB}, source="trained"}}', "pos {{position}}"),
-            "percentunit",
-            0,
-            1,
-        ),
+        _acceptance_bars(23, "Per-position acceptance (blocks trained on)", _pos(0, 67, 24, 7), "trained"),
     ]
-    return _add(d, panels)
 
 
 def _acceptance_heatmap(pid: int, title: str, pos: GridPos, source: str) -> Heatmap:
@@ -364,31 +367,23 @@ def _acceptance_heatmap(pid: int, title: str, pos: GridPos, source: str) -> Heat
 def rollout_fleet() -> Dashboard:
     """Are the actors and queues healthy? Throughput per actor, restarts, queue shards, drops and record flow."""
     d = _dashboard("dopd rollout fleet", "dopd-rollout-fleet")
+    return _add(d, [*_throughput_panels(), *_queue_panels()])
+
+
+def _count(pid: int, title: str, x: int, expr: str) -> Stat:
+    """A whole-number stat in the fleet dashboard's top line (6 columns wide at column x)."""
+    return _stat(pid, title, _pos(x, 1, 6, 4), _q(expr), decimals=0)
+
+
+def _throughput_panels() -> list[Any]:
+    """Row 1 (ids 1-9): tokens/s in total and per actor, actors reporting, restarts, replay anchors/s."""
     tok_rate = f"rate({_s('dopd_rollout_tokens')}{{{ACTOR}}}[{RATE}])"
-    panels = [
+    return [
         _row(1, "Throughput", 0),
-        _stat(2, "Rollout tokens/s (all actors)", _pos(0, 1, 6, 4), _q(f"sum({tok_rate})"), decimals=0),
-        _stat(
-            3,
-            "Actors reporting",
-            _pos(6, 1, 6, 4),
-            _q(f"count({_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}})"),
-            decimals=0,
-        ),
-        _stat(
-            4,
-            "Actor restarts (total)",
-            _pos(12, 1, 6, 4),
-            _q(f"sum({_s('dopd_actor_restarts')}{{{ACTOR}}})"),
-            decimals=0,
-        ),
-        _stat(
-            5,
-            "Records queued (all shards)",
-            _pos(18, 1, 6, 4),
-            _q(f"sum({_s('dopd_queue_depth')}{{{JOB}}})"),
-            decimals=0,
-        ),
+        _count(2, "Rollout tokens/s (all actors)", 0, f"sum({tok_rate})"),
+        _count(3, "Actors reporting", 6, f"count({_s('dopd_rollout_tokens_per_second')}{{{ACTOR}}})"),
+        _count(4, "Actor restarts (total)", 12, f"sum({_s('dopd_actor_restarts')}{{{ACTOR}}})"),
+        _count(5, "Records queued (all shards)", 18, f"sum({_s('dopd_queue_depth')}{{{JOB}}})"),
         _ts(
             6,
             "Rollout tokens/s per actor (latest batch)",
@@ -429,6 +424,12 @@ def rollout_fleet() -> Dashboard:
             ],
             desc="Cumulative restarts per actor: a rising line is an actor that keeps dying.",
         ),
+    ]
+
+
+def _queue_panels() -> list[Any]:
+    """Row 10 (ids 10-14): depth and bytes per shard, dropped / rejected records, records produced and consumed."""
+    return [
         _row(10, "Queues", 21),
         _ts(
             11,
@@ -481,7 +482,6 @@ def rollout_fleet() -> Dashboard:
             ],
         ),
     ]
-    return _add(d, panels)
 
 
 def _add(d: Dashboard, panels: list[Any]) -> Dashboard:

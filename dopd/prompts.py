@@ -173,7 +173,7 @@ class RunPrompts:
 
     A training item is (id, prompt ids), or (id, prompt ids, answer ids) with data.answers=as_is: the dataset's
     answer travels with its prompt to whichever process (in-process worker or Ray actor) needs the target's text
-    for it (`common/target_text.py`). Held-out items are always prompts: held-out tau is measured on the target's
+    for it (`actors/target_text.py`). Held-out items are always prompts: held-out tau is measured on the target's
     own greedy answers in both modes, so the two are compared on the same measurement."""
 
     train: list[tuple]

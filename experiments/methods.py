@@ -6,7 +6,7 @@ next to it):
 
 T = 1 (sampled decoding; rollouts by the engine with lossless rejection sampling), EAGLE-3 drafter:
   sft_kl        continued SFT on the target's greedy answers (forward KL to its top-k)
-  opd_kl        Draft-OPD, the official EAGLE-3 recipe (training-time test, forward KL) on T = 1 rollouts
+  opd_kl        Draft-OPD, the official EAGLE-3 recipe [docs/recipes.md R10] (training-time test, forward KL) on T = 1 rollouts
   bebop_tv      Bebop's per-position TV loss on the rollout's blocks (accepted positions + the first rejection)
   bebop_e2e     Bebop's end-to-end objective: the blocks' expected accepted length under rejection sampling
 T = 0 (greedy):

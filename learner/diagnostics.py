@@ -7,7 +7,7 @@ Every OPD step row (metrics.jsonl; Prometheus through dopd/metrics.py `JobMetric
   reduced vocabulary, DVI's low-rank head) and of everything else, before clipping: a head shared by every block
   position is how a loss on one position moves the others;
 - `acc_silenced` / `rej_silenced`: the share of each stream's positions whose gradient a floor, clip or the loss
-  clamp sets to exactly zero (official-2605: confidently wrong drafts, r < ~-11, are silent);
+  clamp sets to exactly zero (official-2605 [docs/recipes.md R5, R6]: confidently wrong drafts, r < ~-11, are silent);
 - `replay_kl_<group>`: the official [docs/recipes.md R14] replay-mismatch split (`_compute_replay_dis_mismatch`, dflash_student.py
   @a737810; never part of the loss): KL(q || p) over the full vocabulary, no gradient, at every block position of
   the rollout's verification steps inside the answer, with p the target on its OWN text at that position (its

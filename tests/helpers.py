@@ -9,38 +9,39 @@ from dopd.common.drafters.base import Drafter, DrafterSpec, DraftState, Proposal
 from dopd.common.sampling import processed_probs
 
 
-class OracleDrafter(Drafter):
-    kind = "oracle"
+class _TargetDouble(Drafter):
+    """What both oracle doubles share: a spec of the target's shapes (one feature layer), the target itself, a dummy
+    parameter in the target's dtype (drafts in that dtype: no inference copy), no drafter cache, no training forward."""
 
-    def __init__(self, target, noise: float = 0.3, q_temperature: float = 1.5, seed: int = 0):
+    def __init__(self, target, feature_layer: int):
         info = target.info
         spec = DrafterSpec(
-            kind="oracle",
-            hidden_size=info.hidden_size,
-            intermediate_size=1,
-            num_layers=1,
-            num_heads=1,
-            num_kv_heads=1,
-            head_dim=info.hidden_size,
-            feature_layers=[info.num_layers - 1],
-            target_hidden_size=info.hidden_size,
-            vocab_size=info.vocab_size,
-            target=info.to_dict(),
-        )
+            kind=self.kind, hidden_size=info.hidden_size, intermediate_size=1, num_layers=1, num_heads=1,
+            num_kv_heads=1, head_dim=info.hidden_size, feature_layers=[feature_layer],
+            target_hidden_size=info.hidden_size, vocab_size=info.vocab_size, target=info.to_dict(),
+        )  # fmt: skip
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(
-            torch.zeros(1, dtype=target.dtype)
-        )  # drafts in the target dtype: no inference copy
+        self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))
         self.target = target
-        self.noise = noise
-        self.q_temperature = q_temperature
-        self.gen = torch.Generator().manual_seed(seed)
 
     def context_start(self) -> int:
         return 0
 
     def new_state(self, batch, max_len, device, dtype) -> DraftState:
         return DraftState([], [], torch.zeros(batch, dtype=torch.long))
+
+    def block_hidden(self, *a, **k):
+        raise NotImplementedError("test double: inference only")
+
+
+class OracleDrafter(_TargetDouble):
+    kind = "oracle"
+
+    def __init__(self, target, noise: float = 0.3, q_temperature: float = 1.5, seed: int = 0):
+        super().__init__(target, target.info.num_layers - 1)
+        self.noise = noise
+        self.q_temperature = q_temperature
+        self.gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def propose(
@@ -71,14 +72,11 @@ class OracleDrafter(Drafter):
         q = torch.stack(qs, 1) if temperature > 0 else None
         return Proposal(torch.stack(toks, 1), q, torch.stack(qtok, 1), torch.zeros(b, K))
 
-    def block_hidden(self, *a, **k):
-        raise NotImplementedError("test double: inference only")
-
     def draft_blocks(self, *a, **k):
         raise NotImplementedError("test double: inference only")
 
 
-class HashOracleDrafter(Drafter):
+class HashOracleDrafter(_TargetDouble):
     """Drafts the target's greedy token, except at positions p with p % period == 0, where it drafts the next id.
 
     Deterministic in (prefix, position), so its inference forward (`propose`) and its block forward at any anchor
@@ -88,32 +86,8 @@ class HashOracleDrafter(Drafter):
     kind = "hash-oracle"
 
     def __init__(self, target, period: int = 3):
-        info = target.info
-        spec = DrafterSpec(
-            kind="hash-oracle",
-            hidden_size=info.hidden_size,
-            intermediate_size=1,
-            num_layers=1,
-            num_heads=1,
-            num_kv_heads=1,
-            head_dim=info.hidden_size,
-            feature_layers=[info.num_layers],
-            target_hidden_size=info.hidden_size,
-            vocab_size=info.vocab_size,
-            target=info.to_dict(),
-        )
-        super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
-        self.dummy = torch.nn.Parameter(
-            torch.zeros(1, dtype=target.dtype)
-        )  # drafts in the target dtype: no inference copy
-        self.target = target
+        super().__init__(target, target.info.num_layers)
         self.period = period
-
-    def context_start(self) -> int:
-        return 0
-
-    def new_state(self, batch, max_len, device, dtype) -> DraftState:
-        return DraftState([], [], torch.zeros(batch, dtype=torch.long))
 
     @torch.no_grad()
     def _chains(self, prefixes: list[list[int]], K: int) -> torch.Tensor:
@@ -151,9 +125,6 @@ class HashOracleDrafter(Drafter):
         prefixes = [tokens[b, : max(int(anchors[b, m]), 1)].tolist() for b in range(B) for m in range(M)]
         ids = self._chains(prefixes, K).view(B, M, K).to(tokens.device)
         return ids, torch.zeros(B, M, K), torch.ones(B, M, K)
-
-    def block_hidden(self, *a, **k):
-        raise NotImplementedError("test double: inference only")
 
 
 def hash_oracle_accepted(prompt_len: int, num_new: int, K: int, period: int) -> list[int]:
@@ -240,3 +211,39 @@ def objective_loss(
     drafter = FixedLogits(logits, t2d)
     mask = obj.mask(batch, t2d)
     return obj.loss(drafter, batch, mask, step, denom), mask
+
+
+def random_drafter(tiny, kind="eagle3", layers=1, reduced=False, seed=0, spec=None, **cfg):
+    """A drafter of `kind` with every weight perturbed (norms included, so a swapped or missing norm shows), a RoPE
+    base other than the target's (so a lost rope_theta shows) and, when reduced, an UNSORTED draft vocabulary; the
+    export and interop tests (test_export, test_peagle) compare its logits with an independent implementation's.
+    spec: DrafterSpec fields set after `spec_for` (e.g. P-EAGLE's mask_token_id); cfg: DrafterConfig fields. DFlash's
+    MASK (`mask_embedding`) stays the embedding row of mask_token_id (z-lab's rule)."""
+    from dataclasses import replace
+
+    from dopd.common.config import DrafterConfig
+    from dopd.common.drafters import KINDS, spec_for
+
+    g = torch.Generator().manual_seed(seed)
+    dcfg = DrafterConfig(kind=kind, num_layers=layers, draft_vocab_size=100 if reduced else None, **cfg)
+    s = replace(spec_for(dcfg, tiny.info, tiny.model.config), rope_theta=5e4, **(spec or {}))
+    ids = torch.randperm(tiny.info.vocab_size, generator=g)[:100] if reduced else None
+    d = KINDS[kind](s, tiny.embed_tokens.weight, tiny.lm_head.weight, ids)
+    with torch.no_grad():
+        for n, p in d.named_parameters():
+            if "mask_embedding" not in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return d.eval()
+
+
+def target_states(tiny, S: int):
+    """One random sequence of S tokens (seed 1) and the target's hidden states for it."""
+    tok = torch.randint(0, tiny.info.vocab_size, (1, S), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hs = tiny.model(tok, output_hidden_states=True).hidden_states
+    return tok, hs
+
+
+def features(d, hs):
+    """The drafter's input features: its feature layers' hidden states, concatenated."""
+    return torch.cat([hs[i] for i in d.feature_layers], -1)

@@ -287,9 +287,9 @@ def test_as_is_refuses_rollouts_that_decode():
 def test_walk_accepts_nothing_past_a_given_answer():
     """Re-segmentation along a dataset's answer: a draft past the answer's end is never accepted, even when it
     equals the padding there (the target's text past the end is unknown without decoding)."""
+    from dopd.actors.target_text import GivenText
     from dopd.common.greedy import GreedyText
     from dopd.common.resegment import walk
-    from dopd.common.target_text import GivenText
 
     pad = 2
     prompt, answer = [5, 6], [7, 8, 9]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,47 +19,18 @@ except ImportError as e:  # a failure, not a skip: the interop checks are the po
         "tests/test_export.py needs speculators 0.9.0: run `make setup` (it installs it with --no-deps)"
     ) from e
 
-from dopd.common.config import DrafterConfig  # noqa: E402
-from dopd.common.drafters import export_drafter, load_drafter, spec_for  # noqa: E402
-from dopd.common.drafters.dflash import DFlashDrafter  # noqa: E402
-from dopd.common.drafters.eagle3 import Eagle3Drafter  # noqa: E402
+from helpers import features, random_drafter, target_states  # noqa: E402
+
+from dopd.common.drafters import export_drafter, load_drafter  # noqa: E402
 from dopd.common.errors import ModelError  # noqa: E402
 
 TOL = 1e-4
 S, K = 24, 3
 
 
-def random_drafter(tiny, kind="eagle3", layers=1, reduced=False, seed=0, **cfg):
-    """A drafter with every weight perturbed (norms included, so a swapped or missing norm shows), a RoPE base
-    other than the target's (so a lost rope_theta shows) and, when reduced, an UNSORTED draft vocabulary."""
-    g = torch.Generator().manual_seed(seed)
-    spec = spec_for(
-        DrafterConfig(kind=kind, num_layers=layers, draft_vocab_size=100 if reduced else None, **cfg),
-        tiny.info,
-        tiny.model.config,
-    )
-    spec = replace(spec, rope_theta=5e4)
-    ids = torch.randperm(tiny.info.vocab_size, generator=g)[:100] if reduced else None
-    cls = Eagle3Drafter if kind == "eagle3" else DFlashDrafter
-    d = cls(spec, tiny.embed_tokens.weight, tiny.lm_head.weight, ids)
-    with torch.no_grad():
-        for n, p in d.named_parameters():
-            if "mask_embedding" not in n:  # DFlash: keep the MASK = embedding row of mask_token_id (z-lab's rule)
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return d.eval()
-
-
 @pytest.fixture(scope="module")
 def batch(tiny):
-    """One random sequence and the target's hidden states for it."""
-    tok = torch.randint(0, tiny.info.vocab_size, (1, S), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        hs = tiny.model(tok, output_hidden_states=True).hidden_states
-    return tok, hs
-
-
-def features(d, hs):
-    return torch.cat([hs[i] for i in d.feature_layers], -1)
+    return target_states(tiny, S)
 
 
 def dopd_eagle3_logits(d, tok, hs):

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 
 import pytest
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # speculators reads the verifier named in the config: a local directory only
 
+from helpers import features, random_drafter, target_states  # noqa: E402
+
 from dopd.common.config import DrafterConfig  # noqa: E402
-from dopd.common.drafters import KINDS, build_drafter, export_drafter, load_drafter, spec_for  # noqa: E402
+from dopd.common.drafters import KINDS, build_drafter, export_drafter, load_drafter  # noqa: E402
 from dopd.common.drafters.peagle import PEagleDrafter  # noqa: E402
 from dopd.common.errors import ModelError  # noqa: E402
 from dopd.common.specdec import DecodeSettings, SpecEngine  # noqa: E402
@@ -27,33 +28,20 @@ STARTS = [0, 3, 7, 12, 18]  # speculators' anchor indices (its entry i = dopd's 
 def random_peagle(tiny, layers=1, reduced=False, seed=0, mask_token_id=5):
     """Every weight perturbed (norms and mask_hidden included), a RoPE base other than the target's, and when
     reduced an UNSORTED draft vocabulary."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = DrafterConfig(kind="peagle", num_layers=layers, draft_vocab_size=100 if reduced else None)
-    spec = replace(spec_for(cfg, tiny.info, tiny.model.config), rope_theta=5e4, mask_token_id=mask_token_id)
-    ids = torch.randperm(tiny.info.vocab_size, generator=g)[:100] if reduced else None
-    d = PEagleDrafter(spec, tiny.embed_tokens.weight, tiny.lm_head.weight, ids)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return d.eval()
+    return random_drafter(tiny, "peagle", layers, reduced, seed, spec={"mask_token_id": mask_token_id})
 
 
 @pytest.fixture(scope="module")
 def batch(tiny):
-    tok = torch.randint(0, tiny.info.vocab_size, (1, S), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        hs = tiny.model(tok, output_hidden_states=True).hidden_states
-    return tok, hs
-
-
-def feats(d, hs):
-    return torch.cat([hs[i] for i in d.feature_layers], -1)
+    return target_states(tiny, S)
 
 
 def dopd_logits(d, tok, hs, sort=True):
     a = torch.tensor(STARTS) + 2
     with torch.no_grad():
-        lg = d.logits(d.block_hidden(tok, feats(d, hs), torch.tensor([S]), a[None], torch.zeros(1, len(a), K).long()))
+        lg = d.logits(
+            d.block_hidden(tok, features(d, hs), torch.tensor([S]), a[None], torch.zeros(1, len(a), K).long())
+        )
     return lg[0][..., torch.argsort(d.draft_ids)] if sort else lg[0]  # [M, K, Vd]
 
 

@@ -291,15 +291,14 @@ def test_official_eagle3_ttt_soft_ce_loss_and_gradient():
     hid[0, 1, 2, 5] = 9.0  # this step's target argmax is outside the draft vocabulary: masked
     top1 = hid.argmax(-1)
     valid = torch.ones(1, 2, Kt, dtype=torch.bool)
-    Tt = BlockTargets(
-        top1[..., None],
-        torch.full((1, 2, Kt, 1), 0.5),
-        torch.full((1, 2, Kt), 0.5),
-        top1,
-        torch.full((1, 2, Kt), 0.5),
-        valid.clone(),
-        valid,
-    )
+
+    def blocks() -> BlockTargets:  # every position valid, labelled by the target's argmax (p 0.5, tail 0.5)
+        return BlockTargets(
+            top1[..., None], torch.full((1, 2, Kt, 1), 0.5), torch.full((1, 2, Kt), 0.5), top1,
+            torch.full((1, 2, Kt), 0.5), valid.clone(), valid,
+        )  # fmt: skip
+
+    Tt = blocks()
     Tt.hidden, Tt.hidden_ok = hid, valid.clone()
     sw = torch.tensor([1.0, 0.8, 0.64])
     ttt = SimpleNamespace(
@@ -313,15 +312,7 @@ def test_official_eagle3_ttt_soft_ce_loss_and_gradient():
         response_tokens=9,
     )
     # the rollout's verification blocks: none feeds a stream (lambda_rej = 0, the TTT blocks are the accepted stream)
-    Tb = BlockTargets(
-        top1[..., None],
-        torch.full((1, 2, Kt, 1), 0.5),
-        torch.full((1, 2, Kt), 0.5),
-        top1,
-        torch.full((1, 2, Kt), 0.5),
-        valid.clone(),
-        valid,
-    )
+    Tb = blocks()
     Tb.acc_block = torch.zeros(1, 2, dtype=torch.bool)
     batch = batch_of(Tb, 9)
     batch.ttt = ttt
@@ -377,3 +368,26 @@ def test_readme_lists_every_recipe_difference():
     from dopd.common.recipes import recipe_table
 
     assert recipe_table() in (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+
+
+def test_every_citation_names_a_row_of_docs_recipes_md():
+    """Each `[docs/recipes.md R..]` citation in the code and docs names rows that exist (a row removed or renumbered
+    fails here with the file), and no file cites a path outside the repository (../shared, ../notes)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    rows = set(re.findall(r"^\| (R\d+) \|", (root / "docs" / "recipes.md").read_text(), re.M))
+    assert {"R1", "R10", "R17", "R20"} <= rows
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=root, capture_output=True, text=True).stdout.split()
+    cited, bad = 0, []
+    for f in files:
+        text = (root / f).read_text()
+        bad += [f"{f}: {m}" for m in re.findall(r"\.\./(?:shared|notes)/\S+", text)]
+        for group in re.findall(r"\[docs/recipes\.md ([^\]]+)\]", text):
+            for a, b in re.findall(r"R(\d+)(?:\s*-\s*R(\d+))?", group):
+                named = {f"R{i}" for i in range(int(a), int(b or a) + 1)}
+                cited += 1
+                bad += [f"{f}: [docs/recipes.md {group}] names {r}, not a row" for r in sorted(named - rows)]
+    assert cited > 20 and not bad, bad

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..models import TargetInfo
+from ..registry import Registry
 from ..sampling import processed_probs, sample
 
 if TYPE_CHECKING:
@@ -63,15 +64,9 @@ class DrafterSpec:
         return self.draft_vocab_size is not None or self.train_lm_head
 
 
-KINDS: dict[str, type[Drafter]] = {}
-
-
-def register_kind(cls: type[Drafter]) -> type[Drafter]:
-    """Class decorator: a drafter kind registers itself under `cls.kind` (the value of `drafter.kind`)."""
-    if cls.kind in KINDS and KINDS[cls.kind] is not cls:
-        raise ModelError(f"two drafter kinds named '{cls.kind}': {KINDS[cls.kind].__qualname__} and {cls.__qualname__}")
-    KINDS[cls.kind] = cls
-    return cls
+KINDS: Registry[type[Drafter]] = Registry("drafter kinds", "drafter.kind", attr="kind", error=ModelError)
+# class decorator: a drafter kind registers itself under `cls.kind` (the value of `drafter.kind`)
+register_kind = KINDS.register
 
 
 def kind_class(kind: str) -> type[Drafter]:
@@ -130,8 +125,9 @@ class Proposal:
 
 class Drafter(nn.Module):
     """A drafter kind is one subclass in one file, registered with `@register_kind`. Besides its forwards it
-    declares its defaults: the feature layers it reads, its SFT plan, the loss settings of its official recipe and
-    the server formats it exports to; nothing else in dopd branches on the kind's name."""
+    declares its defaults: the feature layers it reads, its SFT plan, the loss settings of its official recipe (its
+    docstring cites the docs/recipes.md rows) and the server formats it exports to; nothing else in dopd branches on
+    the kind's name."""
 
     kind: str = "base"
     # the loss settings of this kind's official recipe, filled into `loss.*` keys the config leaves unset (at load)

@@ -53,9 +53,10 @@ class DFlashLayer(nn.Module):
 class DFlashDrafter(Drafter):
     """Defaults: one draft layer reads the output of target layer L//2, n layers n outputs evenly spread over layers
     1..L-3; SFT = blocks of K at random answer anchors (at most `loss.dflash_anchors_per_seq` per sequence), position
-    j weighted exp(-(j-1)/`loss.dflash_decay`) (SpecForge uses decay 7 for 16-token blocks); the official [docs/recipes.md R4, R5, R7] Draft-OPD
-    recipe for DFlash: the rollout's blocks, accepted stream = Bernoulli forward KL on the target's token, rejected
-    stream = k3 on the drafted tokens (lambda 1)."""
+    j weighted exp(-(j-1)/`loss.dflash_decay`) (SpecForge's example uses 7 for 16-token blocks [docs/recipes.md
+    R19]; dopd's default: unset, flat weights); the official Draft-OPD recipe for DFlash [docs/recipes.md R4, R5,
+    R7]: the rollout's blocks, accepted stream = Bernoulli forward KL on the target's token, rejected stream = k3 on
+    the drafted tokens (lambda 1)."""
 
     kind = "dflash"
     default_loss = {"objective": "opd", "response": "blocks", "acc_divergence": "bernoulli", "lambda_rej": 1.0}

@@ -55,10 +55,10 @@ class Eagle3Layer(nn.Module):
 @register_kind
 class Eagle3Drafter(Drafter):
     """Defaults: feature layers low/mid/high = hidden_states[2], [L//2], [L-3] (SpecForge's layer outputs 1, L/2-1,
-    L-4); SFT = the training-time test (TTT): a block at every answer position unrolled `loss.ttt_depth` (default K)
-    steps exactly as at inference, step j weighted `loss.ttt_step_weight`^(j-1) (0.8 in EAGLE-3 / SpecForge); the
-    official [docs/recipes.md R10] Draft-OPD recipe for EAGLE-3: TTT over every response position as the accepted stream (forward KL),
-    rejected stream off."""
+    L-4 [docs/recipes.md R17]); SFT = the training-time test (TTT): a block at every answer position unrolled
+    `loss.ttt_depth` (default K) steps exactly as at inference, step j weighted `loss.ttt_step_weight`^(j-1) (0.8 in
+    SpecForge [docs/recipes.md R18]); the official Draft-OPD recipe for EAGLE-3 [docs/recipes.md R10]: TTT over
+    every response position as the accepted stream (forward KL), rejected stream off."""
 
     kind = "eagle3"
     default_loss = {"objective": "opd", "response": "ttt", "acc_divergence": "fkl", "lambda_rej": 0.0}

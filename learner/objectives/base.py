@@ -27,6 +27,7 @@ import torch
 
 from dopd.common.config import Config
 from dopd.common.errors import ConfigError
+from dopd.common.registry import Registry
 
 from ..losses import EPS, LossParts
 
@@ -122,14 +123,25 @@ def logq(drafter: Drafter, b: TrainBatch) -> torch.Tensor:
     return torch.log_softmax(drafter.logits(h).float(), dim=-1)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {}
+class BlockObjective(Objective):
+    """An objective over the rollout's own verification blocks only (DVI, Bebop's expected length, exact TV, LK):
+    no rejected stream, no extra or shuffled anchors; `check` refuses settings that would train anything else."""
+
+    defaults: ClassVar[dict[str, Any]] = {"response": "blocks", "lambda_rej": 0.0}
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        lc, what = cfg.loss, f"loss.objective={cfg.loss.objective}"
+        if lc.response != "blocks":
+            raise ConfigError(
+                f"{what} trains the rollout's verification blocks: loss.response must be blocks (got {lc.response})"
+            )
+        if lc.lambda_rej:
+            raise ConfigError(f"{what} has no rejected stream: loss.lambda_rej must be 0 (got {lc.lambda_rej})")
+        if cfg.replay.extra != "none" or cfg.replay.anchors != "rollout":
+            raise ConfigError(f"{what} trains the rollout's own blocks: replay.extra=none and replay.anchors=rollout")
 
 
-def register(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: an objective registers itself under `cls.name` (the value of `loss.objective`)."""
-    if cls.name in OBJECTIVES and OBJECTIVES[cls.name] is not cls:
-        raise ConfigError(
-            f"two objectives named '{cls.name}': {OBJECTIVES[cls.name].__qualname__} and {cls.__qualname__}"
-        )
-    OBJECTIVES[cls.name] = cls
-    return cls
+OBJECTIVES: Registry[type[Objective]] = Registry("objectives", "loss.objective")
+# class decorator: an objective registers itself under `cls.name` (the value of `loss.objective`)
+register = OBJECTIVES.register

@@ -8,31 +8,18 @@ from dopd.common.config import Config
 from dopd.common.errors import ConfigError
 
 from ..losses import dvi_samples, dvi_sums
-from .base import Mask, Objective, logq, register
-
-
-def check_block_objective(cfg: Config) -> None:
-    """DVI and Bebop train the rollout's own verification blocks: settings that would train anything else are errors."""
-    lc, what = cfg.loss, f"loss.objective={cfg.loss.objective}"
-    if lc.response != "blocks":
-        raise ConfigError(
-            f"{what} trains the rollout's verification blocks: loss.response must be blocks (got {lc.response})"
-        )
-    if lc.lambda_rej:
-        raise ConfigError(f"{what} has no rejected stream: loss.lambda_rej must be 0 (got {lc.lambda_rej})")
-    if cfg.replay.extra != "none" or cfg.replay.anchors != "rollout":
-        raise ConfigError(f"{what} trains the rollout's own blocks: replay.extra=none and replay.anchors=rollout")
+from .base import BlockObjective, Mask, logq, register
 
 
 @register
-class DVI(Objective):
+class DVI(BlockObjective):
     name = "dvi"
     source = "DVI, arXiv 2510.05421 (online KL, then reward-masked CE + policy gradient)"
-    defaults = {"response": "blocks", "acc_divergence": "fkl", "lambda_rej": 0.0}
+    defaults = {**BlockObjective.defaults, "acc_divergence": "fkl"}
 
     @classmethod
     def check(cls, cfg: Config) -> None:
-        check_block_objective(cfg)
+        super().check(cfg)
         if not cfg.loss.acc_at_first_rejection:
             raise ConfigError(
                 "loss.objective=dvi samples every drafted position up to and including the first rejection: loss.acc_at_first_rejection must be true"

@@ -19,19 +19,17 @@ from dopd.common.errors import ConfigError
 
 from ..diagnostics import replay_split
 from ..losses import full_tv, tv_block_loss, tv_positions
-from .base import Mask, Objective, register
-from .dvi import check_block_objective
+from .base import BlockObjective, Mask, register
 
 
 @register
-class ExactTV(Objective):
+class ExactTV(BlockObjective):
     name = "e2e_tv"
     source = "bingyang-lei/Draft-OPD@a737810 losses.py _exact_tv_distillation_loss, dflash_student.py _forward_opd_tv (script @e81a8bc)"
-    defaults = {"response": "blocks", "lambda_rej": 0.0}
 
     @classmethod
     def check(cls, cfg: Config) -> None:
-        check_block_objective(cfg)
+        super().check(cfg)
         lc = cfg.loss
         if lc.targets != "full":
             raise ConfigError(

@@ -8,19 +8,18 @@ from dopd.common.config import Config
 from dopd.common.errors import ConfigError
 
 from ..losses import e2e_blocks, e2e_sums
-from .base import Mask, Objective, logq, register
-from .dvi import check_block_objective
+from .base import BlockObjective, Mask, logq, register
 
 
 @register
-class ExpectedLength(Objective):
+class ExpectedLength(BlockObjective):
     name = "expected_length"
     source = "Bebop, arXiv 2606.12370 (end-to-end expected accepted length)"
-    defaults = {"response": "blocks", "acc_divergence": "fkl", "lambda_rej": 0.0}
+    defaults = {**BlockObjective.defaults, "acc_divergence": "fkl"}
 
     @classmethod
     def check(cls, cfg: Config) -> None:
-        check_block_objective(cfg)
+        super().check(cfg)
         if cfg.rollout.temperature != 1.0 or cfg.rollout.top_p != 1.0:
             raise ConfigError(
                 "loss.objective=expected_length is the acceptance of rejection sampling with the records' T = 1 target "

@@ -21,8 +21,7 @@ import torch
 from dopd.common.config import Config
 
 from ..losses import EPS, tv_positions
-from .base import Mask, Objective, register
-from .dvi import check_block_objective
+from .base import BlockObjective, Mask, register
 
 
 def acceptance(q_logits: torch.Tensor, target_hidden: torch.Tensor, head: torch.Tensor, draft_ids) -> torch.Tensor:
@@ -42,14 +41,9 @@ def lk_alpha_loss(alpha: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class LK(Objective):
+class LK(BlockObjective):
     name = "lk"
     source = "LK losses, arXiv 2602.23881 (Samarin et al. 2026): L = -log sum_v min(p, q), the negative log acceptance"
-    defaults = {"response": "blocks", "lambda_rej": 0.0}
-
-    @classmethod
-    def check(cls, cfg: Config) -> None:
-        check_block_objective(cfg)
 
     @classmethod
     def records(cls, cfg: Config) -> set[str]:

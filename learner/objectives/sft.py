@@ -10,7 +10,7 @@ from .base import Mask, Objective, logq
 
 class SFT(Objective):
     name = "sft"
-    source = "EAGLE-3 / SpecForge training-time test; DFlash random-anchor blocks (the kind's SFT plan)"
+    source = "SpecForge's EAGLE-3 training-time test and DFlash random-anchor blocks [docs/recipes.md R18, R19] (the kind's SFT plan)"
 
     def mask(self, batch, t2d) -> Mask:
         return Mask({"acc": sft_valid(batch.targets, t2d, batch.step_weight)}, {"acc": 1.0})

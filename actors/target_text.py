@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from .errors import RecordError
-from .greedy import LOOKAHEAD, GreedyText, prefill, teacher_data
-from .models import Target
-from .pypi import cache_dir
-from .record import TeacherRecord, decode_teacher, encode_teacher
+from dopd.common.errors import RecordError
+from dopd.common.greedy import LOOKAHEAD, GreedyText, prefill, teacher_data
+from dopd.common.models import Target
+from dopd.common.pypi import cache_dir
+from dopd.common.record import TeacherRecord, decode_teacher, encode_teacher
 
 
 class GivenText(GreedyText):

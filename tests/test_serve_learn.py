@@ -1,0 +1,115 @@
+"""`dopd serve --learn` end to end on the tiny target (fp32): clients are answered losslessly while the drafter
+learns from their requests, the learned weights reach the replicas, and nothing is trained twice."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from dopd.common.errors import DopdError
+from dopd.common.specdec import DecodeSettings, SpecEngine
+
+pytestmark = [pytest.mark.ray, pytest.mark.heavy]
+
+MODEL = "tiny-random-llama"
+TEXTS = ["hi", "write a function that sums a list", "2+2=?", "tell me a story", "ok", "why", "abc", "xyz"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_learn_needs_a_trained_drafter_directory(tmp_path):
+    from dopd.serve_learn import learn_config
+
+    with pytest.raises(DopdError, match="--drafter must be a drafter directory"):
+        learn_config(MODEL, "init-eagle3", tmp_path / "run", 1, 1)
+    with pytest.raises(DopdError, match=">= 1 learning actor"):
+        learn_config(MODEL, str(tmp_path), tmp_path / "run", 0, 1)
+
+
+def test_serve_learn_answers_losslessly_while_the_drafter_learns(ray_session, tiny, trained_tiny_drafter, tmp_path):
+    import openai
+
+    from dopd import serve as dserve
+    from dopd.serve_learn import learn_config, serve_and_learn
+    from dopd.traffic import FEED_NAME
+
+    ray = ray_session
+    d = tmp_path / "drafter"
+    trained_tiny_drafter.save_pretrained(d)
+    cfg = learn_config(MODEL, str(d), tmp_path / "run", actors=1, learners=1, overrides=[
+        "data.prompts=champ-problems", "data.num_eval=4", "rollout.batch_size=4", "rollout.max_new_tokens=16",
+        "learner.micro_batch_size=2", "learner.refresh_every=1", "learner.steps=3", "learner.lr=3e-3",
+        "eval.num_prompts=4", "eval.max_new_tokens=12", "learner.eval_every=100", "learner.checkpoint_every=2",
+        "metrics.port=0", "cluster.actor_num_cpus=0.5", "learner.zero_stage=2",
+    ])  # fmt: skip
+    opts = dserve.ServeOptions(
+        target=MODEL, drafter=str(d), port=free_port(), block_size=3, batch_size=4, max_tokens=32,
+        replica_num_cpus=0.5,
+    )  # fmt: skip
+    url, learning = serve_and_learn(opts, cfg, None, log=lambda *a: None)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        prompts = [
+            list(tiny.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False))
+            for t in TEXTS
+        ]  # fmt: skip
+        refs, _ = SpecEngine(tiny).generate(prompts, DecodeSettings(block_size=0, max_new_tokens=24, batch_size=8))
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-loopback", max_retries=0, timeout=300)
+        answers: list[tuple[int, str]] = []
+        errors: list[str] = []
+
+        def ask(i: int) -> None:
+            try:
+                r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0)
+                answers.append((i, r.choices[0].text))
+            except Exception as e:  # noqa: BLE001 - reported by the assert below
+                errors.append(repr(e))
+
+        deadline = time.time() + 600
+        rounds = 0
+        while learning.alive() and time.time() < deadline:  # traffic until the learner has taken its 3 steps
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rounds += 1
+        learning.thread.join(timeout=120)
+        assert not learning.alive() and learning.error == "", learning.error
+        assert not errors, errors[:3]
+        # lossless while learning: every answer is plain target decoding, whatever weights the drafter had
+        for i, text in answers:
+            assert text == tiny.tokenizer.decode(refs[i].output_ids, skip_special_tokens=True), (i, rounds)
+        s = learning.summary
+        assert s["steps"] == 3 and s["records_trained_twice"] == 0 and s["records_consumed"] == 3 * 2
+        assert s["traffic"]["taken"] >= 6 and s["traffic"]["offered"] <= len(answers)
+        # the replicas follow the learner: the final published version reaches them through the feed
+        deadline = time.time() + 60
+        while (info := dserve.handle().info.remote().result())["policy_version"] < s["policy_version"]:
+            assert time.time() < deadline, info
+            time.sleep(0.2)
+        trained = [json.loads(x) for x in open(tmp_path / "run" / "opd_sequences.jsonl")]
+        assert len(trained) == 6 and all("/" in t["prompt_id"] for t in trained)
+        assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()  # `dopd export` reads this
+    finally:
+        dserve.stop()
+        try:
+            ray.kill(ray.get_actor(FEED_NAME, namespace="dopd"))
+        except ValueError:
+            pass
