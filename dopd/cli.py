@@ -577,6 +577,61 @@ def data_inspect(
         json_out.write_text(json.dumps(rep, indent=1))
 
 
+@app.command("serve")
+def serve_cmd(
+    drafter: str | None = typer.Option(
+        None, help="drafter directory (or init-<kind>); none: the target alone (plain decoding, block size 0)"
+    ),
+    target: str | None = typer.Option(None, help="the target (default: the drafter's own target)"),
+    replicas: int = typer.Option(1, help="Ray Serve replicas, each holding the target and a drafter copy"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; beyond loopback an API key is required"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    api_key_file: Path | None = typer.Option(
+        None, help="file holding the API key (else the DOPD_API_KEY environment variable; never on argv)"
+    ),
+    block_size: int = typer.Option(4, "--block-size", "-k", help="draft tokens per verification step"),
+    batch_size: int = typer.Option(8, help="rows decoded together per replica (continuous batching)"),
+    max_tokens: int = typer.Option(256, help="the largest max_tokens a request may ask for"),
+    max_prompt_tokens: int = typer.Option(1024, help="the longest prompt accepted, in tokens"),
+    max_concurrent: int = typer.Option(32, help="requests in flight per replica; more are answered 429"),
+    max_body_bytes: int = typer.Option(1 << 20, help="the largest request body, in bytes"),
+    model_name: str | None = typer.Option(None, help="the model id clients send (default: the target's name)"),
+    dtype: str = typer.Option("float32", help="target dtype (float32 | bfloat16 | auto)"),
+    threads: int = typer.Option(1, help="torch threads per replica"),
+) -> None:
+    """An OpenAI-compatible endpoint (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics) on
+    Ray Serve, speculative decoding with the drafter; Ctrl-C stops it."""
+    import time
+
+    from dopd.serve import ServeOptions, check_bind, read_api_key, start, stop
+
+    try:
+        key = read_api_key(api_key_file)
+        check_bind(host, key)  # before anything starts
+        if drafter in (None, "none"):
+            drafter = None
+        if target is None:
+            if drafter is None or drafter.startswith("init-"):
+                raise DopdError("--target is needed when there is no saved drafter to name it")
+            from dopd.common.drafters.base import Drafter
+
+            target = Drafter.read_spec(drafter).target["name"]
+        opts = ServeOptions(
+            target=target, drafter=drafter, replicas=replicas, host=host, port=port, model_name=model_name,
+            block_size=block_size, batch_size=batch_size, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+            max_concurrent=max_concurrent, max_body_bytes=max_body_bytes, dtype=dtype, threads=threads,
+        )  # fmt: skip
+        url = start(opts, api_key=key)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(f"serving {opts.model_name or target} at {url}/v1 ({replicas} replica(s), drafter {drafter or 'none'})")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop()
+
+
 def main() -> None:
     app()
 

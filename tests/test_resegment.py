@@ -60,7 +60,11 @@ def compare(target, drafter, K, max_new=24, n_prompts=3):
         np.testing.assert_allclose(be.target_draft_prob, br.target_draft_prob, atol=1e-5)
         assert (br.streams == 3).all()
         n = len(e.tokens)
-        torch.testing.assert_close(e.features[: n - 1].float(), r.features[: n - 1].float(), atol=1e-4, rtol=1e-4)
+        # fp32 features from two batch shapes (the engine's steps vs one prefill) differ by summation order: noise
+        # scales with the residual stream's magnitude (seen: 1.1e-4 on one of 70,848 values on an AMD EPYC, where the
+        # stream reaches ~1e2), so the tolerance is relative to the largest feature; a wrong row is off by O(1)
+        fe, fr = e.features[: n - 1].float(), r.features[: n - 1].float()
+        torch.testing.assert_close(fe, fr, atol=1e-5 * float(fe.abs().max()), rtol=1e-4)
         steps += len(be)
     return st, steps
 
