@@ -314,11 +314,11 @@ class ClusterConfig:
     # default); "sync": each round of refresh_every steps trains records the version right before it rolled out,
     # 0 versions stale (the official [docs/recipes.md R7] code's schedule; the in-process runner's only one). None = the runner's
     rollout: Literal["async", "sync"] | None = None
-    # Ray resources per rollout actor
+    # Ray CPUs per rollout actor (a plan with more processes than cores asks for an equal share instead: dopd/plan.py)
     actor_num_cpus: float = 1.0
     # Ray GPUs per rollout actor
     actor_num_gpus: float = 0.0
-    # Ray CPUs per learner rank (0 = not reserved)
+    # Ray CPUs per learner rank (0 = what it uses: its threads, or its share of the cores when oversubscribed)
     learner_num_cpus: float = 0.0
     # Ray GPUs per learner rank
     learner_num_gpus: float = 0.0

@@ -318,13 +318,19 @@ def train_cmd(
     ctx: typer.Context,
     mode: str | None = typer.Option(None, help="sft | opd (default: the config's, opd)"),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config; key=value arguments override it"),
-    actors: int | None = typer.Option(None, help="rollout actors; given (>= 1) -> the Ray runner (runner=ray)"),
+    actors: int | None = typer.Option(
+        None, help="rollout actors (>= 1) -> the Ray runner (runner=ray); leave it out for the in-process runner"
+    ),
     learners: int | None = typer.Option(None, help="DeepSpeed ZeRO learner ranks (Ray runner)"),
     resume: Path | None = typer.Option(None, help="continue the run in this directory from its newest good checkpoint"),
     out: Path | None = typer.Option(None, help="output directory (= out_dir=...)"),
     threads: int | None = typer.Option(None, help="torch CPU threads (in-process runner)"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="print the resource plan and exit (status 2 when it does not fit); start nothing"
+    ),
 ) -> None:
-    """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks."""
+    """Train a drafter: in one process (runner=local), or on Ray with N rollout actors and M ZeRO learner ranks.
+    The run's resource plan (memory and cores per actor and learner rank, what is left) is printed first."""
     _setup_torch(threads)
     from dopd.common.load import load_config
     from dopd.train import train
@@ -337,7 +343,9 @@ def train_cmd(
         overrides.append(f"mode={mode}")
     if out is not None:
         overrides.append(f"out_dir={out}")
-    if actors is not None and actors > 0:
+    if actors is not None and actors < 1:
+        _fail(DopdError(f"--actors must be >= 1 (got {actors}); leave the flag out for the in-process runner"))
+    if actors is not None:
         overrides += ["runner=ray", f"cluster.actors={actors}"]
     if learners is not None:
         overrides.append(f"cluster.learners={learners}")
@@ -349,11 +357,45 @@ def train_cmd(
             cfg = load_config(saved, overrides + [f"out_dir={resume}"])
         else:
             cfg = load_config(config, overrides)
+        if dry_run:
+            _dry_run(cfg)
+        if cfg.runner == "local":  # the Ray runner prints its plan once it knows the cluster (dopd/driver.py)
+            from dopd.plan import Machine, check, make_plan
+
+            plan = make_plan(cfg, Machine.local())
+            typer.echo(plan.render())
+            check(plan)
         summary = train(cfg, resume=resume is not None)
         typer.echo(json.dumps(summary, indent=1))
         _next_steps(cfg)
     except DopdError as e:
         _fail(e)
+
+
+def _dry_run(cfg) -> None:
+    """Print the plan on this machine (or on the recorded / configured cluster, joined and left) and exit."""
+    from dopd.connection import cluster_address, join_cluster
+    from dopd.plan import Machine, make_plan
+
+    machine = None
+    if cfg.runner == "ray":
+        address = cluster_address(cfg)
+        if address:
+            join_cluster(address)
+            import ray
+
+            try:
+                machine = Machine.from_ray()
+            finally:
+                ray.shutdown()
+    plan = make_plan(cfg, machine or Machine.local())
+    typer.echo(plan.render())
+    if plan.warning():
+        typer.echo(plan.warning())
+    if not plan.fits:
+        typer.secho(f"dopd: error: {plan.refusal()}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(0)
 
 
 def _next_steps(cfg) -> None:
@@ -393,9 +435,37 @@ def cluster_up(
     typer.echo("dopd train now runs on this cluster; stop it with: dopd cluster down")
 
 
+@cluster_app.command("join")
+def cluster_join(
+    address: str = typer.Argument(..., help="the head's HOST:PORT"),
+    token_file: Path | None = typer.Option(
+        None,
+        help="a file with the head's token (its ~/.ray/auth_token); passed to Ray in its environment, never on argv",
+    ),
+    num_cpus: int | None = typer.Option(None),
+    num_gpus: int | None = typer.Option(None),
+    host: str = typer.Option("127.0.0.1", help="address this node binds and advertises"),
+    object_store_memory: int | None = typer.Option(None, help="bytes"),
+    resources: str | None = typer.Option(None, help="custom resources of this node, JSON: '{\"node_b\": 1}'"),
+) -> None:
+    """Start a worker node of the cluster at ADDRESS on this machine (`dopd cluster down` stops it)."""
+    from dopd.cluster import join
+
+    try:
+        extra = json.loads(resources) if resources else None
+        info = join(address, token_file, num_cpus, num_gpus, host, object_store_memory, extra)
+    except json.JSONDecodeError as e:
+        _fail(DopdError(f"--resources is not JSON: {e}"))
+    except DopdError as e:
+        _fail(e)
+    typer.echo(
+        f"ray: worker of {info['address']} ({len(info['processes'])} processes started; stop: dopd cluster down)"
+    )
+
+
 @cluster_app.command("down")
 def cluster_down() -> None:
-    """Stop what `dopd cluster up` started."""
+    """Stop what `dopd cluster up` / `join` started on this machine (the processes it recorded), nothing else."""
     from dopd.cluster import down
 
     for line in down():
@@ -404,7 +474,7 @@ def cluster_down() -> None:
 
 @cluster_app.command("status")
 def cluster_status() -> None:
-    """Nodes, resources, running dopd jobs, Prometheus address."""
+    """Nodes (resources, used share), running dopd jobs, the processes started here, Prometheus address."""
     from dopd.cluster import status
 
     try:

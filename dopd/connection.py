@@ -42,9 +42,12 @@ def cluster_address(cfg: Config) -> str | None:
 
 
 def use_recorded_auth(info: dict) -> None:
-    """A head `dopd cluster up` started wants the token in ~/.ray/auth_token; call before `import ray`."""
+    """A head `dopd cluster up` started wants the token (in ~/.ray/auth_token, or the file `dopd cluster join
+    --token-file` named: its path goes to RAY_AUTH_TOKEN_PATH, the token itself nowhere); call before `import ray`."""
     if info.get("auth") == "token":
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if info.get("token_file"):
+            os.environ.setdefault("RAY_AUTH_TOKEN_PATH", info["token_file"])
 
 
 def is_loopback(address: str) -> bool:
@@ -78,8 +81,12 @@ def join_cluster(address: str, **init_kwargs) -> None:
     ray.init(address=address, namespace="dopd", log_to_driver=False, **init_kwargs, **local)
 
 
-def connect(cfg: Config) -> str:
-    """Join the recorded/configured cluster or start an embedded local Ray (loopback only)."""
+def connect(cfg: Config, env: dict[str, str] | None = None) -> str:
+    """Join the recorded/configured cluster or start an embedded local Ray (loopback only).
+
+    The embedded Ray is told this machine's real CPU count (affinity and cgroup quota; dopd/plan.py): a plan with
+    more processes than cores asks for fractional CPUs instead of pretending the cores exist. `env`: variables
+    every worker of this job gets (the plan's thread budget)."""
     for k, v in _env().items():
         os.environ.setdefault(k, v)
     address = cluster_address(cfg)  # before `import ray`: Ray's core reads RAY_AUTH_MODE when it is loaded
@@ -87,16 +94,16 @@ def connect(cfg: Config) -> str:
 
     if ray.is_initialized():
         return "existing"
-    runtime_env = {
-        "env_vars": {k: v for k, v in {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", "")}.items() if v}
-    }
+    extra = {**_env(), "DOPD_CACHE": os.environ.get("DOPD_CACHE", ""), **(env or {})}
+    runtime_env = {"env_vars": {k: v for k, v in extra.items() if v}}
     if address:
         join_cluster(address, runtime_env=runtime_env)
         return address
-    need = cfg.cluster.actors * cfg.cluster.actor_num_cpus + cfg.cluster.learners * cfg.cluster.learner_num_cpus
+    from dopd.plan import local_cpus
+
     ray.init(
         address="local",  # never join a cluster found in /tmp/ray or RAY_ADDRESS by accident: that one is configured
-        num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+        num_cpus=local_cpus(),
         object_store_memory=cfg.cluster.object_store_memory,
         include_dashboard=False,
         namespace="dopd",

@@ -73,7 +73,8 @@ class RayFleet(Backend):
     # --- setup ----------------------------------------------------------------------------------------------
     def start(self, state: RunState, ckpt, resumed: bool) -> None:
         c = self.cfg
-        mode = self.ray_mode = connect(c)
+        self._plan_and_connect()
+        mode = self.ray_mode
         self.log(
             f"dopd: Ray {'(embedded, local)' if mode == 'embedded' else mode}; {c.cluster.actors} actors, {c.cluster.learners} learner ranks (ZeRO-{c.learner.zero_stage}), {c.cluster.rollout} rollouts"
         )
@@ -114,6 +115,33 @@ class RayFleet(Backend):
         if resumed:
             self._fold_crash(state)
 
+    def _plan_and_connect(self) -> None:
+        """The resource plan (dopd/plan.py), refused before anything starts when it cannot fit; then Ray, told the
+        real CPU count, and every worker given the plan's thread budget. On a joined cluster the plan is the
+        cluster's, read from Ray once joined."""
+        import dataclasses
+        import sys
+
+        from dopd.plan import Machine, check, make_plan, thread_env
+
+        c = self.cfg
+        joined = bool(cluster_address(c)) or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+        plan = None if joined else make_plan(c, Machine.local())
+        if plan is not None:
+            check(plan)
+        self.ray_mode = connect(c, env=thread_env(plan) if plan else None)
+        if plan is None:
+            plan = make_plan(c, Machine.from_ray())
+            check(plan)
+        self.plan = plan
+        self.log(plan.render())
+        if plan.warning():
+            self.log(plan.warning())
+        # what each process asks Ray for: the plan's (a share of the cores when oversubscribed)
+        cl = dataclasses.replace(c.cluster, actor_num_cpus=plan.actor_cpus, learner_num_cpus=plan.learner_cpus)
+        self.place_cfg = dataclasses.replace(c, cluster=cl)
+        self.worker_env = thread_env(plan)
+
     def _prompts(self):
         from transformers import AutoTokenizer
 
@@ -133,7 +161,7 @@ class RayFleet(Backend):
         queue shards, the learner group, then the rollout fleet."""
         from ray.util.placement_group import placement_group
 
-        c = self.cfg.cluster
+        c = self.place_cfg.cluster
         N, M = c.actors, c.learners
         name = self.job_name = f"{self.out.name}-{os.getpid()}"
         bundles = [{"CPU": c.actor_num_cpus, "GPU": c.actor_num_gpus} for _ in range(N)]
@@ -148,15 +176,17 @@ class RayFleet(Backend):
                 f"the cluster cannot place {N} actors and {M} learners with these resources: {bundles} (see `dopd cluster status`)"
             )
         self.shards = make_shards(self.cfg, name)
-        self.learners = LearnerGroup(self.cfg, name, self.pg, self.shards, N if has_learner_bundle else None)
+        pc, env = self.place_cfg, self.worker_env
+        self.learners = LearnerGroup(pc, name, self.pg, self.shards, N if has_learner_bundle else None, env=env)
         self.fleet = RolloutFleet(
-            self.cfg,
+            pc,
             name,
             self.pg,
             self.shards,
             self.prompts.rollout,
             log=self.log,
             on_restart=self._on_actor_restart,
+            env=env,
             feed=self.feed,
         )
 

@@ -53,11 +53,16 @@ def remote_class(kind: str):
 
 
 def make_shards(cfg: Config, name: str) -> list:
-    """S byte-bounded queue shards (Ray actors without a CPU: they only move bytes)."""
+    """S byte-bounded queue shards (Ray actors without a CPU: they only move bytes), on the driver's node when it
+    can hold them: they die with the job anyway, and a worker node lost mid-run then takes no shard with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     c = cfg.cluster
     Shard = remote_class("shard")
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return [
-        Shard.options(name=f"{name}.shard.{s}").remote(
+        Shard.options(name=f"{name}.shard.{s}", scheduling_strategy=here).remote(
             s, c.queue_max_bytes, c.queue_policy, c.max_staleness, c.max_record_bytes
         )
         for s in range(c.shards or c.learners)
@@ -87,14 +92,21 @@ class RolloutFleet:
         prompts: list,
         log: Callable = print,
         on_restart: Callable | None = None,
+        env: dict[str, str] | None = None,
         feed=None,
     ):
+        c = cfg.cluster
+        N = c.actors
+        traffic = cfg.rollout.source == "traffic"  # served texts are rolled out, not the prompt set
+        if len(prompts) < N and not traffic:  # an actor without prompts of its own would have rolled out everyone's
+            raise DopdError(
+                f"{N} rollout actors but only {len(prompts)} rollout prompts: each actor needs prompts of its own "
+                f"(use --actors {max(1, len(prompts))} or fewer, or more prompts)"
+            )
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        c = cfg.cluster
         self.cfg, self.log, self.on_restart = cfg, log, on_restart
         self.looping = False  # the actors' produce loops run (cluster.rollout=async, after the first publish)
-        N = c.actors
         Actor = remote_class("rollout")
         per_actor = [prompts[i::N] for i in range(N)]
         routes = actor_routes(shards, N)
@@ -106,7 +118,8 @@ class RolloutFleet:
                 max_restarts=c.max_actor_restarts,
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(cfg.to_dict(), i, per_actor[i] or prompts, routes[i], feed)
+                **({"runtime_env": {"env_vars": env}} if env else {}),
+            ).remote(cfg.to_dict(), i, per_actor[i] or (prompts if traffic else []), routes[i], feed)
             for i in range(N)
         ]
         self.known: dict[int, int] = {}  # actor index -> incarnation
@@ -289,7 +302,9 @@ def actor_routes(shards: list, N: int) -> list[list]:
 class LearnerGroup:
     """M learner ranks in one torch.distributed group; rank r reads shards s with s % M == r."""
 
-    def __init__(self, cfg: Config, name: str, pg, shards: list, first_bundle: int | None):
+    def __init__(
+        self, cfg: Config, name: str, pg, shards: list, first_bundle: int | None, env: dict[str, str] | None = None
+    ):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -301,6 +316,8 @@ class LearnerGroup:
         for r in range(M):
             mine = [shards[s] for s in range(S) if s % M == r] or [shards[r % S]]
             opts = {"name": f"{name}.learner.{r}", "num_cpus": c.learner_num_cpus, "num_gpus": c.learner_num_gpus}
+            if env:
+                opts["runtime_env"] = {"env_vars": env}
             if first_bundle is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=first_bundle + r

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def test_rayjob_runs_dopd_train_with_its_config(tmp_path):
     assert job["apiVersion"] == "ray.io/v1"
     entry = job["spec"]["entrypoint"]
     assert "dopd train --actors 16 --learners 4" in entry
-    config_path = entry.split("--config", 1)[1].split()[0]
+    config_path = entry.split("--config", 1)[1].split()[0].rstrip(";")
     spec = job["spec"]["rayClusterSpec"]
     _check_ray_cluster_spec(spec, "rayjob.yaml")
 
@@ -223,6 +224,94 @@ def test_readme_mentions_the_keys_and_commands():
         "kubectl apply -f deploy/kuberay/rayjob.yaml",
     ]:
         assert needle in text, needle
+
+
+def _pod_templates(spec: dict) -> list[dict]:
+    head, workers = _head_and_workers(spec)
+    return [head["template"]] + [g["template"] for g in workers]
+
+
+@pytest.mark.parametrize("rel", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_manifests_pass_the_kubernetes_schema(rel):
+    """kubernetes-validate (the Kubernetes OpenAPI schemas, strict: unknown fields are errors) on every core object,
+    and on every pod template of the RayCluster / RayJob, checked as a core `PodTemplate`. The ray.io kinds' own
+    fields are not in those schemas (KubeRay's CRD schema is not bundled): the tests above check them."""
+    import kubernetes_validate as kv
+
+    version = kv.latest_version()
+    checked = 0
+    for d in docs(rel):
+        if d["apiVersion"].startswith("ray.io/"):
+            spec = d["spec"].get("rayClusterSpec", d["spec"])
+            for i, tmpl in enumerate(_pod_templates(spec)):
+                pt = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"t{i}"}, "template": tmpl}
+                kv.validate(pt, version, strict=True)
+                checked += 1
+        else:
+            kv.validate(d, version, strict=True)
+            checked += 1
+    assert checked >= 2
+    bad = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"}, "spec": {"acessModes": []}}
+    with pytest.raises(kv.ValidationError):  # the checker can fail: a misspelt field is refused
+        kv.validate(bad, version, strict=True)
+
+
+def test_rayjob_keeps_its_results_on_a_volume_and_resumes():
+    pvc = one("kuberay/rayjob.yaml", "PersistentVolumeClaim")
+    job = one("kuberay/rayjob.yaml", "RayJob")
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (results,) = [v for v in head["volumes"] if v["name"] == "results"]
+    assert results["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"] and "emptyDir" not in results
+    (mount,) = [m for m in head["containers"][0]["volumeMounts"] if m["name"] == "results"]
+    cm = one("kuberay/rayjob.yaml", "ConfigMap")
+    train = yaml.safe_load(cm["data"]["train.yaml"])
+    assert train["out_dir"].startswith(mount["mountPath"] + "/")
+    assert train["learner"]["checkpoint_every"] <= train["learner"]["steps"]  # something to resume from
+    entry = job["spec"]["entrypoint"]
+    assert f"--resume {train['out_dir']}" in entry and f"[ -f {train['out_dir']}/config.yaml ]" in entry
+    # the script runs: without a config.yaml it starts the run, with one it resumes (dopd replaced by echo)
+    script = entry.split("bash -c ", 1)[1].strip().strip("'").replace("exec dopd", "echo dopd")
+    for exists in (False, True):
+        root = Path(tempfile.mkdtemp())
+        if exists:
+            (root / "config.yaml").write_text("{}")
+        out = subprocess.run(
+            ["bash", "-c", script.replace(train["out_dir"], str(root))], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert ("--resume" in out.stdout) == exists and ("--config" in out.stdout) != exists
+
+
+def test_rayjob_uses_the_gpu_presets_budget(tmp_path):
+    """The job's train.yaml is the GPU preset of `dopd-experiments plateau` (data, schedule, learning rates)."""
+    from dopd.experiments.plateau import PRESETS
+
+    gpu = PRESETS["gpu"]
+    cm = one("kuberay/rayjob.yaml", "ConfigMap")
+    (tmp_path / "train.yaml").write_text(cm["data"]["train.yaml"])
+    cfg = load_config(tmp_path / "train.yaml").to_dict()
+    preset = load_config(None, gpu.overrides + gpu.drafters["eagle3"]).to_dict()
+    for o in gpu.overrides + gpu.drafters["eagle3"]:
+        key = o.split("=", 1)[0]
+        if key == "learner.checkpoint_every":  # the job checkpoints (to resume); the experiment does not
+            continue
+        sec, name = key.split(".")
+        assert cfg[sec][name] == preset[sec][name], key
+    assert cfg["sft"]["warmup_steps"] == gpu.warmup_steps
+    assert cfg["learner"]["steps"] == gpu.arm_steps
+    assert cfg["model"]["device"] == "cuda" and cfg["model"]["target"] != "tiny-random-llama"
+
+
+def test_dockerfile_bakes_the_model_and_prompts():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "ENV DOPD_CACHE=" in text
+    assert "dopd models pull smollm2-135m" in text and "load_examples(n) for n in BUILTIN_SETS" in text
+    for rel in ("kuberay/rayjob.yaml", "kuberay/raycluster.yaml"):
+        spec = one(rel, "RayJob" if "job" in rel else "RayCluster")["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        for tmpl in _pod_templates(spec):
+            env = {e["name"]: e.get("value") for e in tmpl["spec"]["containers"][0].get("env", [])}
+            assert env.get("HF_HUB_OFFLINE") == "1", f"{rel}: pods must not download at run time"
 
 
 @pytest.mark.parametrize("rel", ["docker-compose.yml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
