@@ -1,6 +1,8 @@
-"""The two Grafana dashboards, as code: `python -m dopd.dashboards.build [--check]`.
+"""The three Grafana dashboards, as code: `python -m dopd.dashboards.build [--check]`.
 
-Why code and not hand-edited JSON: every metric name comes from `dopd.metrics.METRICS` (through `_s`), so a
+Training overview and rollout fleet read a `dopd train` job's endpoint; serving reads `dopd serve`'s replicas (and,
+with `--learn`, the learning job's). Why code and not hand-edited JSON: every metric name comes from
+`dopd.metrics.METRICS` / `SERVE_METRICS` (through `_s`), so a
 panel cannot name a series the job does not export, and `--check` (run by the tests) fails when the committed JSON
 drifts from this file. The JSON is written by grafana-foundation-sdk, the builder Grafana publishes from its own
 schema, pinned in pyproject.toml (the `dashboards` extra) because its versions are `<epoch>!<grafana version>` and an
@@ -41,14 +43,15 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, Vari
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from dopd.dashboards.queries import DASHBOARD_FILES, HERE, expand_variables, load, panel_queries, walk  # noqa: F401
-from dopd.metrics import METRICS
+from dopd.metrics import METRICS, SERVE_METRICS
 
-OUTPUTS = dict(zip(DASHBOARD_FILES, ("training", "fleet")))
+OUTPUTS = dict(zip(DASHBOARD_FILES, ("training", "fleet", "serving")))
 
 # Every panel, query and variable reads from the datasource *variable*, so one JSON works in any Grafana.
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 JOB = 'job=~"$job"'
 ACTOR = 'job=~"$job", actor=~"$actor"'
+REPLICA = 'job=~"$job", replica=~"$replica"'
 RATE = "$__rate_interval"
 
 
@@ -57,7 +60,7 @@ def _s(name: str, suffix: str = "") -> str:
 
     Histograms must be read through `_bucket`, `_sum` or `_count`; anything else takes no suffix.
     """
-    d = METRICS[name]
+    d = METRICS[name] if name in METRICS else SERVE_METRICS[name]
     allowed = ("_bucket", "_sum", "_count") if d.kind == "histogram" else ("",)
     if suffix not in allowed:
         raise ValueError(f"{name} is a {d.kind}: suffix must be one of {allowed}, not {suffix!r}")
@@ -155,7 +158,7 @@ def _row(pid: int, title: str, y: int) -> Row:
 
 
 def _quantiles(name: str, sel: str = JOB) -> list[PromQuery]:
-    """p50/p90/p99 and the mean of a histogram over the rate window (histograms have no labels but `le`)."""
+    """p50/p90/p99 and the mean of a histogram over the rate window, summed over every label but `le`."""
     bucket = f"sum by (le) (rate({_s(name, '_bucket')}{{{sel}}}[{RATE}]))"
     out = [
         _q(f"histogram_quantile({q}, {bucket})", f"p{int(q * 100)}", ref)
@@ -166,37 +169,39 @@ def _quantiles(name: str, sel: str = JOB) -> list[PromQuery]:
     return out
 
 
-def _variables(d: Dashboard) -> Dashboard:
-    """`datasource`, `job` (label_values over a metric every dopd job exports) and `actor` (multi, All = .*)."""
+def _multi(name: str, label: str, query: str, sort: VariableSort) -> QueryVariable:
+    """A label_values() variable offering several values at once, All = `.*` (every panel matches it with =~)."""
+    return (
+        QueryVariable(name)
+        .label(label)
+        .datasource(DS)
+        .query(query)
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(sort)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+    )
+
+
+def _variables(d: Dashboard, job_metric: str, member: str, member_metric: str) -> Dashboard:
+    """`datasource`, `job` (label_values over a metric every such job exports) and the per-process label (`actor`
+    of a training job, `replica` of a server)."""
     ds = DatasourceVariable("datasource").label("Data source").type("prometheus")
-    job = (
-        QueryVariable("job")
-        .label("Job")
-        .datasource(DS)
-        .query(f"label_values({_s('dopd_policy_version')}, job)")
-        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(VariableSort.ALPHABETICAL_ASC)
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
+    job = _multi("job", "Job", f"label_values({_s(job_metric)}, job)", VariableSort.ALPHABETICAL_ASC)
+    q = f"label_values({_s(member_metric)}{{{JOB}}}, {member})"
+    return (
+        d.with_variable(ds)
+        .with_variable(job)
+        .with_variable(_multi(member, member.title(), q, VariableSort.NUMERICAL_ASC))
     )
-    actor = (
-        QueryVariable("actor")
-        .label("Actor")
-        .datasource(DS)
-        .query(f"label_values({_s('dopd_rollout_tau')}{{{JOB}}}, actor)")
-        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(VariableSort.NUMERICAL_ASC)
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-    )
-    return d.with_variable(ds).with_variable(job).with_variable(actor)
 
 
-def _dashboard(title: str, uid: str) -> Dashboard:
+def _dashboard(title: str, uid: str, serving: bool = False) -> Dashboard:
     d = Dashboard(title).uid(uid).tags(["dopd"]).refresh("10s").time("now-30m", "now").timezone("browser")
-    return _variables(d)
+    if serving:
+        return _variables(d, "dopd_serve_policy_version", "replica", "dopd_serve_policy_version")
+    return _variables(d, "dopd_policy_version", "actor", "dopd_rollout_tau")
 
 
 def training_overview() -> Dashboard:
@@ -484,13 +489,132 @@ def _queue_panels() -> list[Any]:
     ]
 
 
+def serving() -> Dashboard:
+    """Is the server fast, and is its drafter learning from the traffic? Live tau, latency, the learning side."""
+    d = _dashboard("dopd serving", "dopd-serving", serving=True)
+    return _add(d, [*_live_panels(), *_latency_panels(), *_learning_panels()])
+
+
+def _serve_rate(name: str, by: str = "") -> str:
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} (rate({_s(name)}{{{REPLICA}}}[{RATE}]))"
+
+
+def _live_panels() -> list[Any]:
+    """Row 1 (ids 1-7): tau on live traffic, per replica and overall, per-position acceptance, tokens/s, in flight."""
+    steps = _serve_rate("dopd_serve_verification_steps")
+    overall = f"1 + {_serve_rate('dopd_serve_accepted_drafts')} / {steps}"
+    at_pos = f"{_serve_rate('dopd_serve_accepted_at_position', 'position')} / ignoring(position) group_left {steps}"
+    return [
+        _row(1, "Live traffic", 0),
+        _stat(2, "Live tau (mean over replicas)", _pos(0, 1, 6, 4), _q(f"avg({_s('dopd_serve_tau')}{{{REPLICA}}})")),
+        _stat(3, "Generated tokens/s", _pos(6, 1, 6, 4), _q(_serve_rate("dopd_serve_generated_tokens")), decimals=1),
+        _stat(
+            4,
+            "Requests in flight",
+            _pos(12, 1, 6, 4),
+            _q(f"sum({_s('dopd_serve_in_flight')}{{{REPLICA}}})"),
+            decimals=0,
+        ),
+        _stat(
+            5,
+            "Drafter version served (newest replica)",
+            _pos(18, 1, 6, 4),
+            _q(f"max({_s('dopd_serve_policy_version')}{{{REPLICA}}})"),
+            decimals=0,
+        ),
+        _ts(
+            6,
+            "tau on live traffic",
+            _pos(0, 5, 14, 8),
+            [
+                _q(f"{_s('dopd_serve_tau')}{{{REPLICA}}}", "replica {{replica}} (last 512 row-steps)", "A"),
+                _q(overall, "all replicas (rate window)", "B"),
+            ],
+            desc="Tokens committed per verification step on the requests being served: what the drafter buys now.",
+        ),
+        _bars(
+            7,
+            "Share of steps accepting position i (live)",
+            _pos(14, 5, 10, 8),
+            _q(at_pos, "pos {{position}}"),
+            "percentunit",
+            0,
+            1,
+        ),
+    ]
+
+
+def _latency_panels() -> list[Any]:
+    """Row 8 (ids 8-12): time to first token, per-token and request latency, requests/s by status."""
+    sel = REPLICA
+    return [
+        _row(8, "Latency and requests", 13),
+        _ts(9, "Time to first token", _pos(0, 14, 8, 8), _quantiles("dopd_serve_ttft_seconds", sel), "s"),
+        _ts(
+            10,
+            "Per-token latency (after the first)",
+            _pos(8, 14, 8, 8),
+            _quantiles("dopd_serve_token_seconds", sel),
+            "s",
+        ),
+        _ts(11, "Request latency", _pos(16, 14, 8, 8), _quantiles("dopd_serve_request_seconds", sel), "s"),
+        _ts(
+            12,
+            "Requests/s by endpoint and status",
+            _pos(0, 22, 24, 7),
+            [_q(_serve_rate("dopd_serve_requests", "endpoint, status"), "{{endpoint}} {{status}}")],
+            desc="4xx are refusals that name a limit (docs/serve.md); 429 = the replica's concurrent-request limit.",
+        ),
+    ]
+
+
+def _learning_panels() -> list[Any]:
+    """Row 13 (ids 13-17): `--learn`: versions served vs published, the learner's loss, the traffic's way to it."""
+    return [
+        _row(13, "Learning from the traffic (--learn)", 29),
+        _ts(
+            14,
+            "Drafter version: published vs served",
+            _pos(0, 30, 8, 8),
+            [
+                _q(f"max({_s('dopd_policy_version')}{{{JOB}}})", "published by the learners", "A"),
+                _q(f"{_s('dopd_serve_policy_version')}{{{REPLICA}}}", "served by replica {{replica}}", "B"),
+            ],
+        ),
+        _ts(
+            15, "Learner loss per stream", _pos(8, 30, 8, 8), [_q(f"{_s('dopd_learner_loss')}{{{JOB}}}", "{{stream}}")]
+        ),
+        _ts(
+            16,
+            "Served requests to learning (/s)",
+            _pos(16, 30, 8, 8),
+            [
+                _q(_serve_rate("dopd_serve_records_offered"), "offered by the replicas", "A"),
+                _q(f"sum(rate({_s('dopd_traffic_taken')}{{{JOB}}}[{RATE}]))", "taken by the learning actors", "B"),
+                _q(f"sum(rate({_s('dopd_traffic_dropped')}{{{JOB}}}[{RATE}]))", "dropped (feed full)", "C"),
+            ],
+            desc="Serving never waits for learning: a full feed drops the oldest served request and counts it here.",
+        ),
+        _ts(
+            17,
+            "Waiting: served requests and records",
+            _pos(0, 38, 24, 7),
+            [
+                _q(f"max({_s('dopd_traffic_waiting')}{{{JOB}}})", "served requests in the feed", "A"),
+                _q(f"sum({_s('dopd_queue_depth')}{{{JOB}}})", "records in the queue shards", "B"),
+            ],
+        ),
+    ]
+
+
 def _add(d: Dashboard, panels: list[Any]) -> Dashboard:
     for p in panels:
         d = d.with_row(p) if isinstance(p, Row) else d.with_panel(p)
     return d
 
 
-DASHBOARDS = {"training": training_overview, "fleet": rollout_fleet}
+DASHBOARDS = {"training": training_overview, "fleet": rollout_fleet, "serving": serving}
 
 
 def render(which: str) -> str:

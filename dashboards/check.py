@@ -8,6 +8,7 @@ job stopped updating, a typo in a selector). A PromQL error counts as missing to
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from dopd.common.errors import DopdError
@@ -24,11 +25,14 @@ def missing_panels(
     actor: str = ".*",
     rate_interval: str = "15s",
     at: float | None = None,
+    files: Iterable[str] | None = None,
 ) -> list[tuple[str, str, str]]:
     """(dashboard title, panel title, expanded expression) for every query that returns no series at time `at`
-    (unix seconds; default now: a job that has ended and unregistered its target has no series now)."""
+    (unix seconds; default now: a job that has ended and unregistered its target has no series now).
+
+    `files`: which dashboards (file names in `dashboards_dir`; default all): a training job feeds no serving panel."""
     missing = []
-    for path in sorted(Path(dashboards_dir).glob("*.json")):
+    for path in _paths(dashboards_dir, files):
         dash = load(path)
         for title, expr in panel_queries(dash):
             concrete = expand_variables(expr, job=job, actor=actor, rate_interval=rate_interval)
@@ -41,10 +45,17 @@ def missing_panels(
     return missing
 
 
-def missing_variables(prom_url: str, dashboards_dir: str | Path, job: str = "dopd") -> list[tuple[str, str, str]]:
+def _paths(dashboards_dir: str | Path, files: Iterable[str] | None) -> list[Path]:
+    d = Path(dashboards_dir)
+    return sorted(d.glob("*.json")) if files is None else [d / f for f in files]
+
+
+def missing_variables(
+    prom_url: str, dashboards_dir: str | Path, job: str = "dopd", files: Iterable[str] | None = None
+) -> list[tuple[str, str, str]]:
     """(dashboard title, variable name, query) for every label_values() variable that would offer no choices."""
     missing = []
-    for path in sorted(Path(dashboards_dir).glob("*.json")):
+    for path in _paths(dashboards_dir, files):
         dash = load(path)
         for var in dash.get("templating", {}).get("list", []):
             if var.get("type") != "query":

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent  # where the generated dashboards live (and are packaged)
-DASHBOARD_FILES = ("training_overview.json", "rollout_fleet.json")
+DASHBOARD_FILES = ("training_overview.json", "rollout_fleet.json", "serving.json")
+TRAINING_FILES = DASHBOARD_FILES[:2]  # what a `dopd train` job feeds (serving.json: `dopd serve`)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -40,16 +41,19 @@ def panel_queries(dashboard_json: dict[str, Any]) -> list[tuple[str, str]]:
 _VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 
 
-def expand_variables(expr: str, job: str = "dopd", actor: str = ".*", rate_interval: str = "15s") -> str:
+def expand_variables(
+    expr: str, job: str = "dopd", actor: str = ".*", rate_interval: str = "15s", replica: str = ".*"
+) -> str:
     """Substitute Grafana's template variables the way Grafana would, so Prometheus can run the expression.
 
-    `$job` / `$actor` are regex-matched (=~) in every panel, so the values are regexes. `$__rate_interval` becomes a
+    `$job` / `$actor` / `$replica` are regex-matched (=~) in every panel, so the values are regexes. `$__rate_interval` becomes a
     fixed window; keep it at least 4x the scrape interval so rate() always has two samples. An unknown variable is
     an error rather than left in place, so a typo in a panel fails the tests.
     """
     values = {
         "job": job,
         "actor": actor,
+        "replica": replica,
         "__rate_interval": rate_interval,
         "__interval": rate_interval,
         "__range": rate_interval,

@@ -59,6 +59,7 @@ class RayFleet(Backend):
         }
         self.actor_totals: dict[tuple[int, int], dict] = {}
         self.shard_seen: dict[tuple[str, str], int] = {}
+        self.traffic_seen: dict[str, int] = {}
         self.buffer: list[bytes] = []  # sync: the round's records not trained yet
         self.rows: list[dict] = []  # async: rollout rows of actor batches seen since the last step
         self.prom_target: str | None = None
@@ -266,6 +267,7 @@ class RayFleet(Backend):
             if not self.ledger.add(tuple(uid)):
                 self.acc["records_trained_twice"] += 1
         self._shard_stats()
+        self._traffic_metrics()
         return out
 
     def observe(self, row: dict, state: RunState) -> None:
@@ -433,6 +435,20 @@ class RayFleet(Backend):
             actors=c.actors, learners=c.learners, shards=c.shards or c.learners, zero_stage=self.cfg.learner.zero_stage,
             metrics_port=self.metrics_port, traffic=self._traffic_stats(),
         )  # fmt: skip
+
+    def _traffic_metrics(self) -> None:
+        """rollout.source=traffic: the feed's counts -> Prometheus (served requests taken, dropped, waiting)."""
+        if self.feed is None:
+            return
+        st = self._traffic_stats()
+        if "error" in st:
+            return
+        for key, name in (("taken", "dopd_traffic_taken"), ("dropped", "dopd_traffic_dropped")):
+            delta = st[key] - self.traffic_seen.get(key, 0)
+            if delta > 0:
+                self.metrics[name].inc(delta)
+            self.traffic_seen[key] = st[key]
+        self.metrics["dopd_traffic_waiting"].set(st["depth"])
 
     def _traffic_stats(self) -> dict:
         """rollout.source=traffic: the feed's counts (served texts offered, queued, dropped, taken, waiting)."""

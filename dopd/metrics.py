@@ -89,8 +89,47 @@ _DEFS = [
     ),
     MetricDef("dopd_records_rejected", "counter", "Malformed records rejected, per shard", ("shard",)),
     MetricDef("dopd_actor_restarts", "counter", "Rollout actor restarts, per actor", ("actor",)),
+    # rollout.source=traffic (`dopd serve --learn`): what the traffic feed did with the served requests
+    MetricDef("dopd_traffic_taken", "counter", "Served requests handed to the learning actors"),
+    MetricDef("dopd_traffic_dropped", "counter", "Served requests the traffic feed dropped (buffer full or malformed)"),
+    MetricDef("dopd_traffic_waiting", "gauge", "Served requests waiting in the traffic feed"),
 ]
 METRICS: dict[str, MetricDef] = {d.name: d for d in _DEFS}
+
+# `dopd serve`: each replica's own registry (dopd/serve.py ReplicaMetrics), every series labelled `replica`; kept
+# here beside the job's so the serving dashboard can only name what a replica exports
+_SERVE_DEFS = [
+    MetricDef("dopd_serve_requests", "counter", "HTTP requests answered", ("replica", "endpoint", "status")),
+    MetricDef("dopd_serve_generated_tokens", "counter", "Tokens generated", ("replica",)),
+    MetricDef("dopd_serve_verification_steps", "counter", "Verification steps (one per row per step)", ("replica",)),
+    MetricDef("dopd_serve_accepted_drafts", "counter", "Draft tokens accepted", ("replica",)),
+    MetricDef(
+        "dopd_serve_accepted_at_position",
+        "counter",
+        "Verification steps whose draft at this block position was accepted",
+        ("replica", "position"),
+    ),
+    MetricDef("dopd_serve_tau", "gauge", "Tokens per verification step over the last row-steps", ("replica",)),
+    MetricDef("dopd_serve_ttft_seconds", "histogram", "Time to first token", ("replica",)),
+    MetricDef("dopd_serve_request_seconds", "histogram", "Request latency", ("replica",)),
+    MetricDef("dopd_serve_token_seconds", "histogram", "Per-token latency after the first", ("replica",)),
+    MetricDef("dopd_serve_in_flight", "gauge", "Requests in flight", ("replica",)),
+    MetricDef("dopd_serve_policy_version", "gauge", "Drafter weights version in use", ("replica",)),
+    MetricDef("dopd_serve_records_offered", "counter", "Finished requests offered to learning", ("replica",)),
+]
+SERVE_METRICS: dict[str, MetricDef] = {d.name: d for d in _SERVE_DEFS}
+SERVE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)  # seconds, for the serving histograms
+
+
+def collector(d: MetricDef, registry: CollectorRegistry, buckets: tuple[float, ...] = ()):
+    """The prometheus-client collector of one definition on `registry`."""
+    if d.kind == "gauge":
+        return Gauge(d.name, d.doc, d.labels, registry=registry)
+    if d.kind == "counter":
+        return Counter(d.name, d.doc, d.labels, registry=registry)
+    return Histogram(d.name, d.doc, d.labels, buckets=buckets, registry=registry)
+
+
 # the job's state that the driver sets on the collectors directly: written to the sinks at every learner step
 _EVERY_STEP = (
     "dopd_policy_version", "dopd_queue_depth", "dopd_queue_bytes", "dopd_publish_latency_seconds", "dopd_records_dropped_stale",
@@ -117,13 +156,7 @@ class JobMetrics:
         self.registry = CollectorRegistry()
         self.m: dict[str, object] = {}
         for d in _DEFS:
-            if d.kind == "gauge":
-                c = Gauge(d.name, d.doc, d.labels, registry=self.registry)
-            elif d.kind == "counter":
-                c = Counter(d.name, d.doc, d.labels, registry=self.registry)
-            else:
-                c = Histogram(d.name, d.doc, d.labels, buckets=_BUCKETS[d.name], registry=self.registry)
-            self.m[d.name] = c
+            self.m[d.name] = collector(d, self.registry, _BUCKETS.get(d.name, ()))
         self.server = None
         self.port: int | None = None
         self.sinks = None  # TensorBoard / W&B (dopd/sinks.py), fed by the typed updates below

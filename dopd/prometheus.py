@@ -75,7 +75,9 @@ def write_config(
     return p
 
 
-def register_job_target(job_name: str, host: str, port: int, labels: dict[str, str] | None = None) -> Path:
+def register_job_target(
+    job_name: str, host: str, port: int, labels: dict[str, str] | None = None, targets_dir: str | Path | None = None
+) -> Path:
     """Announce a job's /metrics endpoint: write `prom_targets_dir()/<job_name>.json` (Prometheus file_sd format).
 
     The Prometheus `job` label stays "dopd" (the scrape job's name, which the dashboards' `$job` variable selects);
@@ -88,7 +90,9 @@ def register_job_target(job_name: str, host: str, port: int, labels: dict[str, s
         host = "127.0.0.1"
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     group = [{"targets": [addr], "labels": {"dopd_job": job_name, **(labels or {})}}]
-    path = prom_targets_dir() / f"{job_name}.json"
+    tdir = Path(targets_dir) if targets_dir is not None else prom_targets_dir()
+    tdir.mkdir(parents=True, exist_ok=True)
+    path = tdir / f"{job_name}.json"
     _drop_stale_targets(addr, keep=path)
     _atomic_write(path, json.dumps(group, indent=2) + "\n")
     return path
@@ -98,7 +102,7 @@ def _drop_stale_targets(addr: str, keep: Path) -> None:
     """Remove other jobs' target files for this same address: a job killed before it could unregister leaves one
     behind, and since two live jobs cannot listen on one port, that file now names this job under its old
     `dopd_job` label, so every series would be scraped twice."""
-    for other in prom_targets_dir().glob("*.json"):
+    for other in keep.parent.glob("*.json"):
         if other == keep:
             continue
         try:
@@ -110,9 +114,10 @@ def _drop_stale_targets(addr: str, keep: Path) -> None:
             other.unlink(missing_ok=True)
 
 
-def unregister_job_target(job_name: str) -> None:
+def unregister_job_target(job_name: str, targets_dir: str | Path | None = None) -> None:
     """Remove the job's target file (Prometheus drops the target within the file_sd refresh); missing is fine."""
-    (prom_targets_dir() / f"{job_name}.json").unlink(missing_ok=True)
+    tdir = Path(targets_dir) if targets_dir is not None else prom_targets_dir()
+    (tdir / f"{job_name}.json").unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:

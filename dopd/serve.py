@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -69,6 +69,8 @@ class ServeOptions:
     replica_num_cpus: float = 1.0
     feed_name: str | None = None
     feed_namespace: str = "dopd"
+    # where each replica registers its own /metrics for Prometheus (file_sd; `start` fills in prom_targets_dir())
+    prom_targets: str | None = None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -106,31 +108,24 @@ class ReplicaMetrics:
     """This replica's Prometheus series (its own registry, every series labelled with the replica id)."""
 
     def __init__(self, replica: str, K: int, window: int = 512):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
+
+        from dopd.metrics import SERVE_BUCKETS, SERVE_METRICS, collector
 
         self.registry = r = CollectorRegistry()
-        lab = ("replica",)
         self.replica = replica
-        self.requests = Counter(
-            "dopd_serve_requests", "HTTP requests answered", lab + ("endpoint", "status"), registry=r
-        )
-        self.tokens = Counter("dopd_serve_generated_tokens", "tokens generated", lab, registry=r)
-        self.steps = Counter("dopd_serve_verification_steps", "verification steps (per row)", lab, registry=r)
-        self.accepted = Counter("dopd_serve_accepted_drafts", "draft tokens accepted", lab, registry=r)
-        self.accepted_at = Counter(
-            "dopd_serve_accepted_at_position", "steps whose draft at this position was accepted", lab + ("position",),
-            registry=r,
-        )  # fmt: skip
-        self.tau = Gauge("dopd_serve_tau", f"tokens per verification step, last {window} row-steps", lab, registry=r)
-        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-        self.ttft = Histogram("dopd_serve_ttft_seconds", "time to first token", lab, buckets=buckets, registry=r)
-        self.latency = Histogram("dopd_serve_request_seconds", "request latency", lab, buckets=buckets, registry=r)
-        self.per_token = Histogram(
-            "dopd_serve_token_seconds", "per-token latency after the first", lab, buckets=buckets, registry=r
-        )
-        self.in_flight = Gauge("dopd_serve_in_flight", "requests in flight", lab, registry=r)
-        self.policy = Gauge("dopd_serve_policy_version", "drafter weights version in use", lab, registry=r)
-        self.offered = Counter("dopd_serve_records_offered", "finished requests offered to learning", lab, registry=r)
+        c = {name: collector(d, r, SERVE_BUCKETS) for name, d in SERVE_METRICS.items()}
+        self.requests, self.tokens = c["dopd_serve_requests"], c["dopd_serve_generated_tokens"]
+        self.steps, self.accepted = c["dopd_serve_verification_steps"], c["dopd_serve_accepted_drafts"]
+        self.accepted_at, self.tau = c["dopd_serve_accepted_at_position"], c["dopd_serve_tau"]
+        self.ttft, self.latency = c["dopd_serve_ttft_seconds"], c["dopd_serve_request_seconds"]
+        self.per_token, self.in_flight = c["dopd_serve_token_seconds"], c["dopd_serve_in_flight"]
+        self.policy, self.offered = c["dopd_serve_policy_version"], c["dopd_serve_records_offered"]
+        # every position's series exists from the start (at 0): "nothing accepted at position 4 yet" is data
+        for i in range(1, K + 1):
+            self.accepted_at.labels(replica, str(i))
+        for m in (self.tokens, self.steps, self.accepted, self.in_flight, self.policy, self.offered):
+            m.labels(replica)
         self.window: deque[int] = deque(maxlen=window)
         self.K = K
 
@@ -150,6 +145,30 @@ class ReplicaMetrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+    def announce(self, host: str, app_port: int, targets_dir: str) -> None:
+        """This replica's own /metrics endpoint (a free port on `host`), registered for Prometheus as
+        `serve-<app port>-<replica>` with `run="serve"`: one scrape target per replica, because the app's /metrics
+        answers for whichever replica the proxy picks, and series that come and go between scrapes of one target
+        are marked stale."""
+        from prometheus_client import start_http_server
+
+        from dopd.prometheus import register_job_target
+
+        self.server, _ = start_http_server(0, addr=host, registry=self.registry)
+        self.target = (f"serve-{app_port}-{self.replica}", targets_dir)
+        register_job_target(self.target[0], host, self.server.server_port, {"run": "serve"}, targets_dir=targets_dir)
+
+    def withdraw(self) -> None:
+        from dopd.prometheus import unregister_job_target
+
+        if getattr(self, "target", None):
+            unregister_job_target(*self.target)
+            self.target = None
+        if getattr(self, "server", None) is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 
 app = FastAPI(title="dopd serve", docs_url=None, redoc_url=None)
@@ -193,6 +212,9 @@ class DopdServer:
             self.engine, self.tok, self.K, opts.batch_size, max_len, opts.max_batches,
             on_finish=self._finished, on_step=self.metrics.on_step,
         )  # fmt: skip
+        self.metrics.in_flight.labels(self.replica).set_function(self.loop.in_flight)
+        if opts.prom_targets:  # loopback only: a local Prometheus (`dopd cluster up --with-prometheus`) scrapes it
+            self.metrics.announce("127.0.0.1", opts.port, opts.prom_targets)
         self.started = time.time()
         self.feed = None
         self.policy_version = 0
@@ -201,6 +223,12 @@ class DopdServer:
             threading.Thread(target=self._follow_feed, name="dopd-feed", daemon=True).start()
 
     # --- Serve hooks and handle methods ----------------------------------------------------------------------
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: withdraw its Prometheus target."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.withdraw()
+
     def check_health(self) -> None:
         """Serve restarts a replica whose check fails: the engine thread died or raised."""
         if self.loop.error is not None or not self.loop.thread.is_alive():
@@ -288,7 +316,6 @@ class DopdServer:
 
     @app.get("/metrics")
     def metrics_route(self):
-        self.metrics.in_flight.labels(self.replica).set(self.loop.in_flight())
         return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
@@ -425,7 +452,12 @@ def start(opts: ServeOptions, api_key: str | None = None) -> str:
     check_bind(opts.host, api_key)
     if opts.replicas < 1:
         raise DopdError(f"--replicas must be >= 1 (got {opts.replicas})")
+    if opts.prom_targets is None:
+        from dopd.paths import prom_targets_dir
+
+        opts = replace(opts, prom_targets=str(prom_targets_dir()))
     _ensure_ray(opts)
+    _started.append((opts.port, opts.prom_targets))
     serve.start(http_options={"host": opts.host, "port": opts.port})
     dep = DopdServer.options(
         num_replicas=opts.replicas,
@@ -437,10 +469,18 @@ def start(opts: ServeOptions, api_key: str | None = None) -> str:
     return f"http://{host}:{opts.port}"
 
 
+_started: list[tuple[int, str]] = []  # (port, Prometheus targets dir) of the apps this process started
+
+
 def stop() -> None:
-    """Take the app down and stop Serve (the Ray it ran on stays up)."""
+    """Take the app down and stop Serve (the Ray it ran on stays up). Replicas withdraw their Prometheus targets as
+    they stop; any a killed replica left behind are removed here."""
     serve.delete(APP_NAME)
     serve.shutdown()
+    while _started:
+        port, targets = _started.pop()
+        for leftover in Path(targets).glob(f"serve-{port}-*.json"):
+            leftover.unlink(missing_ok=True)
 
 
 def handle():

@@ -9,7 +9,9 @@ import pytest
 
 from dopd.dashboards import build
 from dopd.dashboards.build import HERE, OUTPUTS, expand_variables, panel_queries
-from dopd.metrics import METRICS
+from dopd.metrics import METRICS, SERVE_METRICS
+
+ALL_METRICS = {**METRICS, **SERVE_METRICS}
 
 SERIES_RE = re.compile(r"\bdopd_[a-z_]+")
 
@@ -17,7 +19,7 @@ SERIES_RE = re.compile(r"\bdopd_[a-z_]+")
 def known_series() -> dict[str, str]:
     """series name -> metric name, for every series PromQL may use (histograms only via _bucket/_sum/_count)."""
     out = {}
-    for d in METRICS.values():
+    for d in ALL_METRICS.values():
         if d.kind == "histogram":
             out.update({d.name + sfx: d.name for sfx in ("_bucket", "_sum", "_count")})
         else:
@@ -95,7 +97,7 @@ def test_every_exported_metric_has_a_panel():
         for _, e in panel_queries(dash)
         for s in SERIES_RE.findall(e)
     }
-    assert set(METRICS) - used == set()
+    assert set(ALL_METRICS) - used == set()
 
 
 def test_panels_have_ids_titles_datasources_and_a_layout():
@@ -130,24 +132,29 @@ def test_layout_check_rejects_overlaps_and_duplicate_ids():
         build._check_layout({**base, "panels": base["panels"] + [dup]})
 
 
-def test_variables_exist_and_are_used():
-    for name, dash in dashboards().items():
-        variables = {v["name"]: v for v in dash["templating"]["list"]}
-        assert list(variables) == ["datasource", "job", "actor"], name
-        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-        job, actor = variables["job"], variables["actor"]
-        assert (
-            job["type"] == "query" and job["query"].startswith("label_values(dopd_") and job["query"].endswith(", job)")
-        )
-        assert actor["type"] == "query" and actor["multi"] and actor["includeAll"] and actor["allValue"] == ".*"
-        assert actor["query"].endswith(", actor)") and "$job" in actor["query"]
-        per_actor = 0
-        for title, expr in panel_queries(dash):
-            assert 'job=~"$job"' in expr, f"{name} / {title}: {expr!r} ignores $job"
-            if any("actor" in METRICS[known_series()[s]].labels for s in SERIES_RE.findall(expr)):
-                assert 'actor=~"$actor"' in expr, f"{name} / {title}: per-actor series without $actor: {expr!r}"
-                per_actor += 1
-        assert per_actor > 0, f"{name}: no panel uses $actor"
+MEMBER = {"training_overview.json": "actor", "rollout_fleet.json": "actor", "serving.json": "replica"}
+
+
+@pytest.mark.parametrize("name", list(OUTPUTS))
+def test_variables_exist_and_are_used(name):
+    """datasource, job and the per-process label (actor / replica); every query honours $job, and every
+    query on a per-process series honours that variable."""
+    dash, member = dashboards()[name], MEMBER[name]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert list(variables) == ["datasource", "job", member], name
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    job, var = variables["job"], variables[member]
+    assert job["type"] == "query" and job["query"].startswith("label_values(dopd_") and job["query"].endswith(", job)")
+    assert var["type"] == "query" and var["multi"] and var["includeAll"] and var["allValue"] == ".*"
+    assert var["query"].endswith(f", {member})") and "$job" in var["query"]
+    per_member = 0
+    for title, expr in panel_queries(dash):
+        assert 'job=~"$job"' in expr, f"{name} / {title}: {expr!r} ignores $job"
+        for s in SERIES_RE.findall(expr):
+            if member in ALL_METRICS[known_series()[s]].labels:
+                assert f'{member}=~"${member}"' in expr, f"{name} / {title}: {s} without ${member}: {expr!r}"
+                per_member += 1
+    assert per_member > 0, f"{name}: no panel uses ${member}"
 
 
 def test_expand_variables():

@@ -13,7 +13,7 @@ import pytest
 from dopd import prometheus
 from dopd.common.load import load_config
 from dopd.dashboards.check import missing_panels, missing_variables
-from dopd.dashboards.queries import HERE
+from dopd.dashboards.queries import HERE, TRAINING_FILES
 from dopd.driver import RayFleet
 from dopd.paths import prom_targets_dir
 from dopd.train import train
@@ -50,8 +50,8 @@ def test_every_panel_has_data_from_a_real_training_job(ray_session, tmp_path, mo
         # ask about the middle of the job's 4 s linger (it writes summary.json, then lingers, then unregisters
         # its target): once Prometheus drops the target its series are marked stale, so "now" would be a race
         at = (tmp_path / "run" / "summary.json").stat().st_mtime + 2.0
-        missing = missing_panels(url, HERE, rate_interval="1m", at=at)
+        missing = missing_panels(url, HERE, rate_interval="1m", at=at, files=TRAINING_FILES)
         assert missing == [], missing
-        assert missing_variables(url, HERE) == []
+        assert missing_variables(url, HERE, files=TRAINING_FILES) == []
     finally:
         prometheus.stop(proc)

@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,13 @@ from dopd.paths import prom_targets_dir
 ROOT = Path(__file__).resolve().parents[1]
 ACTORS = ("0", "1")
 SHARDS = ("0", "1")
+REPLICAS = ("r0", "r1")
+
+
+@dataclass
+class Step:  # one row's verification step, as the engine reports it to a replica's metrics
+    accepted: int
+    new_tokens: list[int]
 
 
 def free_port() -> int:
@@ -86,6 +94,26 @@ def feed(jm: JobMetrics, stop: threading.Event) -> None:
             jm["dopd_records_dropped_stale"].labels(shard=s).inc(rng.randint(0, 2))
             jm["dopd_records_dropped_full"].labels(shard=s).inc(rng.randint(0, 2))
             jm["dopd_records_rejected"].labels(shard=s).inc(rng.randint(0, 1))
+        jm["dopd_traffic_taken"].inc(rng.randint(0, 3))
+        jm["dopd_traffic_dropped"].inc(rng.randint(0, 1))
+        jm["dopd_traffic_waiting"].set(rng.randint(0, 8))
+        stop.wait(0.25)
+
+
+def feed_replicas(replicas: list, stop: threading.Event) -> None:
+    """Serve traffic as a replica's engine loop and routes report it (ReplicaMetrics, dopd/serve.py)."""
+    rng = random.Random(1)
+    while not stop.is_set():
+        for m in replicas:
+            acc = [rng.randint(0, 4) for _ in range(8)]
+            m.on_step([Step(a, [1] * (a + 1)) for a in acc], 4)
+            m.ttft.labels(m.replica).observe(rng.uniform(0.01, 0.5))
+            m.per_token.labels(m.replica).observe(rng.uniform(0.01, 0.1))
+            m.latency.labels(m.replica).observe(rng.uniform(0.5, 5.0))
+            m.requests.labels(m.replica, "/v1/completions", "200").inc()
+            m.in_flight.labels(m.replica).set(rng.randint(0, 4))
+            m.policy.labels(m.replica).inc()
+            m.offered.labels(m.replica).inc()
         stop.wait(0.25)
 
 
@@ -98,14 +126,27 @@ def dopd_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def live(tmp_path, dopd_home):
-    """A fed JobMetrics endpoint registered as a file_sd target, and a Prometheus scraping it every second."""
+    """A fed JobMetrics endpoint and two fed serving replicas' endpoints registered as file_sd targets, and a
+    Prometheus scraping them every second."""
+    from prometheus_client import start_http_server
+
+    from dopd.serve import ReplicaMetrics
+
     jm = JobMetrics()
     port = jm.serve("127.0.0.1", 0)
+    replicas = [ReplicaMetrics(r, K=4) for r in REPLICAS]
+    servers = [start_http_server(0, addr="127.0.0.1", registry=m.registry)[0] for m in replicas]
     stop = threading.Event()
-    feeder = threading.Thread(target=feed, args=(jm, stop), daemon=True)
-    feeder.start()
+    feeders = [
+        threading.Thread(target=feed, args=(jm, stop), daemon=True),
+        threading.Thread(target=feed_replicas, args=(replicas, stop), daemon=True),
+    ]
+    for f in feeders:
+        f.start()
     proc = None
     try:
+        for r, srv in zip(REPLICAS, servers):
+            prometheus.register_job_target(f"serve-{r}", "127.0.0.1", srv.server_port, {"run": "serve"})
         target = prometheus.register_job_target("dopd-live-test", "127.0.0.1", port, {"run": "synthetic"})
         cfg = prometheus.write_config(
             tmp_path / "prom" / "prometheus.yml", scrape_interval="1s", ray_sd_file=tmp_path / "no-ray" / "sd.json"
@@ -115,10 +156,14 @@ def live(tmp_path, dopd_home):
         yield {"url": f"http://127.0.0.1:{prom_port}", "target": target, "metrics_port": port, "proc": proc}
     finally:
         stop.set()
-        feeder.join(5)
+        for f in feeders:
+            f.join(5)
         if proc is not None:
             prometheus.stop(proc)
         jm.close()
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
 
 
 def _poll(fn, timeout: float, interval: float = 1.0):
@@ -132,13 +177,13 @@ def _poll(fn, timeout: float, interval: float = 1.0):
 
 def test_every_panel_of_every_dashboard_has_data(live, tmp_path):
     url = live["url"]
-    assert len(list(HERE.glob("*.json"))) == 2
+    assert len(list(HERE.glob("*.json"))) == 3
     missing = _poll(lambda: missing_panels(url, HERE, job="dopd", rate_interval="10s"), timeout=40)
     assert missing == [], "panels without data:\n" + "\n".join(map(str, missing))
     assert missing_variables(url, HERE) == []
 
     # The target carries the labels the dashboards and people rely on.
-    (up,) = prometheus.query(url, 'up{job="dopd"}')
+    (up,) = prometheus.query(url, 'up{job="dopd", run="synthetic"}')
     assert up["value"][1] == "1"
     assert up["metric"]["dopd_job"] == "dopd-live-test" and up["metric"]["run"] == "synthetic"
     assert up["metric"]["instance"] == f"127.0.0.1:{live['metrics_port']}"
@@ -170,7 +215,8 @@ def test_every_panel_of_every_dashboard_has_data(live, tmp_path):
 
     def still_active():
         with urllib.request.urlopen(f"{url}/api/v1/targets?state=active", timeout=5) as r:
-            return [t for t in json.load(r)["data"]["activeTargets"] if t["labels"]["job"] == "dopd"]
+            active = json.load(r)["data"]["activeTargets"]
+            return [t for t in active if t["labels"]["job"] == "dopd" and t["labels"]["run"] == "synthetic"]
 
     assert _poll(still_active, timeout=20) == []
 
@@ -185,7 +231,7 @@ def test_missing_panels_reports_a_prometheus_without_dopd_data(tmp_path, dopd_ho
         missing = missing_panels(url, HERE)
         total = sum(len(panel_queries(load(p))) for p in HERE.glob("*.json"))
         assert len(missing) == total > 0
-        assert {v for _, v, _ in missing_variables(url, HERE)} == {"job", "actor"}
+        assert {v for _, v, _ in missing_variables(url, HERE)} == {"job", "actor", "replica"}
         with pytest.raises(DopdError, match="parse error|bad_data"):
             prometheus.query(url, "sum(")
     finally:

@@ -35,21 +35,35 @@ def test_learn_needs_a_trained_drafter_directory(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.heavy
-def test_serve_learn_answers_losslessly_while_the_drafter_learns(ray_session, tiny, trained_tiny_drafter, tmp_path):
+def test_serve_learn_answers_losslessly_while_the_drafter_learns(
+    ray_session, tiny, trained_tiny_drafter, tmp_path, monkeypatch
+):
+    """... and a real Prometheus scraping the server and the learning job sees data in every serving panel."""
     import openai
 
+    from dopd import prometheus
     from dopd import serve as dserve
+    from dopd.dashboards.check import missing_panels, missing_variables
+    from dopd.dashboards.queries import HERE
+    from dopd.paths import prom_targets_dir
     from dopd.serve_learn import learn_config, serve_and_learn
     from dopd.traffic import FEED_NAME
 
     ray = ray_session
+    monkeypatch.setenv("DOPD_HOME", str(tmp_path / "home"))
+    prom_cfg = prometheus.write_config(
+        tmp_path / "prom" / "prometheus.yml", scrape_interval="1s", targets_dir=prom_targets_dir(),
+        ray_sd_file=tmp_path / "no-ray" / "sd.json",
+    )  # fmt: skip
+    prom_port = free_port()
+    prom = prometheus.start(prom_cfg, tmp_path / "prom" / "data", host="127.0.0.1", port=prom_port)
     d = tmp_path / "drafter"
     trained_tiny_drafter.save_pretrained(d)
     cfg = learn_config(MODEL, str(d), tmp_path / "run", actors=1, learners=1, overrides=[
         "data.prompts=champ-problems", "data.num_eval=4", "rollout.batch_size=4", "rollout.max_new_tokens=16",
         "learner.micro_batch_size=2", "learner.refresh_every=1", "learner.steps=3", "learner.lr=3e-3",
         "eval.num_prompts=4", "eval.max_new_tokens=12", "learner.eval_every=100", "learner.checkpoint_every=2",
-        "metrics.port=0", "cluster.actor_num_cpus=0.5", "learner.zero_stage=2",
+        "metrics.port=0", "metrics.linger_s=4", "cluster.actor_num_cpus=0.5", "learner.zero_stage=2",
     ])  # fmt: skip
     opts = dserve.ServeOptions(
         target=MODEL, drafter=str(d), port=free_port(), block_size=3, batch_size=4, max_tokens=32,
@@ -107,7 +121,15 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(ray_session, ti
         trained = [json.loads(x) for x in open(tmp_path / "run" / "opd_sequences.jsonl")]
         assert len(trained) == 6 and all("/" in t["prompt_id"] for t in trained)
         assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()  # `dopd export` reads this
+        # the serving dashboard, while both were up (mid-linger: the learning job then unregisters its target)
+        at = (tmp_path / "run" / "summary.json").stat().st_mtime + 2.0
+        missing = missing_panels(
+            f"http://127.0.0.1:{prom_port}", HERE, rate_interval="1m", at=at, files=["serving.json"]
+        )
+        assert missing == [], missing
+        assert missing_variables(f"http://127.0.0.1:{prom_port}", HERE, files=["serving.json"]) == []
     finally:
+        prometheus.stop(prom)
         dserve.stop()
         try:
             ray.kill(ray.get_actor(FEED_NAME, namespace="dopd"))
