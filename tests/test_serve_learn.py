@@ -137,6 +137,126 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(
             pass
 
 
+def _wait_healthy(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} never became healthy")
+
+
+def _learner_pids() -> list[int]:
+    """The live learner ranks' processes (Ray titles an actor's process `ray::<class>`; this test's Ray has no
+    dashboard, so the state API is not there to ask)."""
+    from pathlib import Path
+
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and (p / "cmdline").read_bytes().startswith(b"ray::LearnerActor"):
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.heavy
+def test_a_learner_killed_under_serve_learn_stops_learning_not_serving_and_resumes(
+    ray_session, tiny, trained_tiny_drafter, tmp_path
+):
+    """SIGKILL the learner rank mid-run: the server keeps answering (losslessly), learning stops with a message
+    naming --resume, and resuming the learning run from its checkpoint while serving reaches the planned step with
+    nothing trained twice."""
+    import os
+    import signal
+
+    import openai
+
+    from dopd import checkpoint
+    from dopd import serve as dserve
+    from dopd.serve_learn import Learning, learn_config, serve_and_learn
+    from dopd.traffic import FEED_NAME
+
+    ray = ray_session
+    d = tmp_path / "drafter"
+    trained_tiny_drafter.save_pretrained(d)
+    overrides = [
+        "data.prompts=champ-problems", "data.num_eval=4", "rollout.batch_size=2", "rollout.max_new_tokens=16",
+        "learner.micro_batch_size=2", "learner.refresh_every=1", "learner.steps=4", "learner.lr=3e-3",
+        "eval.num_prompts=2", "eval.max_new_tokens=8", "learner.eval_every=100", "learner.checkpoint_every=1",
+        "metrics.port=0", "cluster.actor_num_cpus=0.5",
+    ]  # fmt: skip
+    run = tmp_path / "run"
+    cfg = learn_config(MODEL, str(d), run, actors=1, learners=1, overrides=overrides)
+    opts = dserve.ServeOptions(
+        target=MODEL, drafter=str(d), port=free_port(), block_size=3, batch_size=4, max_tokens=32,
+        replica_num_cpus=0.5,
+    )  # fmt: skip
+    url, learning = serve_and_learn(opts, cfg, None, log=lambda *a: None)
+    try:
+        _wait_healthy(url)
+        prompts = [
+            list(tiny.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False))
+            for t in TEXTS
+        ]  # fmt: skip
+        refs, _ = SpecEngine(tiny).generate(prompts, DecodeSettings(block_size=0, max_new_tokens=24, batch_size=8))
+        want = [tiny.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in refs]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-loopback", max_retries=0, timeout=300)
+
+        def ask(i: int) -> str:
+            return (
+                client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0).choices[0].text
+            )
+
+        def saved_step() -> int:
+            try:
+                return checkpoint.find(run, log=lambda *a: None).state()["run"]["step"]
+            except Exception:  # noqa: BLE001 - no checkpoint yet
+                return 0
+
+        # traffic, two requests at a time, until the learner has checkpointed a step; then it starves for records
+        deadline = time.time() + 300
+        i = 0
+        while saved_step() < 1:
+            assert time.time() < deadline and learning.alive(), learning.error
+            assert ask(i % len(prompts)) == want[i % len(prompts)]
+            i += 1
+        (pid,) = _learner_pids()
+        os.kill(pid, signal.SIGKILL)
+        learning.thread.join(timeout=120)
+        assert not learning.alive()
+        assert "a learner rank failed" in learning.error and "--resume" in learning.error, learning.error
+        # serving goes on, exactly as before, with no learner
+        for k in range(len(prompts)):
+            assert ask(k) == want[k], k
+        # resume the learning run beside the live server: it continues from the checkpoint to the planned step
+        at = saved_step()
+        again = Learning(
+            learn_config(MODEL, None, run, 1, 1, overrides=overrides, resume=True), resume=True, log=lambda *a: None
+        )
+        again.start()
+        deadline = time.time() + 300
+        while again.alive():
+            assert time.time() < deadline
+            assert ask(i % len(prompts)) == want[i % len(prompts)]
+            i += 1
+        assert again.error == "", again.error
+        s = again.summary
+        assert s["steps"] == 4 and s["resumes"] == 1 and s["records_trained_twice"] == 0, s
+        assert at >= 1 and (run / "drafter" / "model.safetensors").is_file()
+    finally:
+        dserve.stop()
+        try:
+            ray.kill(ray.get_actor(FEED_NAME, namespace="dopd"))
+        except ValueError:
+            pass
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
