@@ -103,7 +103,9 @@ def test_compose_prometheus_config():
     assert dopd_files == ["/etc/prometheus/dopd_targets/*.json"]
     target_mount = [v for v in compose["services"]["prometheus"]["volumes"] if ":/etc/prometheus/dopd_targets" in v]
     assert target_mount and "prometheus/prom_targets" in target_mount[0]
-    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/ray-temp/prom_metrics_service_discovery.json"]
+    ray_mount = [v for v in compose["services"]["prometheus"]["volumes"] if v.endswith(":/ray-temp:ro")]
+    assert ray_mount == ["${DOPD_RAY_TEMP:-/tmp/ray}:/ray-temp:ro"]  # the head's temp dir, as `cluster up` names it
     (relabel,) = jobs["dopd"]["relabel_configs"]
     assert re.sub(relabel["regex"], relabel["replacement"].replace("$1", r"\1"), f"127.0.0.1:{METRICS_PORT}") == (
         f"host.docker.internal:{METRICS_PORT}"
