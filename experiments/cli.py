@@ -105,6 +105,40 @@ def experiment_render(
         _fail(DopdError(f"{report} holds no experiment results (results.json, or summary.json + results.csv)"))
 
 
+@app.command("serve-shift")
+def experiment_serve_shift(
+    out: Path = typer.Option(Path("runs/serve-shift"), help="working directory: the learning run, logs, evaluations"),
+    drafter: Path = typer.Option(Path("runs/demo/drafter"), help="the served drafter (make run's: trained on champ)"),
+    quick: bool = typer.Option(False, help="a smoke run of a few minutes (tiny traffic, 4 learner steps)"),
+    seed: int = typer.Option(0, help="data.seed of the humaneval split and seed of the learning run"),
+    meaningful: float = typer.Option(0.05, help="the smallest tau change worth finding (the powered-null rule)"),
+    report: Path | None = typer.Option(None, help="also copy report.md, results.json, live_tau.jsonl here"),
+    held_out: int | None = typer.Option(None, help="held-out humaneval prompts (default 64; quick 8)"),
+    traffic: int | None = typer.Option(None, help="traffic prompts (default 100; quick 16)"),
+    champ_prompts: int | None = typer.Option(None, help="held-out champ prompts (default 16; quick 4)"),
+    max_tokens: int | None = typer.Option(None, help="tokens per answer, served and evaluated (default 128; quick 32)"),
+    steps: int | None = typer.Option(None, help="learner.steps of the learning run (default 48; quick 4)"),
+    refresh_every: int | None = typer.Option(None, help="learner.refresh_every (default 4; quick 2)"),
+    concurrency: int | None = typer.Option(None, help="concurrent client requests (default 4)"),
+    deadline_s: float | None = typer.Option(None, help="give up serving after this many seconds (default 1500)"),
+    threads: int | None = typer.Option(2, help="torch CPU threads of the evaluating process"),
+) -> None:
+    """`dopd serve --learn` on shifted traffic: a maths drafter serving code prompts, tau before/after on held-out
+    code (transfer) and held-out maths (forgetting), the live-tau curve, the lossless check (experiments/serve_shift.py)."""
+    _setup_torch(threads)
+    from dopd.experiments.serve_shift import main_serve_shift
+
+    sizes = dict(held_out=held_out, traffic=traffic, champ_prompts=champ_prompts, max_tokens=max_tokens, steps=steps,
+                 refresh_every=refresh_every, concurrency=concurrency, deadline_s=deadline_s)  # fmt: skip
+    try:
+        res = main_serve_shift(out, drafter, quick, seed, meaningful, report, **sizes)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(
+        json.dumps({"verdict": res["verdict"], "paired": res["paired"], "wall_s": round(res["wall_s"])}, indent=1)
+    )
+
+
 def main() -> None:
     app()
 
