@@ -129,3 +129,27 @@ def test_the_command_refuses_a_missing_drafter_before_anything_starts(tmp_path):
     assert r.exit_code != 0 and "no drafter there" in r.output, r.output
     r = CliRunner().invoke(app, ["serve-shift", "--drafter", str(tmp_path), "--steps", "0"])
     assert r.exit_code != 0 and "steps=0" in r.output, r.output
+
+
+def test_the_report_leads_with_the_verdict_and_names_the_machine():
+    ids = ["a", "b"]
+    ev = {"tau": 1.5, "cli_tau": 1.5, "vocab_coverage": 0.9, "prompt_ids": ids}
+    pair = ss.paired(
+        {"prompt_ids": ids, "per_prompt_steps": [10, 10], "per_prompt_accepted": [5, 5]},
+        {"prompt_ids": ids, "per_prompt_steps": [10, 10], "per_prompt_accepted": [6, 4]},
+    )
+    r = {
+        "verdict": "underpowered", "machine": "Some CPU, 2 cores, CPU only", "torch_threads": 2, "target": "t",
+        "dtype": "float32", "drafter": "d", "sizes": ss.asdict(ss.QUICK), "seed": 0, "meaningful": 0.05,
+        "traffic_ids": ["x"], "served": [{}], "wall_s": 60.0, "paired": {"humaneval": pair, "champ": pair},
+        "before": {"humaneval": ev, "champ": ev}, "after": {"humaneval": ev, "champ": {**ev, "cli_tau": 1.4}},
+        "lossless": {"checked": 1, "identical": True},
+        "serve": {"epochs": 1, "errors": [], "serve_s": 30.0, "command": ["dopd", "serve"],
+                  "summary": {"steps": 4, "policy_version": 2, "records_consumed": 8}},
+        "live": [{"t_s": 10.0, "learner_step": 1, "policy_version": 1.0, "tau_window": 1.2, "tau_interval": None}],
+    }  # fmt: skip
+    md = ss.render(r).splitlines()
+    assert md[0].startswith("**Result: underpowered**") and "1.500 -> 1.500" in md[0]
+    assert "Some CPU, 2 cores" in md[2]
+    text = "\n".join(md)
+    assert "after champ 1.4000 (DIFFERS from 1.5000)" in text and "identical text and token counts" in text
