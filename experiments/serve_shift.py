@@ -360,7 +360,8 @@ class MetricsSampler:
                 m = parse_metrics(r.read().decode())
         except OSError:
             return None
-        row = {"t_s": round(time.time() - self.t0, 2), **m, "learner_step": self._learner_step()}
+        now = time.time()
+        row = {"t_s": round(now - self.t0, 2), "time": now, **m, "learner_step": self._learner_step()}
         prev = self.rows[-1] if self.rows else {"steps": 0.0, "accepted": 0.0}
         ds = m.get("steps", 0.0) - prev.get("steps", 0.0)
         row["tau_interval"] = (ds + m.get("accepted", 0.0) - prev.get("accepted", 0.0)) / ds if ds > 0 else None
@@ -395,6 +396,7 @@ class Served:
     completion_tokens: int
     finish: str
     seconds: float
+    finished_at: float  # unix time: lines the answer up with the live curve (which drafter weights served it)
 
 
 @dataclass
@@ -418,7 +420,7 @@ class Replay:
                                                temperature=0)  # fmt: skip
             c = r.choices[0]
             self.served.append(Served(p.id, epoch, c.message.content or "", r.usage.completion_tokens,
-                                      c.finish_reason, time.perf_counter() - t0))  # fmt: skip
+                                      c.finish_reason, time.perf_counter() - t0, time.time()))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - counted and reported; the replay goes on
             self.errors.append(f"{p.id}: {type(e).__name__}: {e}"[:500])
 
@@ -439,14 +441,14 @@ class Replay:
 
 
 def lossless_check(target, served: list[Served], prompts: dict, n: int, max_tokens: int) -> dict:
-    """Served greedy answers against plain target decoding (no drafter) of the same chat-templated prompts: equal
-    text and equal token counts (the server reports usage, not ids)."""
+    """Served greedy answers (n, spread over the run) against plain target decoding (no drafter) of the same
+    chat-templated prompts: equal text and equal token counts (the server reports usage, not ids)."""
     from dopd.common.specdec import DecodeSettings, SpecEngine
 
-    first = {}
-    for s in served:
-        first.setdefault(s.prompt_id, s)
-    picks = list(first.values())[:n]
+    picks: list[Served] = []  # spread over the whole run: answers served under different drafter weights
+    for i in np.linspace(0, len(served) - 1, min(n, len(served))).round().astype(int) if served else []:
+        if served[i].prompt_id not in {p.prompt_id for p in picks}:
+            picks.append(served[i])
     if not picks:
         raise DopdError("no served answer to check")
     tok = target.tokenizer
@@ -457,7 +459,7 @@ def lossless_check(target, served: list[Served], prompts: dict, n: int, max_toke
     rows = []
     for s, r in zip(picks, refs):
         ref = tok.decode(r.output_ids, skip_special_tokens=True)
-        rows.append({"prompt_id": s.prompt_id, "epoch": s.epoch, "text_equal": ref == s.text,
+        rows.append({"prompt_id": s.prompt_id, "epoch": s.epoch, "finished_at": s.finished_at, "text_equal": ref == s.text,
                      "tokens_served": s.completion_tokens, "tokens_plain": len(r.output_ids)})  # fmt: skip
     ok = all(x["text_equal"] and x["tokens_served"] == x["tokens_plain"] for x in rows)
     return {"checked": len(rows), "identical": ok, "rows": rows}
