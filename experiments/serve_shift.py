@@ -51,12 +51,12 @@ class Sizes:
     """How much is run: the defaults are the sizes of the measured run (docs/serve/shift/), QUICK a smoke test."""
 
     held_out: int = 64  # held-out humaneval prompts (data.num_eval = eval.num_prompts)
-    traffic: int = 100  # traffic prompts replayed through the server (from the other 164 - held_out)
+    traffic: int = 64  # traffic prompts replayed through the server (from the other 164 - held_out)
     champ_prompts: int = 16  # held-out champ prompts (at most the drafter's run's data.num_eval)
     max_tokens: int = 128  # per served answer, and eval.max_new_tokens
-    steps: int = 48  # learner.steps of the learning run (learner.micro_batch_size records each)
+    steps: int = 32  # learner.steps of the learning run (learner.micro_batch_size records each)
     refresh_every: int = 4  # learner.refresh_every: steps between weight publishes to the replicas
-    concurrency: int = 4  # client threads replaying the traffic
+    concurrency: int = 8  # client threads replaying the traffic
     sample_every: float = 10.0  # seconds between /metrics samples
     deadline_s: float = 1500.0  # give up on the learning run after this long serving
 
@@ -258,6 +258,10 @@ def serve_command(drafter: Path, port: int, run_dir: Path, sz: Sizes, seed: int,
     ]  # fmt: skip
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     """`dopd serve --learn` as a subprocess in its own session (its Ray processes with it), logging to a file."""
 
@@ -268,8 +272,10 @@ class Server:
     def start(self) -> Server:
         self.log_file = open(self.log_path, "w")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        # SIGINT back to its default: started from a background shell it is ignored, and the CLI would never see
+        # the Ctrl-C that stops it cleanly
         self.proc = subprocess.Popen(self.cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)  # fmt: skip
+                                     start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
         return self
 
     def log_text(self) -> str:
