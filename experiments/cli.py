@@ -7,6 +7,7 @@ knows nothing of them.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -131,7 +132,8 @@ def experiment_serve_shift(
     sizes = dict(held_out=held_out, traffic=traffic, champ_prompts=champ_prompts, max_tokens=max_tokens, steps=steps,
                  refresh_every=refresh_every, concurrency=concurrency, deadline_s=deadline_s)  # fmt: skip
     try:
-        res = main_serve_shift(out, drafter, quick, seed, meaningful, report, **sizes)
+        argv = " ".join(["python -m dopd.experiments", *sys.argv[1:]])
+        res = main_serve_shift(out, drafter, quick, seed, meaningful, report, command=argv, **sizes)
     except DopdError as e:
         _fail(e)
     typer.echo(

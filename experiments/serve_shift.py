@@ -516,7 +516,8 @@ def _serve_and_learn(drafter, traffic, out, sz, seed, dtype, model, log) -> dict
     run_dir, port = out / "run", free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = serve_command(drafter, port, run_dir, sz, seed, dtype)
-    (out / "serve_command.txt").write_text(" ".join(cmd[2:]) + "\n")
+    shown = ["dopd", *cmd[3:]]  # what a user types: `dopd serve ...`
+    (out / "serve_command.txt").write_text(" ".join(shown) + "\n")
     srv = Server(cmd, out / "serve.log", url).start()
     t0 = time.time()
     sampler = None
@@ -543,10 +544,12 @@ def _serve_and_learn(drafter, traffic, out, sz, seed, dtype, model, log) -> dict
         raise DopdError(f"the learning run did not finish ({state['done'] or 'deadline'}): {srv.log_text()[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"url": url, "serve_s": serve_s, "epochs": epochs, "served": replay.served, "errors": replay.errors,
-            "live": sampler.rows, "summary": summary, "exit_code": code, "command": cmd[2:]}  # fmt: skip
+            "live": sampler.rows, "summary": summary, "exit_code": code, "command": shown}  # fmt: skip
 
 
-def serve_shift(out: Path, drafter: Path, sz: Sizes, seed: int, meaningful: float, log=print) -> dict:
+def serve_shift(
+    out: Path, drafter: Path, sz: Sizes, seed: int, meaningful: float, log=print, command: str = ""
+) -> dict:
     """The whole experiment; returns (and writes to out/results.json) what the report shows."""
     from dopd.common.drafters.base import Drafter
     from dopd.common.models import load_target
@@ -573,7 +576,7 @@ def serve_shift(out: Path, drafter: Path, sz: Sizes, seed: int, meaningful: floa
         "traffic_ids": [p.id for p in traffic], "before": _strip(before), "after": _strip(after),
         "paired": {k: paired(before[k], after[k]) for k in before},
         "lossless": lossless, "serve": {k: v for k, v in sv.items() if k not in ("served", "live")}, "live": sv["live"],
-        "served": [asdict(s) for s in sv["served"]], "wall_s": time.time() - t_start,
+        "served": [asdict(s) for s in sv["served"]], "wall_s": time.time() - t_start, "command": command,
     }  # fmt: skip
     h = results["paired"][TRAFFIC_SET]
     results["verdict"] = verdict(h["pooled_diff"], h["pooled_diff_se"], meaningful)
@@ -608,7 +611,8 @@ def render(r: dict) -> str:
         "",
         f"Traffic: {len(r['traffic_ids'])} humaneval prompts replayed {sv['epochs']} time(s) through the `openai`"
         f" client ({sz['concurrency']} concurrent chat completions, T = 0, max_tokens {sz['max_tokens']}):"
-        f" {len(r['served'])} answers, {len(sv['errors'])} errors. Learning: {s['steps']} learner steps"
+        f" (epochs started; the last is cut short once learning is done): {len(r['served'])} answers,"
+        f" {len(sv['errors'])} errors. Learning: {s['steps']} learner steps"
         f" (policy v{s['policy_version']}), {s.get('records_consumed', '?')} records, {sv['serve_s']:.0f} s serving;"
         f" whole experiment {r['wall_s'] / 60:.1f} min. Seeds: split data.seed={r['seed']}, learning run seed={r['seed']}.",
         "",
@@ -653,7 +657,13 @@ def render(r: dict) -> str:
         ti = "" if row.get("tau_interval") is None else f"{row['tau_interval']:.3f}"
         lines.append(f"| {row['t_s']:.0f} | {row.get('learner_step')} | {row.get('policy_version', 0):.0f} |"
                      f" {row.get('tau_window', float('nan')):.3f} | {ti} |")  # fmt: skip
-    lines += ["", "Command (serve half): `" + " ".join(sv["command"]) + "`", ""]
+    lines += [
+        "",
+        f"Command: `{r.get('command', '')}`",
+        "",
+        "Serve half (what it ran): `" + " ".join(sv["command"]) + "`",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -670,11 +680,11 @@ def _live_rows(rows: list[dict], most: int = 30) -> list[dict]:
 
 
 def main_serve_shift(out: Path, drafter: Path, quick: bool, seed: int, meaningful: float, report: Path | None,
-                     **sizes) -> dict:  # fmt: skip
+                     command: str = "", **sizes) -> dict:  # fmt: skip
     """The CLI's entry: the sizes (QUICK or the defaults, then the options given), the run, the report copy."""
     base = QUICK if quick else Sizes()
     sz = Sizes(**{**asdict(base), **{k: v for k, v in sizes.items() if v is not None}})
-    res = serve_shift(out, drafter, sz, seed, meaningful)
+    res = serve_shift(out, drafter, sz, seed, meaningful, command=command)
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
         for name in ("report.md", "results.json", "live_tau.jsonl", "serve_command.txt"):
