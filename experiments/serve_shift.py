@@ -50,11 +50,11 @@ POWER_Z = 2.8  # 1.96 + 0.84: an effect of this many SEs is found with 80% power
 class Sizes:
     """How much is run: the defaults are the sizes of the measured run (docs/serve/shift/), QUICK a smoke test."""
 
-    held_out: int = 64  # held-out humaneval prompts (data.num_eval = eval.num_prompts)
-    traffic: int = 64  # traffic prompts replayed through the server (from the other 164 - held_out)
+    held_out: int = 32  # held-out humaneval prompts (data.num_eval = eval.num_prompts)
+    traffic: int = 48  # traffic prompts replayed through the server (from the other 164 - held_out)
     champ_prompts: int = 16  # held-out champ prompts (at most the drafter's run's data.num_eval)
     max_tokens: int = 128  # per served answer, and eval.max_new_tokens
-    steps: int = 32  # learner.steps of the learning run (learner.micro_batch_size records each)
+    steps: int = 24  # learner.steps of the learning run (learner.micro_batch_size records each)
     refresh_every: int = 4  # learner.refresh_every: steps between weight publishes to the replicas
     concurrency: int = 8  # client threads replaying the traffic
     sample_every: float = 10.0  # seconds between /metrics samples
