@@ -91,9 +91,12 @@ def experiment_render(
     ),
 ) -> None:
     """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
-    from dopd.experiments import methods, plateau
+    from dopd.experiments import methods, plateau, serve_shift
 
-    if (report / "results.json").is_file():
+    if (report / "results.json").is_file() and "traffic_ids" in json.loads((report / "results.json").read_text()):
+        serve_shift.render_report(report)
+        typer.echo(f"re-rendered {report / 'report.md'} from {report / 'results.json'}")
+    elif (report / "results.json").is_file():
         methods.render_report(report)
         typer.echo(f"re-rendered {report / 'results.csv'} and {report / 'summary.md'} from {report / 'results.json'}")
     elif (report / "summary.json").is_file() and (report / "results.csv").is_file():

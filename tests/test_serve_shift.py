@@ -153,3 +153,9 @@ def test_the_report_leads_with_the_verdict_and_names_the_machine():
     assert "Some CPU, 2 cores" in md[2]
     text = "\n".join(md)
     assert "after champ 1.4000 (DIFFERS from 1.5000)" in text and "identical text and token counts" in text
+
+
+def test_live_rows_are_labelled_with_the_traffic_epoch_being_served():
+    served = [{"epoch": 0, "finished_at": 10.0, "seconds": 8.0}, {"epoch": 1, "finished_at": 30.0, "seconds": 5.0}]
+    # epoch 2 (1-based) starts at 25.0
+    assert [ss._epoch_at(served, t) for t in (1.0, 2.0, 24.9, 25.0, None)] == ["", "1", "1", "2", ""]
