@@ -125,6 +125,9 @@ def experiment_serve_shift(
     refresh_every: int | None = typer.Option(None, help="learner.refresh_every (default 4; quick 2)"),
     concurrency: int | None = typer.Option(None, help="concurrent client requests (default 8)"),
     deadline_s: float | None = typer.Option(None, help="give up serving after this many seconds (default 1500)"),
+    learn_set: list[str] | None = typer.Option(
+        None, help="key=value setting of the learning run, repeatable (e.g. learner.opd_lr=2e-4); default: none"
+    ),
     threads: int | None = typer.Option(2, help="torch CPU threads of the evaluating process"),
 ) -> None:
     """`dopd serve --learn` on shifted traffic: a maths drafter serving code prompts, tau before/after on held-out
@@ -133,7 +136,8 @@ def experiment_serve_shift(
     from dopd.experiments.serve_shift import main_serve_shift
 
     sizes = dict(held_out=held_out, traffic=traffic, champ_prompts=champ_prompts, max_tokens=max_tokens, steps=steps,
-                 refresh_every=refresh_every, concurrency=concurrency, deadline_s=deadline_s)  # fmt: skip
+                 refresh_every=refresh_every, concurrency=concurrency, deadline_s=deadline_s,
+                 learn=learn_set or None)  # fmt: skip
     try:
         argv = " ".join(["python -m dopd.experiments", *sys.argv[1:]])
         res = main_serve_shift(out, drafter, quick, seed, meaningful, report, command=argv, **sizes)

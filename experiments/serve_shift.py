@@ -59,9 +59,11 @@ class Sizes:
     concurrency: int = 8  # client threads replaying the traffic
     sample_every: float = 10.0  # seconds between /metrics samples
     deadline_s: float = 1500.0  # give up on the learning run after this long serving
+    learn: tuple[str, ...] = ()  # extra key=value settings of the learning run (e.g. learner.opd_lr=2e-4)
 
     def __post_init__(self) -> None:
-        bad = [f"{k}={v}" for k, v in asdict(self).items() if not v > 0]
+        bad = [f"{k}={v}" for k, v in asdict(self).items() if k != "learn" and not v > 0]
+        bad += [f"--learn-set {x!r} (not key=value)" for x in self.learn if "=" not in x]
         if bad:
             raise DopdError(f"serve-shift sizes must be > 0: {', '.join(bad)}")
 
@@ -245,7 +247,7 @@ def learn_overrides(sz: Sizes, seed: int, dtype: str) -> list[str]:
         "learner.micro_batch_size=2", "learner.eval_every=1000000", "learner.checkpoint_every=1000000",
         f"rollout.max_new_tokens={sz.max_tokens}", f"data.prompts={TRAFFIC_SET}", f"data.num_eval={sz.held_out}",
         f"data.seed={seed}", f"data.max_prompt_tokens={MAX_PROMPT}", f"eval.num_prompts={min(8, sz.held_out)}",
-        f"eval.max_new_tokens={sz.max_tokens}", "eval.block_size=4", f"seed={seed}", "metrics.port=0",
+        f"eval.max_new_tokens={sz.max_tokens}", "eval.block_size=4", f"seed={seed}", "metrics.port=0", *sz.learn,
     ]  # fmt: skip
 
 
@@ -611,8 +613,10 @@ def render(r: dict) -> str:
         "",
         f"Traffic: {len(r['traffic_ids'])} humaneval prompts replayed through the `openai` client in {sv['epochs']}"
         f" epoch(s) (the last cut short once learning finished; {sz['concurrency']} concurrent chat completions,"
-        f" T = 0, max_tokens {sz['max_tokens']}): {len(r['served'])} answers, {len(sv['errors'])} errors. Learning: {s['steps']} learner steps"
-        f" (policy v{s['policy_version']}), {s.get('records_consumed', '?')} records, {sv['serve_s']:.0f} s serving;"
+        f" T = 0, max_tokens {sz['max_tokens']}): {len(r['served'])} answers, {len(sv['errors'])} errors."
+        + (f" Learning-run settings added: {' '.join(sz['learn'])}." if sz.get("learn") else "")
+        + f" Learning: {s['steps']} learner steps (policy v{s['policy_version']}),"
+        f" {s.get('records_consumed', '?')} records, {sv['serve_s']:.0f} s serving;"
         f" whole experiment {r['wall_s'] / 60:.1f} min. Seeds: split data.seed={r['seed']}, learning run seed={r['seed']}.",
         "",
         "Held-out sets are disjoint from the traffic (asserted against the ids `dopd eval` reported). tau is exact"
@@ -699,7 +703,8 @@ def main_serve_shift(out: Path, drafter: Path, quick: bool, seed: int, meaningfu
                      command: str = "", **sizes) -> dict:  # fmt: skip
     """The CLI's entry: the sizes (QUICK or the defaults, then the options given), the run, the report copy."""
     base = QUICK if quick else Sizes()
-    sz = Sizes(**{**asdict(base), **{k: v for k, v in sizes.items() if v is not None}})
+    given = {k: (tuple(v) if k == "learn" else v) for k, v in sizes.items() if v is not None}
+    sz = Sizes(**{**asdict(base), **given})
     res = serve_shift(out, drafter, sz, seed, meaningful, command=command)
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
