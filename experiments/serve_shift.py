@@ -65,7 +65,7 @@ class Sizes:
         bad = [f"{k}={v}" for k, v in asdict(self).items() if k != "learn" and not v > 0]
         bad += [f"--learn-set {x!r} (not key=value)" for x in self.learn if "=" not in x]
         if bad:
-            raise DopdError(f"serve-shift sizes must be > 0: {', '.join(bad)}")
+            raise DopdError(f"serve-shift: sizes must be > 0 and settings key=value: {', '.join(bad)}")
 
 
 QUICK = Sizes(held_out=8, traffic=16, champ_prompts=4, max_tokens=32, steps=4, refresh_every=2, deadline_s=600.0)
