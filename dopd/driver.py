@@ -126,13 +126,14 @@ class RayFleet(Backend):
         from dopd.plan import Machine, check, make_plan, thread_env
 
         c = self.cfg
-        joined = bool(cluster_address(c)) or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+        in_process = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # e.g. dopd serve --learn's
+        joined = bool(cluster_address(c)) or in_process
         plan = None if joined else make_plan(c, Machine.local())
         if plan is not None:
             check(plan)
         self.ray_mode = connect(c, env=thread_env(plan) if plan else None)
-        if plan is None:
-            plan = make_plan(c, Machine.from_ray())
+        if plan is None:  # a Ray this process already uses: plan over the CPUs its other work left free
+            plan = make_plan(c, Machine.from_ray(free_cpus=in_process))
             check(plan)
         self.plan = plan
         self.log(plan.render())

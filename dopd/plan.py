@@ -56,15 +56,20 @@ class Machine:
         return cls(cpus=local_cpus(), memory_total=_meminfo("MemTotal"), memory_available=local_memory(), gpus=_gpus())
 
     @classmethod
-    def from_ray(cls) -> Machine:
-        """The joined cluster's alive nodes, from Ray's own accounting (CPU, GPU, memory resources)."""
+    def from_ray(cls, free_cpus: bool = False) -> Machine:
+        """The joined cluster's alive nodes, from Ray's own accounting (CPU, GPU, memory resources). `free_cpus`: the
+        CPUs not held now, for a run joining a Ray this process already uses for something else (`dopd serve --learn`:
+        the Serve replicas hold theirs; planning over the total would ask for CPUs that are taken)."""
         import ray
 
         alive = [n for n in ray.nodes() if n.get("Alive")]
         res = [n.get("Resources", {}) for n in alive]
         mem = int(sum(r.get("memory", 0) for r in res))
+        cpus = sum(r.get("CPU", 0) for r in res)
+        if free_cpus:
+            cpus = min(cpus, ray.available_resources().get("CPU", 0.0))
         return cls(
-            cpus=int(sum(r.get("CPU", 0) for r in res)),
+            cpus=int(math.floor(cpus + 1e-6)),
             memory_total=mem,
             memory_available=mem,
             gpus=int(sum(r.get("GPU", 0) for r in res)),

@@ -469,6 +469,23 @@ def start(opts: ServeOptions, api_key: str | None = None) -> str:
     return f"http://{host}:{opts.port}"
 
 
+def wait_running(timeout: float = 600.0, poll: float = 0.5) -> None:
+    """Until every replica of the app is up (its target loaded): `--learn` plans its learners over the CPUs the
+    replicas left free, so it must not plan before they hold theirs."""
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.time() + timeout
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise DopdError(f"the Serve app failed to start ({app.status}): {app.message[-2000:]}")
+        if time.time() > deadline:
+            raise DopdError(f"the Serve app was not running after {timeout:.0f} s ({app.status if app else 'absent'})")
+        time.sleep(poll)
+
+
 _started: list[tuple[int, str]] = []  # (port, Prometheus targets dir) of the apps this process started
 
 

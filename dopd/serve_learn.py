@@ -95,11 +95,15 @@ def serve_and_learn(opts, cfg: Config, api_key: str | None, resume: bool = False
 
     Ray is started from the learning config (its actors' and learners' resources), plus the replicas' CPUs."""
     from dopd.connection import connect
-    from dopd.serve import start
+    from dopd.serve import start, wait_running
     from dopd.traffic import FEED_NAME, feed_actor
 
     need = replace(cfg.cluster, actors=cfg.cluster.actors + opts.replicas)
     connect(replace(cfg, cluster=need))
     feed_actor(cfg.rollout.traffic_buffer)  # before the replicas: their first offers are not lost
     url = start(replace(opts, feed_name=FEED_NAME, feed_namespace="dopd"), api_key)
+    # the learning run plans over the CPUs the replicas leave free (dopd/driver.py): on a 2-core machine a replica
+    # holds 1 and the actor and learner share the other; planned before the replicas were placed it asked for both
+    # and could not be placed ("the cluster cannot place 1 actors and 1 learners")
+    wait_running()
     return url, Learning(cfg, resume=resume, log=log).start()

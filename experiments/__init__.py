@@ -7,5 +7,7 @@ keeps nothing that only an experiment needs. Their command line is their own: `d
 
 - plateau.py: `dopd-experiments plateau` (SFT vs Draft-OPD vs its ablations from one gated warm-up)
 - methods.py: `dopd-experiments methods` (Draft-OPD, Bebop, DVI at one learner budget)
+- serve_shift.py: `dopd-experiments serve-shift` (`dopd serve --learn` on traffic the drafter was not trained on:
+  held-out tau before / after, the live-tau curve, the lossless check)
 - preset.py: the presets' one typed shape; stats.py: standard errors over seeds and paired bootstrap contrasts
 """

@@ -7,6 +7,7 @@ knows nothing of them.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -90,9 +91,12 @@ def experiment_render(
     ),
 ) -> None:
     """Re-render an experiment's reports (tables, plot) from its recorded results, without training anything."""
-    from dopd.experiments import methods, plateau
+    from dopd.experiments import methods, plateau, serve_shift
 
-    if (report / "results.json").is_file():
+    if (report / "results.json").is_file() and "traffic_ids" in json.loads((report / "results.json").read_text()):
+        serve_shift.render_report(report)
+        typer.echo(f"re-rendered {report / 'report.md'} from {report / 'results.json'}")
+    elif (report / "results.json").is_file():
         methods.render_report(report)
         typer.echo(f"re-rendered {report / 'results.csv'} and {report / 'summary.md'} from {report / 'results.json'}")
     elif (report / "summary.json").is_file() and (report / "results.csv").is_file():
@@ -103,6 +107,45 @@ def experiment_render(
         typer.echo(f"re-rendered {report / 'summary.md'} and {report / 'plot.png'} from summary.json and results.csv")
     else:
         _fail(DopdError(f"{report} holds no experiment results (results.json, or summary.json + results.csv)"))
+
+
+@app.command("serve-shift")
+def experiment_serve_shift(
+    out: Path = typer.Option(Path("runs/serve-shift"), help="working directory: the learning run, logs, evaluations"),
+    drafter: Path = typer.Option(Path("runs/demo/drafter"), help="the served drafter (make run's: trained on champ)"),
+    quick: bool = typer.Option(False, help="a smoke run of a few minutes (tiny traffic, 4 learner steps)"),
+    seed: int = typer.Option(0, help="data.seed of the humaneval split and seed of the learning run"),
+    meaningful: float = typer.Option(0.05, help="the smallest tau change worth finding (the powered-null rule)"),
+    report: Path | None = typer.Option(None, help="also copy report.md, results.json, live_tau.jsonl here"),
+    held_out: int | None = typer.Option(None, help="held-out humaneval prompts (default 32; quick 8)"),
+    traffic: int | None = typer.Option(None, help="traffic prompts (default 48; quick 16)"),
+    champ_prompts: int | None = typer.Option(None, help="held-out champ prompts (default 16; quick 4)"),
+    max_tokens: int | None = typer.Option(None, help="tokens per answer, served and evaluated (default 128; quick 32)"),
+    steps: int | None = typer.Option(None, help="learner.steps of the learning run (default 24; quick 4)"),
+    refresh_every: int | None = typer.Option(None, help="learner.refresh_every (default 4; quick 2)"),
+    concurrency: int | None = typer.Option(None, help="concurrent client requests (default 8)"),
+    deadline_s: float | None = typer.Option(None, help="give up serving after this many seconds (default 1500)"),
+    learn_set: list[str] | None = typer.Option(
+        None, help="key=value setting of the learning run, repeatable (e.g. learner.opd_lr=2e-4); default: none"
+    ),
+    threads: int | None = typer.Option(2, help="torch CPU threads of the evaluating process"),
+) -> None:
+    """`dopd serve --learn` on shifted traffic: a maths drafter serving code prompts, tau before/after on held-out
+    code (transfer) and held-out maths (forgetting), the live-tau curve, the lossless check (experiments/serve_shift.py)."""
+    _setup_torch(threads)
+    from dopd.experiments.serve_shift import main_serve_shift
+
+    sizes = dict(held_out=held_out, traffic=traffic, champ_prompts=champ_prompts, max_tokens=max_tokens, steps=steps,
+                 refresh_every=refresh_every, concurrency=concurrency, deadline_s=deadline_s,
+                 learn=learn_set or None)  # fmt: skip
+    try:
+        argv = " ".join(["python -m dopd.experiments", *sys.argv[1:]])
+        res = main_serve_shift(out, drafter, quick, seed, meaningful, report, command=argv, **sizes)
+    except DopdError as e:
+        _fail(e)
+    typer.echo(
+        json.dumps({"verdict": res["verdict"], "paired": res["paired"], "wall_s": round(res["wall_s"])}, indent=1)
+    )
 
 
 def main() -> None:

@@ -273,3 +273,33 @@ def test_serve_cli_refuses_a_learning_run_it_cannot_start(args, words):
 
     r = CliRunner().invoke(app, ["serve", *args])
     assert r.exit_code != 0 and words in r.output, r.output
+
+
+@pytest.mark.ray
+def test_a_learning_run_plans_over_the_cpus_the_replicas_left_free(ray_session):
+    """`dopd serve --learn` on a 2-core machine: a replica holds 1 CPU; a learning plan over Ray's total asked for
+    both cores for its actor and learner and could not be placed. The plan of a run joining this process's Ray
+    counts only the free CPUs, and shares them."""
+    from dopd.common.load import load_config
+    from dopd.plan import Machine, make_plan
+
+    ray = ray_session
+    total = Machine.from_ray().cpus
+
+    @ray.remote(num_cpus=total - 1)
+    class Holder:  # a stand-in for the Serve replicas
+        def ready(self) -> bool:
+            return True
+
+    h = Holder.remote()
+    try:
+        ray.get(h.ready.remote(), timeout=60)
+        free = Machine.from_ray(free_cpus=True)
+        assert free.cpus == 1 and Machine.from_ray().cpus == total
+        cfg = load_config(
+            None, ["model.target=tiny-random-llama", "runner=ray", "cluster.actors=1", "cluster.learners=1"]
+        )
+        plan = make_plan(cfg, free)
+        assert plan.oversubscribed and plan.actor_cpus + plan.learner_cpus <= 1.0
+    finally:
+        ray.kill(h)
