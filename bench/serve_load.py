@@ -5,8 +5,11 @@
     python bench/serve_load.py --url http://127.0.0.1:8000 --model smollm2-135m      # a server already running
 
 Arms, each a fresh Serve app on loopback started by this script, at the same prompts and settings:
-(a) `target`: the target alone (no drafter, block size 0), (b) `static`: the drafter, never updated.
-(`--learn`, the third arm of issue 28, is not built yet.) Each request streams (chat completions, greedy unless
+(a) `target`: the target alone (no drafter, block size 0), (b) `static`: the drafter, never updated, (c) `learn`:
+`dopd serve --learn` from the same drafter (1 learning actor, 1 ZeRO rank, publishing every step: what learning
+costs the server that does it; `--arms target,static,learn`; a drafter given as init-<kind> is saved to a temporary
+directory first, since --learn starts from a directory). `learn` runs last: its learning job keeps training until
+the script exits. Each request streams (chat completions, greedy unless
 --temperature), so TTFT is the time to the first non-empty delta; latency is the whole request; tok/s is completion
 tokens (the server's own usage counts) over the wall time of the level. Prompts are drawn with a fixed seed from a
 builtin set or --prompts (one JSON object with "prompt" or "messages" per line); a level sends --requests requests
@@ -21,6 +24,7 @@ import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +98,41 @@ def run_arm(name, url, model, msgs, a) -> list[dict]:
     return rows
 
 
+def start_learning(opts, a):
+    """The `learn` arm: `dopd serve --learn` in this process (as the CLI starts it), learning run in a temp dir."""
+    import tempfile
+
+    from dopd.serve_learn import learn_config, serve_and_learn
+
+    tmp = Path(tempfile.mkdtemp(prefix="dopd-serve-load-"))
+    drafter = a.drafter
+    if not Path(drafter).is_dir():  # init-<kind>: --learn starts from a directory
+        from dopd.common.drafters import drafter_for_target
+        from dopd.common.models import load_target
+
+        drafter_for_target(drafter, load_target(a.target, quiet=True)).save_pretrained(tmp / "drafter")
+        drafter = str(tmp / "drafter")
+    cfg = learn_config(a.target, drafter, tmp / "run", actors=1, learners=1, overrides=[
+        f"learner.steps={a.learn_steps}", "learner.refresh_every=1", "learner.eval_every=1000000",
+        "learner.checkpoint_every=1000000", "metrics.port=0", "cluster.actor_num_cpus=0.5",
+    ])  # fmt: skip
+    return serve_and_learn(replace(opts, drafter=drafter), cfg, None, log=lambda m: print(m, flush=True))
+
+
+def learning_state(learning) -> dict:
+    """Where the learning run is when the arm ends: its steps so far (from metrics.jsonl) and the feed's counts."""
+    import ray
+
+    from dopd.traffic import FEED_NAME
+
+    steps = 0
+    rows = learning.cfg.out_dir and Path(learning.cfg.out_dir) / "metrics.jsonl"
+    if rows and rows.is_file():
+        steps = sum(1 for line in rows.read_text().splitlines() if line.strip() and json.loads(line)["event"] == "step")
+    feed = ray.get(ray.get_actor(FEED_NAME, namespace="dopd").stats.remote())
+    return {"learner_steps": steps, "alive": learning.alive(), "error": learning.error[-300:], "feed": feed}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="smollm2-135m")
@@ -113,6 +152,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="with --url: the model id (default: --target)")
     p.add_argument("--api-key", default="unused-on-loopback")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--learn-steps", type=int, default=100_000, help="learn arm: learner.steps (default: never ends)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     bench_start(a, quick={"target": "tiny-random-llama", "requests": 16, "max_tokens": 24, "prompts": "champ-problems"})
@@ -132,23 +172,40 @@ def main() -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         from dopd import serve as dserve
 
-        for arm in a.arms.split(","):
+        arms = a.arms.split(",")
+        unknown = set(arms) - {"target", "static", "learn"}
+        if unknown:
+            p.error(f"--arms: unknown arm(s) {sorted(unknown)} (choose from target, static, learn)")
+        if "learn" in arms and arms[-1] != "learn":
+            p.error("--arms: `learn` must come last (its learning job runs until the script exits)")
+        for arm in arms:
             opts = dserve.ServeOptions(
                 target=a.target, drafter=None if arm == "target" else a.drafter, port=a.port,
                 block_size=a.block_size, batch_size=a.batch_size, max_tokens=max(a.max_tokens, 16),
                 max_concurrent=max(a.concurrency) * 2, threads=a.threads, replica_num_cpus=1,
             )  # fmt: skip
             t0 = time.perf_counter()
-            url = dserve.start(opts)
+            learning = None
+            if arm == "learn":
+                url, learning = start_learning(opts, a)
+            else:
+                url = dserve.start(opts)
+                dserve.wait_running()
             print(f"{arm}: server up at {url} in {time.perf_counter() - t0:.1f}s", flush=True)
             try:
                 rows += run_arm(arm, url, a.target, msgs, a)
+                if learning is not None:
+                    st = learning_state(learning)
+                    rows[-1]["learning"] = st
+                    print(f"learn: {st}", flush=True)
             finally:
                 dserve.stop()
     by = {(r["arm"], r["concurrency"]): r for r in rows}
     for c in a.concurrency:
         if ("target", c) in by and ("static", c) in by:
             print(f"c={c}: static / target tok/s = {by[('static', c)]['tok_s'] / by[('target', c)]['tok_s']:.2f}")
+        if ("learn", c) in by and ("static", c) in by:
+            print(f"c={c}: learn / static tok/s = {by[('learn', c)]['tok_s'] / by[('static', c)]['tok_s']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
