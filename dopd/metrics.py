@@ -133,7 +133,8 @@ def collector(d: MetricDef, registry: CollectorRegistry, buckets: tuple[float, .
 # the job's state that the driver sets on the collectors directly: written to the sinks at every learner step
 _EVERY_STEP = (
     "dopd_policy_version", "dopd_queue_depth", "dopd_queue_bytes", "dopd_publish_latency_seconds", "dopd_records_dropped_stale",
-    "dopd_records_dropped_full", "dopd_records_rejected", "dopd_actor_restarts",
+    "dopd_records_dropped_full", "dopd_records_rejected", "dopd_actor_restarts", "dopd_traffic_taken",
+    "dopd_traffic_dropped", "dopd_traffic_waiting",
 )  # fmt: skip
 
 
