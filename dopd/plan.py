@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -203,7 +204,10 @@ def sizes(cfg: Config) -> Sizes:
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     kv = hf.num_hidden_layers * 2 * kv_heads * head_dim * b
     info = info_from_config(cfg.model.target, hf)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+    # shapes only: no memory, no initialisation cost; a saved drafter's weights land on meta as no-ops, which torch
+    # warns about once per tensor: that is what the plan wants, so the warning is silenced here only
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
         e = torch.empty(info.vocab_size, info.hidden_size)
         h = e if getattr(hf, "tie_word_embeddings", False) else torch.empty(info.vocab_size, info.hidden_size)
         d = build_drafter(cfg.drafter, info, hf, e, h, placeholder_vocab=True)

@@ -206,7 +206,6 @@ class DopdServer:
         except Exception:  # constructed outside Serve (a unit test)
             self.replica = f"pid{os.getpid()}"
         self.metrics = ReplicaMetrics(self.replica, self.K)
-        self.metrics.policy.labels(self.replica).set(0)
         max_len = opts.max_prompt_tokens + opts.max_tokens + 2 * (self.K + 1) + 2
         self.loop = EngineLoop(
             self.engine, self.tok, self.K, opts.batch_size, max_len, opts.max_batches,

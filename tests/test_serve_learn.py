@@ -71,19 +71,8 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(
     )  # fmt: skip
     url, learning = serve_and_learn(opts, cfg, None, log=lambda *a: None)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        prompts = [
-            list(tiny.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False))
-            for t in TEXTS
-        ]  # fmt: skip
-        refs, _ = SpecEngine(tiny).generate(prompts, DecodeSettings(block_size=0, max_new_tokens=24, batch_size=8))
+        _wait_healthy(url)
+        prompts, want = _prompts_and_plain_answers(tiny)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-loopback", max_retries=0, timeout=300)
         answers: list[tuple[int, str]] = []
         errors: list[str] = []
@@ -109,7 +98,7 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(
         assert not errors, errors[:3]
         # lossless while learning: every answer is plain target decoding, whatever weights the drafter had
         for i, text in answers:
-            assert text == tiny.tokenizer.decode(refs[i].output_ids, skip_special_tokens=True), (i, rounds)
+            assert text == want[i], (i, rounds)
         s = learning.summary
         assert s["steps"] == 3 and s["records_trained_twice"] == 0 and s["records_consumed"] == 3 * 2
         assert s["traffic"]["taken"] >= 6 and s["traffic"]["offered"] <= len(answers)
@@ -135,6 +124,18 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(
             ray.kill(ray.get_actor(FEED_NAME, namespace="dopd"))
         except ValueError:
             pass
+
+
+def _prompts_and_plain_answers(tiny) -> tuple[list[list[int]], list[str]]:
+    """TEXTS as chat prompts, and the tiny target's plain greedy answers to them (24 tokens): what a lossless server
+    must answer whatever weights its drafter has."""
+    prompts = [
+        list(tiny.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False))
+        for t in TEXTS
+    ]  # fmt: skip
+    refs, _ = SpecEngine(tiny).generate(prompts, DecodeSettings(block_size=0, max_new_tokens=24, batch_size=8))
+    return prompts, [tiny.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in refs]
 
 
 def _wait_healthy(url: str, timeout: float = 120) -> None:
@@ -196,16 +197,11 @@ def test_a_learner_killed_under_serve_learn_stops_learning_not_serving_and_resum
         target=MODEL, drafter=str(d), port=free_port(), block_size=3, batch_size=4, max_tokens=32,
         replica_num_cpus=0.5,
     )  # fmt: skip
+    earlier = set(_learner_pids())  # an earlier test's learner may still be exiting: not this job's
     url, learning = serve_and_learn(opts, cfg, None, log=lambda *a: None)
     try:
         _wait_healthy(url)
-        prompts = [
-            list(tiny.tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False))
-            for t in TEXTS
-        ]  # fmt: skip
-        refs, _ = SpecEngine(tiny).generate(prompts, DecodeSettings(block_size=0, max_new_tokens=24, batch_size=8))
-        want = [tiny.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in refs]
+        prompts, want = _prompts_and_plain_answers(tiny)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-loopback", max_retries=0, timeout=300)
 
         def ask(i: int) -> str:
@@ -226,7 +222,7 @@ def test_a_learner_killed_under_serve_learn_stops_learning_not_serving_and_resum
             assert time.time() < deadline and learning.alive(), learning.error
             assert ask(i % len(prompts)) == want[i % len(prompts)]
             i += 1
-        (pid,) = _learner_pids()
+        (pid,) = set(_learner_pids()) - earlier
         os.kill(pid, signal.SIGKILL)
         learning.thread.join(timeout=120)
         assert not learning.alive()
