@@ -23,6 +23,25 @@ class _TargetDouble(Drafter):
         super().__init__(spec, target.embed_tokens.weight, target.lm_head.weight)
         self.dummy = torch.nn.Parameter(torch.zeros(1, dtype=target.dtype))
         self.target = target
+        self._greedy: dict[tuple[int, ...], int] = {}  # prefix -> the target's greedy next token
+
+    @torch.no_grad()
+    def _walk(self, prefix: list[int], K: int, choose) -> list[int]:
+        """K tokens after `prefix`, the j-th `choose(j, position, greedy)` where `greedy` is the target's greedy next
+        token after everything so far. One prefix always gets one answer (memoised, whichever call asked first), so
+        drafting from any anchor agrees with drafting along the way; a miss costs one forward of the tokens not yet
+        in this chain's KV cache (the prefix once, then one token per draft), not a forward of the whole prefix."""
+        seq, out, past, fed = list(prefix), [], None, 0  # past: this chain's HF cache
+        for j in range(K):
+            greedy = self._greedy.get(key := tuple(seq))
+            if greedy is None:
+                ids = torch.tensor([seq[fed:]], device=self.target.device)
+                o = self.target.model(input_ids=ids, cache=past, use_cache=True)
+                past, fed = o.cache, len(seq)
+                greedy = self._greedy[key] = int(o.logits[0, -1].float().argmax())
+            seq.append(t := int(choose(j, len(seq), greedy)))
+            out.append(t)
+        return out
 
     def context_start(self) -> int:
         return 0
@@ -51,26 +70,30 @@ class OracleDrafter(_TargetDouble):
         tok, n = sel(tokens).clone(), sel(lengths).clone()
         b = tok.shape[0]
         ar = torch.arange(b)
+        if temperature <= 0:  # the target's greedy chain with random flips (the same draws, in the same order)
+            V = self.spec.vocab_size
+            draws = [(torch.rand(b, generator=self.gen) < self.noise, torch.randint(0, V, (b,), generator=self.gen)) for _ in range(K)]  # fmt: skip
+            ids = [
+                self._walk(
+                    tok[i, : int(n[i])].tolist(), K, lambda j, _, g, i=i: draws[j][1][i] if draws[j][0][i] else g
+                )
+                for i in range(b)
+            ]
+            return Proposal(torch.tensor(ids, device=tokens.device), None, torch.ones(b, K), torch.zeros(b, K))
         toks, qs, qtok = [], [], []
         for _ in range(K):  # one batched forward per draft position (right-padded rows, logits at each row's end)
             S = int(n.max())
             am = (torch.arange(S)[None, :] < n[:, None]).long()
             logits = self.target.model(tok[:, :S], attention_mask=am).logits[ar, n - 1].float()
-            if temperature <= 0:
-                t = logits.argmax(-1)
-                flip = torch.rand(b, generator=self.gen) < self.noise
-                t = torch.where(flip, torch.randint(0, logits.shape[-1], (b,), generator=self.gen), t)
-                qtok.append(torch.ones(b))
-            else:  # a deliberately different distribution q (flatter), sampled
-                q = processed_probs(logits, temperature * self.q_temperature, top_p)
-                t = torch.multinomial(q, 1, generator=generator).squeeze(-1)
-                qs.append(q)
-                qtok.append(q[ar, t])
+            # a deliberately different distribution q (flatter), sampled
+            q = processed_probs(logits, temperature * self.q_temperature, top_p)
+            t = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+            qs.append(q)
+            qtok.append(q[ar, t])
             toks.append(t)
             tok[ar, n] = t
             n = n + 1
-        q = torch.stack(qs, 1) if temperature > 0 else None
-        return Proposal(torch.stack(toks, 1), q, torch.stack(qtok, 1), torch.zeros(b, K))
+        return Proposal(torch.stack(toks, 1), torch.stack(qs, 1), torch.stack(qtok, 1), torch.zeros(b, K))
 
     def draft_blocks(self, *a, **k):
         raise NotImplementedError("test double: inference only")
@@ -89,27 +112,10 @@ class HashOracleDrafter(_TargetDouble):
         super().__init__(target, target.info.num_layers)
         self.period = period
 
-    @torch.no_grad()
     def _chains(self, prefixes: list[list[int]], K: int) -> torch.Tensor:
-        seqs = [list(p) for p in prefixes]
-        out = torch.zeros(len(seqs), K, dtype=torch.long)
-        V = self.spec.vocab_size
-        for j in range(K):
-            S = max(len(s) for s in seqs)
-            tok = torch.zeros(len(seqs), S, dtype=torch.long)
-            am = torch.zeros(len(seqs), S, dtype=torch.long)
-            for i, s in enumerate(seqs):
-                tok[i, : len(s)] = torch.tensor(s)
-                am[i, : len(s)] = 1
-            n = am.sum(1)
-            logits = self.target.model(tok.to(self.target.device), attention_mask=am.to(self.target.device)).logits
-            nxt = logits[torch.arange(len(seqs)), n - 1].float().argmax(-1).cpu()
-            pos = n  # the absolute position being predicted
-            nxt = torch.where(pos % self.period == 0, (nxt + 1) % V, nxt)
-            out[:, j] = nxt
-            for i, s in enumerate(seqs):
-                s.append(int(nxt[i]))
-        return out
+        V, period = self.spec.vocab_size, self.period
+        flip = lambda j, pos, g: (g + 1) % V if pos % period == 0 else g  # noqa: E731 - pos: the position predicted
+        return torch.tensor([self._walk(p, K, flip) for p in prefixes], dtype=torch.long).view(len(prefixes), K)
 
     def propose(
         self, state, rows, tokens, features, lengths, K, temperature=0.0, top_p=1.0, generator=None
