@@ -26,15 +26,8 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/dopd train --actors 2 --learners 2 --out runs/demo drafter.draft_vocab_size=8192 data.rollout_prompts=sft learner.steps=16 learner.opd_lr=2e-4
 
-# two phases: the tests without Ray spread over TEST_WORKERS pytest-xdist workers (one torch thread each: these tests
-# are bound by per-op dispatch, so a second thread barely helps them, a second process does), then the Ray tests in
-# one process with the machine to themselves (each starts several processes of its own: run beside other tests they
-# take twice as long and their deadlines start to bite). The second phase runs even when the first failed.
-TEST_WORKERS ?= 2
 test: setup test-deps lint
-	@$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not ray"; a=$$?; \
-	$(PY) -m pytest -q -m ray; b=$$?; \
-	if [ $$a -ne 0 ] || [ $$b -ne 0 ]; then echo "make test: FAILED (tests without Ray: exit $$a; Ray tests: exit $$b)"; exit 1; fi
+	$(PY) -m pytest -q
 
 # ruff (config in pyproject.toml): the tree stays formatted and lint-clean; `make test` runs it before pytest
 lint: setup

@@ -16,9 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-# `make test` runs the tests without Ray on pytest-xdist workers, one per core: one torch thread each (more would
-# oversubscribe the cores); a plain `pytest` run keeps two
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+torch.set_num_threads(2)
 
 
 TINY_TEXTS = [
