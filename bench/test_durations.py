@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 LINE = re.compile(r"^\s*([0-9.]+)s (setup|call|teardown)\s+(\S+)")
-SUMMARY = re.compile(r"(\d+) passed.* in ([0-9.]+)s")
+SUMMARY = re.compile(r"(?:(\d+) failed, )?(\d+) passed.* in ([0-9.]+)s")
 
 
 def durations(text: str) -> dict[str, float]:
@@ -30,9 +30,9 @@ def durations(text: str) -> dict[str, float]:
     return dict(out)
 
 
-def walls(text: str) -> list[tuple[int, float]]:
-    """(passed, seconds) of every pytest summary line in `text`."""
-    return [(int(m.group(1)), float(m.group(2))) for m in SUMMARY.finditer(text)]
+def walls(text: str) -> list[tuple[int, int, float]]:
+    """(passed, failed, seconds) of every pytest summary line in `text`."""
+    return [(int(m.group(2)), int(m.group(1) or 0), float(m.group(3))) for m in SUMMARY.finditer(text)]
 
 
 def table(before: str, after: str, top: int) -> str:
@@ -45,8 +45,8 @@ def table(before: str, after: str, top: int) -> str:
         rows.append(f"{b[test]:7.1f}s {after_s}  {test}")
     for name, text in (("before", before), ("after", after)):
         w = walls(text)
-        parts = " + ".join(f"{s:.0f} s ({n} passed)" for n, s in w)
-        rows.append(f"{name}: pytest wall {parts} = {sum(s for _, s in w):.0f} s")
+        parts = " + ".join(f"{s:.0f} s ({n} passed{f', {f} failed' if f else ''})" for n, f, s in w)
+        rows.append(f"{name}: pytest wall {parts} = {sum(s for *_, s in w):.0f} s")
     return "\n".join(rows)
 
 

@@ -24,7 +24,7 @@ TWO_PHASES = """
 12.5s setup    tests/test_serve.py::test_models
 420 passed, 3 warnings in 480.00s (0:08:00)
 180.0s call     tests/test_soak.py::test_soak
-38 passed in 800.50s (0:13:20)
+1 failed, 38 passed in 800.50s (0:13:20)
 """
 
 
@@ -33,10 +33,10 @@ def test_setup_and_call_add_up_and_every_summary_counts():
         "tests/test_soak.py::test_soak": 190.6,
         "tests/test_serve.py::test_models": 27.85,
     }
-    assert bench.walls(TWO_PHASES) == [(420, 480.0), (38, 800.5)]
+    assert bench.walls(TWO_PHASES) == [(420, 0, 480.0), (38, 1, 800.5)]
     t = bench.table(SERIAL, TWO_PHASES, top=1)
     assert t.splitlines()[1].split() == ["190.6s", "180.0s", "tests/test_soak.py::test_soak"]
-    assert "= 1280 s" in t and "= 1591 s" in t
+    assert "= 1280 s" in t and "= 1591 s" in t and "(38 passed, 1 failed)" in t
 
 
 def test_a_log_without_durations_is_refused():
