@@ -41,15 +41,17 @@ def test_every_panel_has_data_from_a_real_training_job(ray_session, tmp_path, mo
             "sft.warmup_steps=2", "sft.num_prompts=8", "sft.max_new_tokens=12", "rollout.max_new_tokens=16",
             "rollout.batch_size=2", "eval.max_new_tokens=8", "eval.num_prompts=2", "learner.micro_batch_size=2",
             "learner.refresh_every=2", "learner.steps=8", "learner.eval_every=4", "learner.checkpoint_every=100",
-            "cluster.actors=2", "cluster.learners=2", "metrics.port=0", "metrics.linger_s=4", f"out_dir={tmp_path / 'run'}",
+            "cluster.actors=2", "cluster.learners=2", "metrics.port=0", "metrics.linger_s=10", f"out_dir={tmp_path / 'run'}",
             # a recipe that trains verification blocks with both streams: every diagnostics panel has a series
             "drafter.kind=dflash", "loss.recipe=official-2605",
         ])  # fmt: skip
         summary = train(cfg, RayFleet(cfg, log=lambda *a: None))
         assert summary["steps"] == 10
-        # ask about the middle of the job's 4 s linger (it writes summary.json, then lingers, then unregisters
-        # its target): once Prometheus drops the target its series are marked stale, so "now" would be a race
-        at = (tmp_path / "run" / "summary.json").stat().st_mtime + 2.0
+        # ask about late in the job's 10 s linger (it writes summary.json, then lingers, then unregisters its
+        # target): once Prometheus drops the target its series are marked stale, so "now" would be a race; and on a
+        # fast machine the job can end before Prometheus has scraped its new target twice (discovery takes up to
+        # ~5 s), so rate() has its two samples only late in the linger
+        at = (tmp_path / "run" / "summary.json").stat().st_mtime + 8.0
         missing = missing_panels(url, HERE, rate_interval="1m", at=at, files=TRAINING_FILES)
         assert missing == [], missing
         assert missing_variables(url, HERE, files=TRAINING_FILES) == []

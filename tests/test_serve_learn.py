@@ -63,7 +63,7 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(
         "data.prompts=champ-problems", "data.num_eval=4", "rollout.batch_size=4", "rollout.max_new_tokens=16",
         "learner.micro_batch_size=2", "learner.refresh_every=1", "learner.steps=3", "learner.lr=3e-3",
         "eval.num_prompts=4", "eval.max_new_tokens=12", "learner.eval_every=100", "learner.checkpoint_every=2",
-        "metrics.port=0", "metrics.linger_s=4", "cluster.actor_num_cpus=0.5", "learner.zero_stage=2",
+        "metrics.port=0", "metrics.linger_s=10", "cluster.actor_num_cpus=0.5", "learner.zero_stage=2",
     ])  # fmt: skip
     opts = dserve.ServeOptions(
         target=MODEL, drafter=str(d), port=free_port(), block_size=3, batch_size=4, max_tokens=32,
@@ -110,8 +110,9 @@ def test_serve_learn_answers_losslessly_while_the_drafter_learns(
         trained = [json.loads(x) for x in open(tmp_path / "run" / "opd_sequences.jsonl")]
         assert len(trained) == 6 and all("/" in t["prompt_id"] for t in trained)
         assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()  # `dopd export` reads this
-        # the serving dashboard, while both were up (mid-linger: the learning job then unregisters its target)
-        at = (tmp_path / "run" / "summary.json").stat().st_mtime + 2.0
+        # the serving dashboard, while both were up (late in the 10 s linger, as in tests/test_prometheus_e2e.py:
+        # the learning job then unregisters its target; a new target has two scrapes only seconds after it appears)
+        at = (tmp_path / "run" / "summary.json").stat().st_mtime + 8.0
         missing = missing_panels(
             f"http://127.0.0.1:{prom_port}", HERE, rate_interval="1m", at=at, files=["serving.json"]
         )
